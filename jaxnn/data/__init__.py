@@ -1,0 +1,80 @@
+"""Datasets and the batch pipeline.
+
+``load_dataset(name, ...)`` returns a `Dataset` of host numpy splits (deterministic train/val/test from a
+seed, standardisation fitted on train); ``batch_iterator(split, batch_size, ...)`` yields shuffled,
+resumable ``(x, y)`` device batches. Registered data sets (`dataset_names()`): "digits" (default,
+embedded in scikit-learn), "mnist", "fashion_mnist" (IDX files), "cifar10" (python pickle batches),
+and the synthetic "blobs", "teacher_student" and "quadratic" (exact quadratic loss, closed-form Hessian
+`quadratic_hessian`).
+"""
+
+from jaxnn.data.cifar import read_cifar_batch
+from jaxnn.data.dataset import (
+    CorruptFileError,
+    Dataset,
+    SourceData,
+    Split,
+    Standardization,
+    apply_standardization,
+    default_data_dir,
+    fit_standardization,
+)
+from jaxnn.data.download import DownloadError, file_md5
+from jaxnn.data.idx import read_idx
+from jaxnn.data.pipeline import (
+    BatchIterator,
+    batch_iterator,
+    epoch_permutation,
+    full_batch,
+    stacked_batches,
+    steps_per_epoch,
+)
+from jaxnn.data.registry import (
+    DATASETS,
+    DEFAULT_DATASET,
+    dataset_names,
+    dataset_options,
+    load_dataset,
+    register_dataset,
+)
+from jaxnn.data.synthetic import (
+    quadratic_eigenvalues,
+    quadratic_hessian,
+    quadratic_loss,
+    quadratic_minimizer,
+    teacher_forward,
+    teacher_params,
+)
+
+__all__ = [
+    "BatchIterator",
+    "CorruptFileError",
+    "DATASETS",
+    "DEFAULT_DATASET",
+    "Dataset",
+    "DownloadError",
+    "SourceData",
+    "Split",
+    "Standardization",
+    "apply_standardization",
+    "batch_iterator",
+    "dataset_names",
+    "dataset_options",
+    "default_data_dir",
+    "epoch_permutation",
+    "file_md5",
+    "fit_standardization",
+    "full_batch",
+    "load_dataset",
+    "quadratic_eigenvalues",
+    "quadratic_hessian",
+    "quadratic_loss",
+    "quadratic_minimizer",
+    "read_cifar_batch",
+    "read_idx",
+    "register_dataset",
+    "stacked_batches",
+    "steps_per_epoch",
+    "teacher_forward",
+    "teacher_params",
+]
