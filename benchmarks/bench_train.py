@@ -1,0 +1,151 @@
+"""Training-step throughput, one process, same MLP / data / batch on all sides. Prints ratios.
+
+    python benchmarks/bench_train.py [--steps 500] [--batch 128] [--width 256] [--depth 2]
+
+1. jaxnn's compiled train step (with its metrics: grad norm, update ratio, lr, accuracy) ÷ a minimal
+   hand-written flax + optax jitted step.            goal >= 0.95
+2. jaxnn's whole ``fit`` loop (its batch iterator, logging, no checkpoints) ÷ the hand loop over the same
+   batches.                                              (reported)
+3. jaxnn ÷ the same MLP trained in PyTorch eager on CPU. goal >= 1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnn import data as data_lib
+from jaxnn import models
+from jaxnn.train import create_train_state, fit, make_train_step
+
+
+class HandMLP(nn.Module):
+    width: int
+    depth: int
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        for _ in range(self.depth):
+            x = nn.relu(nn.Dense(self.width)(x))
+        return nn.Dense(self.classes)(x)
+
+
+def timed(fn, repeats=3):
+    """Best wall time of ``repeats`` runs of ``fn`` (which must block until done)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--depth", type=int, default=2)
+    args = ap.parse_args()
+    ds = data_lib.load_dataset("digits", seed=0)
+    it = data_lib.batch_iterator(ds.train, args.batch, seed=0, prefetch=0)
+    batches = [next(it) for _ in range(args.steps)]
+    jax.block_until_ready(batches)
+    lr = 1e-3
+    print(f"digits MLP 64-{'-'.join([str(args.width)] * args.depth)}-10, batch {args.batch}, {args.steps} steps, "
+          f"adam, {jax.devices()[0].platform}, {jax.device_count()} device(s)")
+
+    # --- jaxnn step
+    model = models.get_model("mlp", num_classes=10, width=args.width, depth=args.depth, activation="relu")
+    state0 = create_train_state(model, optax.adam(lr), ds.input_shape, jax.random.PRNGKey(0))
+    step = make_train_step("softmax_cross_entropy", optax.constant_schedule(lr))
+
+    def run_jaxnn():
+        state = jax.tree.map(jnp.copy, state0)
+        for b in batches:
+            state, m = step(state, b)
+        jax.block_until_ready(state.params)
+
+    run_jaxnn()
+
+    # --- hand-written flax + optax
+    hand = HandMLP(args.width, args.depth)
+    tx = optax.adam(lr)
+    params0 = hand.init(jax.random.PRNGKey(0), batches[0][0])["params"]
+
+    @jax.jit
+    def hand_step(params, opt_state, batch):
+        x, y = batch
+
+        def loss_fn(p):
+            logits = hand.apply({"params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def run_hand():
+        params, opt_state = params0, tx.init(params0)
+        for b in batches:
+            params, opt_state, loss = hand_step(params, opt_state, b)
+        jax.block_until_ready(params)
+
+    run_hand()
+    t_hand = timed(run_hand)
+    t_jaxnn = timed(run_jaxnn)
+    t_hand = min(t_hand, timed(run_hand))  # interleave to share the machine's noise
+
+    # --- the whole fit loop (its own batch iterator + host logging every 50 steps)
+    def run_fit():
+        state = jax.tree.map(jnp.copy, state0)
+        r = fit(state, ds, batch_size=args.batch, num_steps=args.steps, schedule=optax.constant_schedule(lr),
+                log_every=50, eval_every=10 ** 9, progress=False)
+        jax.block_until_ready(r.state.params)
+
+    run_fit()
+    t_fit = timed(run_fit)
+
+    print(f"hand flax+optax step : {args.steps / t_hand:9.1f} steps/s")
+    print(f"jaxnn train step     : {args.steps / t_jaxnn:9.1f} steps/s   ratio jaxnn/hand = {t_hand / t_jaxnn:.3f} (goal >= 0.95)")
+    print(f"jaxnn fit loop       : {args.steps / t_fit:9.1f} steps/s   ratio fit/hand   = {t_hand / t_fit:.3f} "
+          "(fit includes eval of the val split at the end)")
+
+    # --- PyTorch eager
+    try:
+        import torch
+    except ImportError:
+        print("torch not installed (pip install -e '.[test]'): PyTorch comparison skipped")
+        return
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    layers, fan_in = [], 64
+    for _ in range(args.depth):
+        layers += [torch.nn.Linear(fan_in, args.width), torch.nn.ReLU()]
+        fan_in = args.width
+    net = torch.nn.Sequential(torch.nn.Flatten(), *layers, torch.nn.Linear(fan_in, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    tb = [(torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y)).long()) for x, y in batches]
+
+    def run_torch():
+        for x, y in tb:
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+
+    run_torch()
+    t_torch = timed(run_torch)
+    print(f"PyTorch eager step   : {args.steps / t_torch:9.1f} steps/s   ratio jaxnn/torch = {t_torch / t_jaxnn:.2f} (goal >= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The ``jaxnn`` command.
+
+    jaxnn run                                  # the main job: digits MLP + curvature + landscape report
+    jaxnn train CONFIG.yaml --set optimizer.lr=0.05 [--resume]
+    jaxnn curvature RUN_DIR [--k 5] [--density] [--data-batches N]
+    jaxnn landscape RUN_DIR --dirs filter --grid 51 --span 1.0 [--other RUN_DIR2] [--trajectory]
+    jaxnn configs                              # list the shipped configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optimizer.lr=0.05 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its latest checkpoint")
+    p.add_argument("--run-dir", help="run folder (default: OUTPUT_DIR/NAME from the config)")
+    p.add_argument("--x64", action="store_true", help="float64 throughout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxnn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train the default (or given) config, then write the curvature and landscape report")
+    p.add_argument("--config", default="digits_mlp", help="a YAML path or a shipped config name (default: digits_mlp)")
+    p.add_argument("--no-analysis", action="store_true", help="skip the curvature and landscape report")
+    _add_train_args(p)
+
+    p = sub.add_parser("train", help="train from a config file")
+    p.add_argument("config", help="a YAML path or a shipped config name (see `jaxnn configs`)")
+    _add_train_args(p)
+
+    p = sub.add_parser("curvature", help="Hessian spectrum report of a trained run: curvature.json + spectrum.png")
+    p.add_argument("run_dir")
+    p.add_argument("--k", type=int, default=5, help="top-k and bottom-k eigenvalues (default 5)")
+    p.add_argument("--density", action="store_true", help="also estimate the spectral density (SLQ)")
+    p.add_argument("--data-batches", type=int, default=4, help="training batches the Hessian averages over")
+    p.add_argument("--batch-size", type=int, default=None, help="analysis batch size (default: the run's)")
+    p.add_argument("--step", default="latest", help="checkpoint: latest, best or a step number")
+    p.add_argument("--mode", choices=["eval", "train"], default="eval",
+                   help="batch norm: running statistics (eval, default) or batch statistics (train)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default: the run folder)")
+    p.add_argument("--x64", action="store_true", help="float64 throughout")
+
+    p = sub.add_parser("landscape", help="1-D/2-D loss-landscape slices of a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--dirs", default="filter", choices=["filter", "random", "layer", "eigen", "pca"],
+                   help="direction kind (default: filter-normalised)")
+    p.add_argument("--grid", type=int, default=51, help="points per axis (default 51)")
+    p.add_argument("--span", type=float, default=1.0, help="alpha, beta in [-span, span] (default 1.0)")
+    p.add_argument("--other", help="a second run folder: also plot the interpolation between the two")
+    p.add_argument("--trajectory", action="store_true", help="overlay the checkpoints' trajectory (PCA plane)")
+    p.add_argument("--data-batches", type=int, default=2, help="training batches each grid point averages over")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--step", default="latest", help="checkpoint: latest, best or a step number")
+    p.add_argument("--log-scale", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default: the run folder)")
+    p.add_argument("--x64", action="store_true", help="float64 throughout")
+
+    sub.add_parser("configs", help="list the shipped configs")
+    return parser
+
+
+def _known_errors():
+    from jaxnn.config import ConfigError
+    from jaxnn.train import CheckpointError, NonFiniteLossError, RunFolderError
+    return (ConfigError, CheckpointError, NonFiniteLossError, RunFolderError, FileNotFoundError, ValueError, KeyError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "x64", False):
+        import jax
+        jax.config.update("jax_enable_x64", True)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("jaxnn: interrupted; checkpoints written so far are intact (resume with --resume)", file=sys.stderr)
+        return 130
+    except _known_errors() as exc:
+        if args.debug:
+            raise
+        print(f"jaxnn: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    from jaxnn import analysis, config as config_lib
+    from jaxnn.train import train_from_config
+
+    if args.command == "configs":
+        for name in config_lib.shipped_configs():
+            print(name)
+        return 0
+    if args.command in ("run", "train"):
+        cfg = config_lib.load_config(args.config, overrides=args.overrides)
+        run_dir = pathlib.Path(args.run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
+        summary = train_from_config(cfg, run_dir=run_dir, resume=args.resume)
+        final = summary["final"]
+        line = ", ".join(f"{k}={v:.4f}" for k, v in final.items())
+        print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.1f}s ({summary['stop_reason']}): {line}")
+        if args.command == "run" and not args.no_analysis:
+            a = cfg.analysis
+            if a.curvature:
+                report = analysis.curvature_for_run(run_dir, k=a.curvature_k, density=a.density,
+                                                    data_batches=a.curvature_batches)
+                print(analysis.describe_curvature(report))
+            if a.landscape:
+                analysis.landscape_for_run(run_dir, dirs="filter", grid=a.landscape_grid, span=a.landscape_span,
+                                           data_batches=a.landscape_batches)
+        print(f"run folder: {run_dir}")
+        return 0
+    if args.command == "curvature":
+        report = analysis.curvature_for_run(args.run_dir, k=args.k, density=args.density,
+                                            data_batches=args.data_batches, batch_size=args.batch_size,
+                                            step=args.step, mode=args.mode, seed=args.seed, out_dir=args.out)
+        print(analysis.describe_curvature(report))
+        return 0
+    if args.command == "landscape":
+        report = analysis.landscape_for_run(args.run_dir, dirs=args.dirs, grid=args.grid, span=args.span,
+                                            other=args.other, trajectory=args.trajectory,
+                                            data_batches=args.data_batches, batch_size=args.batch_size,
+                                            step=args.step, log_scale=args.log_scale, seed=args.seed,
+                                            out_dir=args.out)
+        print(json.dumps(report.get("summary", {}), indent=1, default=str))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

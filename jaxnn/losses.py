@@ -1,0 +1,99 @@
+"""Losses (thin wrappers over optax.losses) and the one abstraction: a pure ``loss_fn(params, batch)``.
+
+Every loss here maps ``(outputs, targets) -> per-example losses``; reductions are means over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def softmax_cross_entropy(logits, labels):
+    """−log softmax(logits)[label], natural log. Integer labels."""
+    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def sigmoid_binary_cross_entropy(logits, labels):
+    """Mean over outputs of −[y log σ(z) + (1−y) log(1−σ(z))]; labels in {0,1}, same shape as logits or (B,)."""
+    labels = jnp.asarray(labels, logits.dtype)
+    if labels.ndim == logits.ndim - 1:
+        labels = labels[..., None]
+    return optax.losses.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1)
+
+
+def mean_squared_error(outputs, targets):
+    """½‖f(x) − y‖² per example (the ½ makes the Gauss-Newton matrix JᵀJ)."""
+    targets = jnp.asarray(targets, outputs.dtype).reshape(outputs.shape)
+    return 0.5 * optax.losses.squared_error(outputs, targets).reshape(outputs.shape[0], -1).sum(axis=-1)
+
+
+def multiclass_hinge(scores, labels):
+    """Crammer-Singer multiclass hinge, max_j(s_j + 1[j≠y]) − s_y (optax)."""
+    return optax.losses.multiclass_hinge_loss(scores, labels)
+
+
+LOSSES: dict[str, Callable] = {
+    "softmax_cross_entropy": softmax_cross_entropy,
+    "sigmoid_binary_cross_entropy": sigmoid_binary_cross_entropy,
+    "mse": mean_squared_error,
+    "multiclass_hinge": multiclass_hinge,
+}
+
+CLASSIFICATION_LOSSES = ("softmax_cross_entropy", "sigmoid_binary_cross_entropy", "multiclass_hinge")
+
+
+def get_loss(name: str) -> Callable:
+    """Per-example loss by name; unknown names list the valid ones."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+def accuracy(logits, labels):
+    """Fraction of argmax(logits) == label."""
+    return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+def make_loss_fn(apply_fn: Callable, loss: Callable | str, model_state: Any = None, *, mode: str = "eval",
+                 weight_decay: float = 0.0) -> Callable:
+    """Build the pure ``loss_fn(params, batch) -> scalar`` every analysis consumes.
+
+    ``apply_fn`` is a Flax ``module.apply``; ``model_state`` (e.g. ``{'batch_stats': ...}``) is closed over.
+    ``mode="eval"`` uses running statistics; ``mode="train"`` normalises with the batch's own statistics
+    (what PyHessian differentiates) and discards the statistics update; dropout is off in both.
+    ``weight_decay`` adds ½·wd·‖θ‖² (an L2 term that is part of the differentiated loss).
+    """
+    if mode not in ("eval", "train"):
+        raise ValueError(f"make_loss_fn mode must be 'eval' or 'train', got {mode!r}")
+    per_example = get_loss(loss) if isinstance(loss, str) else loss
+    model_state = dict(model_state or {})
+    mutable = list(model_state) if mode == "train" else False
+
+    def loss_fn(params, batch):
+        x, y = batch
+        variables = {"params": params, **model_state}
+        if mutable:
+            outputs, _ = apply_fn(variables, x, train=True, mutable=mutable)
+        else:
+            outputs = apply_fn(variables, x, train=False)
+        value = jnp.mean(per_example(outputs, y))
+        if weight_decay:
+            value = value + 0.5 * weight_decay * optax.tree.norm(params, squared=True)
+        return value
+
+    return loss_fn
+
+
+def make_metric_fn(apply_fn: Callable, model_state: Any = None) -> Callable:
+    """Pure ``accuracy_fn(params, batch)`` in eval mode (for landscape accuracy grids)."""
+    model_state = dict(model_state or {})
+
+    def accuracy_fn(params, batch):
+        x, y = batch
+        return accuracy(apply_fn({"params": params, **model_state}, x, train=False), y)
+
+    return accuracy_fn

@@ -1,0 +1,14 @@
+"""Training: TrainState, compiled steps, the fit loop with callbacks, checkpoints, config-driven runs."""
+
+from jaxnn.train.callbacks import Callback, EarlyStopping, FitContext
+from jaxnn.train.checkpoint import CheckpointError, Checkpointer
+from jaxnn.train.fit import FitResult, NonFiniteLossError, create_train_state, evaluate, fit
+from jaxnn.train.run import LoadedRun, RunFolderError, load_run, train_from_config
+from jaxnn.train.state import TrainState
+from jaxnn.train.step import make_eval_step, make_train_step
+
+__all__ = [
+    "Callback", "EarlyStopping", "FitContext", "CheckpointError", "Checkpointer", "FitResult", "NonFiniteLossError",
+    "create_train_state", "evaluate", "fit", "LoadedRun", "RunFolderError", "load_run", "train_from_config",
+    "TrainState", "make_eval_step", "make_train_step",
+]

@@ -1,0 +1,122 @@
+"""Checkpoints with orbax: keep the last k plus the best, saved atomically, restored with clear errors.
+
+Orbax writes each step into a temporary folder and renames it into place when complete, so a run killed
+mid-save leaves the previous checkpoints intact and no half-written one visible. This module never deletes
+or overwrites a checkpoint it cannot read.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not match the model it is restored into."""
+
+
+class Checkpointer:
+    """``save(step, tree, metrics)`` / ``restore(template, step=None)`` over an orbax CheckpointManager."""
+
+    def __init__(self, directory: str | pathlib.Path, *, keep_last: int = 3, keep_best: bool = True,
+                 best_metric: str = "val_loss", best_mode: str = "min", read_only: bool = False):
+        self.directory = pathlib.Path(directory).absolute()
+        self.best_metric = best_metric
+        policies = [ocp_managers.LatestN(n=keep_last)]
+        if keep_best:
+            # BestN keeps the last n of the checkpoints sorted by the metric (checked on orbax 0.12.8):
+            # reverse=True sorts descending, so the smallest value survives.
+            policies.append(ocp_managers.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min",
+                                               n=1, keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
+            best_fn=(lambda m: m[best_metric]) if keep_best else None, best_mode=best_mode,
+            enable_async_checkpointing=False, create=not read_only, read_only=read_only)
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint folder at {self.directory}")
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        try:
+            return self.manager.best_step()
+        except Exception:  # noqa: BLE001 - no metrics recorded
+            return None
+
+    def save(self, step: int, tree: Any, metrics: dict | None = None) -> None:
+        """Save ``tree`` (arrays only) as ``step``; refuses non-finite values so a NaN never replaces good state."""
+        bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+               if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.all(np.isfinite(np.asarray(leaf)))]
+        if bad:
+            raise CheckpointError(f"refusing to checkpoint step {step}: non-finite values in {', '.join(bad[:5])}")
+        if step in self.manager.all_steps():
+            raise CheckpointError(f"checkpoint for step {step} already exists in {self.directory}; not overwriting it")
+        self.manager.save(step, args=ocp.args.StandardSave(tree),
+                          metrics={k: float(v) for k, v in (metrics or {}).items()} or None)
+        self.manager.wait_until_finished()
+
+    def restore(self, template: Any, step: int | None = None) -> Any:
+        """Restore into the structure, shapes and dtypes of ``template``; clear errors otherwise."""
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint found in {self.directory}")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
+        path = self.directory / str(step)
+        try:
+            saved = self.manager.item_metadata(step)
+        except Exception as exc:  # noqa: BLE001 - orbax raises many types for unreadable metadata
+            raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {exc}") from exc
+        _check_compatible(saved, template, path)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        try:
+            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {path} is corrupt or incompatible with this model: {exc}") from exc
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _check_compatible(saved_metadata: Any, template: Any, path: pathlib.Path) -> None:
+    """Compare the saved tree's structure and shapes with the template's, naming the first difference."""
+    if saved_metadata is None:
+        raise CheckpointError(f"checkpoint {path} has no readable metadata (corrupt or not a jaxnn checkpoint)")
+    saved = {_path_name(p): leaf for p, leaf in
+             jax.tree_util.tree_leaves_with_path(saved_metadata, is_leaf=lambda x: hasattr(x, "shape"))}
+    wanted = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(template)}
+    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint {path} does not match this model: missing {missing[:5]}, unexpected {extra[:5]} "
+            "(different model, optimizer or config?)")
+    for key, leaf in wanted.items():
+        got = tuple(getattr(saved[key], "shape", ()) or ())
+        want = tuple(np.shape(leaf))
+        if got != want:
+            raise CheckpointError(f"checkpoint {path} does not match this model: {key} has shape {got}, "
+                                  f"the model expects {want}")
+
+
+def _path_name(path) -> str:
+    """'opt_state/1/count' for both a namedtuple attribute and the dict key orbax's metadata stores it as."""
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return "/".join(parts)

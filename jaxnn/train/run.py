@@ -1,0 +1,241 @@
+"""Config-driven runs: ``config -> data, model, optimizer -> TrainState -> fit -> run folder``.
+
+A run folder holds ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``curves.png`` and ``checkpoints/``;
+:func:`load_run` reads it back for analysis (curvature, landscape).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import yaml
+
+from jaxnn import config as config_lib
+from jaxnn import data as data_lib
+from jaxnn import losses, models, optim, parallel
+from jaxnn.train.callbacks import Callback, EarlyStopping
+from jaxnn.train.checkpoint import Checkpointer, CheckpointError
+from jaxnn.train.fit import FitResult, create_train_state, evaluate, fit
+from jaxnn.train.state import TrainState
+from jaxnn.train.step import make_eval_step
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used as asked (exists already, nothing to resume, config differs)."""
+
+
+def total_steps(cfg: config_lib.Config, num_train: int) -> int:
+    t = cfg.train
+    if t.steps is not None:
+        return t.steps
+    return max(1, int(round(t.epochs * data_lib.steps_per_epoch(num_train, t.batch_size, True))))
+
+
+def load_dataset(cfg: config_lib.Config) -> data_lib.Dataset:
+    d = cfg.data
+    return data_lib.load_dataset(d.name, data_dir=d.data_dir, seed=d.seed, val_fraction=d.val_fraction,
+                                 test_fraction=d.test_fraction, standardize=d.standardize, download=d.download,
+                                 limit=d.limit, **d.kwargs)
+
+
+def build_model(cfg: config_lib.Config, dataset: data_lib.Dataset):
+    out = dataset.num_classes if dataset.num_classes is not None else int(np.prod(dataset.train.y.shape[1:]) or 1)
+    return models.get_model(cfg.model.name, num_classes=out, **cfg.model.kwargs)
+
+
+def build_state(cfg: config_lib.Config, dataset: data_lib.Dataset, mesh=None) -> tuple[TrainState, Callable, Any]:
+    """Model, optimizer and freshly initialised TrainState for ``cfg``; returns (state, schedule, model)."""
+    model = build_model(cfg, dataset)
+    tx, schedule = optim.build_optimizer(cfg.optimizer, total_steps(cfg, len(dataset.train)))
+    state = create_train_state(model, tx, dataset.input_shape, jax.random.PRNGKey(cfg.train.seed), mesh=mesh)
+    return state, schedule, model
+
+
+def prepare_run_dir(cfg: config_lib.Config, run_dir: pathlib.Path, resume: bool) -> None:
+    """Create the folder, or check it can be resumed; never touches existing checkpoints."""
+    ckpt_dir = run_dir / "checkpoints"
+    has_checkpoints = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    if resume:
+        if not has_checkpoints:
+            raise RunFolderError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
+        saved_path = run_dir / "config.yaml"
+        if saved_path.exists():
+            saved = config_lib.load_config(saved_path)
+            differences = _config_differences(saved.to_dict(), cfg.to_dict())
+            differences = [d for d in differences if not d.startswith(("train.progress", "train.epochs", "train.steps"))]
+            if differences:
+                raise RunFolderError(f"cannot resume {run_dir}: the config differs from the saved one in "
+                                     f"{', '.join(differences)} (only train.steps/train.epochs may change)")
+    elif has_checkpoints:
+        raise RunFolderError(f"run folder {run_dir} already has checkpoints; pass --resume to continue it, or "
+                             "choose another name/output dir (existing checkpoints are never overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        dotted = f"{prefix}.{key}" if prefix else key
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict) and key != "kwargs":
+            out += _config_differences(va, vb, dotted)
+        elif json.dumps(va, default=list, sort_keys=True) != json.dumps(vb, default=list, sort_keys=True):
+            out.append(dotted)
+    return out
+
+
+def make_checkpointer(cfg: config_lib.Config, run_dir: pathlib.Path, read_only: bool = False) -> Checkpointer:
+    c = cfg.checkpoint
+    return Checkpointer(run_dir / "checkpoints", keep_last=c.keep_last, keep_best=c.keep_best,
+                        best_metric=c.best_metric, best_mode=c.best_mode, read_only=read_only)
+
+
+def write_json(path: pathlib.Path, value: Any) -> None:
+    """Atomic JSON write (temp file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def train_from_config(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = None, resume: bool = False,
+                      callbacks: list[Callback] | None = None, mesh=None) -> dict:
+    """Train as ``cfg`` says and write the run folder; returns the summary dict (also in summary.json)."""
+    run_dir = pathlib.Path(run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
+    prepare_run_dir(cfg, run_dir, resume)
+    mesh = mesh or parallel.make_mesh()
+    dataset = load_dataset(cfg)
+    state, schedule, model = build_state(cfg, dataset, mesh)
+    checkpointer = make_checkpointer(cfg, run_dir) if cfg.checkpoint.enabled else None
+    start_step = 0
+    if resume:
+        tree = checkpointer.restore(state.checkpoint_tree())
+        state = parallel.replicate(state.replace_from_checkpoint(tree), mesh)
+        start_step = int(tree["step"])
+    else:
+        config_lib.save_config(cfg, run_dir / "config.yaml")
+    callbacks = list(callbacks or [])
+    t = cfg.train
+    if t.early_stop_patience:
+        callbacks.append(EarlyStopping(monitor=t.early_stop_metric, patience=t.early_stop_patience,
+                                       mode="max" if "accuracy" in t.early_stop_metric else "min"))
+    if cfg.analysis.hessian_every:
+        from jaxnn import curvature
+        callbacks.append(curvature.HessianCallback(every_k_steps=cfg.analysis.hessian_every))
+    steps = total_steps(cfg, len(dataset.train))
+    started = time.perf_counter()
+    result = fit(state, dataset, loss=t.loss, batch_size=t.batch_size, num_steps=steps, schedule=schedule,
+                 seed=t.seed, grad_accum_steps=t.grad_accum_steps, log_every=t.log_every, eval_every=t.eval_every,
+                 callbacks=callbacks, checkpointer=checkpointer, checkpoint_every=cfg.checkpoint.every_steps,
+                 run_dir=run_dir, start_step=start_step, nan_guard=t.nan_guard, progress=t.progress, mesh=mesh,
+                 needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN)
+    summary = summarize(cfg, dataset, model, result, time.perf_counter() - started, resumed_from=start_step or None)
+    if checkpointer is not None:
+        checkpointer.close()
+    write_json(run_dir / "summary.json", summary)
+    from jaxnn import plotting
+    plotting.plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=cfg.name)
+    return summary
+
+
+def summarize(cfg, dataset, model, result: FitResult, wall_time_s: float, resumed_from: int | None) -> dict:
+    classification = dataset.task == "classification"
+    eval_step = make_eval_step(cfg.train.loss, classification=classification)
+    final = {}
+    for split in ("train", "val", "test"):
+        final.update(evaluate(result.state, getattr(dataset, split), eval_step, 512, classification, split))
+    return {
+        "name": cfg.name, "dataset": dataset.name, "model": cfg.model.name,
+        "num_params": int(models.count_params(result.state.params)),
+        "steps": result.steps_done, "stop_reason": result.stop_reason, "best_step": result.best_step,
+        "resumed_from_step": resumed_from, "wall_time_s": round(wall_time_s, 3),
+        "train_loop_time_s": round(result.wall_time_s, 3),
+        "devices": [str(d) for d in jax.devices()], "final": final,
+        "split_sizes": {s: len(getattr(dataset, s)) for s in ("train", "val", "test")},
+    }
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A trained run read back for analysis."""
+
+    run_dir: pathlib.Path
+    config: config_lib.Config
+    dataset: data_lib.Dataset
+    model: Any
+    state: TrainState
+    step: int
+
+    def loss_fn(self, mode: str = "eval") -> Callable:
+        """Pure ``loss_fn(params, batch)``; eval-mode batch norm by default, ``mode="train"`` for batch statistics."""
+        return losses.make_loss_fn(self.state.apply_fn, self.config.train.loss, self.state.model_state, mode=mode)
+
+    def accuracy_fn(self) -> Callable | None:
+        if self.dataset.task != "classification":
+            return None
+        return losses.make_metric_fn(self.state.apply_fn, self.state.model_state)
+
+    def batches(self, split: str = "train", num_batches: int = 4, batch_size: int | None = None) -> list:
+        """The first ``num_batches`` equal-size batches of ``split`` in a fixed order (for analysis)."""
+        data = getattr(self.dataset, split)
+        batch_size = batch_size or self.config.train.batch_size
+        batch_size = min(batch_size, len(data))
+        num_batches = max(1, min(num_batches, len(data) // batch_size))
+        it = data_lib.batch_iterator(data, batch_size, seed=self.config.train.seed, shuffle=True,
+                                     drop_remainder=True, epochs=1)
+        return [next(it) for _ in range(num_batches)]
+
+    def params_at(self, step: int) -> Any:
+        ckpt = make_checkpointer(self.config, self.run_dir, read_only=True)
+        try:
+            return ckpt.restore(self.state.checkpoint_tree(), step=step)["params"]
+        finally:
+            ckpt.close()
+
+    def checkpoint_steps(self) -> list[int]:
+        ckpt = make_checkpointer(self.config, self.run_dir, read_only=True)
+        try:
+            return ckpt.all_steps()
+        finally:
+            ckpt.close()
+
+
+def load_run(run_dir: str | pathlib.Path, step: int | str = "latest") -> LoadedRun:
+    """Read a run folder: its config, data, model and the checkpoint ``step`` ("latest", "best" or a number)."""
+    run_dir = pathlib.Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} is not a jaxnn run folder: config.yaml is missing")
+    cfg = config_lib.load_config(run_dir / "config.yaml")
+    dataset = load_dataset(cfg)
+    state, _, model = build_state(cfg, dataset)
+    ckpt = make_checkpointer(cfg, run_dir, read_only=True)
+    try:
+        if step == "best":
+            step = ckpt.best_step() or ckpt.latest_step()
+        elif step == "latest":
+            step = ckpt.latest_step()
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {run_dir / 'checkpoints'}")
+        tree = ckpt.restore(state.checkpoint_tree(), step=int(step))
+    finally:
+        ckpt.close()
+    state = state.replace_from_checkpoint(tree)
+    return LoadedRun(run_dir=run_dir, config=cfg, dataset=dataset, model=model, state=state, step=int(step))

@@ -1,0 +1,157 @@
+"""The compiled step and the fit loop: metrics against independent gradients, accumulation, guards, errors."""
+
+import hashlib
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxnn import data as data_lib
+from jaxnn import losses, models
+from jaxnn.train import (CheckpointError, Checkpointer, EarlyStopping, NonFiniteLossError, create_train_state, fit,
+                         make_train_step)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data_lib.load_dataset("digits", seed=0)
+
+
+def small_mlp(**kw):
+    return models.get_model("mlp", num_classes=10, width=32, depth=1, **kw)
+
+
+def test_train_step_metrics_match_independent_gradient(digits):
+    model = small_mlp()
+    tx = optax.sgd(0.1)
+    state = create_train_state(model, tx, digits.input_shape, jax.random.PRNGKey(0))
+    batch = next(data_lib.batch_iterator(digits.train, 32, seed=0))
+    params0 = jax.tree.map(np.asarray, state.params)
+    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", {})
+    value, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    step = make_train_step("softmax_cross_entropy", lambda s: 0.1, donate=False)
+    new_state, m = step(state, batch)
+    g_norm = float(optax.tree.norm(grads))
+    p_norm = float(optax.tree.norm(params0))
+    assert float(m["loss"]) == pytest.approx(float(value), rel=1e-6)
+    assert float(m["grad_norm"]) == pytest.approx(g_norm, rel=1e-5)
+    assert float(m["update_ratio"]) == pytest.approx(0.1 * g_norm / p_norm, rel=1e-5)
+    assert float(m["lr"]) == pytest.approx(0.1)
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, params0, grads)
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert int(new_state.step) == 1
+
+
+def test_gradient_accumulation_equals_full_batch(digits, x64):
+    model = small_mlp()
+    state = create_train_state(model, optax.sgd(0.5), digits.input_shape, jax.random.PRNGKey(0))
+    batch = next(data_lib.batch_iterator(digits.train, 64, seed=0))
+    batch = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, batch)
+    one, m1 = make_train_step("softmax_cross_entropy", donate=False)(state, batch)
+    four, m4 = make_train_step("softmax_cross_entropy", grad_accum_steps=4, donate=False)(state, batch)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), rel=1e-10)
+
+
+def test_fit_trains_and_logs(digits, tmp_path):
+    state = create_train_state(small_mlp(), optax.adam(3e-3), digits.input_shape, jax.random.PRNGKey(0))
+    result = fit(state, digits, batch_size=64, num_steps=120, log_every=20, eval_every=60, run_dir=tmp_path,
+                 progress=False)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    import json
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [20, 40, 60, 80, 100, 120]
+    assert records[-1]["val_accuracy"] > 0.85 and records[-1]["loss_mean"] < records[0]["loss_mean"]
+    assert {"loss", "accuracy", "grad_norm", "update_ratio", "lr", "val_loss"} <= set(records[2])
+    assert result.steps_done == 120 and result.stop_reason == "completed"
+
+
+def _dir_digest(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_nan_guard_stops_names_step_and_keeps_last_good_checkpoint(digits, tmp_path):
+    schedule = lambda step: jnp.where(step < 10, 0.01, 1e30)
+    state = create_train_state(small_mlp(), optax.sgd(schedule), digits.input_shape, jax.random.PRNGKey(0))
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=5)
+    # Steps 1..10 train normally; update 11 uses lr=1e30, so the loss computed at step 12 is non-finite.
+    with pytest.raises(NonFiniteLossError) as err:
+        fit(state, digits, batch_size=32, num_steps=40, schedule=schedule, eval_every=5, checkpointer=ckpt,
+            progress=False, log_every=100)
+    assert err.value.step == 12
+    assert "step 12" in str(err.value) and "step 10" in str(err.value)
+    assert ckpt.all_steps() == [5, 10]
+    digest = _dir_digest(tmp_path / "ckpt" / "10")
+    template = create_train_state(small_mlp(), optax.sgd(schedule), digits.input_shape, jax.random.PRNGKey(1))
+    restored = ckpt.restore(template.checkpoint_tree())
+    assert int(restored["step"]) == 10
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(restored["params"]))
+    assert _dir_digest(tmp_path / "ckpt" / "10") == digest
+
+
+def test_checkpointer_refuses_non_finite_and_overwrite(tmp_path):
+    ckpt = Checkpointer(tmp_path / "c")
+    with pytest.raises(CheckpointError, match="non-finite"):
+        ckpt.save(1, {"w": jnp.array([1.0, jnp.nan])})
+    ckpt.save(1, {"w": jnp.array([1.0, 2.0])})
+    with pytest.raises(CheckpointError, match="already exists"):
+        ckpt.save(1, {"w": jnp.array([3.0, 4.0])})
+    np.testing.assert_array_equal(ckpt.restore({"w": jnp.zeros(2)})["w"], [1.0, 2.0])
+
+
+def test_corrupt_and_incompatible_checkpoints_raise_and_stay_untouched(tmp_path):
+    ckpt = Checkpointer(tmp_path / "c")
+    ckpt.save(3, {"w": jnp.arange(4.0), "b": jnp.zeros(2)})
+    with pytest.raises(CheckpointError, match="shape"):
+        ckpt.restore({"w": jnp.zeros(5), "b": jnp.zeros(2)})
+    with pytest.raises(CheckpointError, match="missing"):
+        ckpt.restore({"w": jnp.zeros(4), "c": jnp.zeros(2)})
+    # Corrupt every data file of the checkpoint.
+    step_dir = tmp_path / "c" / "3"
+    for f in step_dir.rglob("*"):
+        if f.is_file() and f.name not in ("commit_success.txt",):
+            f.write_bytes(b"garbage" * 3)
+    digest = _dir_digest(step_dir)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Checkpointer(tmp_path / "c").restore({"w": jnp.zeros(4), "b": jnp.zeros(2)})
+    assert _dir_digest(step_dir) == digest
+
+
+def test_early_stopping(digits):
+    state = create_train_state(small_mlp(), optax.sgd(0.0), digits.input_shape, jax.random.PRNGKey(0))
+    result = fit(state, digits, batch_size=64, num_steps=100, eval_every=10, progress=False,
+                 callbacks=[EarlyStopping("val_loss", patience=2)])
+    # lr=0: val_loss is constant; the first eval sets the best, two more without improvement stop.
+    assert result.steps_done == 30 and "early stop" in result.stop_reason
+
+
+def _with(dataset, **changes):
+    import dataclasses
+    return dataclasses.replace(dataset, **changes)
+
+
+def test_wrong_input_shape_and_labels_out_of_range(digits):
+    state = create_train_state(small_mlp(), optax.sgd(0.1), digits.input_shape, jax.random.PRNGKey(0))
+    wide = data_lib.Split(x=np.zeros((100, 28, 28, 1), np.float32), y=np.zeros(100, np.int32))
+    with pytest.raises(ValueError, match=r"\(8, 8, 1\).*\(28, 28, 1\)"):
+        fit(state, _with(digits, train=wide, val=wide, test=wide, input_shape=(28, 28, 1)), num_steps=1, progress=False)
+    # A model with fewer outputs than the data has classes: caught before compiling.
+    five = create_train_state(models.get_model("mlp", num_classes=5, width=8, depth=1), optax.sgd(0.1),
+                              digits.input_shape, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"labels out of range in the train split: found labels in \[0, 9\].*5 outputs"):
+        fit(five, digits, num_steps=1, progress=False)
+    # The data layer refuses labels outside [0, num_classes) and NaN inputs when a split is built.
+    with pytest.raises(ValueError, match="num_classes=10"):
+        _with(digits, train=data_lib.Split(x=digits.train.x, y=np.full(len(digits.train), 10, np.int32)))
+    with pytest.raises(ValueError, match="(?i)nan|finite"):
+        data_lib.Split(x=np.full((4, 8, 8, 1), np.nan, np.float32), y=np.zeros(4, np.int32))
