@@ -39,7 +39,9 @@ class Checkpointer:
             enable_async_checkpointing=False, create=not read_only, read_only=read_only)
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint folder at {self.directory}")
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Registering the handler up front lets a fresh process read metadata before any save or restore.
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=ocp.StandardCheckpointHandler())
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -93,6 +95,7 @@ def _check_compatible(saved_metadata: Any, template: Any, path: pathlib.Path) ->
     """Compare the saved tree's structure and shapes with the template's, naming the first difference."""
     if saved_metadata is None:
         raise CheckpointError(f"checkpoint {path} has no readable metadata (corrupt or not a jaxnn checkpoint)")
+    saved_metadata = getattr(saved_metadata, "tree", saved_metadata)
     saved = {_path_name(p): leaf for p, leaf in
              jax.tree_util.tree_leaves_with_path(saved_metadata, is_leaf=lambda x: hasattr(x, "shape"))}
     wanted = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(template)}

@@ -1,0 +1,88 @@
+"""Run-folder analysis: read a trained run (config, data, checkpoint) and write the curvature and landscape
+reports beside its metrics. This is the only place that joins training artefacts to the analysis packages;
+``curvature`` and ``landscape`` themselves see nothing but ``loss_fn(params, batch)``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+
+from jaxnn.train.run import LoadedRun, load_run
+
+
+def _loaded(run: str | pathlib.Path | LoadedRun, step: Any = "latest") -> LoadedRun:
+    return run if isinstance(run, LoadedRun) else load_run(run, step=_parse_step(step))
+
+
+def _parse_step(step: Any) -> Any:
+    if isinstance(step, str) and step.isdigit():
+        return int(step)
+    if step not in ("latest", "best") and not isinstance(step, int):
+        raise ValueError(f"--step must be 'latest', 'best' or a step number, got {step!r}")
+    return step
+
+
+def curvature_for_run(run: str | pathlib.Path | LoadedRun, *, k: int = 5, density: bool = False,
+                      data_batches: int = 4, batch_size: int | None = None, step: Any = "latest",
+                      mode: str = "eval", seed: int = 0, out_dir: str | pathlib.Path | None = None,
+                      progress: bool = True) -> dict:
+    """Hessian report of a run's checkpoint over ``data_batches`` training batches -> curvature.json, spectrum.png."""
+    from jaxnn import curvature
+
+    loaded = _loaded(run, step)
+    if data_batches < 1:
+        raise ValueError(f"data_batches must be >= 1, got {data_batches}")
+    batches = loaded.batches("train", data_batches, batch_size)
+    report = curvature.curvature_report(loaded.loss_fn(mode), loaded.state.params, batches, k=k, density=density,
+                                        key=jax.random.PRNGKey(seed), progress=progress)
+    report["run"] = {"run_dir": str(loaded.run_dir), "step": loaded.step, "batch_norm_mode": mode,
+                     "batch_size": int(batches[0][0].shape[0]), "data_batches": len(batches)}
+    curvature.write_curvature_report(report, out_dir or loaded.run_dir)
+    return report
+
+
+def describe_curvature(report: dict) -> str:
+    c = report["conditioning"]
+    t = report["trace"]
+    g = report["gradient_direction"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"
+    return (f"Hessian at step {report.get('run', {}).get('step', '?')}: lambda_max={fmt(c['lambda_max'])} "
+            f"lambda_min={fmt(c['lambda_min'])} kappa={fmt(c['condition_number'])} "
+            f"|lambda_min|/lambda_max={fmt(c['nonconvexity_ratio'])} ({c['verdict']}); "
+            f"trace={fmt(t['estimate'])}±{fmt(t['standard_error'])}; 2/lambda_max={fmt(g['sharpness_threshold'])}; "
+            f"{report['num_hvps']} HVPs in {report['timing_seconds']['total']:.1f}s")
+
+
+def landscape_for_run(run: str | pathlib.Path | LoadedRun, *, dirs: str = "filter", grid: int = 51,
+                      span: float = 1.0, other: str | pathlib.Path | None = None, trajectory: bool = False,
+                      data_batches: int = 2, batch_size: int | None = None, step: Any = "latest",
+                      log_scale: bool = False, seed: int = 0, out_dir: str | pathlib.Path | None = None,
+                      progress: bool = True) -> dict:
+    """1-D and 2-D loss slices around a run's checkpoint (plus interpolation to ``other``, trajectory overlay)."""
+    from jaxnn import landscape
+
+    loaded = _loaded(run, step)
+    if data_batches < 1:
+        raise ValueError(f"data_batches must be >= 1, got {data_batches}")
+    batches = loaded.batches("train", data_batches, batch_size)
+    other_params = None
+    if other is not None:
+        other_run = load_run(other)
+        other_params = other_run.state.params
+    trajectory_params = None
+    if trajectory or dirs == "pca":
+        steps = loaded.checkpoint_steps()
+        if len(steps) < 3:
+            raise ValueError(f"a trajectory needs at least 3 checkpoints; {loaded.run_dir} has {len(steps)} "
+                             "(raise checkpoint.keep_last when training)")
+        trajectory_params = [loaded.params_at(s) for s in steps]
+    report = landscape.landscape_report(
+        loaded.loss_fn(), loaded.state.params, batches, dirs=dirs, grid=grid, span=span, key=jax.random.PRNGKey(seed),
+        other_params=other_params, trajectory=trajectory_params, accuracy_fn=loaded.accuracy_fn(), progress=progress)
+    report.setdefault("summary", {})["run"] = {"run_dir": str(loaded.run_dir), "step": loaded.step,
+                                               "other": str(other) if other else None}
+    landscape.write_landscape_report(report, out_dir or loaded.run_dir, log_scale=log_scale)
+    return report
