@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--torch-threads", type=int, default=2, help="PyTorch intra-op threads (this machine: 2 cores)")
     args = ap.parse_args()
     ds = data_lib.load_dataset("digits", seed=0)
     it = data_lib.batch_iterator(ds.train, args.batch, seed=0, prefetch=0)
@@ -105,9 +106,11 @@ def main():
     t_hand = min(t_hand, timed(run_hand))  # interleave to share the machine's noise
 
     # --- the whole fit loop (its own batch iterator + host logging every 50 steps)
+    schedule = optax.constant_schedule(lr)
+
     def run_fit():
         state = jax.tree.map(jnp.copy, state0)
-        r = fit(state, ds, batch_size=args.batch, num_steps=args.steps, schedule=optax.constant_schedule(lr),
+        r = fit(state, ds, batch_size=args.batch, num_steps=args.steps, schedule=schedule,
                 log_every=50, eval_every=10 ** 9, progress=False)
         jax.block_until_ready(r.state.params)
 
@@ -126,14 +129,14 @@ def main():
         print("torch not installed (pip install -e '.[test]'): PyTorch comparison skipped")
         return
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.torch_threads)
     layers, fan_in = [], 64
     for _ in range(args.depth):
         layers += [torch.nn.Linear(fan_in, args.width), torch.nn.ReLU()]
         fan_in = args.width
     net = torch.nn.Sequential(torch.nn.Flatten(), *layers, torch.nn.Linear(fan_in, 10))
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    tb = [(torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y)).long()) for x, y in batches]
+    tb = [(torch.tensor(np.asarray(x)), torch.tensor(np.asarray(y)).long()) for x, y in batches]
 
     def run_torch():
         for x, y in tb:

@@ -159,6 +159,11 @@ def _coerce(field: dataclasses.Field, value: Any, dotted: str):
             raise ConfigError(dotted, f"expected an integer, got {value!r}")
         return int(value)
     if kind.startswith("float"):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(dotted, f"expected a number, got {value!r}")
         return float(value)

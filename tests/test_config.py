@@ -18,6 +18,7 @@ def test_overrides_are_typed_and_frozen():
                                                "optimizer.clip_norm=null", "data.kwargs={}"])
     assert cfg.optimizer.lr == 0.05 and cfg.train.batch_size == 32 and cfg.model.kwargs["width"] == 64
     assert cfg.optimizer.clip_norm is None
+    assert load_config("digits_mlp", overrides=["optimizer.lr=1e-3"]).optimizer.lr == 1e-3  # YAML 1.1 string
     with pytest.raises(Exception):
         cfg.optimizer.lr = 1.0  # frozen
 

@@ -40,20 +40,17 @@ class Checkpointer:
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint folder at {self.directory}")
         # Registering the handler up front lets a fresh process read metadata before any save or restore.
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_handlers=ocp.StandardCheckpointHandler())
+        self.manager = _unless_corrupt(self.directory, lambda: ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()))
 
     def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        return sorted(_unless_corrupt(self.directory, self.manager.all_steps))
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        return _unless_corrupt(self.directory, self.manager.latest_step)
 
     def best_step(self) -> int | None:
-        try:
-            return self.manager.best_step()
-        except Exception:  # noqa: BLE001 - no metrics recorded
-            return None
+        return _unless_corrupt(self.directory, self.manager.best_step)
 
     def save(self, step: int, tree: Any, metrics: dict | None = None) -> None:
         """Save ``tree`` (arrays only) as ``step``; refuses non-finite values so a NaN never replaces good state."""
@@ -89,6 +86,17 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _unless_corrupt(directory: pathlib.Path, fn):
+    """Run an orbax call; any failure to read what is on disk becomes a CheckpointError naming the folder."""
+    try:
+        return fn()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - orbax raises json, OSError, ValueError... for unreadable files
+        raise CheckpointError(f"checkpoints in {directory} are corrupt or unreadable "
+                              f"({type(exc).__name__}: {exc}); they were left untouched") from exc
 
 
 def _check_compatible(saved_metadata: Any, template: Any, path: pathlib.Path) -> None:

@@ -6,6 +6,7 @@ The train step splits the batch into ``grad_accum_steps`` micro-batches and accu
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -20,11 +21,13 @@ def _tree_norm(tree):
     return optax.tree.norm(tree)
 
 
+@functools.lru_cache(maxsize=32)
 def make_train_step(loss: Callable | str, schedule: Callable | None = None, *, grad_accum_steps: int = 1,
                     classification: bool = True, needs_value_fn: bool = False, donate: bool = True) -> Callable:
     """``train_step(state, batch) -> (state, metrics)``, jitted.
 
     metrics: ``loss``, ``accuracy`` (classification), ``grad_norm`` ‖g‖, ``update_ratio`` ‖Δθ‖/‖θ‖, ``lr``.
+    Cached on its arguments, so repeated ``fit`` calls with the same loss and schedule reuse one compilation.
     """
     per_example = losses.get_loss(loss) if isinstance(loss, str) else loss
 
@@ -90,6 +93,7 @@ def make_train_step(loss: Callable | str, schedule: Callable | None = None, *, g
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
+@functools.lru_cache(maxsize=32)
 def make_eval_step(loss: Callable | str, *, classification: bool = True) -> Callable:
     """``eval_step(state, batch) -> sums``: summed loss, correct count and example count (eval mode), jitted.
     Sums (not means) so a split with a ragged last batch averages exactly."""

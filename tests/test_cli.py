@@ -1,0 +1,72 @@
+"""The `jaxnn` command: the main job end to end, and one-line errors (exit 2) for bad input."""
+
+import json
+
+import pytest
+
+from jaxnn.cli import main
+
+
+def test_configs_lists_shipped(capsys):
+    assert main(["configs"]) == 0
+    assert capsys.readouterr().out.split() == ["cifar_resnet20", "digits_mlp", "mnist_lenet", "mnist_mlp"]
+
+
+def test_main_job_reaches_target_and_writes_run_folder(tmp_path, capsys):
+    """`jaxnn run` with no config arguments: the default digits MLP, >= 97% test accuracy, full report."""
+    run_dir = tmp_path / "digits"
+    assert main(["run", "--run-dir", str(run_dir), "--set", "train.progress=false"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final"]["test_accuracy"] >= 0.97
+    assert summary["split_sizes"] == {"train": 1258, "val": 180, "test": 359}
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "curvature.json", "spectrum.png"):
+        assert (run_dir / name).is_file(), name
+    assert any(p.name.startswith("landscape") and p.suffix == ".png" for p in run_dir.iterdir())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == summary["steps"]
+    curvature = json.loads((run_dir / "curvature.json").read_text())
+    assert curvature["conditioning"]["lambda_max"] > 0
+    assert "lambda_max" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "digits_mlp", "--set", "optimizer.lr=-1"], "optimizer.lr"),
+    (["train", "digits_mlp", "--set", "model.name=transformer"], "valid models: lenet, mlp"),
+    (["train", "digits_mlp", "--set", "optimizer.name=adamax"], "valid optimizers"),
+    (["train", "no_such_config"], "not a shipped config"),
+    (["train", "digits_mlp", "--set", "data.name=mnist", "--set", "data.data_dir=/nonexistent/mnist",
+      "--set", "data.download=false"], "/nonexistent/mnist"),
+    (["curvature", "/nonexistent/run"], "does not exist"),
+    (["landscape", "/nonexistent/run"], "does not exist"),
+])
+def test_bad_input_is_one_clear_line(args, words, capsys, tmp_path):
+    code = main(args + (["--run-dir", str(tmp_path / "r")] if args[0] == "train" else []))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("jaxnn: error:") and words in err
+    assert "Traceback" not in err
+
+
+def test_nan_loss_reports_step_and_exits_2(tmp_path, capsys):
+    code = main(["train", "digits_mlp", "--run-dir", str(tmp_path / "r"), "--set", "optimizer.name=sgd",
+                 "--set", "optimizer.lr=1e12", "--set", "train.steps=30", "--set", "train.progress=false",
+                 "--set", "optimizer.schedule=constant"])
+    err = capsys.readouterr().err
+    assert code == 2 and "non-finite loss" in err and "at step" in err
+
+
+def test_corrupt_checkpoint_is_reported_not_overwritten(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    args = ["train", "digits_mlp", "--run-dir", str(run_dir), "--set", "train.steps=20", "--set", "train.eval_every=10",
+            "--set", "train.progress=false", "--set", "model.kwargs={width: 16, depth: 1}"]
+    assert main(args) == 0
+    step_dir = run_dir / "checkpoints" / "20"
+    victims = [f for f in step_dir.rglob("*") if f.is_file() and f.name != "commit_success.txt"]
+    for f in victims:
+        f.write_bytes(b"\x00not a checkpoint")
+    before = {f: f.read_bytes() for f in victims}
+    assert main(["curvature", str(run_dir)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert {f: f.read_bytes() for f in victims} == before
