@@ -1,0 +1,66 @@
+"""Flax Linen models keyed by name, with pure init/apply.
+
+Every model's ``__call__(x, train=False)`` maps NHWC images (B, H, W, C) or vectors (B, d) to logits
+(B, num_classes); ``train=True`` uses batch statistics in batch norm (and returns updated ``'batch_stats'``
+when applied with ``mutable=['batch_stats']``) and turns dropout on (rng name ``'dropout'``)::
+
+    model = jaxnn.models.get_model("resnet20", num_classes=10)
+    params, model_state = jaxnn.models.init_model(model, jax.random.key(0), (32, 32, 3))
+    logits = model.apply({"params": params, **model_state}, x)                      # eval mode
+    logits, new_state = model.apply({"params": params, **model_state}, x, train=True,
+                                    rngs={"dropout": key}, mutable=["batch_stats"])   # train mode
+"""
+
+from jaxnn.models.activations import ACTIVATIONS, get_activation
+from jaxnn.models.initializers import INITIALIZERS, get_initializer
+from jaxnn.models.layers import (
+    BATCH_NORM_MOMENTUM,
+    NORM_EPSILON,
+    NORMALIZATIONS,
+    default_param_dtype,
+    normalization_layer,
+)
+from jaxnn.models.lenet import LeNet
+from jaxnn.models.mlp import MLP
+from jaxnn.models.registry import (
+    MODELS,
+    ModelFactory,
+    count_params,
+    get_model,
+    init_model,
+    model_names,
+)
+from jaxnn.models.resnet import (
+    RESNET_DEPTHS,
+    BasicBlock,
+    CifarResNet,
+    option_a_shortcut,
+    resnet_blocks_per_stage,
+)
+from jaxnn.models.vgg import VGGSmall
+
+__all__ = [
+    "ACTIVATIONS",
+    "BATCH_NORM_MOMENTUM",
+    "BasicBlock",
+    "CifarResNet",
+    "INITIALIZERS",
+    "LeNet",
+    "MLP",
+    "MODELS",
+    "ModelFactory",
+    "NORMALIZATIONS",
+    "NORM_EPSILON",
+    "RESNET_DEPTHS",
+    "VGGSmall",
+    "count_params",
+    "default_param_dtype",
+    "get_activation",
+    "get_initializer",
+    "get_model",
+    "init_model",
+    "model_names",
+    "normalization_layer",
+    "option_a_shortcut",
+    "resnet_blocks_per_stage",
+]

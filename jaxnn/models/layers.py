@@ -1,0 +1,171 @@
+"""Building blocks shared by the models: normalisation choice, parameter dtype, input checks, pooling.
+
+Normalisation (``norm``):
+
+* ``None`` — no normalisation layer.
+* ``"batch"`` — batch norm (Ioffe & Szegedy 2015): y = γ (x − μ_B)/sqrt(σ²_B + ε) + β with μ_B, σ²_B the
+  mean and the biased variance over the batch axis (and the spatial axes for conv features), per feature
+  (channel). Train mode uses the batch statistics and updates the running averages
+  r ← 0.9·r + 0.1·(batch statistic) (collection ``'batch_stats'``; the running variance averages the
+  biased batch variance, where torch averages the unbiased one); eval mode uses the running averages.
+  ε = 1e-5.
+* ``"layer"`` — layer norm (Ba et al. 2016): the same formula with μ, σ² over all non-batch axes of each
+  example (for conv features: height, width and channels), with a per-channel γ, β. No state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.core import FrozenDict
+
+from jaxnn.models.activations import resolve_activation
+from jaxnn.models.initializers import resolve_initializer
+from jaxnn.models.validation import (
+    check_choice,
+    check_kwargs_mapping,
+    check_positive_int,
+    check_rate,
+)
+
+NORMALIZATIONS: tuple[str | None, ...] = (None, "batch", "layer")
+"""Valid values of a model's ``norm``."""
+
+BATCH_NORM_MOMENTUM = 0.9
+"""Running-average decay: r ← momentum·r + (1 − momentum)·batch statistic (torch momentum 0.1)."""
+
+NORM_EPSILON = 1e-5
+"""ε added to the variance in batch and layer norm."""
+
+
+def default_param_dtype() -> jnp.dtype:
+    """The default float dtype: float32, or float64 when ``jax_enable_x64`` is on."""
+    return jnp.result_type(float)
+
+
+def resolve_param_dtype(param_dtype: Any) -> jnp.dtype:
+    """A model's ``param_dtype``: ``None`` means :func:`default_param_dtype` (decided at init/apply time)."""
+    return default_param_dtype() if param_dtype is None else jnp.dtype(param_dtype)
+
+
+def check_param_dtype(param_dtype: Any, owner: str) -> None:
+    """Raise ``ValueError`` unless ``param_dtype`` is None or a floating dtype."""
+    if param_dtype is None:
+        return
+    try:
+        dtype = jnp.dtype(param_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{owner}: param_dtype must be None (the default float dtype) or a floating dtype; "
+            f"got {param_dtype!r}"
+        )
+
+
+def normalization_layer(
+    norm: str | None, *, train: bool, input_ndim: int, param_dtype: Any, name: str | None = None
+) -> nn.Module | None:
+    """The normalisation module for ``norm`` (see the module docstring), or None for ``norm=None``.
+
+    Must be called inside a compact ``__call__`` (it creates a submodule). ``input_ndim`` is the rank of the
+    input including the batch axis: 2 for dense features, 4 for NHWC conv features.
+    """
+    if norm is None:
+        return None
+    if norm == "batch":
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=BATCH_NORM_MOMENTUM,
+            epsilon=NORM_EPSILON,
+            param_dtype=param_dtype,
+            # two-pass variance E[(x − μ)²] (more accurate than E[x²] − μ²), and running statistics kept in
+            # param_dtype so they stay float64 under x64 instead of being forced to float32.
+            use_fast_variance=False,
+            force_float32_reductions=False,
+            name=name,
+        )
+    if norm == "layer":
+        feature_axes = tuple(range(-(input_ndim - 1), 0))
+        return nn.LayerNorm(
+            epsilon=NORM_EPSILON,
+            reduction_axes=feature_axes,
+            feature_axes=-1,
+            param_dtype=param_dtype,
+            use_fast_variance=False,
+            force_float32_reductions=False,
+            name=name,
+        )
+    raise ValueError(f"norm must be one of {list(NORMALIZATIONS)}; got {norm!r}")
+
+
+def check_image_batch(x: jax.Array, owner: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is a 4-D NHWC batch of images."""
+    if jnp.ndim(x) != 4:
+        raise ValueError(
+            f"{owner}: x must be a batch of NHWC images of shape (batch, height, width, channels); "
+            f"got shape {jnp.shape(x)}"
+        )
+
+
+def flatten_batch(x: jax.Array, owner: str) -> jax.Array:
+    """Flatten every axis but the leading batch axis: (B, ...) -> (B, prod(...))."""
+    if jnp.ndim(x) < 2:
+        raise ValueError(
+            f"{owner}: x must have a leading batch axis and at least one feature axis, "
+            f"e.g. (batch, features) or (batch, height, width, channels); got shape {jnp.shape(x)}"
+        )
+    return jnp.reshape(x, (x.shape[0], -1))
+
+
+def pool_2x2(x: jax.Array, kind: str) -> jax.Array:
+    """2x2 pooling with stride 2 on NHWC features; odd sizes round up (a partial window at the edge).
+
+    ``kind="max"``: max over the window; ``kind="avg"``: mean over the window's in-bounds entries.
+    """
+    if kind == "max":
+        return nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    if kind == "avg":
+        return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME", count_include_pad=False)
+    raise ValueError(f"pool must be one of ['max', 'avg']; got {kind!r}")
+
+
+def freeze_fields(module: nn.Module, *, sequences: tuple[str, ...] = (), mappings: tuple[str, ...] = ()) -> None:
+    """Store list fields as tuples and dict fields as FrozenDicts so the module is hashable (a valid static
+    argument of ``jax.jit`` and of Flax transforms). Call in ``__post_init__`` after validation."""
+    for field in sequences:
+        object.__setattr__(module, field, tuple(getattr(module, field)))
+    for field in mappings:
+        value = getattr(module, field)
+        if value is not None:
+            object.__setattr__(module, field, FrozenDict(value))
+
+
+def check_model_fields(
+    owner: str,
+    *,
+    num_classes: Any,
+    activation: Any,
+    kernel_init: Any,
+    kernel_init_kwargs: Any,
+    norm: Any,
+    param_dtype: Any,
+    bias_init: Any = "zeros",
+    bias_init_kwargs: Any = None,
+    dropout: Any = 0.0,
+) -> None:
+    """Validate the fields every model shares; raises with the owner, the field, the expected and the actual."""
+    check_positive_int(num_classes, "num_classes", owner)
+    resolve_activation(activation, owner)
+    resolve_initializer(
+        kernel_init, check_kwargs_mapping(kernel_init_kwargs, "kernel_init_kwargs", owner), "kernel_init", owner
+    )
+    resolve_initializer(
+        bias_init, check_kwargs_mapping(bias_init_kwargs, "bias_init_kwargs", owner), "bias_init", owner
+    )
+    check_choice(norm, "norm", owner, NORMALIZATIONS)
+    check_rate(dropout, "dropout", owner)
+    check_param_dtype(param_dtype, owner)

@@ -1,0 +1,121 @@
+"""A small VGG-style network (Simonyan & Zisserman 2015): stacks of 3x3 convolutions and max pooling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from jaxnn.models.activations import resolve_activation
+from jaxnn.models.initializers import resolve_initializer
+from jaxnn.models.layers import (
+    check_image_batch,
+    check_model_fields,
+    freeze_fields,
+    flatten_batch,
+    normalization_layer,
+    pool_2x2,
+    resolve_param_dtype,
+)
+from jaxnn.models.validation import check_positive_int, check_positive_int_sequence
+
+
+class VGGSmall(nn.Module):
+    """Stages of (conv3x3-norm-act) x convs_per_stage then 2x2 max pool, then flatten, hidden dense layers
+    h ← drop(act(norm(W h + b))) and logits = W h + b.
+
+    With the defaults (stages 32-64-128, two convs each, one hidden dense layer of 128) a 32x32x3 image
+    becomes 4x4x128 before flattening and an 8x8x1 image 1x1x128 (pooling rounds odd sizes up, so any input
+    size works). Forward cost: Σ_conv H·W·9·c_in·c_out + Σ_dense fan_in·fan_out multiply-adds per example.
+
+    Attributes:
+      num_classes: output width.
+      stage_features: channels of each stage (default ``(32, 64, 128)``).
+      convs_per_stage: 3x3 convolutions (SAME padding) per stage (default 2).
+      dense_features: hidden dense widths after flattening (default ``(128,)``).
+      activation, kernel_init(+_kwargs), bias_init(+_kwargs), param_dtype: as in :class:`MLP`.
+      norm: ``None`` (default), ``"batch"`` or ``"layer"``, after every conv and hidden dense layer.
+      dropout: inverted-dropout rate after each hidden dense activation (train mode only).
+    """
+
+    num_classes: int
+    stage_features: Sequence[int] = (32, 64, 128)
+    convs_per_stage: int = 2
+    dense_features: Sequence[int] = (128,)
+    activation: str | Callable[[jax.Array], jax.Array] = "relu"
+    kernel_init: str | Callable[..., jax.Array] = "he"
+    kernel_init_kwargs: Mapping[str, Any] | None = None
+    bias_init: str | Callable[..., jax.Array] = "zeros"
+    bias_init_kwargs: Mapping[str, Any] | None = None
+    norm: str | None = None
+    dropout: float = 0.0
+    param_dtype: Any = None
+
+    def __post_init__(self) -> None:
+        check_positive_int_sequence(self.stage_features, "stage_features", "VGGSmall", allow_empty=False)
+        check_positive_int(self.convs_per_stage, "convs_per_stage", "VGGSmall")
+        check_positive_int_sequence(self.dense_features, "dense_features", "VGGSmall")
+        check_model_fields(
+            "VGGSmall",
+            num_classes=self.num_classes,
+            activation=self.activation,
+            kernel_init=self.kernel_init,
+            kernel_init_kwargs=self.kernel_init_kwargs,
+            bias_init=self.bias_init,
+            bias_init_kwargs=self.bias_init_kwargs,
+            norm=self.norm,
+            dropout=self.dropout,
+            param_dtype=self.param_dtype,
+        )
+        freeze_fields(
+            self, sequences=("stage_features", "dense_features"), mappings=("kernel_init_kwargs", "bias_init_kwargs")
+        )
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Logits (B, num_classes) for NHWC images (B, H, W, C); ``train`` selects batch statistics and dropout."""
+        check_image_batch(x, "VGGSmall")
+        activation = resolve_activation(self.activation, "VGGSmall")
+        kernel_init = resolve_initializer(self.kernel_init, self.kernel_init_kwargs, "kernel_init", "VGGSmall")
+        bias_init = resolve_initializer(self.bias_init, self.bias_init_kwargs, "bias_init", "VGGSmall")
+        param_dtype = resolve_param_dtype(self.param_dtype)
+
+        h = x
+        for stage, channels in enumerate(self.stage_features):
+            for j in range(self.convs_per_stage):
+                h = nn.Conv(
+                    channels,
+                    (3, 3),
+                    padding=[(1, 1), (1, 1)],
+                    kernel_init=kernel_init,
+                    bias_init=bias_init,
+                    param_dtype=param_dtype,
+                    name=f"stage{stage}_conv{j}",
+                )(h)
+                norm = normalization_layer(
+                    self.norm, train=train, input_ndim=4, param_dtype=param_dtype, name=f"stage{stage}_norm{j}"
+                )
+                if norm is not None:
+                    h = norm(h)
+                h = activation(h)
+            h = pool_2x2(h, "max")
+
+        h = flatten_batch(h, "VGGSmall")
+        for i, width in enumerate(self.dense_features):
+            h = nn.Dense(
+                width, kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype, name=f"dense_{i}"
+            )(h)
+            norm = normalization_layer(
+                self.norm, train=train, input_ndim=2, param_dtype=param_dtype, name=f"dense_norm_{i}"
+            )
+            if norm is not None:
+                h = norm(h)
+            h = activation(h)
+            if self.dropout > 0.0:
+                h = nn.Dropout(self.dropout, deterministic=not train, name=f"dropout_{i}")(h)
+        return nn.Dense(
+            self.num_classes, kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype, name="head"
+        )(h)
