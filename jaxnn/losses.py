@@ -5,6 +5,7 @@ Every loss here maps ``(outputs, targets) -> per-example losses``; reductions ar
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -66,18 +67,28 @@ def make_loss_fn(apply_fn: Callable, loss: Callable | str, model_state: Any = No
     ``mode="eval"`` uses running statistics; ``mode="train"`` normalises with the batch's own statistics
     (what PyHessian differentiates) and discards the statistics update; dropout is off in both.
     ``weight_decay`` adds ½·wd·‖θ‖² (an L2 term that is part of the differentiated loss).
+
+    The result is a ``jax.tree_util.Partial`` whose function is shared by every call with the same
+    (apply_fn, loss, mode, weight_decay) and whose arguments are the model-state arrays: compiled analyses
+    (curvature, landscape, the Hessian callback) reuse one compilation when only the numbers change.
     """
     if mode not in ("eval", "train"):
         raise ValueError(f"make_loss_fn mode must be 'eval' or 'train', got {mode!r}")
     per_example = get_loss(loss) if isinstance(loss, str) else loss
-    model_state = dict(model_state or {})
-    mutable = list(model_state) if mode == "train" else False
+    try:
+        fn = _model_loss(apply_fn, per_example, mode, float(weight_decay))
+    except TypeError:  # an unhashable apply_fn or loss: no sharing, same maths
+        fn = _model_loss.__wrapped__(apply_fn, per_example, mode, float(weight_decay))
+    return jax.tree_util.Partial(fn, dict(model_state or {}))
 
-    def loss_fn(params, batch):
+
+@functools.lru_cache(maxsize=64)
+def _model_loss(apply_fn: Callable, per_example: Callable, mode: str, weight_decay: float) -> Callable:
+    def loss_fn(model_state, params, batch):
         x, y = batch
         variables = {"params": params, **model_state}
-        if mutable:
-            outputs, _ = apply_fn(variables, x, train=True, mutable=mutable)
+        if mode == "train" and model_state:
+            outputs, _ = apply_fn(variables, x, train=True, mutable=list(model_state))
         else:
             outputs = apply_fn(variables, x, train=False)
         value = jnp.mean(per_example(outputs, y))

@@ -162,8 +162,14 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     per_example = losses.get_loss(loss) if isinstance(loss, str) else loss
     ctx = FitContext(state=state, analysis_batch=analysis_batch, run_dir=run_dir, step=start_step,
                      make_loss_fn=lambda s: losses.make_loss_fn(s.apply_fn, per_example, s.model_state))
-    for cb in callbacks:
-        cb.on_train_begin(ctx)
+    def notify(hook: str) -> None:
+        """Callbacks are duck-typed: any object with some of the hooks (the base class has them all)."""
+        for cb in callbacks:
+            method = getattr(cb, hook, None)
+            if method is not None:
+                method(ctx)
+
+    notify("on_train_begin")
 
     history: list[dict] = []
     queued: list[tuple[int, dict]] = []
@@ -211,11 +217,9 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
                 drain()  # no evaluation (and no checkpoint) of a state whose loss went non-finite
                 ctx.eval_metrics = evaluate(state, dataset.val, eval_step, eval_batch_size, classification, "val")
                 extra.update(ctx.eval_metrics)
-            for cb in callbacks:
-                cb.on_step_end(ctx)
+            notify("on_step_end")
             if is_eval:
-                for cb in callbacks:
-                    cb.on_eval_end(ctx)
+                notify("on_eval_end")
             pending = ctx.pop_pending()
             if step % log_every == 0 or is_eval or is_ckpt or pending or ctx.stop_reason:
                 rec = record(step, {**extra, **pending})
@@ -236,8 +240,7 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
                 break
     finally:
         bar.close()
-    for cb in callbacks:
-        cb.on_train_end(ctx)
+    notify("on_train_end")
     return FitResult(state=state, history=history, stop_reason=stop_reason, steps_done=ctx.step,
                      wall_time_s=time.perf_counter() - started, best_step=best_step)
 
