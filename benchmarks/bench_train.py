@@ -54,7 +54,6 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--torch-threads", type=int, default=2, help="PyTorch intra-op threads (this machine: 2 cores)")
     args = ap.parse_args()
     ds = data_lib.load_dataset("digits", seed=0)
     it = data_lib.batch_iterator(ds.train, args.batch, seed=0, prefetch=0)
@@ -129,7 +128,6 @@ def main():
         print("torch not installed (pip install -e '.[test]'): PyTorch comparison skipped")
         return
     torch.manual_seed(0)
-    torch.set_num_threads(args.torch_threads)
     layers, fan_in = [], 64
     for _ in range(args.depth):
         layers += [torch.nn.Linear(fan_in, args.width), torch.nn.ReLU()]
@@ -145,9 +143,16 @@ def main():
             loss.backward()
             opt.step()
 
-    run_torch()
-    t_torch = timed(run_torch)
-    print(f"PyTorch eager step   : {args.steps / t_torch:9.1f} steps/s   ratio jaxnn/torch = {t_torch / t_jaxnn:.2f} (goal >= 1.5)")
+    # PyTorch's best of 1 and 2 intra-op threads (on a busy 2-core machine 2 threads can be 10x slower).
+    t_torch, best_threads = float("inf"), 0
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        run_torch()
+        t = timed(run_torch)
+        if t < t_torch:
+            t_torch, best_threads = t, threads
+    print(f"PyTorch eager step   : {args.steps / t_torch:9.1f} steps/s   ratio jaxnn/torch = {t_torch / t_jaxnn:.2f} "
+          f"(goal >= 1.5; torch best with {best_threads} thread(s))")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,11 @@ class TrainState:
 
     @classmethod
     def create(cls, *, apply_fn, params, model_state, tx, rng) -> "TrainState":
+        # Fresh buffers for every leaf: some optimizers' init (optax.lbfgs) reuses one array in several places,
+        # which the donating train step would otherwise donate twice.
+        opt_state = jax.tree.map(lambda a: jnp.array(a, copy=True), tx.init(params))
         return cls(step=jnp.asarray(0, jnp.int32), params=params, model_state=dict(model_state or {}),
-                   opt_state=tx.init(params), rng=jnp.asarray(rng), apply_fn=apply_fn, tx=tx)
+                   opt_state=opt_state, rng=jnp.asarray(rng), apply_fn=apply_fn, tx=tx)
 
     def checkpoint_tree(self) -> dict:
         """The arrays a checkpoint holds."""
