@@ -78,11 +78,14 @@ def _known_errors():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "x64", False):
-        import jax
-        jax.config.update("jax_enable_x64", True)
+    import contextlib
+
+    import jax
+
+    precision = jax.enable_x64(True) if getattr(args, "x64", False) else contextlib.nullcontext()
     try:
-        return _dispatch(args)
+        with precision:
+            return _dispatch(args)
     except KeyboardInterrupt:
         print("jaxnn: interrupted; checkpoints written so far are intact (resume with --resume)", file=sys.stderr)
         return 130

@@ -70,3 +70,58 @@ def test_corrupt_checkpoint_is_reported_not_overwritten(tmp_path, capsys):
     assert main(args + ["--resume"]) == 2
     assert "corrupt" in capsys.readouterr().err
     assert {f: f.read_bytes() for f in victims} == before
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    runs = []
+    for seed in (0, 1):
+        run_dir = root / f"seed{seed}"
+        assert main(["train", "digits_mlp", "--run-dir", str(run_dir), "--set", "train.steps=40",
+                     "--set", "train.eval_every=10", "--set", "checkpoint.keep_last=4", "--set", f"train.seed={seed}",
+                     "--set", "train.progress=false", "--set", "model.kwargs={width: 16, depth: 1}"]) == 0
+        runs.append(run_dir)
+    return runs
+
+
+def test_curvature_command_writes_report(two_runs, tmp_path, capsys):
+    out = tmp_path / "curv"
+    assert main(["curvature", str(two_runs[0]), "--k", "3", "--density", "--data-batches", "2", "--out", str(out),
+                 "--x64"]) == 0
+    report = json.loads((out / "curvature.json").read_text())
+    assert (out / "spectrum.png").stat().st_size > 5_000
+    assert len(report["eigenvalues"]["top"]) == 3 and len(report["eigenvalues"]["bottom"]) == 3
+    assert report["run"]["step"] == 40 and report["run"]["data_batches"] == 2
+    assert report["dtype"] == "float64" and "density" in report
+    assert "lambda_max=" in capsys.readouterr().out
+
+
+def test_landscape_command_with_trajectory_and_other_run(two_runs, tmp_path):
+    out = tmp_path / "land"
+    assert main(["landscape", str(two_runs[0]), "--grid", "7", "--span", "0.5", "--trajectory",
+                 "--other", str(two_runs[1]), "--out", str(out)]) == 0
+    for name in ("landscape.npz", "landscape.json", "landscape_1d.png", "landscape_2d.png", "landscape_3d.png",
+                 "interpolation.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "landscape.json").read_text())
+    assert summary["run"]["step"] == 40
+    import numpy as np
+    saved = np.load(out / "landscape.npz")
+    plane = [k for k in saved.files if "plane" in k and "loss" in k]
+    assert plane and saved[plane[0]].shape == (7, 7)
+
+
+def test_landscape_trajectory_needs_checkpoints(tmp_path, capsys):
+    run_dir = tmp_path / "short"
+    assert main(["train", "digits_mlp", "--run-dir", str(run_dir), "--set", "train.steps=10", "--set",
+                 "train.progress=false", "--set", "model.kwargs={width: 8, depth: 1}"]) == 0
+    assert main(["landscape", str(run_dir), "--grid", "5", "--trajectory"]) == 2
+    assert "at least 3 checkpoints" in capsys.readouterr().err
+
+
+def test_x64_flag_does_not_leak_into_the_process(two_runs, tmp_path):
+    import jax.numpy as jnp
+    assert main(["curvature", str(two_runs[0]), "--k", "1", "--data-batches", "1", "--out", str(tmp_path), "--x64"]) == 0
+    assert json.loads((tmp_path / "curvature.json").read_text())["dtype"] == "float64"
+    assert jnp.ones(1).dtype == jnp.float32
