@@ -1,0 +1,80 @@
+"""Curvature engine: matrix-free Hessian / GGN / Fisher operators on parameter pytrees and their estimators.
+
+Works on any pure ``loss_fn(params, batch) -> scalar`` (no Flax dependency)::
+
+    H = curvature.hessian(loss_fn, params, data)          # Hv = ∂/∂ε ∇L(θ+εv)|ε=0, over one or many batches
+    values, vectors = curvature.top_eigenvalues(H, k=5, key=key)
+    result = curvature.lanczos(H, key, num_iters=80, k=5)  # top-k and bottom-k with residuals
+    curvature.condition_number(H, lanczos_result=result)
+    curvature.trace(H, key, num_samples=100, method="hutch++")
+    curvature.spectral_density(H, key, num_probes=4, num_iters=80)
+"""
+
+from jaxnn.curvature.batches import BatchGroup, prepare_data
+from jaxnn.curvature.callback import HessianCallback
+from jaxnn.curvature.conditioning import (
+    ConditionNumber,
+    CriticalPoint,
+    classify_critical_point,
+    condition_from_extremes,
+    condition_number,
+    spectrum_verdict,
+)
+from jaxnn.curvature.dense import dense_hessian, dense_matrix, finite_difference_hvp
+from jaxnn.curvature.density import SpectralDensity, gaussian_broadening, spectral_density
+from jaxnn.curvature.gradient_direction import (
+    GradientCurvature,
+    NewtonStep,
+    gradient_curvature,
+    newton_step,
+    predicted_loss_change,
+)
+from jaxnn.curvature.krylov import LanczosResult, bottom_eigenvalues, lanczos, top_eigenvalues
+from jaxnn.curvature.operators import CurvatureOperator, fisher, ggn, hessian, linear_operator, tree_vdot
+from jaxnn.curvature.plots import plot_spectral_density, plot_spectrum
+from jaxnn.curvature.power import PowerIterationResult, power_iteration
+from jaxnn.curvature.report import curvature_report, write_curvature_report
+from jaxnn.curvature.trace_estimators import DiagonalEstimate, TraceEstimate, hessian_diagonal, trace
+
+__all__ = [
+    "BatchGroup",
+    "ConditionNumber",
+    "CriticalPoint",
+    "CurvatureOperator",
+    "DiagonalEstimate",
+    "GradientCurvature",
+    "HessianCallback",
+    "LanczosResult",
+    "NewtonStep",
+    "PowerIterationResult",
+    "SpectralDensity",
+    "TraceEstimate",
+    "bottom_eigenvalues",
+    "classify_critical_point",
+    "condition_from_extremes",
+    "condition_number",
+    "curvature_report",
+    "dense_hessian",
+    "dense_matrix",
+    "finite_difference_hvp",
+    "fisher",
+    "gaussian_broadening",
+    "ggn",
+    "gradient_curvature",
+    "hessian",
+    "hessian_diagonal",
+    "lanczos",
+    "linear_operator",
+    "newton_step",
+    "plot_spectral_density",
+    "plot_spectrum",
+    "power_iteration",
+    "predicted_loss_change",
+    "prepare_data",
+    "spectral_density",
+    "spectrum_verdict",
+    "top_eigenvalues",
+    "trace",
+    "tree_vdot",
+    "write_curvature_report",
+]

@@ -1,0 +1,125 @@
+"""Analysis data as groups of batches stacked on a leading axis, so operators scan over them in one compiled loop.
+
+``data`` may be
+
+* ``None``: the loss ignores its batch argument (analytic test functions);
+* one batch: a tuple ``(x, y)`` (or any pytree that is not a list or an iterator);
+* a list / iterator / generator of batches: batches of equal shapes are stacked into one group; a batch of a
+  different shape (e.g. a short last batch) forms its own group;
+* batches already stacked along a new leading axis, with ``stacked=True``.
+
+Every batch carries a weight equal to its share of all examples (batch size = leading dimension of the first leaf
+of the batch), so the weighted sum of per-batch mean losses is the mean loss over all examples:
+``L(θ) = Σ_b (B_b / N) L_b(θ)``. Operators and gradients use the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class BatchGroup(NamedTuple):
+    """Batches of one shape stacked on a leading axis, with each batch's share of all examples."""
+
+    batches: Any  # pytree; every leaf has a leading axis of length num_batches (None when the loss takes no data)
+    weights: jax.Array  # (num_batches,), summing to 1 over all groups
+
+
+class PreparedData(NamedTuple):
+    groups: tuple[BatchGroup, ...]
+    num_batches: int
+    num_examples: int
+
+
+def _batch_size(batch: Any) -> int:
+    leaves = jax.tree.leaves(batch)
+    if not leaves or np.ndim(leaves[0]) == 0:
+        return 1
+    return int(np.shape(leaves[0])[0])
+
+
+def _is_sequence_of_batches(data: Any) -> bool:
+    if isinstance(data, list):
+        return True
+    if isinstance(data, (tuple, Mapping, np.ndarray, jax.Array, str, bytes)):
+        return False
+    return isinstance(data, Iterable)
+
+
+def _add_leading_axis(leaf: Any) -> jax.Array:
+    return leaf[None] if isinstance(leaf, jax.Array) else jnp.asarray(np.asarray(leaf)[None])
+
+
+def _stack(leaves: list) -> jax.Array:
+    """Stack on a new leading axis (in numpy when every leaf is on the host: no device program to compile)."""
+    if all(isinstance(leaf, (np.ndarray, np.generic, int, float)) for leaf in leaves):
+        return jnp.asarray(np.stack([np.asarray(leaf) for leaf in leaves]))
+    return jnp.stack([jnp.asarray(leaf) for leaf in leaves])
+
+
+def _weights(sizes: list[int], total: int) -> jax.Array:
+    return jnp.asarray(np.asarray(sizes, dtype=np.float64) / float(total), dtype=jnp.result_type(float))
+
+
+def prepare_data(data: Any, *, stacked: bool = False, name: str = "data") -> PreparedData:
+    """Normalise ``data`` (see the module docstring) into stacked batch groups with example-share weights."""
+    if data is None:
+        return PreparedData((BatchGroup(None, _weights([1], 1)),), num_batches=1, num_examples=0)
+
+    if stacked:
+        leaves = jax.tree.leaves(data)
+        if not leaves:
+            raise ValueError(f"{name}: expected stacked batches with at least one array leaf, got an empty pytree")
+        lengths = {int(np.shape(leaf)[0]) if np.ndim(leaf) else None for leaf in leaves}
+        if None in lengths or len(lengths) != 1:
+            raise ValueError(
+                f"{name}: with stacked=True every leaf needs the same leading (num_batches) axis, got leading sizes "
+                f"{sorted(str(n) for n in lengths)}"
+            )
+        num_batches = lengths.pop()
+        if num_batches == 0:
+            raise ValueError(f"{name}: expected at least one stacked batch, got a leading axis of length 0")
+        batches = jax.tree.map(jnp.asarray, data)
+        per_batch = _batch_size(jax.tree.map(lambda leaf: leaf[0], batches))
+        return PreparedData(
+            (BatchGroup(batches, _weights([1] * num_batches, num_batches)),),
+            num_batches=num_batches,
+            num_examples=per_batch * num_batches,
+        )
+
+    if not _is_sequence_of_batches(data):
+        batch = jax.tree.map(_add_leading_axis, data)
+        return PreparedData((BatchGroup(batch, _weights([1], 1)),), num_batches=1, num_examples=_batch_size(data))
+
+    batches = list(data)
+    if not batches:
+        raise ValueError(f"{name}: expected at least one batch, got an empty {type(data).__name__}")
+    first_def = jax.tree.structure(batches[0])
+    signatures: dict[tuple, list[int]] = {}
+    for index, batch in enumerate(batches):
+        treedef = jax.tree.structure(batch)
+        if treedef != first_def:
+            raise ValueError(
+                f"{name}: batch {index} expected the structure of batch 0, {first_def}; got {treedef}"
+            )
+        signature = tuple((tuple(np.shape(leaf)), str(jnp.result_type(leaf))) for leaf in jax.tree.leaves(batch))
+        signatures.setdefault(signature, []).append(index)
+    sizes = [_batch_size(batch) for batch in batches]
+    total = sum(sizes)
+    groups = []
+    for indices in signatures.values():
+        members = [batches[i] for i in indices]
+        stacked_group = jax.tree.map(lambda *leaves: _stack(list(leaves)), *members)
+        groups.append(BatchGroup(stacked_group, _weights([sizes[i] for i in indices], total)))
+    return PreparedData(tuple(groups), num_batches=len(batches), num_examples=total)
+
+
+def first_batch(prepared: PreparedData) -> Any:
+    """The first batch of the first group (unstacked), e.g. for shape checks."""
+    batches = prepared.groups[0].batches
+    return jax.tree.map(lambda leaf: leaf[0], batches)

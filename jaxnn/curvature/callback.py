@@ -1,0 +1,107 @@
+"""Curvature during training: a callback for ``jaxnn.train.fit`` recording the top Hessian eigenvalues.
+
+It follows the training loop's callback protocol (``on_train_begin(ctx)``, ``on_step_end(ctx)``,
+``on_train_end(ctx)``; ``ctx.step``, ``ctx.state.params``, ``ctx.loss_fn()``, ``ctx.analysis_batch``,
+``ctx.log(dict)``) by duck typing, so this module does not import the training code (nor Flax).
+
+Every ``every_k_steps`` steps it logs ``lambda_max`` (and ``lambda_2`` … ``lambda_k``), the stability threshold
+``sharpness_threshold = 2 / lambda_max`` (gradient descent with a larger learning rate is unstable along the top
+eigenvector of a quadratic — the edge-of-stability quantity), and with ``trace_samples > 0`` the Hutchinson
+``trace`` and its standard error ``trace_se``. Cost per measurement: ``num_iters`` HVPs (+ trace_samples).
+
+Compilation is cached on the identity of the loss function's code; a loss function that closes over changing
+arrays (e.g. batch-norm statistics) recompiles at every measurement unless it is a ``jax.tree_util.Partial``
+holding those arrays as arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import jax
+
+from jaxnn.curvature.krylov import default_num_iters, lanczos
+from jaxnn.curvature.operators import hessian
+from jaxnn.curvature.trace_estimators import TRACE_METHODS, trace
+from jaxnn.curvature.validation import check_choice, check_int, check_key
+
+
+class HessianCallback:
+    """Log the top-k Hessian eigenvalues (and optionally the trace) every ``every_k_steps`` training steps.
+
+    ``batch``: the data to measure on (default: ``ctx.analysis_batch``); any form accepted by
+    :func:`jaxnn.curvature.hessian`. ``key``: PRNG key for the Lanczos start and trace probes (default key(0));
+    each measurement folds in the step number, so runs are reproducible.
+    """
+
+    def __init__(
+        self,
+        every_k_steps: int,
+        k: int = 1,
+        batch: Any = None,
+        trace_samples: int = 0,
+        *,
+        num_iters: int | None = None,
+        key: Any = None,
+        trace_method: str = "hutchinson",
+        block_size: int = 1,
+    ):
+        self.every_k_steps = check_int(every_k_steps, "every_k_steps")
+        self.k = check_int(k, "k")
+        self.batch = batch
+        self.trace_samples = check_int(trace_samples, "trace_samples", minimum=0)
+        if self.trace_samples == 1:
+            raise ValueError("trace_samples: expected 0 (no trace) or >= 2 (a standard error needs 2), got 1")
+        self.num_iters = None if num_iters is None else check_int(num_iters, "num_iters")
+        self.key = jax.random.key(0) if key is None else check_key(key)
+        self.trace_method = check_choice(trace_method, "trace_method", TRACE_METHODS)
+        self.block_size = check_int(block_size, "block_size")
+        self.history: list[dict[str, float]] = []
+
+    def measure(self, loss_fn: Any, params: Any, batch: Any, step: int) -> dict[str, float]:
+        """The metrics this callback logs, for ``loss_fn`` at ``params`` on ``batch`` (step folds into the key)."""
+        start = time.perf_counter()
+        op = hessian(loss_fn, params, batch)
+        k = min(self.k, op.num_params)
+        num_iters = self.num_iters or default_num_iters(op.num_params, k, self.block_size)
+        key = jax.random.fold_in(self.key, step)
+        lanczos_key, trace_key = jax.random.split(key)
+        result = lanczos(
+            op, lanczos_key, num_iters, k=k, block_size=self.block_size, compute_residuals=False, progress=False
+        )
+        values = [float(v) for v in jax.device_get(result.top_eigenvalues)]
+        metrics = {"lambda_max": values[0]}
+        for index, value in enumerate(values[1:], start=2):
+            metrics[f"lambda_{index}"] = value
+        metrics["sharpness_threshold"] = 2.0 / values[0] if values[0] > 0 else math.inf
+        if self.trace_samples:
+            estimate = trace(op, trace_key, self.trace_samples, self.trace_method, progress=False)
+            metrics["trace"] = estimate.estimate
+            metrics["trace_se"] = estimate.standard_error
+        metrics["hessian_seconds"] = time.perf_counter() - start
+        return metrics
+
+    def on_train_begin(self, ctx: Any) -> None:
+        """Start a fresh history for this run."""
+        self.history = []
+
+    def on_step_end(self, ctx: Any) -> None:
+        """Every ``every_k_steps`` steps: measure at ``ctx.state.params`` and ``ctx.log`` the metrics."""
+        step = int(ctx.step)
+        if step % self.every_k_steps:
+            return
+        batch = self.batch if self.batch is not None else getattr(ctx, "analysis_batch", None)
+        if batch is None:
+            raise ValueError(
+                "batch: HessianCallback needs data; pass batch=... or run fit with an analysis batch "
+                "(ctx.analysis_batch is None)"
+            )
+        metrics = self.measure(ctx.loss_fn(), ctx.state.params, batch, step)
+        ctx.log(metrics)
+        self.history.append({"step": step, **metrics})
+
+    def on_train_end(self, ctx: Any) -> None:
+        """Nothing to flush: every measurement was logged through ``ctx.log`` when it was made."""
+        return None

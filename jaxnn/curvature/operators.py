@@ -1,0 +1,635 @@
+"""Matrix-free curvature operators on parameter pytrees: Hessian, generalised Gauss-Newton, Fisher.
+
+Every constructor returns the same small frozen dataclass, :class:`CurvatureOperator`. It is a JAX pytree whose
+leaves are the parameters, the (stacked) data and any arrays inside the user's functions (e.g. the model state held
+by a ``jax.tree_util.Partial``), so it can be passed straight into ``jit``: estimators compile once per model and
+reuse the compiled program when only the numbers change.
+
+Over many batches the product is accumulated inside one compiled ``lax.scan`` over batches stacked on a leading
+axis (see :mod:`jaxnn.curvature.batches`), so the working memory does not grow with the number of batches. (On CPU,
+for losses with convolutions, loops are unrolled instead: see ``loops`` in :func:`hessian`.) For a single batch,
+the estimators linearise the product once per compiled call, so repeated products cost only the tangent pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from jaxnn.curvature.batches import BatchGroup, PreparedData, first_batch, prepare_data
+from jaxnn.curvature.validation import (
+    check_choice,
+    check_int,
+    check_key,
+    check_like_params,
+    check_params,
+    num_params as count_params,
+)
+
+HESSIAN_MODES = ("forward-over-reverse", "reverse-over-reverse", "reverse-over-forward")
+LOOP_MODES = ("auto", "compiled", "unrolled")
+FISHER_KINDS = ("empirical", "true")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# User functions split into arrays (traced) and everything else (static, part of the compile cache key).
+
+
+class _ByIdentity:
+    """Wraps an unhashable static object so it can sit in a jit cache key (equal only to itself)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _ByIdentity) and other.obj is self.obj
+
+
+class FunctionSkeleton(NamedTuple):
+    """The static part of the user's functions: tree structure and non-array leaves (arrays are ``None``)."""
+
+    treedef: Any
+    static_leaves: tuple
+
+
+def _is_array(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def split_functions(functions: Any) -> tuple[list, FunctionSkeleton]:
+    leaves, treedef = jax.tree.flatten(functions)
+    arrays = [jnp.asarray(leaf) if _is_array(leaf) else None for leaf in leaves]
+    statics = []
+    for leaf in leaves:
+        if _is_array(leaf):
+            statics.append(None)
+            continue
+        try:
+            hash(leaf)
+            statics.append(leaf)
+        except TypeError:
+            statics.append(_ByIdentity(leaf))
+    return arrays, FunctionSkeleton(treedef, tuple(statics))
+
+
+def join_functions(arrays: list, skeleton: FunctionSkeleton) -> Any:
+    leaves = [
+        array if static is None else (static.obj if isinstance(static, _ByIdentity) else static)
+        for array, static in zip(arrays, skeleton.static_leaves)
+    ]
+    return jax.tree.unflatten(skeleton.treedef, leaves)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-batch products. Signature: product(functions, params, batch, v) -> pytree like params.
+
+
+def tree_vdot(a: Any, b: Any) -> jax.Array:
+    """Σ_leaves <a_leaf, b_leaf> (real inner product of two pytrees with equal structure)."""
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# Each product kind that can be linearised has a ``linearize(functions, params, batch) -> (v -> product)``: the
+# forward and backward passes at θ run once and every product afterwards only costs the tangent pass. Estimators
+# that apply a single-batch operator many times (Lanczos, power iteration) build it once per compiled call.
+
+
+def _linearize_hessian(loss_fn, params, batch):
+    """v ↦ Hv = ∂/∂ε ∇L(θ+εv)|ε=0: forward-mode over the gradient, linearised at θ."""
+    return jax.linearize(lambda p: jax.grad(loss_fn)(p, batch), params)[1]
+
+
+def _hvp_forward_over_reverse(loss_fn, params, batch, v):
+    """Hv = ∂/∂ε ∇L(θ+εv)|ε=0: one jvp of the gradient (≈ 2-3 gradient costs)."""
+    return _linearize_hessian(loss_fn, params, batch)(v)
+
+
+def _hvp_reverse_over_reverse(loss_fn, params, batch, v):
+    """Hv = ∇_θ <∇L(θ), v>: gradient of a gradient inner product (PyHessian's double backward)."""
+    return jax.grad(lambda p: tree_vdot(jax.grad(loss_fn)(p, batch), v))(params)
+
+
+def _hvp_reverse_over_forward(loss_fn, params, batch, v):
+    """Hv = ∇_θ (∂/∂ε L(θ+εv)): gradient of a directional derivative."""
+    return jax.grad(lambda p: jax.jvp(lambda q: loss_fn(q, batch), (p,), (v,))[1])(params)
+
+
+_HVP_PRODUCTS = {
+    "forward-over-reverse": _hvp_forward_over_reverse,
+    "reverse-over-reverse": _hvp_reverse_over_reverse,
+    "reverse-over-forward": _hvp_reverse_over_forward,
+}
+
+
+def _linearize_ggn(functions, params, batch):
+    """v ↦ Gv = Jᵀ H_out J v, J = ∂f(θ,x)/∂θ, H_out = ∂²ℓ(o,y)/∂o² at o = f(θ,x)."""
+    predict_fn, output_loss = functions
+    x, y = batch[0], batch[1]
+    outputs, jvp_fn = jax.linearize(lambda p: predict_fn(p, x), params)
+    transpose = jax.linear_transpose(jvp_fn, params)
+    _, output_curvature = jax.linearize(lambda o: jax.grad(output_loss)(o, y), outputs)
+    return lambda v: transpose(output_curvature(jvp_fn(v)))[0]
+
+
+def _ggn_product(functions, params, batch, v):
+    """Gv = Jᵀ H_out J v: one linearisation of the model and of the output loss's gradient, then a transpose."""
+    return _linearize_ggn(functions, params, batch)(v)
+
+
+def _per_example_losses(output_loss, outputs, targets):
+    """ℓ_i = output_loss(o_i, y_i) for each row i (the loss applied to a batch of one)."""
+    return jax.vmap(
+        lambda o, t: output_loss(jax.tree.map(lambda a: a[None], o), jax.tree.map(lambda a: a[None], t))
+    )(outputs, targets)
+
+
+def _linearize_fisher_from_losses(losses, params):
+    """v ↦ Fv = (1/m) Σ_i g_i (g_iᵀ v), g_i = ∇ℓ_i, for the m entries of ``losses(θ)``."""
+    values, jvp_fn = jax.linearize(losses, params)
+    transpose = jax.linear_transpose(jvp_fn, params)
+    return lambda v: transpose(jvp_fn(v) / values.size)[0]
+
+
+def _linearize_empirical_fisher(functions, params, batch):
+    predict_fn, output_loss = functions
+    x, y = batch[0], batch[1]
+    return _linearize_fisher_from_losses(lambda p: _per_example_losses(output_loss, predict_fn(p, x), y), params)
+
+
+def _linearize_true_fisher(functions, params, batch):
+    predict_fn, output_loss = functions
+    x, sampled_labels = batch[0], batch[2]
+
+    def losses(p):
+        outputs = predict_fn(p, x)
+        return jax.vmap(lambda labels: _per_example_losses(output_loss, outputs, labels))(sampled_labels)
+
+    return _linearize_fisher_from_losses(losses, params)
+
+
+def _empirical_fisher_product(functions, params, batch, v):
+    return _linearize_empirical_fisher(functions, params, batch)(v)
+
+
+def _true_fisher_product(functions, params, batch, v):
+    return _linearize_true_fisher(functions, params, batch)(v)
+
+
+_LINEARIZERS = {
+    _hvp_forward_over_reverse: _linearize_hessian,
+    _ggn_product: _linearize_ggn,
+    _empirical_fisher_product: _linearize_empirical_fisher,
+    _true_fisher_product: _linearize_true_fisher,
+}
+
+
+def _apply_user_matvec(matvec, params, batch, v):
+    return matvec(v)
+
+
+def _loss_of_loss_fn(loss_fn, params, batch):
+    return loss_fn(params, batch)
+
+
+def _loss_of_outputs(functions, params, batch):
+    predict_fn, output_loss = functions
+    return output_loss(predict_fn(params, batch[0]), batch[1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The operator.
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("params", "data", "function_arrays"),
+    meta_fields=(
+        "function_skeleton", "product", "loss", "kind", "num_params", "num_batches", "num_examples", "loop_mode"
+    ),
+)
+@dataclasses.dataclass(frozen=True)
+class CurvatureOperator:
+    """A symmetric linear operator on parameter pytrees, v ↦ Σ_b w_b M_b(θ) v, with w_b the batch's example share.
+
+    ``op(v)`` / ``op.matvec(v)``: one product (one pass over the data). ``op.matmat(V)``: V has a leading block
+    axis; the products are vmapped (one pass over the data computing all of them). ``op.loss_and_gradient()``:
+    the data-averaged loss and its gradient (operators built from a loss only).
+    """
+
+    params: Any
+    data: tuple[BatchGroup, ...]
+    function_arrays: list
+    function_skeleton: FunctionSkeleton
+    product: Callable
+    loss: Callable | None
+    kind: str
+    num_params: int
+    num_batches: int
+    num_examples: int
+    loop_mode: str = "compiled"
+
+    @property
+    def functions(self) -> Any:
+        return join_functions(self.function_arrays, self.function_skeleton)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The dtype of the flattened parameters (their promoted dtype)."""
+        return jnp.result_type(*jax.tree.leaves(self.params))
+
+    def matvec(self, v: Any) -> Any:
+        """M v for a pytree ``v`` shaped like params. Cost: 1 product per batch."""
+        return _apply_jit(self, check_like_params(v, self.params, "v"))
+
+    __call__ = matvec
+
+    def matmat(self, vectors: Any, *, chunk_size: int | None = None) -> Any:
+        """M V for V with a leading block axis (vmapped). ``chunk_size`` bounds how many are vmapped at once."""
+        vectors = check_like_params(vectors, self.params, "vectors", leading_axis=True)
+        if chunk_size is None:
+            return _apply_block_jit(self, vectors)
+        chunk_size = check_int(chunk_size, "chunk_size")
+        if self.loop_mode == "compiled":
+            return _apply_block_chunked_jit(self, vectors, chunk_size)
+        count = jax.tree.leaves(vectors)[0].shape[0]
+        chunks = [
+            _apply_block_jit(self, jax.tree.map(lambda leaf: leaf[begin : begin + chunk_size], vectors))
+            for begin in range(0, count, chunk_size)
+        ]
+        return jax.tree.map(lambda *parts: jnp.concatenate(parts), *chunks)
+
+    def loss_and_gradient(self, params: Any = None) -> tuple[jax.Array, Any]:
+        """(L(θ), ∇L(θ)) averaged over the data, at ``params`` (default: the operator's). Cost: 1 gradient."""
+        if self.loss is None:
+            raise ValueError(
+                f"operator kind {self.kind!r} has no loss function; pass the gradient explicitly (gradient=...)"
+            )
+        params = self.params if params is None else check_like_params(params, self.params, "params")
+        return _loss_and_gradient_jit(self, params)
+
+    def loss_value(self, params: Any = None) -> jax.Array:
+        """L(θ) averaged over the data, at ``params`` (default: the operator's). Cost: 1 forward pass."""
+        if self.loss is None:
+            raise ValueError(f"operator kind {self.kind!r} has no loss function")
+        params = self.params if params is None else check_like_params(params, self.params, "params")
+        return _loss_value(self, params)
+
+
+def _add_weighted(total: Any, value: Any, weight: jax.Array) -> Any:
+    return jax.tree.map(lambda a, x: a + weight.astype(a.dtype) * x.astype(a.dtype), total, value)
+
+
+def accumulate_over_batches(op: CurvatureOperator, per_batch: Callable[[Any], Any], initial: Any) -> Any:
+    """initial + Σ_b w_b per_batch(batch_b), traceable.
+
+    One batch: a direct call. Otherwise, per group of equal-shape batches, a ``lax.scan`` (one compiled loop, working
+    memory independent of the number of batches) when ``op.loop_mode == "compiled"``, or a loop unrolled into the
+    program when ``"unrolled"`` (see :func:`hessian`'s ``loops``).
+    """
+    total = initial
+    for group in op.data:
+        count = group.weights.shape[0]
+        if count == 1 or op.loop_mode == "unrolled":
+            for index in range(count):
+                batch = jax.tree.map(lambda leaf: leaf[index], group.batches)
+                total = _add_weighted(total, per_batch(batch), group.weights[index])
+            continue
+
+        def step(acc, batch_and_weight):
+            batch, weight = batch_and_weight
+            return _add_weighted(acc, per_batch(batch), weight), None
+
+        total, _ = jax.lax.scan(step, total, (group.batches, group.weights))
+    return total
+
+
+def apply_operator(op: CurvatureOperator, v: Any) -> Any:
+    """Traceable M v (no checks), accumulated over the batches; used by every estimator inside its own jit."""
+    functions = op.functions
+    return accumulate_over_batches(
+        op, lambda batch: op.product(functions, op.params, batch, v), jax.tree.map(jnp.zeros_like, v)
+    )
+
+
+def _apply_block_chunked(op, vectors, chunk_size):
+    return jax.lax.map(lambda v: apply_operator(op, v), vectors, batch_size=chunk_size)
+
+
+_apply_jit = jax.jit(apply_operator)
+_apply_block_jit = jax.jit(jax.vmap(apply_operator, in_axes=(None, 0)))
+_apply_block_chunked_jit = jax.jit(_apply_block_chunked, static_argnums=2)
+
+
+def _loss_and_gradient(op, params):
+    functions = op.functions
+    initial = (jnp.zeros((), dtype=jnp.result_type(*jax.tree.leaves(params))), jax.tree.map(jnp.zeros_like, params))
+    return accumulate_over_batches(
+        op, lambda batch: jax.value_and_grad(op.loss, argnums=1)(functions, params, batch), initial
+    )
+
+
+def _per_batch_losses(op, params):
+    """The loss of every batch, one array per batch group (shared by the finite check and ``loss_value``)."""
+    functions = op.functions
+    return tuple(
+        jax.lax.map(lambda batch: op.loss(functions, params, batch), group.batches)
+        if group.batches is not None
+        else op.loss(functions, params, None)[None]
+        for group in op.data
+    )
+
+
+def _loss_value(op, params):
+    per_group = _per_batch_losses_jit(op, params)
+    return sum(jnp.sum(group.weights.astype(losses.dtype) * losses) for group, losses in zip(op.data, per_group))
+
+
+_loss_and_gradient_jit = jax.jit(_loss_and_gradient)
+_per_batch_losses_jit = jax.jit(_per_batch_losses)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Construction and checks.
+
+
+def _make_operator(kind, functions, product, loss, params, prepared: PreparedData) -> CurvatureOperator:
+    arrays, skeleton = split_functions(functions)
+    return CurvatureOperator(
+        params=params,
+        data=prepared.groups,
+        function_arrays=arrays,
+        function_skeleton=skeleton,
+        product=product,
+        loss=loss,
+        kind=kind,
+        num_params=count_params(params),
+        num_batches=prepared.num_batches,
+        num_examples=prepared.num_examples,
+    )
+
+
+def _contains_convolution(jaxpr: Any) -> bool:
+    """Whether a jaxpr (or any sub-jaxpr: pjit, custom_jvp, scan, ...) applies ``conv_general_dilated``."""
+    for equation in jaxpr.eqns:
+        if equation.primitive.name.startswith("conv_general_dilated"):
+            return True
+        for value in equation.params.values():
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                if hasattr(inner, "eqns") and _contains_convolution(inner):
+                    return True
+    return False
+
+
+def _with_loop_mode(op: CurvatureOperator, prepared: PreparedData, loops: str) -> CurvatureOperator:
+    """Resolve ``loops="auto"``: "unrolled" on CPU when the loss applies a convolution, else "compiled".
+
+    XLA:CPU runs the weight-gradient convolutions of a backward pass 10-30x slower inside a while loop than at the
+    top level of a program (https://github.com/jax-ml/jax/issues/12868), and every HVP contains them.
+    """
+    check_choice(loops, "loops", LOOP_MODES)
+    if loops == "auto":
+        loops = "compiled"
+        if jax.default_backend() == "cpu":
+            jaxpr = jax.make_jaxpr(lambda p, b: op.loss(op.functions, p, b))(op.params, first_batch(prepared))
+            if _contains_convolution(jaxpr.jaxpr):
+                loops = "unrolled"
+    return dataclasses.replace(op, loop_mode=loops)
+
+
+def _check_scalar_loss(op: CurvatureOperator, prepared: PreparedData, what: str) -> None:
+    batch = first_batch(prepared)
+    try:
+        shape_dtype = jax.eval_shape(lambda p, b: op.loss(op.functions, p, b), op.params, batch)
+    except Exception as error:  # re-raised with the argument named; the original is chained
+        raise type(error)(f"{what}: evaluating the loss on params and the first batch failed: {error}") from error
+    leaves = jax.tree.leaves(shape_dtype)
+    if len(leaves) != 1 or leaves[0].shape != ():
+        shapes = [leaf.shape for leaf in leaves]
+        raise ValueError(f"{what}: expected a scalar loss (shape ()), got output shape(s) {shapes}")
+    if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
+        raise TypeError(f"{what}: expected a floating-point scalar loss, got dtype {leaves[0].dtype}")
+
+
+def _check_finite_loss(op: CurvatureOperator, prepared: PreparedData, what: str) -> None:
+    per_group = jax.device_get(_per_batch_losses_jit(op, op.params))
+    values = np.concatenate([np.ravel(v) for v in per_group])
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise FloatingPointError(
+            f"{what}: expected a finite loss, got {values[bad[0]]} on batch {int(bad[0])} of {values.size} "
+            f"(batches grouped by shape; {bad.size} non-finite in all)"
+        )
+
+
+def hessian(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    data: Any = None,
+    *,
+    mode: str = "forward-over-reverse",
+    stacked: bool = False,
+    check_finite: bool = True,
+    loops: str = "auto",
+) -> CurvatureOperator:
+    """Hessian operator of the data-averaged loss: Hv = ∂/∂ε ∇L(θ+εv)|ε=0, L = Σ_b (B_b/N) loss_fn(θ, batch_b).
+
+    ``mode`` picks the automatic-differentiation composition (all give the same product): ``"forward-over-reverse"``
+    (jvp of grad, the default and fastest), ``"reverse-over-reverse"`` (PyHessian's double backward),
+    ``"reverse-over-forward"``. ``data``: one batch, a list/iterable of batches, ``None`` (the loss ignores its
+    batch) or, with ``stacked=True``, batches stacked on a leading axis. ``check_finite`` evaluates the loss once
+    per batch (one forward pass over the data) and raises ``FloatingPointError`` naming the batch if it is not
+    finite. Cost of one product: one HVP per batch (≈ 2-3 gradient evaluations).
+    ``loops``: how loops over batches and estimator iterations run. ``"compiled"``: inside the compiled program
+    (``lax.scan`` over batches, ``lax.while_loop`` in Lanczos / power iteration: one program, constant memory).
+    ``"unrolled"``: batches unrolled into the program (its size grows with the number of batches) and estimator
+    iterations driven from Python, one compiled step each (no host synchronisation per step in Lanczos). ``"auto"``
+    (default) picks "unrolled" on CPU when the loss contains a convolution — XLA:CPU runs backward convolutions
+    10-30x slower inside loops (jax-ml/jax#12868) — and "compiled" otherwise.
+    """
+    check_choice(mode, "mode", HESSIAN_MODES)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable loss_fn(params, batch), got {type(loss_fn).__name__}")
+    params = check_params(params)
+    prepared = prepare_data(data, stacked=stacked)
+    op = _make_operator("hessian", loss_fn, _HVP_PRODUCTS[mode], _loss_of_loss_fn, params, prepared)
+    _check_scalar_loss(op, prepared, "loss_fn")
+    op = _with_loop_mode(op, prepared, loops)
+    if check_finite:
+        _check_finite_loss(op, prepared, "loss_fn")
+    return op
+
+
+def _check_output_functions(predict_fn, output_loss, prepared: PreparedData) -> None:
+    if not callable(predict_fn):
+        raise TypeError(f"predict_fn: expected a callable predict_fn(params, x), got {type(predict_fn).__name__}")
+    if not callable(output_loss):
+        raise TypeError(f"output_loss: expected a callable output_loss(outputs, y), got {type(output_loss).__name__}")
+    batch = first_batch(prepared)
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ValueError(f"data: expected batches (x, y) for a model-output operator, got {type(batch).__name__}")
+
+
+def ggn(
+    predict_fn: Callable[[Any, Any], Any],
+    output_loss: Callable[[Any, Any], jax.Array],
+    params: Any,
+    data: Any,
+    *,
+    stacked: bool = False,
+    check_finite: bool = True,
+    loops: str = "auto",
+) -> CurvatureOperator:
+    """Generalised Gauss-Newton operator Gv = Σ_b w_b J_bᵀ H_out,b J_b v (positive semi-definite for convex losses).
+
+    ``predict_fn(params, x)`` gives the model outputs (e.g. logits), ``output_loss(outputs, y)`` the batch-mean
+    loss on them; J is the Jacobian of the outputs in θ and H_out the Hessian of ``output_loss`` in the outputs.
+    Cost of one product: one forward-mode + one reverse-mode pass of the model per batch (≈ one HVP).
+    ``loops``: as in :func:`hessian`.
+    """
+    params = check_params(params)
+    prepared = prepare_data(data, stacked=stacked)
+    _check_output_functions(predict_fn, output_loss, prepared)
+    op = _make_operator("ggn", (predict_fn, output_loss), _ggn_product, _loss_of_outputs, params, prepared)
+    _check_scalar_loss(op, prepared, "output_loss")
+    op = _with_loop_mode(op, prepared, loops)
+    if check_finite:
+        _check_finite_loss(op, prepared, "output_loss")
+    return op
+
+
+def fisher(
+    predict_fn: Callable[[Any, Any], Any],
+    output_loss: Callable[[Any, Any], jax.Array],
+    params: Any,
+    data: Any,
+    *,
+    kind: str = "empirical",
+    key: Any = None,
+    num_label_samples: int = 1,
+    stacked: bool = False,
+    check_finite: bool = True,
+    loops: str = "auto",
+) -> CurvatureOperator:
+    """Fisher operator Fv = (1/N) Σ_i g_i (g_iᵀ v) with per-example gradients g_i = ∇_θ ℓ(f(θ, x_i), y_i).
+
+    ``kind="empirical"``: y_i are the data labels. ``kind="true"``: the outputs are taken as logits of a
+    categorical distribution and ``num_label_samples`` labels ŷ ~ softmax(f(θ, x_i)) are drawn per example with
+    ``key`` (once, when the operator is built, so it stays a fixed linear operator); ``output_loss`` must then be
+    the negative log-likelihood of integer labels (softmax cross-entropy). Per-example losses are ``output_loss``
+    applied to one row of outputs and targets. Cost of one product: one forward-mode + one reverse-mode pass of
+    the model per batch (no per-example gradients are materialised). ``loops``: as in :func:`hessian`.
+    """
+    check_choice(kind, "kind", FISHER_KINDS)
+    params = check_params(params)
+    prepared = prepare_data(data, stacked=stacked)
+    _check_output_functions(predict_fn, output_loss, prepared)
+    functions = (predict_fn, output_loss)
+    if kind == "empirical":
+        op = _make_operator("fisher-empirical", functions, _empirical_fisher_product, _loss_of_outputs, params, prepared)
+    else:
+        key = check_key(key, "key")
+        num_label_samples = check_int(num_label_samples, "num_label_samples")
+        groups = []
+        offset = 0
+        arrays, skeleton = split_functions(functions)
+        for group in prepared.groups:
+            count = jax.tree.leaves(group.batches)[0].shape[0]
+            keys = jax.random.split(jax.random.fold_in(key, offset), count)
+            labels = _sample_labels_jit(arrays, skeleton, params, group.batches, keys, num_label_samples)
+            groups.append(BatchGroup((group.batches[0], group.batches[1], labels), group.weights))
+            offset += count
+        prepared = prepared._replace(groups=tuple(groups))
+        op = _make_operator("fisher-true", functions, _true_fisher_product, _loss_of_outputs, params, prepared)
+    _check_scalar_loss(op, prepared, "output_loss")
+    op = _with_loop_mode(op, prepared, loops)
+    if check_finite:
+        _check_finite_loss(op, prepared, "output_loss")
+    return op
+
+
+@functools.partial(jax.jit, static_argnames=("skeleton", "num_samples"))
+def _sample_labels_jit(arrays, skeleton, params, batches, keys, num_samples):
+    predict_fn, _ = join_functions(arrays, skeleton)
+
+    def sample(batch_and_key):
+        batch, key = batch_and_key
+        logits = predict_fn(params, batch[0])
+        shape = (num_samples,) + logits.shape[:-1]
+        return jax.random.categorical(key, logits, axis=-1, shape=shape).astype(jnp.int32)
+
+    return jax.lax.map(sample, (batches, keys))
+
+
+def linear_operator(matvec: Callable[[Any], Any], params: Any) -> CurvatureOperator:
+    """Wrap any symmetric ``matvec(v)`` on pytrees shaped like ``params`` (e.g. ``lambda v: A @ v``) as an operator.
+
+    Useful to run the estimators on a known matrix. There is no loss, so gradient-based quantities need an
+    explicit ``gradient=``.
+    """
+    if not callable(matvec):
+        raise TypeError(f"matvec: expected a callable matvec(v), got {type(matvec).__name__}")
+    params = check_params(params)
+    prepared = prepare_data(None)
+    op = _make_operator("linear", matvec, _apply_user_matvec, None, params, prepared)
+    out = jax.eval_shape(lambda v: matvec(v), params)
+    try:
+        check_like_params(out, params, "matvec(v)", cast=False)
+    except ValueError as error:
+        raise ValueError(f"matvec: expected an output shaped like its input; {error}") from None
+    return op
+
+
+def require_operator(op: Any, name: str = "op") -> CurvatureOperator:
+    """Return ``op`` if it is a :class:`CurvatureOperator`, else raise naming what was passed."""
+    if not isinstance(op, CurvatureOperator):
+        raise TypeError(
+            f"{name}: expected a CurvatureOperator (from hessian/ggn/fisher/linear_operator), got {type(op).__name__}"
+        )
+    return op
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Flat views used by the estimators (inside their jit).
+
+
+def flat_operator(op: CurvatureOperator) -> tuple[Callable, jax.Array, Callable]:
+    """(matvec on flat vectors, flat params, unravel). Traceable; the flat order is ``ravel_pytree``'s.
+
+    For a single-batch operator whose product can be linearised, the forward/backward passes at θ are traced here,
+    once: call this outside a loop and apply the matvec inside it, and each product costs only the tangent pass.
+    """
+    flat_params, unravel = ravel_pytree(op.params)
+    linearize = _LINEARIZERS.get(op.product)
+    if linearize is not None and op.num_batches == 1:
+        group = op.data[0]
+        linear = linearize(op.functions, op.params, jax.tree.map(lambda leaf: leaf[0], group.batches))
+        weight = group.weights[0]
+
+        def flat_matvec(x):
+            return ravel_pytree(jax.tree.map(lambda r: weight.astype(r.dtype) * r, linear(unravel(x))))[0]
+
+        return flat_matvec, flat_params, unravel
+
+    def flat_matvec(x):
+        return ravel_pytree(apply_operator(op, unravel(x)))[0]
+
+    return flat_matvec, flat_params, unravel
+
+
+@jax.jit
+def flat_products(op: CurvatureOperator, vectors: jax.Array) -> jax.Array:
+    """M z for every row z of the (count, n) array ``vectors`` (flat params order), vmapped: ``count`` products."""
+    flat_matvec, _, _ = flat_operator(op)
+    return jax.vmap(flat_matvec)(vectors)

@@ -1,0 +1,115 @@
+"""Input checks shared by the curvature engine: each failure names the argument, the expected and the actual value.
+
+All checks run on shapes and dtypes only, so they are free inside ``jit`` and never synchronise with the device.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+    paths_and_leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [jax.tree_util.keystr(path) or "<root>" for path, _ in paths_and_leaves]
+
+
+def check_params(params: Any, name: str = "params") -> Any:
+    """Return ``params`` with every leaf as a jax array; raise if it is empty or has a non-floating leaf."""
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError(f"{name}: expected a pytree with at least one floating-point array leaf, got an empty pytree")
+    params = jax.tree.map(jnp.asarray, params)
+    for path, leaf in zip(_leaf_paths(params), jax.tree.leaves(params)):
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            raise TypeError(f"{name}: leaf {path} expected a floating-point dtype, got {leaf.dtype}")
+    return params
+
+
+def num_params(params: Any) -> int:
+    """Total number of scalar parameters in a pytree."""
+    return int(sum(int(np.prod(np.shape(leaf), dtype=np.int64)) for leaf in jax.tree.leaves(params)))
+
+
+def check_like_params(
+    vector: Any, params: Any, name: str, *, leading_axis: bool = False, cast: bool = True
+) -> Any:
+    """Check ``vector`` has the structure and leaf shapes of ``params``; cast it to the params' dtypes if ``cast``.
+
+    With ``leading_axis=True`` every leaf must carry the same extra leading (block) axis.
+    """
+    expected_def = jax.tree.structure(params)
+    actual_def = jax.tree.structure(vector)
+    if expected_def != actual_def:
+        raise ValueError(
+            f"{name}: expected a pytree with the structure of params, {expected_def}; got {actual_def}"
+        )
+    block_sizes = set()
+    for path, v_leaf, p_leaf in zip(_leaf_paths(params), jax.tree.leaves(vector), jax.tree.leaves(params)):
+        v_shape, p_shape = tuple(np.shape(v_leaf)), tuple(np.shape(p_leaf))
+        if leading_axis:
+            if len(v_shape) != len(p_shape) + 1 or v_shape[1:] != p_shape:
+                raise ValueError(
+                    f"{name}: leaf {path} expected shape (block,) + {p_shape}, got {v_shape}"
+                )
+            block_sizes.add(v_shape[0])
+        elif v_shape != p_shape:
+            raise ValueError(f"{name}: leaf {path} expected shape {p_shape}, got {v_shape}")
+    if leading_axis and len(block_sizes) > 1:
+        raise ValueError(f"{name}: expected one leading block size shared by all leaves, got sizes {sorted(block_sizes)}")
+    if not cast:
+        return vector
+    return jax.tree.map(lambda v, p: jnp.asarray(v, dtype=p.dtype), vector, params)
+
+
+def check_key(key: Any, name: str = "key") -> jax.Array:
+    """Accept a typed key (``jax.random.key``) or a raw uint32 key (``jax.random.PRNGKey``)."""
+    if key is None:
+        raise ValueError(f"{name}: expected a PRNG key (jax.random.key(seed)), got None")
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"{name}: expected a single PRNG key of shape (), got shape {key.shape}")
+        return key
+    if key.dtype != jnp.uint32 or key.shape != (2,):
+        raise ValueError(
+            f"{name}: expected a PRNG key (typed key, or uint32 array of shape (2,)), got dtype {key.dtype} shape {key.shape}"
+        )
+    return key
+
+
+def check_int(value: Any, name: str, *, minimum: int = 1, maximum: int | None = None, maximum_name: str = "") -> int:
+    """Return ``value`` as an int in ``[minimum, maximum]``; raise naming the bound otherwise."""
+    try:
+        as_int = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}") from None
+    if as_int < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {as_int}")
+    if maximum is not None and as_int > maximum:
+        bound = f"{maximum_name}={maximum}" if maximum_name else str(maximum)
+        raise ValueError(f"{name}: expected at most {bound}, got {as_int}")
+    return as_int
+
+
+def check_positive_float(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a finite float > 0 (or >= 0 with ``allow_zero``)."""
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}") from None
+    if not np.isfinite(as_float) or as_float < 0 or (as_float == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}: expected a finite number {bound}, got {as_float}")
+    return as_float
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    return value

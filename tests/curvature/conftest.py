@@ -1,0 +1,6 @@
+"""Make the shared test models importable from this folder's tests."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
