@@ -180,6 +180,7 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     bar = tqdm(total=num_steps, initial=start_step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
 
     window: list[dict] = []   # host metrics of the steps since the last record
+    full_metrics = {True: jnp.asarray(True), False: jnp.asarray(False)}
 
     def drain() -> None:
         """Bring queued step metrics to the host in one transfer; the NaN guard sees every step."""
@@ -195,7 +196,8 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
         drain()
         rec = {"step": step, "epoch": round(step / steps_per_epoch, 4)}
         if window:
-            rec.update({k: float(v) for k, v in window[-1].items()})
+            # Norms are computed only on steps known in advance to be logged (NaN otherwise: left out).
+            rec.update({k: float(v) for k, v in window[-1].items() if math.isfinite(float(v)) or k == "loss"})
             rec["loss_mean"] = float(np.mean([float(m["loss"]) for m in window]))
         window.clear()
         rec.update(extra)
@@ -206,7 +208,9 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
 
     try:
         for step in range(start_step + 1, num_steps + 1):
-            state, metrics = train_step(state, next(batches))
+            will_log = step % log_every == 0 or step % eval_every == 0 or step == num_steps or (
+                checkpointer is not None and step % checkpoint_every == 0)
+            state, metrics = train_step(state, next(batches), full_metrics[will_log])
             queued.append((step, metrics))
             ctx.state, ctx.step = state, step
             bar.update(1)

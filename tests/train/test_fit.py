@@ -61,13 +61,14 @@ def test_gradient_accumulation_equals_full_batch(digits, x64):
 def test_fit_trains_and_logs(digits, tmp_path):
     state = create_train_state(small_mlp(), optax.adam(3e-3), digits.input_shape, jax.random.PRNGKey(0))
     result = fit(state, digits, batch_size=64, num_steps=120, log_every=20, eval_every=60, run_dir=tmp_path,
-                 progress=False)
+                 progress=False, schedule=optax.constant_schedule(3e-3))
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     import json
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [20, 40, 60, 80, 100, 120]
     assert records[-1]["val_accuracy"] > 0.85 and records[-1]["loss_mean"] < records[0]["loss_mean"]
     assert {"loss", "accuracy", "grad_norm", "update_ratio", "lr", "val_loss"} <= set(records[2])
+    assert all(r["lr"] == pytest.approx(3e-3) and r["grad_norm"] > 0 and r["update_ratio"] > 0 for r in records)
     assert result.steps_done == 120 and result.stop_reason == "completed"
 
 
