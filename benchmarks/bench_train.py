@@ -52,7 +52,7 @@ def timed(fn, repeats=3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=64, help="default: the main job's batch size (digits_mlp)")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7, help="alternating timing rounds (best of each side)")
@@ -71,7 +71,7 @@ def main():
     step = make_train_step("softmax_cross_entropy", optax.constant_schedule(lr))
 
     log_every = 50  # as fit calls it: grad norm and update ratio on the logged steps only
-    flags = [jnp.asarray((i + 1) % log_every == 0) for i in range(len(batches))]
+    flags = [(i + 1) % log_every == 0 for i in range(len(batches))]
 
     def run_jaxnn():
         state = jax.tree.map(jnp.copy, state0)

@@ -3,14 +3,15 @@
 ``data`` may be
 
 * ``None``: the loss ignores its batch argument (analytic test functions);
-* one batch: a tuple ``(x, y)`` (or any pytree that is not a list or an iterator);
+* one batch: a tuple ``(x, y)`` of arrays, a dict of arrays, or any pytree that is not a list or an iterator;
 * a list / iterator / generator of batches: batches of equal shapes are stacked into one group; a batch of a
   different shape (e.g. a short last batch) forms its own group;
 * batches already stacked along a new leading axis, with ``stacked=True``.
 
 Every batch carries a weight equal to its share of all examples (batch size = leading dimension of the first leaf
 of the batch), so the weighted sum of per-batch mean losses is the mean loss over all examples:
-``L(θ) = Σ_b (B_b / N) L_b(θ)``. Operators and gradients use the same weights.
+``L(θ) = Σ_b (B_b / N) L_b(θ)``. Operators and gradients use the same weights, and so do the loss-landscape
+surfaces of ``jaxnn.landscape``, which call ``prepare_data(..., check_finite=True)``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnn.curvature.validation import check_finite_tree
+
 
 class BatchGroup(NamedTuple):
     """Batches of one shape stacked on a leading axis, with each batch's share of all examples."""
@@ -31,6 +34,8 @@ class BatchGroup(NamedTuple):
 
 
 class PreparedData(NamedTuple):
+    """``data`` normalised into stacked groups; ``num_examples`` is 0 when ``data`` was None."""
+
     groups: tuple[BatchGroup, ...]
     num_batches: int
     num_examples: int
@@ -66,8 +71,17 @@ def _weights(sizes: list[int], total: int) -> jax.Array:
     return jnp.asarray(np.asarray(sizes, dtype=np.float64) / float(total), dtype=jnp.result_type(float))
 
 
-def prepare_data(data: Any, *, stacked: bool = False, name: str = "data") -> PreparedData:
-    """Normalise ``data`` (see the module docstring) into stacked batch groups with example-share weights."""
+def _check_finite_batch(batch: Any, name: str) -> None:
+    check_finite_tree(batch, name, what="non-finite entries")
+
+
+def prepare_data(data: Any, *, stacked: bool = False, name: str = "data", check_finite: bool = False) -> PreparedData:
+    """Normalise ``data`` (see the module docstring) into stacked batch groups with example-share weights.
+
+    Raises a ``ValueError`` naming ``name`` for empty data, batches of different structure, or a stacked pytree whose
+    leaves disagree on the number of batches. With ``check_finite=True`` it also raises for a single batch with no
+    array leaf and for NaN/inf input values (naming the batch and leaf); this pulls one scalar per leaf to the host.
+    """
     if data is None:
         return PreparedData((BatchGroup(None, _weights([1], 1)),), num_batches=1, num_examples=0)
 
@@ -84,6 +98,8 @@ def prepare_data(data: Any, *, stacked: bool = False, name: str = "data") -> Pre
         num_batches = lengths.pop()
         if num_batches == 0:
             raise ValueError(f"{name}: expected at least one stacked batch, got a leading axis of length 0")
+        if check_finite:
+            _check_finite_batch(data, name)
         batches = jax.tree.map(jnp.asarray, data)
         per_batch = _batch_size(jax.tree.map(lambda leaf: leaf[0], batches))
         return PreparedData(
@@ -93,6 +109,11 @@ def prepare_data(data: Any, *, stacked: bool = False, name: str = "data") -> Pre
         )
 
     if not _is_sequence_of_batches(data):
+        if check_finite:
+            if not jax.tree.leaves(data):
+                raise ValueError(
+                    f"{name}: expected a batch with at least one array leaf, got an empty pytree {data!r}")
+            _check_finite_batch(data, name)
         batch = jax.tree.map(_add_leading_axis, data)
         return PreparedData((BatchGroup(batch, _weights([1], 1)),), num_batches=1, num_examples=_batch_size(data))
 
@@ -107,6 +128,8 @@ def prepare_data(data: Any, *, stacked: bool = False, name: str = "data") -> Pre
             raise ValueError(
                 f"{name}: batch {index} expected the structure of batch 0, {first_def}; got {treedef}"
             )
+        if check_finite:
+            _check_finite_batch(batch, f"{name}[{index}]")
         signature = tuple((tuple(np.shape(leaf)), str(jnp.result_type(leaf))) for leaf in jax.tree.leaves(batch))
         signatures.setdefault(signature, []).append(index)
     sizes = [_batch_size(batch) for batch in batches]
@@ -119,7 +142,13 @@ def prepare_data(data: Any, *, stacked: bool = False, name: str = "data") -> Pre
     return PreparedData(tuple(groups), num_batches=len(batches), num_examples=total)
 
 
+def group_first_batch(group: BatchGroup) -> Any:
+    """The first batch of a group (unstacked), e.g. to trace the loss on its shapes; None when the loss takes no data."""
+    if group.batches is None:
+        return None
+    return jax.tree.map(lambda leaf: leaf[0], group.batches)
+
+
 def first_batch(prepared: PreparedData) -> Any:
     """The first batch of the first group (unstacked), e.g. for shape checks."""
-    batches = prepared.groups[0].batches
-    return jax.tree.map(lambda leaf: leaf[0], batches)
+    return group_first_batch(prepared.groups[0])

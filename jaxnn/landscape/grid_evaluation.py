@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
-from jaxnn.landscape.batches import PreparedData, first_batch
+from jaxnn.curvature.batches import PreparedData, group_first_batch
 from jaxnn.landscape.linear_factoring import LinearFactorization
 
 
@@ -123,8 +123,8 @@ def _weighted_mean_at_points(fn: Callable, offset: Any, basis: Sequence[Any], co
 
 def _plans(fn: Callable, prepared: PreparedData, params_like: Any, state_like: Any, num_basis: int,
            factor: bool) -> list[LinearFactorization]:
-    return [LinearFactorization(fn, params_like, _shape_struct(first_batch(group)), state_like, num_basis=num_basis,
-                                with_state=state_like is not None, factor_linear=factor)
+    return [LinearFactorization(fn, params_like, _shape_struct(group_first_batch(group)), state_like,
+                                num_basis=num_basis, with_state=state_like is not None, factor_linear=factor)
             for group in prepared.groups]
 
 
@@ -160,7 +160,7 @@ def evaluate_at_points(metric_fns: Mapping[str, Callable], basis: Sequence[Any],
 
     state_like = None
     if with_state:
-        state_batch_like = _shape_struct(first_batch(state_prepared.groups[0]))
+        state_batch_like = _shape_struct(group_first_batch(state_prepared.groups[0]))
         state_like = jax.eval_shape(state_fn, params_like, state_batch_like)
     metric_plans = _plans(metrics_fn, prepared, params_like, state_like, num_basis, factor_linear_ops)
     state_plans = (_plans(state_fn, state_prepared, params_like, None, num_basis, factor_linear_ops)

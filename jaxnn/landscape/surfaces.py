@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnn.landscape.batches import PreparedData, prepare_data
+from jaxnn.curvature.batches import PreparedData, prepare_data
 from jaxnn.landscape.grid_evaluation import evaluate_at_points
 from jaxnn.landscape.validation import (
     check_direction,
@@ -196,11 +196,11 @@ def _evaluate_surface(kind: str, loss_fn: Callable, basis: Sequence[Any], coeffi
                       progress: bool) -> Surface:
     metrics = check_metric_fns(loss_fn, accuracy_fn, metric_fns)
     chunk_size = check_int(chunk_size, "chunk_size")
-    prepared = prepare_data(data, stacked=stacked, name="data")
+    prepared = prepare_data(data, stacked=stacked, name="data", check_finite=True)
     state_prepared, state_like = None, None
     if recompute_state_fn is not None:
         state_prepared = (prepared if state_data is None
-                          else prepare_data(state_data, stacked=stacked, name="state_data"))
+                          else prepare_data(state_data, stacked=stacked, name="state_data", check_finite=True))
         state_like = _state_like(recompute_state_fn, basis[0], state_prepared)
     _check_scalar_outputs(metrics, basis[0], prepared, state_like)
     values, timing = evaluate_at_points(

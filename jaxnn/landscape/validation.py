@@ -6,30 +6,24 @@ the host, once, before anything is compiled.
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax.tree_utils as otu
 
-
-def leaf_paths(tree: Any) -> list[str]:
-    """``jax.tree_util.keystr`` of every leaf (``'<root>'`` for a bare array)."""
-    return [jax.tree_util.keystr(path) or "<root>" for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+from jaxnn.curvature import validation as _shared
+from jaxnn.curvature.validation import (  # noqa: F401  (re-exported for the landscape modules)
+    check_choice,
+    check_finite_tree,
+    check_positive_float,
+    leaf_paths,
+)
 
 
 def check_params(params: Any, name: str = "params") -> Any:
-    """Return ``params`` with every leaf as a jax array; raise if empty or a leaf is not floating point."""
-    leaves = jax.tree.leaves(params)
-    if not leaves:
-        raise ValueError(f"{name}: expected a pytree with at least one floating-point array leaf, got an empty pytree")
-    params = jax.tree.map(jnp.asarray, params)
-    for path, leaf in zip(leaf_paths(params), jax.tree.leaves(params)):
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise TypeError(f"{name}: leaf {path} expected a floating-point dtype, got {leaf.dtype}")
-    return params
+    """Return ``params`` with every leaf as a jax array; raise if empty or a leaf is not real floating point."""
+    return _shared.check_params(params, name, allow_complex=False)
 
 
 def check_like(tree: Any, reference: Any, name: str, reference_name: str = "params") -> Any:
@@ -47,29 +41,6 @@ def check_like(tree: Any, reference: Any, name: str, reference_name: str = "para
                 f"{tuple(np.shape(ref_leaf))}; got {tuple(np.shape(leaf))}"
             )
     return jax.tree.map(lambda leaf, ref_leaf: jnp.asarray(leaf, dtype=jnp.result_type(ref_leaf)), tree, reference)
-
-
-@jax.jit
-def _nonfinite_counts_and_norm(leaves: list) -> tuple[list, jax.Array]:
-    counts = [jnp.sum(~jnp.isfinite(leaf)) if jnp.issubdtype(leaf.dtype, jnp.inexact) else jnp.int32(0)
-              for leaf in leaves]
-    floating = [leaf for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.inexact)]
-    return counts, otu.tree_norm(floating) if floating else jnp.float32(0)
-
-
-def nonfinite_counts_and_norm(tree: Any) -> tuple[list[int], float]:
-    """Per-leaf number of NaN/inf entries and the Euclidean norm of the floating leaves (one compiled call)."""
-    counts, norm = _nonfinite_counts_and_norm([jnp.asarray(leaf) for leaf in jax.tree.leaves(tree)])
-    return [int(c) for c in counts], float(norm)
-
-
-def check_finite_tree(tree: Any, name: str, *, what: str = "NaN/inf entries") -> float:
-    """Raise naming the first leaf with a NaN or infinity; return the tree's norm."""
-    counts, norm = nonfinite_counts_and_norm(tree)
-    for path, count in zip(leaf_paths(tree), counts):
-        if count:
-            raise ValueError(f"{name}: leaf {path} expected finite values, got {count} {what}")
-    return norm
 
 
 def check_direction(direction: Any, params: Any, name: str) -> Any:
@@ -94,53 +65,13 @@ def check_grid(values: Any, name: str) -> np.ndarray:
 
 
 def check_int(value: Any, name: str, *, minimum: int = 1) -> int:
-    """Return ``value`` as an int >= ``minimum``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected an integer, got bool {value!r}")
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}") from None
-    if as_int < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {as_int}")
-    return as_int
-
-
-def check_positive_float(value: Any, name: str) -> float:
-    """Return ``value`` as a finite float > 0."""
-    try:
-        as_float = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}") from None
-    if not np.isfinite(as_float) or as_float <= 0:
-        raise ValueError(f"{name}: expected a finite number > 0, got {as_float}")
-    return as_float
-
-
-def check_choice(value: Any, name: str, choices: tuple) -> Any:
-    """Return ``value`` if it is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
-    return value
+    """Return ``value`` as an int >= ``minimum`` (a bool is rejected)."""
+    return _shared.check_int(value, name, minimum=minimum, allow_bool=False)
 
 
 def check_key(key: Any, name: str = "key") -> jax.Array:
     """Accept a typed key (``jax.random.key``), a raw uint32 key (``jax.random.PRNGKey``) or an int seed."""
-    if key is None:
-        raise ValueError(f"{name}: expected a PRNG key (jax.random.key(seed)) or an int seed, got None")
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return jax.random.key(int(key))
-    key = key if isinstance(key, jax.Array) else jnp.asarray(key)
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(f"{name}: expected a single PRNG key of shape (), got shape {key.shape}")
-        return key
-    if key.dtype != jnp.uint32 or key.shape != (2,):
-        raise ValueError(
-            f"{name}: expected a PRNG key (typed key, uint32 array of shape (2,), or int seed), "
-            f"got dtype {key.dtype} shape {key.shape}"
-        )
-    return key
+    return _shared.check_key(key, name, allow_int_seed=True)
 
 
 def key_description(key: jax.Array) -> list[int]:

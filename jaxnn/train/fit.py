@@ -180,7 +180,6 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     bar = tqdm(total=num_steps, initial=start_step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
 
     window: list[dict] = []   # host metrics of the steps since the last record
-    full_metrics = {True: jnp.asarray(True), False: jnp.asarray(False)}
 
     def drain() -> None:
         """Bring queued step metrics to the host in one transfer; the NaN guard sees every step."""
@@ -196,7 +195,7 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
         drain()
         rec = {"step": step, "epoch": round(step / steps_per_epoch, 4)}
         if window:
-            # Norms are computed only on steps known in advance to be logged (NaN otherwise: left out).
+            # Norms are computed only on steps known in advance to be logged; an unknown lr (NaN) is left out.
             rec.update({k: float(v) for k, v in window[-1].items() if math.isfinite(float(v)) or k == "loss"})
             rec["loss_mean"] = float(np.mean([float(m["loss"]) for m in window]))
         window.clear()
@@ -210,7 +209,7 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
         for step in range(start_step + 1, num_steps + 1):
             will_log = step % log_every == 0 or step % eval_every == 0 or step == num_steps or (
                 checkpointer is not None and step % checkpoint_every == 0)
-            state, metrics = train_step(state, next(batches), full_metrics[will_log])
+            state, metrics = train_step(state, next(batches), will_log)
             queued.append((step, metrics))
             ctx.state, ctx.step = state, step
             bar.update(1)
