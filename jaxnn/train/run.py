@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-import yaml
 
 from jaxnn import config as config_lib
 from jaxnn import data as data_lib
