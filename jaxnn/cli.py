@@ -9,10 +9,19 @@
 
 from __future__ import annotations
 
+# Only the standard library at module level: ``jaxnn --help`` must not wait for jax, and the runtime settings
+# (compilation cache, simulated devices) must be in place before jax is imported.
 import argparse
 import json
 import pathlib
 import sys
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--x64", action="store_true", help="float64 throughout")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not read or write the persistent compilation cache (default: on, in $JAXNN_CACHE_DIR "
+                        "or ~/.cache/jaxnn/xla)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +29,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set optimizer.lr=0.05 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its latest checkpoint")
     p.add_argument("--run-dir", help="run folder (default: OUTPUT_DIR/NAME from the config)")
-    p.add_argument("--x64", action="store_true", help="float64 throughout")
+    _add_runtime_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch norm: running statistics (eval, default) or batch statistics (train)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: the run folder)")
-    p.add_argument("--x64", action="store_true", help="float64 throughout")
+    _add_runtime_args(p)
 
     p = sub.add_parser("landscape", help="1-D/2-D loss-landscape slices of a trained run")
     p.add_argument("run_dir")
@@ -64,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-scale", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: the run folder)")
-    p.add_argument("--x64", action="store_true", help="float64 throughout")
+    _add_runtime_args(p)
 
     sub.add_parser("configs", help="list the shipped configs")
     return parser
@@ -76,8 +85,28 @@ def _known_errors():
     return (ConfigError, CheckpointError, NonFiniteLossError, RunFolderError, FileNotFoundError, ValueError, KeyError)
 
 
+def _prepare_runtime(args) -> None:
+    """Process settings that must precede jax's start: quiet library logs, the persistent compilation cache."""
+    from jaxnn import runtime
+
+    if not args.debug:
+        runtime.quiet_library_logs()
+    if hasattr(args, "no_compile_cache"):
+        if args.no_compile_cache:
+            runtime.disable_compilation_cache()
+        else:
+            runtime.enable_compilation_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        _prepare_runtime(args)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"jaxnn: error: {exc}", file=sys.stderr)
+        return 2
     import contextlib
 
     import jax
@@ -98,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     from jaxnn import analysis, config as config_lib
-    from jaxnn.train import train_from_config
+    from jaxnn.train import train_run
 
     if args.command == "configs":
         for name in config_lib.shipped_configs():
@@ -107,18 +136,18 @@ def _dispatch(args) -> int:
     if args.command in ("run", "train"):
         cfg = config_lib.load_config(args.config, overrides=args.overrides)
         run_dir = pathlib.Path(args.run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
-        summary = train_from_config(cfg, run_dir=run_dir, resume=args.resume)
+        summary, trained = train_run(cfg, run_dir=run_dir, resume=args.resume)
         final = summary["final"]
         line = ", ".join(f"{k}={v:.4f}" for k, v in final.items())
         print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.1f}s ({summary['stop_reason']}): {line}")
         if args.command == "run" and not args.no_analysis:
             a = cfg.analysis
             if a.curvature:
-                report = analysis.curvature_for_run(run_dir, k=a.curvature_k, density=a.density,
+                report = analysis.curvature_for_run(trained, k=a.curvature_k, density=a.density,
                                                     data_batches=a.curvature_batches)
                 print(analysis.describe_curvature(report))
             if a.landscape:
-                analysis.landscape_for_run(run_dir, dirs="filter", grid=a.landscape_grid, span=a.landscape_span,
+                analysis.landscape_for_run(trained, dirs="filter", grid=a.landscape_grid, span=a.landscape_span,
                                            data_batches=a.landscape_batches)
         print(f"run folder: {run_dir}")
         return 0

@@ -71,6 +71,7 @@ class TrainConfig:
     epochs: float = 20
     steps: int | None = None              # overrides epochs when set
     grad_accum_steps: int = 1             # micro-batches accumulated inside one compiled step
+    steps_per_call: int = 1               # optimizer steps per dispatch (lax.scan; bit-identical to 1)
     seed: int = 0
     log_every: int = 10
     eval_every: int | None = None         # None: once per epoch
@@ -332,6 +333,7 @@ def validate(values: dict | Config) -> Config:
     check(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
     check(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
           f"must divide train.batch_size ({t.batch_size}), got {t.grad_accum_steps}")
+    check(t.steps_per_call >= 1, "train.steps_per_call", f"must be >= 1, got {t.steps_per_call}")
     check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     check(t.eval_every is None or t.eval_every >= 1, "train.eval_every", f"must be >= 1 or null, got {t.eval_every}")
     check(t.early_stop_patience is None or t.early_stop_patience >= 1, "train.early_stop_patience", "must be >= 1")

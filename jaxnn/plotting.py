@@ -1,14 +1,12 @@
-"""matplotlib figures (Agg backend; files, never windows)."""
+"""matplotlib figures of a run (``Figure`` objects rendered by Agg: files, never windows, no global backend change).
+
+matplotlib is imported by the functions that draw, not with this module.
+"""
 
 from __future__ import annotations
 
 import json
 import pathlib
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(path: str | pathlib.Path) -> list[dict]:
@@ -27,7 +25,12 @@ def plot_training_curves(metrics_path: str | pathlib.Path, out_path: str | pathl
     """Train/val loss (log scale) and accuracy against the step, from metrics.jsonl, saved as a PNG."""
     records = read_metrics(metrics_path)
     has_acc = any("accuracy" in r or "val_accuracy" in r for r in records)
-    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11 if has_acc else 6, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 if has_acc else 1, squeeze=False)
     ax = axes[0, 0]
     for key, label, style in (("loss_mean", "train loss (mean since last log)", "-"), ("val_loss", "val loss", "o-")):
         x, y = _series(records, key)
@@ -46,5 +49,4 @@ def plot_training_curves(metrics_path: str | pathlib.Path, out_path: str | pathl
     fig.tight_layout()
     out_path = pathlib.Path(out_path)
     fig.savefig(out_path, dpi=110)
-    plt.close(fig)
     return out_path

@@ -125,3 +125,18 @@ def test_x64_flag_does_not_leak_into_the_process(two_runs, tmp_path):
     assert main(["curvature", str(two_runs[0]), "--k", "1", "--data-batches", "1", "--out", str(tmp_path), "--x64"]) == 0
     assert json.loads((tmp_path / "curvature.json").read_text())["dtype"] == "float64"
     assert jnp.ones(1).dtype == jnp.float32
+
+
+def test_run_prints_no_library_warnings(tmp_path):
+    """A fresh `jaxnn run` process (progress bars on, as a user sees it): no WARNING from jax, orbax or absl."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAXNN_CACHE_DIR"] = str(tmp_path / "cache")
+    out = subprocess.run([sys.executable, "-m", "jaxnn.cli", "run", "--set", "train.epochs=1",
+                          "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "WARNING" not in out.stderr and "Warning" not in out.stderr, out.stderr[-3000:]
+    assert "lambda_max=" in out.stdout and (tmp_path / "run" / "landscape_2d.png").is_file()

@@ -31,10 +31,21 @@ from jaxnn.curvature.gradient_direction import (
 )
 from jaxnn.curvature.krylov import LanczosResult, bottom_eigenvalues, lanczos, top_eigenvalues
 from jaxnn.curvature.operators import CurvatureOperator, fisher, ggn, hessian, linear_operator, tree_vdot
-from jaxnn.curvature.plots import plot_spectral_density, plot_spectrum
 from jaxnn.curvature.power import PowerIterationResult, power_iteration
 from jaxnn.curvature.report import curvature_report, write_curvature_report
 from jaxnn.curvature.trace_estimators import DiagonalEstimate, TraceEstimate, hessian_diagonal, trace
+
+_PLOTS = ("plot_spectral_density", "plot_spectrum")
+
+
+def __getattr__(name):
+    """The figure functions load matplotlib, so they are imported on first use."""
+    if name in _PLOTS:
+        from jaxnn.curvature import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module 'jaxnn.curvature' has no attribute {name!r}")
+
 
 __all__ = [
     "BatchGroup",

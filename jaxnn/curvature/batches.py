@@ -143,12 +143,13 @@ def prepare_data(data: Any, *, stacked: bool = False, name: str = "data", check_
 
 
 def group_first_batch(group: BatchGroup) -> Any:
-    """The first batch of a group (unstacked), e.g. to trace the loss on its shapes; None when the loss takes no data."""
+    """Shapes and dtypes (``jax.ShapeDtypeStruct``) of one batch of a group, to trace the loss on; None when the loss
+    takes no data. No device work."""
     if group.batches is None:
         return None
-    return jax.tree.map(lambda leaf: leaf[0], group.batches)
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), group.batches)
 
 
 def first_batch(prepared: PreparedData) -> Any:
-    """The first batch of the first group (unstacked), e.g. for shape checks."""
+    """Shapes and dtypes of one batch of the first group, for shape checks and tracing."""
     return group_first_batch(prepared.groups[0])

@@ -6,8 +6,10 @@ It follows the training loop's callback protocol (``on_train_begin(ctx)``, ``on_
 
 Every ``every_k_steps`` steps it logs ``lambda_max`` (and ``lambda_2`` … ``lambda_k``), the stability threshold
 ``sharpness_threshold = 2 / lambda_max`` (gradient descent with a larger learning rate is unstable along the top
-eigenvector of a quadratic — the edge-of-stability quantity), and with ``trace_samples > 0`` the Hutchinson
-``trace`` and its standard error ``trace_se``. Cost per measurement: ``num_iters`` HVPs (+ trace_samples).
+eigenvector of a quadratic — the edge-of-stability quantity), the Lanczos iterations used (``lanczos_iters``), and
+with ``trace_samples > 0`` the Hutchinson ``trace`` and its standard error ``trace_se``. Lanczos stops once the top-k
+pairs' residual bounds are below ``tol``·|λ| (default 1e-3). Cost per measurement: at most ``num_iters`` HVPs
+(+ trace_samples).
 
 Compilation is cached on the identity of the loss function's code; a loss function that closes over changing
 arrays (e.g. batch-norm statistics) recompiles at every measurement unless it is a ``jax.tree_util.Partial``
@@ -47,6 +49,7 @@ class HessianCallback:
         key: Any = None,
         trace_method: str = "hutchinson",
         block_size: int = 1,
+        tol: float | None = 1e-3,
     ):
         self.every_k_steps = check_int(every_k_steps, "every_k_steps")
         self.k = check_int(k, "k")
@@ -58,6 +61,7 @@ class HessianCallback:
         self.key = jax.random.key(0) if key is None else check_key(key)
         self.trace_method = check_choice(trace_method, "trace_method", TRACE_METHODS)
         self.block_size = check_int(block_size, "block_size")
+        self.tol = tol
         self.history: list[dict[str, float]] = []
 
     def measure(self, loss_fn: Any, params: Any, batch: Any, step: int) -> dict[str, float]:
@@ -68,14 +72,14 @@ class HessianCallback:
         num_iters = self.num_iters or default_num_iters(op.num_params, k, self.block_size)
         key = jax.random.fold_in(self.key, step)
         lanczos_key, trace_key = jax.random.split(key)
-        result = lanczos(
-            op, lanczos_key, num_iters, k=k, block_size=self.block_size, compute_residuals=False, progress=False
-        )
+        result = lanczos(op, lanczos_key, num_iters, k=k, block_size=self.block_size, compute_residuals=False,
+                         progress=False, tol=self.tol, which="top")
         values = [float(v) for v in jax.device_get(result.top_eigenvalues)]
         metrics = {"lambda_max": values[0]}
         for index, value in enumerate(values[1:], start=2):
             metrics[f"lambda_{index}"] = value
         metrics["sharpness_threshold"] = 2.0 / values[0] if values[0] > 0 else math.inf
+        metrics["lanczos_iters"] = float(result.num_iters)
         if self.trace_samples:
             estimate = trace(op, trace_key, self.trace_samples, self.trace_method, progress=False)
             metrics["trace"] = estimate.estimate

@@ -50,6 +50,17 @@ class CriticalPoint(NamedTuple):
     escape_curvature: float | None  # λmin when an escape direction is returned
 
 
+@jax.jit
+def _tree_norm(tree):
+    return jnp.sqrt(tree_vdot(tree, tree))
+
+
+@jax.jit
+def _first(tree):
+    """Entry 0 along the leading axis of every leaf."""
+    return jax.tree.map(lambda leaf: leaf[0], tree)
+
+
 def _extremes(op, key, lanczos_result, num_iters, progress) -> LanczosResult:
     if lanczos_result is not None:
         if not isinstance(lanczos_result, LanczosResult):
@@ -140,7 +151,7 @@ def classify_critical_point(
         _, gradient = op.loss_and_gradient()
     else:
         gradient = check_like_params(gradient, op.params, "gradient")
-    gradient_norm = float(jnp.sqrt(tree_vdot(gradient, gradient)))
+    gradient_norm = float(_tree_norm(gradient))
     if not np.isfinite(gradient_norm):
         raise FloatingPointError(f"gradient: expected a finite gradient, got norm {gradient_norm}")
     result = _extremes(op, key, lanczos_result, num_iters, progress)
@@ -159,6 +170,6 @@ def classify_critical_point(
         kind = "not critical"
     escape_direction, escape_curvature = None, None
     if verdict in ("indefinite", "negative definite", "negative semidefinite"):
-        escape_direction = jax.tree.map(lambda leaf: leaf[0], result.bottom_eigenvectors)
+        escape_direction = _first(result.bottom_eigenvectors)
         escape_curvature = lambda_min
     return CriticalPoint(kind, gradient_norm, lambda_min, lambda_max, escape_direction, escape_curvature)

@@ -16,10 +16,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
-from jaxnn.curvature.krylov import projected_matrix, run_lanczos
+from jaxnn.curvature.krylov import flat_vector, run_lanczos
 from jaxnn.curvature.operators import CurvatureOperator, require_operator
 from jaxnn.curvature.validation import check_int, check_key, check_like_params, check_positive_float
 
@@ -33,10 +32,18 @@ class SpectralDensity(NamedTuple):
     num_matvecs: int
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def _quadrature(state, size):
-    values, vectors = jnp.linalg.eigh(projected_matrix(state, size))
-    return values, vectors[0] ** 2
+def _quadrature(analysis) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss quadrature of a Lanczos run started at the (unit) probe: nodes θ_j (Ritz values, ascending) and
+    weights τ_j = (first coordinate of Ritz vector j)²."""
+    values, valid, first = jax.device_get((analysis.values, analysis.valid, analysis.coordinates[0]))
+    index = np.flatnonzero(valid)
+    index = index[np.argsort(values[index], kind="stable")]
+    return np.asarray(values[index]), np.asarray(first[index]) ** 2
+
+
+@functools.partial(jax.jit, static_argnames=("num_params", "dtype"))
+def _rademacher(key, num_params, dtype):
+    return jax.random.rademacher(key, (num_params,), dtype=dtype)
 
 
 def gaussian_broadening(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float) -> np.ndarray:
@@ -72,7 +79,7 @@ def spectral_density(
     num_iters = min(check_int(num_iters, "num_iters"), op.num_params)
     if sigma is not None:
         sigma = check_positive_float(sigma, "sigma")
-    flat_params, unravel = ravel_pytree(op.params)
+    dtype = jnp.dtype(op.dtype).name
     if probes is not None:
         probes = check_like_params(probes, op.params, "probes", leading_axis=True)
         num_probes = jax.tree.leaves(probes)[0].shape[0]
@@ -80,13 +87,13 @@ def spectral_density(
     for probe in tqdm(range(num_probes), desc="spectral density (SLQ)", unit="probe", disable=not progress, leave=False):
         probe_key, lanczos_key = jax.random.split(jax.random.fold_in(key, probe))
         if probes is None:
-            start = unravel(jax.random.rademacher(probe_key, flat_params.shape, dtype=flat_params.dtype))
+            start = _rademacher(probe_key, num_params=op.num_params, dtype=dtype)
         else:
-            start = jax.tree.map(lambda leaf: leaf[probe], probes)
-        state = run_lanczos(op, lanczos_key, num_iters, 1, start, False, "spectral_density")
-        values, quadrature_weights = _quadrature(state, num_iters)
-        nodes.append(np.asarray(values))
-        weights.append(np.asarray(quadrature_weights))
+            start = flat_vector(jax.tree.map(lambda leaf: leaf[probe], probes))
+        _, analysis = run_lanczos(op, lanczos_key, num_iters, 1, start, False, "spectral_density")
+        values, quadrature_weights = _quadrature(analysis)
+        nodes.append(values)
+        weights.append(quadrature_weights)
     nodes, weights = np.stack(nodes), np.stack(weights)
     low, high = float(nodes.min()), float(nodes.max())
     if sigma is None:

@@ -21,7 +21,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxnn.curvature.dense import DEFAULT_MAX_PARAMS, dense_matrix
-from jaxnn.curvature.operators import CurvatureOperator, apply_operator, require_operator, tree_vdot
+from jaxnn.curvature.operators import CurvatureOperator, apply_operator, chunked_products, require_operator, tree_vdot
 from jaxnn.curvature.validation import check_choice, check_int, check_like_params, check_positive_float
 
 NEWTON_METHODS = ("cg", "gmres", "dense")
@@ -45,8 +45,19 @@ class NewtonStep(NamedTuple):
 
 
 @jax.jit
+def _as_row(tree):
+    return ravel_pytree(tree)[0][None]
+
+
+@jax.jit
+def _squared_norm_and_form(row, product):
+    return jnp.vdot(row, row), jnp.vdot(row, product)
+
+
 def _curvature_along(op, gradient):
-    return tree_vdot(gradient, gradient), tree_vdot(gradient, apply_operator(op, gradient))
+    """(gᵀg, gᵀMg); the product goes through the shared single-product program (one compilation per operator)."""
+    row = _as_row(gradient)
+    return _squared_norm_and_form(row, chunked_products(op, row, 1))
 
 
 def gradient_curvature(op: CurvatureOperator, *, gradient: Any = None) -> GradientCurvature:

@@ -1,17 +1,25 @@
-"""Lanczos with full re-orthogonalisation: extreme eigenvalues and eigenvectors of any curvature operator.
+"""Lanczos with full re-orthogonalisation: extreme eigenvalues and eigenvectors of any curvature operator, adaptive.
 
-The Krylov basis Q is built with classical Gram-Schmidt applied twice against every previous basis vector (plus a
-third pass when the second one cancels heavily), and the projected matrix T = QᵀMQ is assembled from those same projections, so
-the Ritz values are the Rayleigh-Ritz values of an orthonormal basis even when the Krylov space becomes invariant
-(it then continues with a random vector orthogonal to the basis instead of breaking down). Blocks of
-``block_size`` vectors find eigenvalues of multiplicity up to ``block_size``; a single start vector
-(``block_size=1``) sees each distinct eigenvalue once unless the basis spans the whole space.
+Each iteration multiplies the newest basis vector(s) by the operator, records the projections ``q_iᵀ M q_j`` on every
+basis vector (a column of T = QᵀMQ, so the Ritz values are the Rayleigh-Ritz values of the basis even where
+orthogonality is imperfect), and orthogonalises the product against the basis by classical Gram-Schmidt with a
+second pass only when the first one cancelled heavily (the Daniel-Gragg-Kaufman-Stewart test: ``‖w'‖ < ‖w‖/√2``).
+When the product lies numerically inside the basis (an invariant Krylov space) the iteration continues with a random
+vector orthogonal to the basis instead of breaking down. Blocks of ``block_size`` vectors find eigenvalues of
+multiplicity up to ``block_size``.
 
-Cost: ``num_iters * block_size`` operator products (+ 2k more for the residuals), and O(m² n) flops / O(m n)
-memory for the basis with m = num_iters * block_size, n = number of parameters. All iterations run inside one
-compiled ``lax.while_loop`` (split into a few compiled chunks only to advance the progress bar), or, for operators
-with ``loop_mode="unrolled"`` (convolutional models on CPU, see :func:`jaxnn.curvature.hessian`), as one compiled
-iteration per Python step.
+Stopping. With ``tol`` the iteration stops as soon as the wanted Ritz pairs have converged: the Lanczos residual
+bound ``‖M y − θ y‖ = ‖B s_last‖`` (B the coupling of the last block to the next, s the pair's coordinates) is at
+most ``tol·|θ|`` for the top-k, bottom-k or both. The check (an eigendecomposition of the small projected matrix)
+runs on the device inside the loop every ``check_every`` iterations: no host synchronisation per iteration.
+
+Cost: at most ``num_iters * block_size`` operator products (+ 2k for computed residuals), and per iteration two
+passes over the basis (O(m n) flops, O(m n) memory, m the basis size, n the number of parameters). The iterations
+run inside one compiled ``lax.while_loop`` (in a few chunks only to advance a progress bar), or, for operators with
+``loop_mode="unrolled"`` (convolutional models on CPU, see :func:`jaxnn.curvature.hessian`), as one compiled
+iteration per Python step with a convergence check every ``check_every`` steps. The compiled loop, its convergence
+test and the extraction of the Ritz values are one program per (operator, basis size, block size): top-k, bottom-k,
+k, the tolerance and the spectral-density runs reuse it.
 """
 
 from __future__ import annotations
@@ -22,11 +30,22 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
-from jaxnn.curvature.operators import CurvatureOperator, flat_operator, require_operator
-from jaxnn.curvature.validation import check_int, check_key, check_like_params
+from jaxnn.curvature.operators import (
+    CurvatureOperator,
+    chunked_products,
+    flat_operator,
+    placed_like_params,
+    require_operator,
+)
+from jaxnn.curvature.validation import check_choice, check_int, check_key, check_like_params
+
+WHICH = ("top", "bottom", "both")
+_WHICH_CODE = {"top": 0, "bottom": 1, "both": 2}
+DEFAULT_TOL = 1e-3
 
 
 class LanczosResult(NamedTuple):
@@ -39,22 +58,55 @@ class LanczosResult(NamedTuple):
     bottom_eigenvectors: Any
     bottom_residuals: jax.Array
     ritz_values: jax.Array  # (m,), ascending: all eigenvalues of the projected matrix
-    num_iters: int
+    num_iters: int  # block iterations run (fewer than asked for when ``tol`` stopped the iteration)
     num_matvecs: int
+    converged: bool = False  # the wanted pairs met the tolerance (always False without ``tol``)
+
+
+class Eigenpairs(tuple):
+    """``(values, vectors)`` — unpacks like a pair — with ``num_iters`` (Lanczos iterations used) and ``converged``."""
+
+    def __new__(cls, values: jax.Array, vectors: Any, num_iters: int, converged: bool):
+        pair = super().__new__(cls, (values, vectors))
+        pair.num_iters, pair.converged = num_iters, converged
+        return pair
+
+    @property
+    def values(self) -> jax.Array:
+        return self[0]
+
+    @property
+    def vectors(self) -> Any:
+        return self[1]
 
 
 class _LanczosState(NamedTuple):
-    basis: jax.Array  # (M, n) rows q_i; rows not yet built are zero (row 0 holds the given start, if any)
-    projected: jax.Array  # (M, M); projected[i, c] = q_iᵀ M q_c filled for i <= c (and the next-block coupling)
-    step: jax.Array  # int32: number of completed block iterations
+    basis: jax.Array  # (R, n) rows q_i; rows not yet built are zero (row 0 holds the given start, if any)
+    projected: jax.Array  # (R, R); projected[i, c] = q_iᵀ M q_c for i <= c (and the next-block coupling)
+    step: jax.Array  # int32: completed block iterations
     nonfinite_step: jax.Array  # int32: first block iteration whose product was not finite, -1 if none
+    converged: jax.Array  # bool: the last convergence check passed
     key: jax.Array
     random_start: jax.Array  # bool: draw the start block from ``key`` (else normalise basis row 0)
 
 
-def _orthogonalize(basis: jax.Array, w: jax.Array) -> jax.Array:
-    """w − QᵀQw (one classical Gram-Schmidt pass against every row of Q; zero rows are no-ops)."""
-    return w - (basis @ w) @ basis
+class _Controls(NamedTuple):
+    """Traced run parameters (changing them does not recompile)."""
+
+    stop_at: jax.Array  # int32: run until this many block iterations
+    k: jax.Array  # int32: number of wanted pairs at each end
+    which: jax.Array  # int32: 0 top, 1 bottom, 2 both
+    tol: jax.Array  # float: relative residual tolerance; <= 0 runs all iterations
+    check_every: jax.Array  # int32
+
+
+class _RitzAnalysis(NamedTuple):
+    """Eigendecomposition of the used part of T, padded to its static size; ``valid`` marks real Ritz pairs."""
+
+    values: jax.Array  # (R,)
+    coordinates: jax.Array  # (R, R): column i holds the coordinates of Ritz pair i in the basis
+    bounds: jax.Array  # (R,): Lanczos residual bounds ||B s_last||
+    valid: jax.Array  # (R,) bool
 
 
 def _safe_normalize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -62,49 +114,59 @@ def _safe_normalize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return w / jnp.where(norm > 0, norm, 1), norm
 
 
-def _next_basis_vector(
-    basis: jax.Array, w: jax.Array, key: jax.Array, projections: jax.Array | None = None
-) -> jax.Array:
-    """A unit vector orthogonal to the basis: w after two classical Gram-Schmidt passes (CGS2), or a random one.
+def _random_orthogonal(basis: jax.Array, key: jax.Array, like: jax.Array) -> jax.Array:
+    """A random unit vector orthogonal to the rows of ``basis`` (two Gram-Schmidt passes)."""
+    candidate = jax.random.normal(key, like.shape, like.dtype)
+    for _ in range(2):
+        candidate = _safe_normalize(candidate - (basis @ candidate) @ basis)[0]
+    return candidate
 
-    ``projections``: Q w if already known (saves one pass over the basis). When the second pass removes more than
-    half of what the first left (w is numerically close to the span of the basis), the normalised vector gets a
-    third pass, and if more than half of it is removed again the Krylov space is invariant: a random vector
-    orthogonal to the basis continues the iteration.
+
+def _next_basis_vector(basis: jax.Array, w: jax.Array, projections: jax.Array, key: jax.Array) -> jax.Array:
+    """``w`` orthogonalised against the basis and normalised, given ``projections = Q w``.
+
+    One classical Gram-Schmidt pass, and a second only when the first removed more than 1 − 1/√2 of w's norm (DGKS).
+    If the second pass removes more than half of what the first left, w lay in the span of the basis (an invariant
+    Krylov space): a random vector orthogonal to the basis continues the iteration.
     """
-    first = w - (basis @ w if projections is None else projections) @ basis
-    second = _orthogonalize(basis, first)
-    norm_first, norm_second = jnp.linalg.norm(first), jnp.linalg.norm(second)
-
-    def repaired(_):
-        direction, norm_after = _safe_normalize(_orthogonalize(basis, _safe_normalize(second)[0]))
-
-        def random_orthogonal(_):
-            candidate = jax.random.normal(key, w.shape, w.dtype)
-            candidate, _ = _safe_normalize(_orthogonalize(basis, _orthogonalize(basis, candidate)))
-            return _safe_normalize(_orthogonalize(basis, candidate))[0]
-
-        return jax.lax.cond(norm_after > 0.5, lambda _: direction, random_orthogonal, None)
-
-    healthy = (norm_second > 0.5 * norm_first) & (norm_second > 0)
-    return jax.lax.cond(healthy, lambda _: second / jnp.where(healthy, norm_second, 1), repaired, None)
+    first = w - projections @ basis
+    norm_w, norm_first = jnp.linalg.norm(w), jnp.linalg.norm(first)
+    second = jax.lax.cond(norm_first < 0.7071 * norm_w, lambda f: f - (basis @ f) @ basis, lambda f: f, first)
+    norm_second = jnp.linalg.norm(second)
+    invariant = (norm_second <= 0.5 * norm_first) | (norm_second == 0)
+    return jax.lax.cond(invariant, lambda s: _random_orthogonal(basis, key, s),
+                        lambda s: s / jnp.where(norm_second > 0, norm_second, 1), second)
 
 
-def initial_state(op: CurvatureOperator, key: jax.Array, start: Any, num_iters: int, block_size: int) -> _LanczosState:
-    """Zero basis for ``num_iters`` block iterations; the start block is drawn inside the compiled loop."""
-    dtype = jnp.result_type(*jax.tree.leaves(op.params))
-    rows = (num_iters + 1) * block_size
-    basis = jnp.zeros((rows, op.num_params), dtype)
-    if start is not None:
-        basis = basis.at[0].set(ravel_pytree(start)[0].astype(dtype))
+@functools.partial(jax.jit, static_argnames=("rows", "num_params", "dtype"))
+def _initial_state(flat_start, key, rows, num_params, dtype):
+    basis = jnp.zeros((rows, num_params), dtype)
+    if flat_start is not None:
+        basis = basis.at[0].set(flat_start.astype(dtype))
     return _LanczosState(
         basis=basis,
         projected=jnp.zeros((rows, rows), dtype),
         step=jnp.int32(0),
         nonfinite_step=jnp.int32(-1),
+        converged=jnp.asarray(False),
         key=key,
-        random_start=jnp.asarray(start is None),
+        random_start=jnp.asarray(flat_start is None),
     )
+
+
+def initial_state(op: CurvatureOperator, key: jax.Array, flat_start: jax.Array | None, num_iters: int,
+                  block_size: int) -> _LanczosState:
+    """Zero basis for ``num_iters`` block iterations (row 0 holds ``flat_start`` if given); the start block is
+    normalised, or drawn from ``key``, inside the compiled iteration."""
+    rows = (num_iters + 1) * block_size
+    state = _initial_state(flat_start, key, rows=rows, num_params=op.num_params, dtype=jnp.dtype(op.dtype).name)
+    return placed_like_params(op, state)
+
+
+@jax.jit
+def flat_vector(tree: Any) -> jax.Array:
+    """A pytree flattened in ``ravel_pytree`` order (compiled: one program, not one per leaf)."""
+    return ravel_pytree(tree)[0]
 
 
 def _start_block(state: _LanczosState, block_size: int) -> _LanczosState:
@@ -120,59 +182,117 @@ def _start_block(state: _LanczosState, block_size: int) -> _LanczosState:
     return state._replace(basis=state.basis.at[:block_size].set(block), key=key)
 
 
+def _begin(state: _LanczosState, block_size: int) -> _LanczosState:
+    return jax.lax.cond(state.step == 0, lambda s: _start_block(s, block_size), lambda s: s, state)
+
+
 def _lanczos_iteration(flat_matvec: Any, s: _LanczosState, block_size: int) -> _LanczosState:
     """One block iteration: products of the current block, their projections, the next orthonormal block.
 
-    Kept to few operations: XLA runs a loop body operation by operation, so small ones cost time too. A
-    non-finite product shows in its projections (a NaN/inf coefficient), which is what is checked.
+    A non-finite product shows in its projections (a NaN/inf coefficient), which is what is checked.
     """
     b, j = block_size, s.step
     block = jax.lax.dynamic_slice_in_dim(s.basis, j * b, b, axis=0)
-    products = jax.vmap(flat_matvec)(block)
-    coefficients = (s.basis @ products.T).T  # (b, M): q_iᵀ M q_{jb+c} (basis @ …: no transpose of the basis)
+    products = jax.vmap(flat_matvec)(block) if b > 1 else flat_matvec(block[0])[None]
+    coefficients = (s.basis @ products.T).T  # (b, R): q_iᵀ M q_{jb+c}
     finite = jnp.all(jnp.isfinite(coefficients))
     projected = jax.lax.dynamic_update_slice_in_dim(s.projected, coefficients.T, j * b, axis=1)
     basis = s.basis
     for c in range(b):
-        # Column 0 of the block sees the basis the coefficients were computed with: reuse them for its first pass.
+        # Column 0 of the block sees the basis its coefficients were computed with: they are its first pass.
+        projections = coefficients[0] if c == 0 else basis @ products[c]
         restart_key = jax.random.fold_in(s.key, j * b + c)  # only used when the Krylov space is invariant
-        q = _next_basis_vector(basis, products[c], restart_key, coefficients[0] if c == 0 else None)
+        q = _next_basis_vector(basis, products[c], projections, restart_key)
         basis = jax.lax.dynamic_update_slice_in_dim(basis, q[None], (j + 1) * b + c, axis=0)
-    # Coupling of this block to the next one, q_{(j+1)b+i}ᵀ M q_{jb+c}: gives the residual estimate at the end.
+    # Coupling of this block to the next one, q_{(j+1)b+i}ᵀ M q_{jb+c}: the residual bound of every Ritz pair.
     next_block = jax.lax.dynamic_slice_in_dim(basis, (j + 1) * b, b, axis=0)
     projected = jax.lax.dynamic_update_slice(projected, next_block @ products.T, ((j + 1) * b, j * b))
     nonfinite = jnp.where((s.nonfinite_step < 0) & ~finite, j, s.nonfinite_step)
     return s._replace(basis=basis, projected=projected, step=j + 1, nonfinite_step=nonfinite.astype(jnp.int32))
 
 
-def _begin(state: _LanczosState, block_size: int) -> _LanczosState:
-    return jax.lax.cond(state.step == 0, lambda s: _start_block(s, block_size), lambda s: s, state)
+def projected_matrix(state: _LanczosState, size: Any) -> jax.Array:
+    """T = QᵀMQ over the first ``size`` basis vectors (symmetric, from the recorded upper triangle), zero-padded to
+    the static shape (R, R). ``size`` may be traced."""
+    rows = jnp.arange(state.projected.shape[0])
+    used = (rows[:, None] < size) & (rows[None, :] < size)
+    upper = jnp.where(used, jnp.triu(state.projected), 0)
+    return upper + jnp.triu(upper, 1).T
+
+
+def _padded_projected_matrix(state: _LanczosState, size: Any) -> jax.Array:
+    """:func:`projected_matrix` with the unused diagonal set above every Ritz value, so the padding's eigenvalues
+    are far from the real ones (no mixing in the eigensolver) and are easy to tell apart."""
+    matrix = projected_matrix(state, size)
+    sentinel = 1 + 2 * jnp.max(jnp.abs(matrix))
+    rows = jnp.arange(matrix.shape[0])
+    return matrix + jnp.diag(jnp.where(rows >= size, sentinel, 0))
+
+
+def _analyze(state: _LanczosState, num_params: int, block_size: int) -> _RitzAnalysis:
+    """Ritz values, coordinates and residual bounds of the basis built so far (traced size)."""
+    size = state.step * block_size
+    values, coordinates = jnp.linalg.eigh(_padded_projected_matrix(state, size))
+    rows = jnp.arange(values.shape[0])
+    valid = jnp.sum(jnp.where((rows < size)[:, None], coordinates**2, 0), axis=0) > 0.5
+    # M Q − Q T is non-zero only in its last block of columns, (next block)·B, so ||M y − θ y|| = ||B s_last||.
+    coupling = jax.lax.dynamic_slice(state.projected, (size, size - block_size), (block_size, block_size))
+    last = jax.lax.dynamic_slice_in_dim(coordinates, size - block_size, block_size, axis=0)
+    bounds = jnp.linalg.norm(coupling @ last, axis=0)
+    bounds = jnp.where(size >= num_params, 0.0, bounds)  # the basis spans the whole space: exact pairs
+    return _RitzAnalysis(values, coordinates, bounds, valid)
+
+
+def _wanted(analysis: _RitzAnalysis, k: jax.Array, which: jax.Array) -> jax.Array:
+    """Mask of the k largest (which 0), k smallest (1) or both (2) valid Ritz values."""
+    values, valid = analysis.values, analysis.valid
+    order_from_top = jnp.argsort(jnp.argsort(-jnp.where(valid, values, -jnp.inf)))
+    order_from_bottom = jnp.argsort(jnp.argsort(jnp.where(valid, values, jnp.inf)))
+    top, bottom = valid & (order_from_top < k), valid & (order_from_bottom < k)
+    return jnp.where(which == 0, top, jnp.where(which == 1, bottom, top | bottom))
+
+
+def _has_converged(state: _LanczosState, controls: _Controls, num_params: int, block_size: int) -> jax.Array:
+    analysis = _analyze(state, num_params, block_size)
+    wanted = _wanted(analysis, controls.k, controls.which)
+    enough = jnp.sum(analysis.valid) >= controls.k
+    small = analysis.bounds <= controls.tol.astype(analysis.values.dtype) * jnp.abs(analysis.values)
+    return enough & jnp.all(jnp.where(wanted, small, True))
+
+
+def _maybe_check(state: _LanczosState, controls: _Controls, num_params: int, block_size: int) -> _LanczosState:
+    due = (controls.tol > 0) & (state.step % controls.check_every == 0)
+    converged = jax.lax.cond(due, lambda s: _has_converged(s, controls, num_params, block_size),
+                             lambda s: s.converged, state)
+    return state._replace(converged=converged)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
-def _advance(op, state, stop_at, block_size):
-    """Block iterations until ``stop_at`` (or a non-finite product) inside one compiled ``lax.while_loop``."""
-
+def _run_compiled(op, state, controls, block_size):
+    """Iterations until ``stop_at``, convergence or a non-finite product, in one ``lax.while_loop``; then the Ritz
+    analysis of the basis. One program for every k, tolerance and stopping point."""
     flat_matvec, _, _ = flat_operator(op)  # outside the loop: a single-batch product is linearised once
 
     def keep_going(s):
-        return (s.step < stop_at) & (s.nonfinite_step < 0)
+        return (s.step < controls.stop_at) & (s.nonfinite_step < 0) & ~s.converged
 
-    return jax.lax.while_loop(
-        keep_going, lambda s: _lanczos_iteration(flat_matvec, s, block_size), _begin(state, block_size)
-    )
+    def body(s):
+        return _maybe_check(_lanczos_iteration(flat_matvec, s, block_size), controls, op.num_params, block_size)
+
+    state = jax.lax.while_loop(keep_going, body, _begin(state, block_size))
+    return state, _analyze(state, op.num_params, block_size)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
-def _single_iteration(op, state, block_size):
-    """One compiled block iteration (the Python-driven path of ``loop_mode="unrolled"`` operators)."""
-    return _lanczos_iteration(flat_operator(op)[0], _begin(state, block_size), block_size)
+def _single_iteration(op, state, controls, block_size):
+    """One compiled block iteration and, when due, the convergence check (``loop_mode="unrolled"`` operators)."""
+    state = _lanczos_iteration(flat_operator(op)[0], _begin(state, block_size), block_size)
+    return _maybe_check(state, controls, op.num_params, block_size)
 
 
-def projected_matrix(state: _LanczosState, size: int) -> jax.Array:
-    """T = QᵀMQ (m × m), symmetric, from the upper triangle of the recorded projections."""
-    upper = jnp.triu(state.projected[:size, :size])
-    return upper + jnp.triu(upper, 1).T
+@functools.partial(jax.jit, static_argnames=("num_params", "block_size"))
+def _analyze_jit(state, num_params, block_size):
+    return _analyze(state, num_params, block_size)
 
 
 def run_lanczos(
@@ -180,61 +300,77 @@ def run_lanczos(
     key: jax.Array,
     num_iters: int,
     block_size: int,
-    start: Any,
+    flat_start: jax.Array | None,
     progress: bool,
     description: str = "lanczos",
-) -> _LanczosState:
-    """Run Lanczos; raise on a non-finite product.
+    *,
+    k: int = 1,
+    which: str = "both",
+    tol: float | None = None,
+    check_every: int = 1,
+) -> tuple[_LanczosState, _RitzAnalysis]:
+    """Run Lanczos (until ``num_iters`` or, with ``tol``, convergence); raise on a non-finite product.
 
-    ``op.loop_mode == "compiled"``: the iterations run in a compiled while loop (split into ~20 chunks only when a
-    progress bar is shown). ``"unrolled"``: one compiled iteration per Python step, dispatched asynchronously.
-    Either way the host synchronises once per chunk (to check for non-finite products), not per iteration.
+    ``op.loop_mode == "compiled"``: one compiled program (called once per progress-bar chunk when a bar is shown).
+    ``"unrolled"``: one compiled iteration per Python step, dispatched asynchronously. The host synchronises once per
+    chunk (compiled) or once per convergence check (unrolled), never per iteration.
     """
-    state = initial_state(op, key, start, num_iters, block_size)
+    state = initial_state(op, key, flat_start, num_iters, block_size)
+    dtype = state.basis.dtype
+    controls = placed_like_params(op, _Controls(
+        jnp.int32(num_iters), jnp.int32(k), jnp.int32(_WHICH_CODE[which]),
+        jnp.asarray(-1.0 if tol is None else tol, dtype), jnp.int32(check_every)))
     chunk = max(1, math.ceil(num_iters / 20)) if progress else num_iters
-    done = 0
+    if op.loop_mode != "compiled":
+        chunk = min(chunk, check_every) if tol is not None else chunk
+    done, analysis = 0, None
     with tqdm(total=num_iters, desc=description, unit="it", disable=not progress, leave=False) as bar:
         while done < num_iters:
             stop = min(done + chunk, num_iters)
             if op.loop_mode == "compiled":
-                state = _advance(op, state, jnp.int32(stop), block_size)
+                controls = controls._replace(stop_at=placed_like_params(op, jnp.int32(stop)))
+                state, analysis = _run_compiled(op, state, controls, block_size)
             else:
                 for _ in range(stop - done):
-                    state = _single_iteration(op, state, block_size)
-            nonfinite = int(state.nonfinite_step)  # one host sync per chunk
+                    state = _single_iteration(op, state, controls, block_size)
+            step, nonfinite, converged = (int(v) for v in jax.device_get((state.step, state.nonfinite_step,
+                                                                           state.converged)))
             if nonfinite >= 0:
                 raise FloatingPointError(
                     f"{description}: the {op.kind} product became non-finite (NaN/inf) at iteration {nonfinite + 1} "
                     f"of {num_iters}; check the loss, parameters and data for NaN/inf"
                 )
-            bar.update(stop - done)
-            done = stop
-    return state
+            bar.update(step - done)
+            done = step
+            if converged:
+                break
+    if op.loop_mode != "compiled":
+        analysis = _analyze_jit(state, op.num_params, block_size)
+    return state, analysis
 
 
-@functools.partial(jax.jit, static_argnames=("size", "k", "block_size", "compute_residuals"))
-def _extreme_ritz_pairs(op, state, size, k, block_size, compute_residuals):
-    flat_matvec, flat_params, unravel = flat_operator(op)
-    values, vectors = jnp.linalg.eigh(projected_matrix(state, size))
-    basis = state.basis[:size]
-    top_index = jnp.arange(size - 1, size - 1 - k, -1)
-    bottom_index = jnp.arange(k)
-    # M Q − Q T is non-zero only in its last block of columns, (next block) · B, so ||M y − θ y|| = ||B s_last||.
-    coupling = state.projected[size : size + block_size, size - block_size : size]
+@functools.partial(jax.jit, static_argnames=("k",))
+def _ritz_pairs(op, basis, analysis, indices, k):
+    """Values, unit vectors (flat rows and pytrees, split top/bottom) and residual bounds of the pairs ``indices``."""
+    values = analysis.values[indices]
+    vectors = analysis.coordinates[:, indices].T @ basis
+    vectors = vectors / jnp.linalg.norm(vectors, axis=1, keepdims=True)
+    trees = jax.vmap(ravel_pytree(op.params)[1])(vectors)
+    split = lambda tree: (jax.tree.map(lambda leaf: leaf[:k], tree), jax.tree.map(lambda leaf: leaf[k:], tree))
+    return values, vectors, split(trees), analysis.bounds[indices]
 
-    def ritz(index):
-        ritz_vectors = vectors[:, index].T @ basis
-        ritz_vectors = ritz_vectors / jnp.linalg.norm(ritz_vectors, axis=1, keepdims=True)
-        if compute_residuals:
-            products = jax.vmap(flat_matvec)(ritz_vectors)
-            residuals = jnp.linalg.norm(products - values[index][:, None] * ritz_vectors, axis=1)
-        elif size == flat_params.size:  # the basis spans the whole space: Ritz pairs are exact
-            residuals = jnp.zeros((k,), values.dtype)
-        else:
-            residuals = jnp.linalg.norm(coupling @ vectors[size - block_size :, index], axis=0)
-        return values[index], jax.vmap(unravel)(ritz_vectors), residuals
 
-    return ritz(top_index), ritz(bottom_index), values
+@jax.jit
+def _residual_norms(products, values, vectors):
+    return jnp.linalg.norm(products - values[:, None] * vectors, axis=1)
+
+
+def _pick(analysis: _RitzAnalysis, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the top-k (descending) and bottom-k (ascending) valid Ritz values, and all valid values ascending."""
+    values, valid = (np.asarray(v) for v in jax.device_get((analysis.values, analysis.valid)))
+    index = np.flatnonzero(valid)
+    index = index[np.argsort(values[index], kind="stable")]
+    return index[::-1][:k], index[:k], values[index]
 
 
 def default_num_iters(num_params: int, k: int, block_size: int = 1) -> int:
@@ -259,56 +395,72 @@ def lanczos(
     start: Any = None,
     compute_residuals: bool = True,
     progress: bool = True,
+    tol: float | None = None,
+    which: str = "both",
+    check_every: int = 1,
 ) -> LanczosResult:
     """Top-k and bottom-k eigenpairs of ``op`` by (block) Lanczos with full re-orthogonalisation.
 
-    Ritz values of T = QᵀMQ over the Krylov space K_m(M, q₀), m = num_iters · block_size (``num_iters`` is capped
-    at num_params // block_size). ``start``: an optional start vector (pytree like params, block_size 1); default
-    random from ``key``. Residuals are ||M v − λ v||: computed with 2k more products when ``compute_residuals``,
-    otherwise the Lanczos estimate ||B s_last|| (B the coupling of the last block to the next, s the Ritz vector's
-    coordinates; equal in exact arithmetic, free). Cost: m products (+ 2k).
-    Raises ``FloatingPointError`` naming the iteration if a product is not finite.
+    Ritz values of T = QᵀMQ over the Krylov space K_m(M, q₀), m ≤ num_iters · block_size (``num_iters`` is capped
+    at num_params // block_size). ``tol``: stop early once the ``which`` ("top", "bottom" or "both") k pairs have
+    residual bounds ≤ tol·|θ|, checked every ``check_every`` iterations on the device; ``None`` runs all
+    ``num_iters``. ``start``: an optional start vector (pytree like params, block_size 1); default random from
+    ``key``. Residuals are ||M v − λ v||: computed with 2k more products when ``compute_residuals``, otherwise the
+    Lanczos bound ||B s_last|| (equal in exact arithmetic, free). ``num_iters`` of the result is the number of
+    iterations run. Cost: m products (+ 2k). Raises ``FloatingPointError`` naming the iteration if a product is not
+    finite.
     """
     op, k, block_size = _check_common(op, k, block_size)
     key = check_key(key)
     num_iters = check_int(num_iters, "num_iters")
     num_iters = min(num_iters, op.num_params // block_size)
-    size = num_iters * block_size
-    check_int(k, "k", maximum=size, maximum_name="num_iters*block_size")
+    check_int(k, "k", maximum=num_iters * block_size, maximum_name="num_iters*block_size")
+    check_choice(which, "which", WHICH)
+    check_every = check_int(check_every, "check_every")
+    if tol is not None and not (np.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol: expected None or a finite number > 0, got {tol}")
     if start is not None:
         if block_size != 1:
             raise ValueError(f"start: a start vector needs block_size=1, got block_size={block_size}")
         start = check_like_params(start, op.params, "start")
         if not any(bool(jnp.any(leaf != 0)) for leaf in jax.tree.leaves(start)):
             raise ValueError("start: expected a non-zero start vector, got all zeros")
-    state = run_lanczos(op, key, num_iters, block_size, start, progress)
-    (top_values, top_vectors, top_res), (bottom_values, bottom_vectors, bottom_res), ritz_values = (
-        _extreme_ritz_pairs(op, state, size, k, block_size, compute_residuals)
-    )
+    flat_start = None if start is None else flat_vector(start)
+    state, analysis = run_lanczos(op, key, num_iters, block_size, flat_start, progress, k=k, which=which, tol=tol,
+                                  check_every=check_every)
+    iterations = int(state.step)
+    top, bottom, ritz_values = _pick(analysis, k)
+    if top.size < k:
+        raise ValueError(f"k: expected at most {top.size} (the Ritz values of {iterations} iterations), got {k}")
+    values, vectors, (top_vectors, bottom_vectors), residuals = _ritz_pairs(
+        op, state.basis, analysis, jnp.asarray(np.concatenate([top, bottom]), jnp.int32), k)
+    if compute_residuals:
+        residuals = _residual_norms(chunked_products(op, vectors, 1), values, vectors)  # the shared 1-product program
+    values, residuals = np.asarray(values), np.asarray(residuals)
     return LanczosResult(
-        top_eigenvalues=top_values,
+        top_eigenvalues=jnp.asarray(values[:k]),
         top_eigenvectors=top_vectors,
-        top_residuals=top_res,
-        bottom_eigenvalues=bottom_values,
+        top_residuals=jnp.asarray(residuals[:k]),
+        bottom_eigenvalues=jnp.asarray(values[k:]),
         bottom_eigenvectors=bottom_vectors,
-        bottom_residuals=bottom_res,
-        ritz_values=ritz_values,
-        num_iters=num_iters,
-        num_matvecs=size + (2 * k if compute_residuals else 0),
+        bottom_residuals=jnp.asarray(residuals[k:]),
+        ritz_values=jnp.asarray(ritz_values),
+        num_iters=iterations,
+        num_matvecs=iterations * block_size + (2 * k if compute_residuals else 0),
+        converged=bool(state.converged),
     )
 
 
-def _eigenvalues(op, k, key, num_iters, block_size, progress, which):
+def _eigenpairs(op, k, key, num_iters, block_size, progress, which, tol):
     op, k, block_size = _check_common(op, k, block_size)
     key = jax.random.key(0) if key is None else check_key(key)
     if num_iters is None:
         num_iters = default_num_iters(op.num_params, k, block_size)
-    result = lanczos(
-        op, key, num_iters, k=k, block_size=block_size, compute_residuals=False, progress=progress
-    )
+    result = lanczos(op, key, num_iters, k=k, block_size=block_size, compute_residuals=False, progress=progress,
+                     tol=tol, which=which)
     if which == "top":
-        return result.top_eigenvalues, result.top_eigenvectors
-    return result.bottom_eigenvalues, result.bottom_eigenvectors
+        return Eigenpairs(result.top_eigenvalues, result.top_eigenvectors, result.num_iters, result.converged)
+    return Eigenpairs(result.bottom_eigenvalues, result.bottom_eigenvectors, result.num_iters, result.converged)
 
 
 def top_eigenvalues(
@@ -319,12 +471,16 @@ def top_eigenvalues(
     num_iters: int | None = None,
     block_size: int = 1,
     progress: bool = True,
-) -> tuple[jax.Array, Any]:
+    tol: float | None = DEFAULT_TOL,
+) -> Eigenpairs:
     """(λ₁ ≥ … ≥ λ_k, eigenvectors with leading axis k) of ``op`` by Lanczos; ``key`` defaults to key(0).
 
-    Cost: num_iters · block_size products (default num_iters: max(40, 4k), capped by the parameter count).
+    Stops as soon as the k pairs have residual bounds ≤ ``tol``·|λ| (default 1e-3; ``None``: run all iterations),
+    at most ``num_iters`` iterations (default max(40, 4k), capped by the parameter count). The result unpacks as
+    ``values, vectors`` and also carries ``num_iters`` (iterations used) and ``converged``.
+    Cost: that many products (times block_size).
     """
-    return _eigenvalues(op, k, key, num_iters, block_size, progress, "top")
+    return _eigenpairs(op, k, key, num_iters, block_size, progress, "top", tol)
 
 
 def bottom_eigenvalues(
@@ -335,9 +491,11 @@ def bottom_eigenvalues(
     num_iters: int | None = None,
     block_size: int = 1,
     progress: bool = True,
-) -> tuple[jax.Array, Any]:
+    tol: float | None = DEFAULT_TOL,
+) -> Eigenpairs:
     """(λ_n ≤ … ≤ λ_{n−k+1}, eigenvectors with leading axis k): the most negative / smallest first.
 
-    Cost as :func:`top_eigenvalues`.
+    Stopping and cost as :func:`top_eigenvalues` (the tolerance is relative to |λ|: eigenvalues near zero need
+    many iterations, or a ``tol`` of None with a fixed ``num_iters``).
     """
-    return _eigenvalues(op, k, key, num_iters, block_size, progress, "bottom")
+    return _eigenpairs(op, k, key, num_iters, block_size, progress, "bottom", tol)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -633,3 +634,43 @@ def flat_products(op: CurvatureOperator, vectors: jax.Array) -> jax.Array:
     """M z for every row z of the (count, n) array ``vectors`` (flat params order), vmapped: ``count`` products."""
     flat_matvec, _, _ = flat_operator(op)
     return jax.vmap(flat_matvec)(vectors)
+
+
+DEFAULT_CHUNK_SIZE = 16
+
+
+def placed_like_params(op: CurvatureOperator, tree: Any) -> Any:
+    """``tree`` replicated on the mesh the parameters live on (a no-op for arrays already there, and when the
+    parameters are not on a mesh). Arrays made by helper programs then have the same sharding type as those made
+    from the operator, so the estimators' compiled programs are reused instead of being compiled again per type."""
+    sharding = getattr(jax.tree.leaves(op.params)[0], "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return tree
+    return jax.device_put(tree, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+
+
+def balanced_chunks(count: int, chunk_size: int | None) -> tuple[int, int]:
+    """(chunk, num_chunks): equal chunks of at most ``chunk_size`` (default 16) covering ``count`` with least waste."""
+    limit = DEFAULT_CHUNK_SIZE if chunk_size is None else check_int(chunk_size, "chunk_size")
+    num_chunks = math.ceil(count / limit)
+    return math.ceil(count / num_chunks), num_chunks
+
+
+def chunked_products(op: CurvatureOperator, vectors: jax.Array, chunk_size: int | None = None, *,
+                     progress: bool = False, description: str = "") -> jax.Array:
+    """Rows of M·vectors, at most ``chunk_size`` vmapped products per compiled call (equal, zero-padded chunks: one
+    compilation per chunk size, shared by every caller that uses it). Cost: ``vectors.shape[0]`` products (+ the
+    padding)."""
+    from tqdm import tqdm
+
+    count = vectors.shape[0]
+    vectors = placed_like_params(op, vectors)
+    chunk, num_chunks = balanced_chunks(count, chunk_size)
+    padding = chunk * num_chunks - count
+    padded = jnp.concatenate([vectors, jnp.zeros((padding, vectors.shape[1]), vectors.dtype)]) if padding else vectors
+    outputs = []
+    with tqdm(total=count, desc=description, unit="matvec", disable=not progress, leave=False) as bar:
+        for index in range(num_chunks):
+            outputs.append(flat_products(op, padded[index * chunk : (index + 1) * chunk]))
+            bar.update(min(chunk, count - index * chunk))
+    return outputs[0][:count] if num_chunks == 1 else jnp.concatenate(outputs, axis=0)[:count]

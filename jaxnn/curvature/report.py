@@ -24,7 +24,6 @@ from jaxnn.curvature.density import spectral_density
 from jaxnn.curvature.gradient_direction import gradient_curvature, predicted_loss_change
 from jaxnn.curvature.krylov import default_num_iters, lanczos
 from jaxnn.curvature.operators import hessian
-from jaxnn.curvature.plots import plot_spectrum
 from jaxnn.curvature.trace_estimators import TRACE_METHODS, trace
 from jaxnn.curvature.validation import check_choice, check_int, check_key
 
@@ -41,6 +40,12 @@ def _json_numbers(values: Any) -> list[float | None]:
     return [_json_number(v) for v in np.ravel(np.asarray(jax.device_get(values), dtype=np.float64))]
 
 
+@jax.jit
+def _gradient_step(params, gradient, step_size):
+    """θ − ε g (one compiled call)."""
+    return jax.tree.map(lambda p, g: p - jnp.asarray(step_size, p.dtype) * g, params, gradient)
+
+
 def curvature_report(
     loss_fn: Any,
     params: Any,
@@ -54,14 +59,20 @@ def curvature_report(
     trace_samples: int = 60,
     trace_method: str = "hutch++",
     density_probes: int = 4,
-    density_iters: int = 60,
+    density_iters: int | None = None,
     gradient_tolerance: float = 1e-3,
     stacked: bool = False,
 ) -> dict:
     """Curvature summary of ``loss_fn`` at ``params`` over ``data`` (one batch, a list of batches, or stacked).
 
     Cost in HVPs: num_iters (default max(40, 4k)) + 2k residuals + trace_samples + 1 (gᵀHg)
-    [+ density_probes · density_iters], plus 2 gradient/loss passes. The count is in ``report["num_hvps"]``.
+    [+ density_probes · density_iters (default num_iters)], plus 2 gradient/loss passes. The count is in
+    ``report["num_hvps"]``.
+
+    Compiled programs are shared: the Lanczos run and the density's Lanczos runs are one program (same basis size
+    when ``density_iters`` is left at ``num_iters``), and the residuals, the trace probes and gᵀHg go through one
+    single-product program. A second report on the same model in the same process (or, with the persistent
+    compilation cache, in any later process) compiles nothing.
     """
     key = check_key(key)
     k = check_int(k, "k")
@@ -89,13 +100,14 @@ def curvature_report(
     critical = classify_critical_point(
         op, gradient=gradient, lanczos_result=result, gradient_tolerance=gradient_tolerance
     )
-    trace_estimate = timed("trace", lambda: trace(op, trace_key, trace_samples, trace_method, progress=progress))
+    trace_estimate = timed("trace", lambda: trace(op, trace_key, trace_samples, trace_method, chunk_size=1,
+                                                  progress=progress))
     along_gradient = timed("gradient_direction", lambda: gradient_curvature(op, gradient=gradient))
 
     optimal = along_gradient.optimal_step
     check_step = {"step_size": None, "predicted_change": None, "actual_change": None}
     if math.isfinite(optimal):
-        stepped = jax.tree.map(lambda p, g: p - jnp.asarray(optimal, p.dtype) * g, op.params, gradient)
+        stepped = _gradient_step(op.params, gradient, optimal)
         actual = float(timed("loss_at_optimal_step", lambda: op.loss_value(stepped))) - loss
         check_step = {
             "step_size": _json_number(optimal),
@@ -150,7 +162,7 @@ def curvature_report(
     if density:
         slq = timed(
             "density",
-            lambda: spectral_density(op, density_key, density_probes, density_iters, progress=progress),
+            lambda: spectral_density(op, density_key, density_probes, density_iters or num_iters, progress=progress),
         )
         num_hvps += slq.num_matvecs
         report["density"] = {
@@ -178,5 +190,7 @@ def write_curvature_report(report: dict, out_dir: str | os.PathLike) -> dict[str
     with open(json_path, "w") as handle:
         json.dump(report, handle, indent=2, allow_nan=False)
     figure_path = out_dir / FIGURE_FILE
+    from jaxnn.curvature.plots import plot_spectrum  # matplotlib loads only when a figure is drawn
+
     plot_spectrum(report, figure_path)
     return {"json": str(json_path), "figure": str(figure_path)}

@@ -22,12 +22,19 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
-from jaxnn.curvature.operators import CurvatureOperator, flat_operator, flat_products, require_operator
+from jaxnn.curvature.operators import (
+    DEFAULT_CHUNK_SIZE,
+    CurvatureOperator,
+    balanced_chunks,
+    chunked_products,
+    flat_operator,
+    flat_products,
+    require_operator,
+)
 from jaxnn.curvature.validation import check_choice, check_int, check_key
 
 TRACE_METHODS = ("hutchinson", "hutch++")
 DIAGONAL_METHODS = ("hutchinson", "exact")
-DEFAULT_CHUNK_SIZE = 16
 
 
 class TraceEstimate(NamedTuple):
@@ -45,28 +52,6 @@ class DiagonalEstimate(NamedTuple):
     method: str
 
 
-def balanced_chunks(count: int, chunk_size: int | None) -> tuple[int, int]:
-    """(chunk, num_chunks): equal chunks of at most ``chunk_size`` (default 16) covering ``count`` with least waste."""
-    limit = DEFAULT_CHUNK_SIZE if chunk_size is None else check_int(chunk_size, "chunk_size")
-    num_chunks = math.ceil(count / limit)
-    return math.ceil(count / num_chunks), num_chunks
-
-
-def chunked_products(op, vectors, chunk_size, progress=False, description=""):
-    """Rows of M·vectors, at most ``chunk_size`` vmapped products per compiled call (equal, zero-padded chunks: one
-    compilation). Cost: ``vectors.shape[0]`` products (+ the padding)."""
-    count = vectors.shape[0]
-    chunk, num_chunks = balanced_chunks(count, chunk_size)
-    padding = chunk * num_chunks - count
-    padded = jnp.concatenate([vectors, jnp.zeros((padding, vectors.shape[1]), vectors.dtype)]) if padding else vectors
-    outputs = []
-    with tqdm(total=count, desc=description, unit="matvec", disable=not progress, leave=False) as bar:
-        for index in range(num_chunks):
-            outputs.append(flat_products(op, padded[index * chunk : (index + 1) * chunk]))
-            bar.update(min(chunk, count - index * chunk))
-    return jnp.concatenate(outputs, axis=0)[:count]
-
-
 def _probes(op, key, count, basis):
     """``count`` Rademacher probes (flat), projected onto the complement of ``basis`` rows when given."""
     flat_params = ravel_pytree(op.params)[0]
@@ -76,12 +61,12 @@ def _probes(op, key, count, basis):
     return probes
 
 
-@functools.partial(jax.jit, static_argnames=("count",))
-def _quadratic_forms(op, key, count, basis):
-    """zᵀMz for ``count`` (projected) Rademacher probes z: ``count`` products."""
-    flat_matvec, _, _ = flat_operator(op)
-    probes = _probes(op, key, count, basis)
-    return jnp.sum(probes * jax.vmap(flat_matvec)(probes), axis=1)
+_probes_jit = jax.jit(_probes, static_argnames=("count",))
+
+
+@jax.jit
+def _forms(probes, products):
+    return jnp.sum(probes * products, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("count",))
@@ -94,17 +79,25 @@ def _diagonal_moments(op, key, count, valid):
     return jnp.sum(samples, axis=0), jnp.sum(samples**2, axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("count",))
-def _sketch(op, key, count):
-    """A (count, n) Rademacher sketch S."""
-    return _probes(op, key, count, None)
+@jax.jit
+def _orthonormal_rows(rows):
+    """Orthonormal rows spanning the rows of ``rows`` (QR of the transpose)."""
+    return jnp.linalg.qr(rows.T)[0].T
+
+
+@jax.jit
+def _trace_of_projection(basis, products):
+    """tr(QᵀMQ) from the rows q_i of Q and the products M q_i."""
+    return jnp.sum(basis * products)
 
 
 def _hutchinson_forms(op, key, num_samples, chunk_size, basis, bar) -> tuple[np.ndarray, int]:
+    """zᵀMz for ``num_samples`` probes, drawn chunk by chunk; the products go through the shared product program."""
     chunk, num_chunks = balanced_chunks(num_samples, chunk_size)
     forms = []
     for index in range(num_chunks):
-        forms.append(_quadratic_forms(op, jax.random.fold_in(key, index), chunk, basis))
+        probes = _probes_jit(op, jax.random.fold_in(key, index), chunk, basis)
+        forms.append(_forms(probes, flat_products(op, probes)))
         bar.update(min(chunk, num_samples - index * chunk))
     return np.concatenate(jax.device_get(forms))[:num_samples], chunk * num_chunks
 
@@ -133,20 +126,19 @@ def trace(
     check_choice(method, "method", TRACE_METHODS)
     minimum = 4 if method == "hutch++" else 2
     num_samples = check_int(num_samples, "num_samples", minimum=minimum)
-    flat_params = ravel_pytree(op.params)[0]
     with tqdm(total=num_samples, desc=f"trace ({method})", unit="matvec", disable=not progress, leave=False) as bar:
         if method == "hutchinson":
             forms, used = _hutchinson_forms(op, key, num_samples, chunk_size, None, bar)
             estimate, standard_error = _mean_and_standard_error(forms)
             return TraceEstimate(estimate, standard_error, num_samples, used, method)
 
-        sketch_size = min(num_samples // 3, flat_params.size)
+        sketch_size = min(num_samples // 3, op.num_params)
         residual_samples = num_samples - 2 * sketch_size
         sketch_key, residual_key = jax.random.split(key)
-        sketch_products = chunked_products(op, _sketch(op, sketch_key, sketch_size), chunk_size)
+        sketch_products = chunked_products(op, _probes_jit(op, sketch_key, sketch_size, None), chunk_size)
         bar.update(sketch_size)
-        basis = jnp.linalg.qr(sketch_products.T)[0].T  # (s, n) orthonormal rows spanning M S
-        exact_part = float(jnp.sum(basis * chunked_products(op, basis, chunk_size)))
+        basis = _orthonormal_rows(sketch_products)  # (s, n) orthonormal rows spanning M S
+        exact_part = float(_trace_of_projection(basis, chunked_products(op, basis, chunk_size)))
         bar.update(sketch_size)
         forms, used = _hutchinson_forms(op, residual_key, residual_samples, chunk_size, basis, bar)
     residual_mean, standard_error = _mean_and_standard_error(forms)

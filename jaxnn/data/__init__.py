@@ -26,6 +26,7 @@ from jaxnn.data.pipeline import (
     batch_iterator,
     epoch_permutation,
     full_batch,
+    host_stacked_batches,
     stacked_batches,
     steps_per_epoch,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "file_md5",
     "fit_standardization",
     "full_batch",
+    "host_stacked_batches",
     "load_dataset",
     "quadratic_eigenvalues",
     "quadratic_hessian",

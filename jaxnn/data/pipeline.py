@@ -200,6 +200,15 @@ def stacked_batches(split, batch_size: int, num_batches: int | None = None, *, s
     takes every full batch (⌊n/B⌋). Same order as `batch_iterator` with the same seed and shuffle.
     ``sharding`` applies to the stacked arrays (e.g. ``NamedSharding(mesh, P(None, "data"))``).
     """
+    if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+        raise TypeError(f"sharding must be a jax.sharding.Sharding or None; got {type(sharding).__name__}")
+    x, y = host_stacked_batches(split, batch_size, num_batches, seed=seed, shuffle=shuffle)
+    return jax.device_put(x, sharding), jax.device_put(y, sharding)
+
+
+def host_stacked_batches(split, batch_size: int, num_batches: int | None = None, *, seed: int = 0,
+                         shuffle: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`stacked_batches` as host numpy arrays (no device copy): for callers that place them themselves."""
     split = _as_split(split)
     batch_size = _check_int("batch_size", batch_size, 1)
     seed = _check_int("seed", seed, 0)
@@ -212,13 +221,11 @@ def stacked_batches(split, batch_size: int, num_batches: int | None = None, *, s
             f"num_batches={num_batches} exceeds the {available} full batches of size {batch_size} in the split "
             f"({len(split)} examples)"
         )
-    if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
-        raise TypeError(f"sharding must be a jax.sharding.Sharding or None; got {type(sharding).__name__}")
     rows = epoch_permutation(len(split), seed, 0, bool(shuffle))[:num_batches * batch_size]
     x_dtype, y_dtype = _device_dtypes(split)
     x = np.asarray(split.x[rows], dtype=x_dtype).reshape(num_batches, batch_size, *split.x.shape[1:])
     y = np.asarray(split.y[rows], dtype=y_dtype).reshape(num_batches, batch_size, *split.y.shape[1:])
-    return jax.device_put(x, sharding), jax.device_put(y, sharding)
+    return x, y
 
 
 def full_batch(split, *, sharding: jax.sharding.Sharding | None = None) -> tuple[jax.Array, jax.Array]:

@@ -21,13 +21,6 @@ from jaxnn.landscape.directions import (
 )
 from jaxnn.landscape.io import load_surface, load_surfaces, save_surface, save_surfaces
 from jaxnn.landscape.linear_factoring import LinearFactorization
-from jaxnn.landscape.plots import (
-    plot_contour,
-    plot_contours_side_by_side,
-    plot_line,
-    plot_surface_3d,
-    shared_color_limits,
-)
 from jaxnn.landscape.report import landscape_report, write_landscape_report
 from jaxnn.landscape.surfaces import (
     DEFAULT_CHUNK_SIZE,
@@ -37,6 +30,18 @@ from jaxnn.landscape.surfaces import (
     plane_surface,
 )
 from jaxnn.landscape.trajectory import project_trajectory, trajectory_deviation, trajectory_pca_directions
+
+_PLOTS = ("plot_contour", "plot_contours_side_by_side", "plot_line", "plot_surface_3d", "shared_color_limits")
+
+
+def __getattr__(name):
+    """The figure functions load matplotlib, so they are imported on first use."""
+    if name in _PLOTS:
+        from jaxnn.landscape import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module 'jaxnn.landscape' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

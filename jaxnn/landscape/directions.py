@@ -19,6 +19,7 @@ networks (a layer's weights ×c and the next layer's ×1/c).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -62,10 +63,15 @@ def direction_description(kind: str, *, key: Any = None, **options: Any) -> dict
     return {"kind": str(kind), "seed": seed, "options": _jsonable(dict(options))}
 
 
+@jax.jit
+def _gaussian_like(key: jax.Array, params: Any) -> Any:
+    return otu.tree_random_like(key, params, sampler=jax.random.normal)
+
+
 def random_direction(key: Any, params: Any) -> Any:
-    """Gaussian direction ``d ~ N(0, I)`` with the structure, shapes and dtypes of ``params``."""
+    """Gaussian direction ``d ~ N(0, I)`` with the structure, shapes and dtypes of ``params`` (one compiled call)."""
     params = check_params(params)
-    return otu.tree_random_like(check_key(key), params, sampler=jax.random.normal)
+    return _gaussian_like(check_key(key), params)
 
 
 def _filter_scaled(d: jax.Array, theta: jax.Array, filter_axis: int) -> jax.Array:
@@ -99,18 +105,25 @@ def normalize_direction(direction: Any, params: Any, *, norm: str = "filter", ig
     direction = check_like(direction, params, "direction")
     check_finite_tree(direction, "direction")
 
-    def scale(path: str, d: jax.Array, theta: jax.Array) -> jax.Array:
+    if norm == "filter":
+        for path, leaf in zip(leaf_paths(params), jax.tree.leaves(params)):
+            if leaf.ndim > 1 and not -leaf.ndim <= filter_axis < leaf.ndim:
+                raise ValueError(f"filter_axis: expected an axis of leaf {path} (ndim {leaf.ndim}), got {filter_axis}")
+    return _normalized(direction, params, norm=norm, ignore=ignore, filter_axis=int(filter_axis))
+
+
+@functools.partial(jax.jit, static_argnames=("norm", "ignore", "filter_axis"))
+def _normalized(direction: Any, params: Any, norm: str, ignore: str | None, filter_axis: int) -> Any:
+    """Every leaf rescaled in one compiled program (see :func:`normalize_direction`)."""
+
+    def scale(d: jax.Array, theta: jax.Array) -> jax.Array:
         if d.ndim <= 1:
             return jnp.zeros_like(d) if ignore == "biasbn" else _whole_scaled(d, theta)
         if norm == "layer":
             return _whole_scaled(d, theta)
-        if not -d.ndim <= filter_axis < d.ndim:
-            raise ValueError(f"filter_axis: expected an axis of leaf {path} (ndim {d.ndim}), got {filter_axis}")
         return _filter_scaled(d, theta, filter_axis)
 
-    paths = leaf_paths(params)
-    leaves = [scale(p, d, t) for p, d, t in zip(paths, jax.tree.leaves(direction), jax.tree.leaves(params))]
-    return jax.tree.unflatten(jax.tree.structure(params), leaves)
+    return jax.tree.map(scale, direction, params)
 
 
 def filter_normalized_direction(key: Any, params: Any, *, ignore: str | None = "biasbn",

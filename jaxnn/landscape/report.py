@@ -23,8 +23,13 @@ from jaxnn.landscape.directions import (
     random_direction,
 )
 from jaxnn.landscape.io import save_surfaces
-from jaxnn.landscape.plots import plot_contour, plot_line, plot_surface_3d
-from jaxnn.landscape.surfaces import DEFAULT_CHUNK_SIZE, interpolation_surface, line_surface, plane_surface
+from jaxnn.landscape.surfaces import (
+    DEFAULT_CHUNK_SIZE,
+    Surface,
+    interpolation_surface,
+    line_surface,
+    plane_surface,
+)
 from jaxnn.landscape.trajectory import project_trajectory, trajectory_deviation, trajectory_pca_directions
 from jaxnn.landscape.validation import check_choice, check_int, check_key, check_params, check_positive_float
 
@@ -58,6 +63,23 @@ def _directions(dirs: str, loss_fn: Callable, params: Any, data: Any, key: jax.A
                                               num_checkpoints=len(trajectory)) for i, r in enumerate(ratio)]
         extra["explained_variance_ratio"] = [float(r) for r in ratio]
     return directions, descriptions, extra
+
+
+def _symmetric_grid(span: float, points: int) -> np.ndarray:
+    """``points`` equally spaced values in [−span, span], with an exact 0 in the middle when ``points`` is odd."""
+    grid = np.linspace(-span, span, points)
+    if points % 2:
+        grid[points // 2] = 0.0
+    return grid
+
+
+def _plane_column(plane: Surface, index: int, description: dict) -> Surface:
+    """``L(θ + α d₁)`` read off a plane ``L(θ + α d₁ + β d₂)`` at its ``β = betas[index] = 0`` column."""
+    metrics = {name: np.array(values[:, index]) for name, values in plane.metrics.items()}
+    return Surface(kind="line", alphas=plane.alphas, betas=None, metrics=metrics,
+                   nonfinite_counts={name: int(np.sum(~np.isfinite(v))) for name, v in metrics.items()},
+                   directions=(dict(description),), num_examples=plane.num_examples, num_batches=plane.num_batches,
+                   timing={"from_plane": 1.0})
 
 
 def landscape_report(loss_fn: Callable, params: Any, data: Any, *, key: Any, dirs: str = "filter", grid: int = 51,
@@ -115,11 +137,14 @@ def landscape_report(loss_fn: Callable, params: Any, data: Any, *, key: Any, dir
             largest = float(np.max(np.abs(np.concatenate([alphas_t, betas_t]))))
             span = 1.2 * largest if largest > 0 else 1.0
 
-    line_alphas = np.linspace(-span, span, grid_1d)
-    plane_coordinates = np.linspace(-span, span, grid)
-    line = line_surface(loss_fn, params, d1, line_alphas, data, description=descriptions[0], **common)
+    line_alphas = _symmetric_grid(span, grid_1d)
+    plane_coordinates = _symmetric_grid(span, grid)
     plane = plane_surface(loss_fn, params, d1, d2, plane_coordinates, plane_coordinates, data,
                           descriptions=descriptions, **common)
+    if grid_1d == grid and grid % 2 == 1:  # the line is the plane's β = 0 column: no second evaluation
+        line = _plane_column(plane, grid // 2, descriptions[0])
+    else:
+        line = line_surface(loss_fn, params, d1, line_alphas, data, description=descriptions[0], **common)
     interpolation = None
     if other_params is not None:
         interpolation = interpolation_surface(
@@ -162,6 +187,8 @@ def write_landscape_report(report: Mapping[str, Any], out_dir: Any, *, log_scale
         paths["interpolation.png"] = os.path.join(out_dir, "interpolation.png")
     projected = report.get("trajectory")
     trajectory = None if projected is None else (projected["alphas"], projected["betas"])
+    from jaxnn.landscape.plots import plot_contour, plot_line, plot_surface_3d  # matplotlib loads here, not on import
+
     save_surfaces(paths["landscape.npz"], surfaces, trajectory=trajectory,
                   metadata={"config": report["summary"]["config"], "directions": report["summary"]["directions"]})
     plot_line(report["line"], paths["landscape_1d.png"], log_scale=log_scale,

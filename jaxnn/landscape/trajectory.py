@@ -13,7 +13,6 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from sklearn.decomposition import PCA
 
 from jaxnn.landscape.validation import check_direction, check_int, check_like, check_params
 
@@ -39,8 +38,9 @@ def trajectory_pca_directions(trajectory: Sequence[Any], final_params: Any, k: i
                               center: bool = True) -> tuple[list[Any], np.ndarray]:
     """The first ``k`` principal directions of ``M = [θ_i − θ_final]_i`` and their explained-variance ratios.
 
-    Like the reference tool, ``center=True`` runs scikit-learn's PCA (rows centred); ``center=False`` takes the
-    right singular vectors of ``M`` itself. Directions are unit vectors (pytrees like ``final_params``).
+    ``center=True`` is PCA as the reference tool computes it (scikit-learn's, rows centred): the right singular
+    vectors of ``M − mean(M)``; ``center=False`` takes those of ``M`` itself. Directions are unit vectors (pytrees
+    like ``final_params``); the explained-variance ratio of component i is ``σ_i² / Σ_j σ_j²``.
     Cost: one SVD of the ``(num_checkpoints, num_params)`` matrix in float64.
     """
     final_params = check_params(final_params, "final_params")
@@ -57,16 +57,11 @@ def trajectory_pca_directions(trajectory: Sequence[Any], final_params: Any, k: i
     if not np.any(spread):
         raise ValueError("trajectory: expected checkpoints that differ from final_params (and from each other), "
                          "got a trajectory with zero variance")
-    if center:
-        pca = PCA(n_components=k, svd_solver="full").fit(matrix)
-        components, ratio = pca.components_, pca.explained_variance_ratio_
-        total_variance = float(np.sum(pca.explained_variance_))
-    else:
-        _, singular_values, vt = np.linalg.svd(matrix, full_matrices=False)
-        components = vt[:k]
-        energy = singular_values ** 2
-        total_variance = float(energy.sum())
-        ratio = energy[:k] / total_variance if total_variance > 0 else np.full(k, np.nan)
+    _, singular_values, vt = np.linalg.svd(spread, full_matrices=False)
+    components = vt[:k]
+    energy = singular_values ** 2
+    total_variance = float(energy.sum())
+    ratio = energy[:k] / total_variance if total_variance > 0 else np.full(k, np.nan)
     if not total_variance > 0 or not np.all(np.isfinite(ratio)):
         raise ValueError("trajectory: expected checkpoints that differ from final_params (and from each other), "
                          "got a trajectory with zero variance")

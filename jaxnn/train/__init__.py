@@ -3,12 +3,12 @@
 from jaxnn.train.callbacks import Callback, EarlyStopping, FitContext
 from jaxnn.train.checkpoint import CheckpointError, Checkpointer
 from jaxnn.train.fit import FitResult, NonFiniteLossError, create_train_state, evaluate, fit
-from jaxnn.train.run import LoadedRun, RunFolderError, load_run, train_from_config
+from jaxnn.train.run import LoadedRun, RunFolderError, load_run, train_from_config, train_run
 from jaxnn.train.state import TrainState
 from jaxnn.train.step import make_eval_step, make_train_step
 
 __all__ = [
     "Callback", "EarlyStopping", "FitContext", "CheckpointError", "Checkpointer", "FitResult", "NonFiniteLossError",
-    "create_train_state", "evaluate", "fit", "LoadedRun", "RunFolderError", "load_run", "train_from_config",
+    "create_train_state", "evaluate", "fit", "LoadedRun", "RunFolderError", "load_run", "train_from_config", "train_run",
     "TrainState", "make_eval_step", "make_train_step",
 ]

@@ -2,7 +2,7 @@
 
 Orbax writes each step into a temporary folder and renames it into place when complete, so a run killed
 mid-save leaves the previous checkpoints intact and no half-written one visible. This module never deletes
-or overwrites a checkpoint it cannot read.
+or overwrites a checkpoint it cannot read. orbax is imported when a Checkpointer is made, not with this module.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+from jaxnn.runtime import read_only_notices_dropped
 
 
 class CheckpointError(RuntimeError):
@@ -25,6 +25,10 @@ class Checkpointer:
 
     def __init__(self, directory: str | pathlib.Path, *, keep_last: int = 3, keep_best: bool = True,
                  best_metric: str = "val_loss", best_mode: str = "min", read_only: bool = False):
+        import orbax.checkpoint as ocp
+        from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+        self._ocp = ocp
         self.directory = pathlib.Path(directory).absolute()
         self.best_metric = best_metric
         policies = [ocp_managers.LatestN(n=keep_last)]
@@ -40,8 +44,9 @@ class Checkpointer:
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint folder at {self.directory}")
         # Registering the handler up front lets a fresh process read metadata before any save or restore.
-        self.manager = _unless_corrupt(self.directory, lambda: ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()))
+        with read_only_notices_dropped():
+            self.manager = _unless_corrupt(self.directory, lambda: ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()))
 
     def all_steps(self) -> list[int]:
         return sorted(_unless_corrupt(self.directory, self.manager.all_steps))
@@ -60,7 +65,7 @@ class Checkpointer:
             raise CheckpointError(f"refusing to checkpoint step {step}: non-finite values in {', '.join(bad[:5])}")
         if step in self.manager.all_steps():
             raise CheckpointError(f"checkpoint for step {step} already exists in {self.directory}; not overwriting it")
-        self.manager.save(step, args=ocp.args.StandardSave(tree),
+        self.manager.save(step, args=self._ocp.args.StandardSave(tree),
                           metrics={k: float(v) for k, v in (metrics or {}).items()} or None)
         self.manager.wait_until_finished()
 
@@ -78,9 +83,9 @@ class Checkpointer:
         except Exception as exc:  # noqa: BLE001 - orbax raises many types for unreadable metadata
             raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {exc}") from exc
         _check_compatible(saved, template, path)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, template)
         try:
-            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {path} is corrupt or incompatible with this model: {exc}") from exc
 

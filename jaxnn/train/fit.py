@@ -12,7 +12,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from jaxnn import losses, parallel
 from jaxnn.train.callbacks import Callback, FitContext
 from jaxnn.train.checkpoint import Checkpointer
 from jaxnn.train.state import TrainState
-from jaxnn.train.step import make_eval_step, make_train_step
+from jaxnn.train.step import make_eval_step, make_resident_train_steps, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -83,19 +83,46 @@ def check_inputs(state: TrainState, dataset: data_lib.Dataset, loss_name: str | 
 
 
 def evaluate(state: TrainState, split: data_lib.Split, eval_step: Callable, batch_size: int,
-             classification: bool, prefix: str) -> dict:
-    """Mean loss (and accuracy) over a whole split, eval mode."""
+             classification: bool, prefix: str, sharding=None) -> dict:
+    """Mean loss (and accuracy) over a whole split, eval mode.
+
+    Every batch has ``batch_size`` rows (the last one zero-padded and masked), so all splits of a data set share
+    one compiled eval step. Sums stay on the device until the end: one transfer per split.
+    """
     if len(split) == 0:
         return {}
+    x_dtype, y_dtype = data_lib.pipeline._device_dtypes(split)
     totals = None
-    for batch in data_lib.batch_iterator(split, batch_size, shuffle=False, drop_remainder=False, epochs=1):
-        sums = eval_step(state, batch)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    for begin in range(0, len(split), batch_size):
+        x = np.asarray(split.x[begin:begin + batch_size], x_dtype)
+        y = np.asarray(split.y[begin:begin + batch_size], y_dtype)
+        valid = len(x)
+        mask = np.zeros(batch_size, x_dtype)
+        mask[:valid] = 1
+        if valid < batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - valid,) + x.shape[1:], x_dtype)])
+            y = np.concatenate([y, np.zeros((batch_size - valid,) + y.shape[1:], y_dtype)])
+        sums = eval_step(state, jax.device_put((x, y), sharding), jax.device_put(mask, sharding))
+        totals = sums if totals is None else _add_sums(totals, sums)
     totals = jax.device_get(totals)
     out = {f"{prefix}_loss": float(totals["loss_sum"] / totals["count"])}
     if classification:
         out[f"{prefix}_accuracy"] = float(totals["correct"] / totals["count"])
     return out
+
+
+@jax.jit
+def _add_sums(a: dict, b: dict) -> dict:
+    return jax.tree.map(jnp.add, a, b)
+
+
+def eval_batch_size_for(dataset: data_lib.Dataset, requested: int, mesh=None) -> int:
+    """The one eval batch size for every split: ``requested``, capped by the largest split, rounded up to a
+    multiple of the device count (padding fills it)."""
+    largest = max(len(dataset.train), len(dataset.val), len(dataset.test), 1)
+    size = max(1, min(int(requested), largest))
+    devices = 1 if mesh is None else mesh.devices.size
+    return -(-size // devices) * devices
 
 
 class MetricsWriter:
@@ -120,23 +147,80 @@ class MetricsWriter:
                 f.write(json.dumps(record) + "\n")
 
 
+RESIDENT_LIMIT_BYTES = 1 << 30  # training splits up to 1 GiB live on the device (auto mode)
+
+
+def _resident_default(dataset: data_lib.Dataset) -> bool:
+    return dataset.train.x.nbytes + dataset.train.y.nbytes <= RESIDENT_LIMIT_BYTES
+
+
+class _ResidentData:
+    """The training split on the device, and the epoch permutations the compiled steps gather batches with."""
+
+    def __init__(self, split: data_lib.Split, batch_size: int, seed: int, steps_per_call: int, mesh):
+        x_dtype, y_dtype = data_lib.pipeline._device_dtypes(split)
+        replicated = parallel.replicated(mesh)
+        self.data = jax.device_put((np.asarray(split.x, x_dtype), np.asarray(split.y, y_dtype)), replicated)
+        self.num_examples, self.batch_size, self.seed = len(split), batch_size, seed
+        self.steps_per_epoch = data_lib.steps_per_epoch(len(split), batch_size, True)
+        self.window = 1 + -(-(steps_per_call - 1) // self.steps_per_epoch)  # epochs one call can touch
+        self.sharding = replicated
+        self._cached: tuple[int, jax.Array] | None = None
+
+    def permutations(self, step: int) -> jax.Array:
+        """(window, S·B) int32 orders of the epochs from the one containing global step ``step`` (cached)."""
+        first = step // self.steps_per_epoch
+        if self._cached is None or self._cached[0] != first:
+            used = self.steps_per_epoch * self.batch_size
+            rows = np.stack([data_lib.epoch_permutation(self.num_examples, self.seed, e)[:used]
+                             for e in range(first, first + self.window)]).astype(np.int32)
+            self._cached = (first, jax.device_put(rows, self.sharding))
+        return self._cached[1]
+
+
+def _wants_step_end(callback: Any) -> bool:
+    """Whether ``callback`` does something in ``on_step_end`` (the base class's no-op does not count)."""
+    method = getattr(type(callback), "on_step_end", None)
+    return method is not None and method is not Callback.on_step_end
+
+
+def _event_steps(step: int, num_steps: int, periods: Sequence[int]) -> int:
+    """The first step after ``step`` that is a multiple of one of ``periods`` (or ``num_steps``)."""
+    return min([num_steps] + [(step // p + 1) * p for p in periods if p])
+
+
 def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = "softmax_cross_entropy",
         batch_size: int = 64, num_steps: int, schedule: Callable | None = None, seed: int = 0,
         grad_accum_steps: int = 1, log_every: int = 10, eval_every: int | None = None,
         eval_batch_size: int = 512, callbacks: Sequence[Callback] = (), checkpointer: Checkpointer | None = None,
         checkpoint_every: int | None = None, run_dir: str | pathlib.Path | None = None, start_step: int = 0,
-        nan_guard: bool = True, progress: bool = True, mesh=None, needs_value_fn: bool = False) -> FitResult:
+        nan_guard: bool = True, progress: bool = True, mesh=None, needs_value_fn: bool = False,
+        steps_per_call: int = 1, device_resident: bool | None = None) -> FitResult:
     """Train ``state`` for ``num_steps`` optimizer steps on ``dataset.train``; evaluate on ``dataset.val``.
 
-    Per step: one compiled call, no host sync. Every ``log_every`` steps (and at every eval/checkpoint) the
-    queued step metrics come to the host in one transfer, are checked for NaN/Inf (``nan_guard``: stop and
-    name the step; no checkpoint is written after it) and one record per logged step goes to metrics.jsonl.
+    Batches: with ``device_resident`` (default: when the training split takes at most 1 GiB) the split is copied
+    to the device once and every step gathers its batch there, so a step costs one dispatch and no transfer;
+    otherwise batches are gathered on the host and copied ahead of use. Either way step s uses the same examples
+    (``batch_iterator``'s order). ``steps_per_call`` > 1 runs that many steps per dispatch (a ``lax.scan``;
+    device-resident data only), bit-identical to one step per call; calls end at every log, eval and checkpoint
+    step and at the steps of callbacks that declare ``every_k_steps``, and ``on_step_end`` is called at the end of
+    each call.
+
+    No host synchronisation between logged steps: every ``log_every`` steps (and at every eval/checkpoint) the
+    queued step metrics come to the host in one transfer, are checked for NaN/Inf (``nan_guard``: stop and name the
+    step; no checkpoint is written after it) and one record per logged step goes to metrics.jsonl.
     ``start_step`` resumes: the batch stream continues exactly where step ``start_step`` left it.
     """
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_divisible(batch_size // grad_accum_steps, mesh, "batch_size / grad_accum_steps")
     if batch_size % grad_accum_steps:
         raise ValueError(f"grad_accum_steps={grad_accum_steps} must divide batch_size={batch_size}")
+    if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
+    resident = _resident_default(dataset) if device_resident is None else bool(device_resident)
+    if steps_per_call > 1 and not resident:
+        raise ValueError(f"steps_per_call={steps_per_call} needs the training split on the device "
+                         f"(device_resident=True; it holds {dataset.train.x.nbytes / 2**20:.0f} MiB)")
     loss_name = loss if isinstance(loss, str) else None
     classification = dataset.task == "classification"
     check_inputs(state, dataset, loss_name)
@@ -149,16 +233,29 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     train_step = make_train_step(loss, schedule, grad_accum_steps=grad_accum_steps, classification=classification,
                                  needs_value_fn=needs_value_fn)
     eval_step = make_eval_step(loss, classification=classification)
+    eval_size = eval_batch_size_for(dataset, eval_batch_size, mesh)
+    batch_sharding = parallel.batch_sharding(mesh)
     run_dir = pathlib.Path(run_dir) if run_dir is not None else None
     writer = MetricsWriter(run_dir / "metrics.jsonl" if run_dir else None,
                            resume_from_step=start_step if start_step else None)
-    batches = data_lib.batch_iterator(dataset.train, batch_size, seed=seed, start_step=start_step,
-                                      sharding=parallel.batch_sharding(mesh))
-    analysis_batch = next(iter(data_lib.batch_iterator(dataset.train, min(batch_size, len(dataset.train)),
-                                                       seed=seed + 1, epochs=1)))
+    if resident:
+        source = _ResidentData(dataset.train, batch_size, seed, steps_per_call, mesh)
+        resident_steps = make_resident_train_steps(
+            loss, schedule, grad_accum_steps=grad_accum_steps, classification=classification,
+            needs_value_fn=needs_value_fn, batch_size=batch_size, steps_per_epoch=source.steps_per_epoch,
+            batch_sharding=batch_sharding if mesh.devices.size > 1 else None)
+    else:
+        batches = data_lib.batch_iterator(dataset.train, batch_size, seed=seed, start_step=start_step,
+                                          sharding=batch_sharding)
+    analysis_x, analysis_y = data_lib.host_stacked_batches(dataset.train, min(batch_size, len(dataset.train)), 1,
+                                                           seed=seed + 1, shuffle=True)
+    analysis_batch = jax.device_put((analysis_x[0], analysis_y[0]))
     per_example = losses.get_loss(loss) if isinstance(loss, str) else loss
     ctx = FitContext(state=state, analysis_batch=analysis_batch, run_dir=run_dir, step=start_step,
                      make_loss_fn=lambda s: losses.make_loss_fn(s.apply_fn, per_example, s.model_state))
+    # Calls end where a callback's on_step_end needs the state: at its every_k_steps, or every step if it has none.
+    callback_periods = [int(getattr(cb, "every_k_steps", None) or 1) for cb in callbacks if _wants_step_end(cb)]
+
     def notify(hook: str) -> None:
         """Callbacks are duck-typed: any object with some of the hooks (the base class has them all)."""
         for cb in callbacks:
@@ -169,7 +266,7 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     notify("on_train_begin")
 
     history: list[dict] = []
-    queued: list[tuple[int, dict]] = []
+    queued: list[tuple[int, dict]] = []   # (first step, metrics of one call: device arrays)
     last_checkpoint = checkpointer.latest_step() if checkpointer else None
     best_step = checkpointer.best_step() if checkpointer else None
     stop_reason = "completed"
@@ -181,12 +278,16 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     def drain() -> None:
         """Bring queued step metrics to the host in one transfer; the NaN guard sees every step."""
         host = jax.device_get([m for _, m in queued])
-        for (s, _), m in zip(queued, host):
-            if nan_guard and not math.isfinite(float(m["loss"])):
-                queued.clear()
-                raise NonFiniteLossError(s, float(m["loss"]), last_checkpoint)
+        steps = []
+        for (first, _), (scanned, last) in zip(queued, host):
+            count = 0 if scanned is None else len(next(iter(scanned.values())))
+            steps += [(first + i, {k: v[i] for k, v in scanned.items()}) for i in range(count)]
+            steps.append((first + count, last))
         queued.clear()
-        window.extend(host)
+        for number, m in steps:
+            if nan_guard and not math.isfinite(float(m["loss"])):
+                raise NonFiniteLossError(number, float(m["loss"]), last_checkpoint)
+        window.extend(m for _, m in steps)
 
     def record(step: int, extra: dict) -> dict:
         drain()
@@ -202,20 +303,36 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
         writer.write(rec)
         return rec
 
+    periods = [log_every, eval_every] + ([checkpoint_every] if checkpointer is not None else []) + callback_periods
+    step = start_step
     try:
-        for step in range(start_step + 1, num_steps + 1):
-            will_log = step % log_every == 0 or step % eval_every == 0 or step == num_steps or (
-                checkpointer is not None and step % checkpoint_every == 0)
-            state, metrics = train_step(state, next(batches), will_log)
-            queued.append((step, metrics))
+        while step < num_steps:
+            boundary = _event_steps(step, num_steps, periods)
+            full = boundary % log_every == 0 or boundary % eval_every == 0 or boundary == num_steps or (
+                checkpointer is not None and boundary % checkpoint_every == 0)
+            if resident:
+                count = min(steps_per_call, boundary - step)
+                if count < steps_per_call and count > 1:
+                    count = 1  # the remainder runs one step per call: no compilation per remainder length
+                state, metrics = resident_steps(state, source.data, source.permutations(step), count,
+                                                full and step + count == boundary)
+            else:
+                count = 1
+                state, last = train_step(state, next(batches), full and step + 1 == boundary)
+                metrics = (None, last)
+            queued.append((step + 1, metrics))
+            step += count
             ctx.state, ctx.step = state, step
-            bar.update(1)
+            bar.update(count)
+            if step != boundary:
+                continue
             is_eval = step % eval_every == 0 or step == num_steps
             is_ckpt = checkpointer is not None and (step % checkpoint_every == 0 or step == num_steps)
             extra: dict = {}
             if is_eval:
                 drain()  # no evaluation (and no checkpoint) of a state whose loss went non-finite
-                ctx.eval_metrics = evaluate(state, dataset.val, eval_step, eval_batch_size, classification, "val")
+                ctx.eval_metrics = evaluate(state, dataset.val, eval_step, eval_size, classification, "val",
+                                            batch_sharding)
                 extra.update(ctx.eval_metrics)
             notify("on_step_end")
             if is_eval:
@@ -243,4 +360,3 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     notify("on_train_end")
     return FitResult(state=state, history=history, stop_reason=stop_reason, steps_done=ctx.step,
                      wall_time_s=time.perf_counter() - started, best_step=best_step)
-

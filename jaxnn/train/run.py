@@ -21,7 +21,7 @@ from jaxnn import data as data_lib
 from jaxnn import losses, models, optim, parallel
 from jaxnn.train.callbacks import Callback, EarlyStopping
 from jaxnn.train.checkpoint import Checkpointer, CheckpointError
-from jaxnn.train.fit import FitResult, create_train_state, evaluate, fit
+from jaxnn.train.fit import FitResult, create_train_state, eval_batch_size_for, evaluate, fit
 from jaxnn.train.state import TrainState
 from jaxnn.train.step import make_eval_step
 
@@ -57,6 +57,17 @@ def build_state(cfg: config_lib.Config, dataset: data_lib.Dataset, mesh=None) ->
     return state, schedule, model
 
 
+def abstract_state(cfg: config_lib.Config, dataset: data_lib.Dataset, mesh=None) -> tuple[TrainState, Any]:
+    """The TrainState of ``cfg`` with shapes, dtypes and shardings but no values (nothing computed or compiled): the
+    template a checkpoint is restored into."""
+    model = build_model(cfg, dataset)
+    tx, _ = optim.build_optimizer(cfg.optimizer, total_steps(cfg, len(dataset.train)))
+    mesh = mesh or parallel.make_mesh()
+    state = jax.eval_shape(lambda key: create_train_state(model, tx, dataset.input_shape, key, mesh=mesh),
+                           jax.random.PRNGKey(cfg.train.seed))
+    return state, model
+
+
 def prepare_run_dir(cfg: config_lib.Config, run_dir: pathlib.Path, resume: bool) -> None:
     """Create the folder, or check it can be resumed; never touches existing checkpoints."""
     ckpt_dir = run_dir / "checkpoints"
@@ -68,7 +79,7 @@ def prepare_run_dir(cfg: config_lib.Config, run_dir: pathlib.Path, resume: bool)
         if saved_path.exists():
             saved = config_lib.load_config(saved_path)
             differences = _config_differences(saved.to_dict(), cfg.to_dict())
-            differences = [d for d in differences if not d.startswith(("train.progress", "train.epochs", "train.steps"))]
+            differences = [d for d in differences if not d.startswith(("train.progress", "train.epochs", "train.steps"))]  # steps_per_call too (bit-identical)
             if differences:
                 raise RunFolderError(f"cannot resume {run_dir}: the config differs from the saved one in "
                                      f"{', '.join(differences)} (only train.steps/train.epochs may change)")
@@ -116,6 +127,13 @@ def _json_default(value):
 def train_from_config(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = None, resume: bool = False,
                       callbacks: list[Callback] | None = None, mesh=None) -> dict:
     """Train as ``cfg`` says and write the run folder; returns the summary dict (also in summary.json)."""
+    return train_run(cfg, run_dir=run_dir, resume=resume, callbacks=callbacks, mesh=mesh)[0]
+
+
+def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = None, resume: bool = False,
+              callbacks: list[Callback] | None = None, mesh=None) -> tuple[dict, "LoadedRun"]:
+    """:func:`train_from_config`, also returning the trained run as :func:`load_run` would read it back (its final
+    state, which the last checkpoint holds), so analysis can follow without reading the folder again."""
     run_dir = pathlib.Path(run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
     prepare_run_dir(cfg, run_dir, resume)
     mesh = mesh or parallel.make_mesh()
@@ -143,22 +161,25 @@ def train_from_config(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | N
                  seed=t.seed, grad_accum_steps=t.grad_accum_steps, log_every=t.log_every, eval_every=t.eval_every,
                  callbacks=callbacks, checkpointer=checkpointer, checkpoint_every=cfg.checkpoint.every_steps,
                  run_dir=run_dir, start_step=start_step, nan_guard=t.nan_guard, progress=t.progress, mesh=mesh,
-                 needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN)
+                 needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN, steps_per_call=t.steps_per_call)
     summary = summarize(cfg, dataset, model, result, time.perf_counter() - started, resumed_from=start_step or None)
     if checkpointer is not None:
         checkpointer.close()
     write_json(run_dir / "summary.json", summary)
     from jaxnn import plotting
     plotting.plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=cfg.name)
-    return summary
+    trained = LoadedRun(run_dir=run_dir, config=cfg, dataset=dataset, model=model, state=result.state,
+                        step=result.steps_done)
+    return summary, trained
 
 
 def summarize(cfg, dataset, model, result: FitResult, wall_time_s: float, resumed_from: int | None) -> dict:
     classification = dataset.task == "classification"
     eval_step = make_eval_step(cfg.train.loss, classification=classification)
     final = {}
+    size = eval_batch_size_for(dataset, 512)  # the shape fit evaluated with: no new compilation
     for split in ("train", "val", "test"):
-        final.update(evaluate(result.state, getattr(dataset, split), eval_step, 512, classification, split))
+        final.update(evaluate(result.state, getattr(dataset, split), eval_step, size, classification, split))
     return {
         "name": cfg.name, "dataset": dataset.name, "model": cfg.model.name,
         "num_params": int(models.count_params(result.state.params)),
@@ -196,9 +217,9 @@ class LoadedRun:
         batch_size = batch_size or self.config.train.batch_size
         batch_size = min(batch_size, len(data))
         num_batches = max(1, min(num_batches, len(data) // batch_size))
-        it = data_lib.batch_iterator(data, batch_size, seed=self.config.train.seed, shuffle=True,
-                                     drop_remainder=True, epochs=1)
-        return [next(it) for _ in range(num_batches)]
+        x, y = data_lib.host_stacked_batches(data, batch_size, num_batches, seed=self.config.train.seed,
+                                                      shuffle=True)
+        return list(zip(x, y))  # host arrays: the analysis stacks and places them once
 
     def params_at(self, step: int) -> Any:
         ckpt = make_checkpointer(self.config, self.run_dir, read_only=True)
@@ -224,7 +245,7 @@ def load_run(run_dir: str | pathlib.Path, step: int | str = "latest") -> LoadedR
         raise FileNotFoundError(f"{run_dir} is not a jaxnn run folder: config.yaml is missing")
     cfg = config_lib.load_config(run_dir / "config.yaml")
     dataset = load_dataset(cfg)
-    state, _, model = build_state(cfg, dataset)
+    state, model = abstract_state(cfg, dataset)
     ckpt = make_checkpointer(cfg, run_dir, read_only=True)
     try:
         if step == "best":

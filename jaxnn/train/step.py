@@ -2,6 +2,10 @@
 
 The train step splits the batch into ``grad_accum_steps`` micro-batches and accumulates their gradients in a
 ``lax.scan`` inside the same compiled program, so accumulation costs no extra dispatch.
+
+Device-resident training (:func:`make_resident_train_steps`): the whole training split lives on the device and each
+step gathers its batch there from the epoch's permutation and the step counter, so a step needs no host work and no
+transfer; ``num_steps`` steps run per call in a ``lax.scan`` (bit-identical to one step per call).
 """
 
 from __future__ import annotations
@@ -32,6 +36,55 @@ def make_train_step(loss: Callable | str, schedule: Callable | None = None, *, g
     measured), so ``fit`` asks for them only on the steps it logs.
     Cached on its arguments, so repeated ``fit`` calls with the same loss and schedule reuse one compilation.
     """
+    step = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn)
+    return jax.jit(step, donate_argnums=(0,) if donate else (), static_argnums=(2,))
+
+
+def _resident_batch(state: TrainState, data, permutations, first_epoch, batch_size: int, steps_per_epoch: int,
+                    batch_sharding):
+    """The batch of global step ``state.step``: rows ``perm_e[(s mod S)·B : (s mod S + 1)·B]`` of the split on the
+    device, with ``perm_e`` row ``e − first_epoch`` of ``permutations`` (the same batches as ``batch_iterator``)."""
+    epoch, position = jnp.divmod(state.step, steps_per_epoch)
+    rows = jax.lax.dynamic_slice_in_dim(permutations[epoch - first_epoch], position * batch_size, batch_size)
+    batch = jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data)
+    if batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return batch
+
+
+@functools.lru_cache(maxsize=32)
+def make_resident_train_steps(loss: Callable | str, schedule: Callable | None = None, *, grad_accum_steps: int = 1,
+                              classification: bool = True, needs_value_fn: bool = False, batch_size: int,
+                              steps_per_epoch: int, batch_sharding=None) -> Callable:
+    """``train_steps(state, data, permutations, num_steps, full_last) -> (state, metrics)``, jitted, state donated.
+
+    ``data``: the training split ``(x, y)`` on the device; ``permutations``: (W, ≥ S·B) int32, the example order of
+    epochs ``e0 .. e0+W−1`` with ``e0 = state.step // S`` at the call. Runs ``num_steps`` (static) optimizer steps,
+    each gathering its batch on the device: one ``lax.scan`` over the first ``num_steps − 1`` (loss, accuracy, lr
+    per step, stacked) and a last step with the full metrics when ``full_last`` (static). Results are bit-identical
+    to ``num_steps`` calls of one step (the same step computation, scanned).
+    """
+    step = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn)
+
+    def steps(state: TrainState, data, permutations, num_steps: int, full_last: bool):
+        first_epoch = state.step // steps_per_epoch
+
+        def one(state, full):
+            batch = _resident_batch(state, data, permutations, first_epoch, batch_size, steps_per_epoch,
+                                    batch_sharding)
+            return step(state, batch, full)
+
+        scanned = None
+        if num_steps > 1:
+            state, scanned = jax.lax.scan(lambda s, _: one(s, False), state, None, length=num_steps - 1)
+        state, last = one(state, full_last)
+        return state, (scanned, last)
+
+    return jax.jit(steps, donate_argnums=(0,), static_argnums=(3, 4))
+
+
+def _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn) -> Callable:
+    """The un-jitted ``step(state, batch, full_metrics)`` shared by every compiled form."""
     per_example = losses.get_loss(loss) if isinstance(loss, str) else loss
 
     def step(state: TrainState, batch, full_metrics=True):
@@ -91,22 +144,24 @@ def make_train_step(loss: Callable | str, schedule: Callable | None = None, *, g
                                   opt_state=opt_state, rng=rng)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else (), static_argnums=(2,))
+    return step
 
 
 @functools.lru_cache(maxsize=32)
 def make_eval_step(loss: Callable | str, *, classification: bool = True) -> Callable:
-    """``eval_step(state, batch) -> sums``: summed loss, correct count and example count (eval mode), jitted.
-    Sums (not means) so a split with a ragged last batch averages exactly."""
+    """``eval_step(state, batch, mask=None) -> sums``: summed loss, correct count and example count (eval mode),
+    jitted. Sums (not means) so a split averages exactly; ``mask`` (B,) marks the real rows of a padded batch, so
+    every batch of every split can have one shape (one compilation)."""
     per_example = losses.get_loss(loss) if isinstance(loss, str) else loss
 
-    def step(state: TrainState, batch, full_metrics=True):
+    def step(state: TrainState, batch, mask=None):
         x, y = batch
         outputs = state.apply_fn({"params": state.params, **state.model_state}, x, train=False)
         values = per_example(outputs, y)
-        sums = {"loss_sum": jnp.sum(values), "count": jnp.asarray(values.shape[0], values.dtype)}
+        weight = jnp.ones(values.shape[0], values.dtype) if mask is None else mask.astype(values.dtype)
+        sums = {"loss_sum": jnp.sum(jnp.where(weight > 0, values, 0)), "count": jnp.sum(weight)}
         if classification:
-            sums["correct"] = jnp.sum(jnp.argmax(outputs, -1) == y).astype(values.dtype)
+            sums["correct"] = jnp.sum((jnp.argmax(outputs, -1) == y) * weight)
         return sums
 
     return jax.jit(step)

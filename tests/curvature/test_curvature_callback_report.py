@@ -31,7 +31,7 @@ class FakeTrainingContext:
 def test_hessian_callback_logs_every_k_steps(x64):
     batch = classification_data(1)
     ctx = FakeTrainingContext(jax.tree.map(jnp.asarray, mlp_params(0)), batch)
-    callback = curvature.HessianCallback(every_k_steps=2, k=2, trace_samples=40, num_iters=60)
+    callback = curvature.HessianCallback(every_k_steps=2, k=2, trace_samples=40, num_iters=60, tol=1e-6)
     callback.on_train_begin(ctx)
     gradient = jax.jit(jax.grad(mlp_loss))
     expected = {}
@@ -45,8 +45,10 @@ def test_hessian_callback_logs_every_k_steps(x64):
     assert [step for step, _ in ctx.logged] == [2, 4]
     for step, metrics in ctx.logged:
         exact = expected[step]
-        assert set(metrics) == {"lambda_max", "lambda_2", "sharpness_threshold", "trace", "trace_se", "hessian_seconds"}
+        assert set(metrics) == {"lambda_max", "lambda_2", "sharpness_threshold", "trace", "trace_se", "hessian_seconds",
+                                "lanczos_iters"}
         assert all(isinstance(value, float) for value in metrics.values())
+        assert 2 <= metrics["lanczos_iters"] < 60  # adaptive: stopped before the cap once both pairs converged
         assert metrics["lambda_max"] == pytest.approx(exact[-1], rel=1e-6)
         assert metrics["lambda_2"] == pytest.approx(exact[-2], rel=1e-6)
         assert metrics["sharpness_threshold"] == pytest.approx(2.0 / exact[-1], rel=1e-6)

@@ -1,0 +1,123 @@
+"""Process-wide runtime settings: the persistent compilation cache, simulated CPU devices, quiet library logs.
+
+These act on the whole process and most must happen before jax initialises its backend, which is why the ``jaxnn``
+command applies them right after parsing its arguments and before importing anything heavy.
+
+    jaxnn.enable_compilation_cache()          # compiled programs reused across processes (~/.cache/jaxnn/xla)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import re
+import sys
+
+CACHE_ENV = "JAXNN_CACHE_DIR"
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def default_cache_dir() -> pathlib.Path:
+    """``$JAXNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/jaxnn/xla``, else ``~/.cache/jaxnn/xla``."""
+    if os.environ.get(CACHE_ENV):
+        return pathlib.Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "jaxnn" / "xla"
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None, *, min_compile_seconds: float = 0.0) -> str:
+    """Turn on JAX's persistent compilation cache in ``path`` (default :func:`default_cache_dir`); returns the path.
+
+    Every program that took at least ``min_compile_seconds`` to compile (default: all of them) is written there
+    and read back by later processes instead of being compiled again: the second ``jaxnn curvature`` of a run, a
+    rerun of a script, every test subprocess. Entries are keyed on the program, the jax/XLA versions and the
+    devices, so a stale entry is never used. Safe to call more than once; a different path replaces the previous
+    one. The cache is trusted code: keep it in a folder only you can write.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    folder = pathlib.Path(path).expanduser() if path is not None else default_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"compilation cache: cannot create {folder} ({error}); set {CACHE_ENV} to a writable folder "
+                      "or disable the cache (--no-compile-cache)") from None
+    current = jax.config.jax_compilation_cache_dir
+    if current is not None and os.path.abspath(current) != os.path.abspath(folder):
+        compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size threshold
+    return str(folder)
+
+
+def disable_compilation_cache() -> None:
+    """Stop reading and writing the persistent compilation cache in this process."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    if jax.config.jax_compilation_cache_dir is not None:
+        compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", None)
+
+
+def jax_backend_started() -> bool:
+    """Whether jax has created its devices already (after which XLA_FLAGS changes have no effect)."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge
+
+    return bool(getattr(xla_bridge, "_backends", None))
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """Make the CPU platform expose ``count`` devices (``--xla_force_host_platform_device_count``).
+
+    Must run before jax starts its backend; accelerators are unaffected (their devices are real). Raises
+    ``RuntimeError`` when the backend already runs with a different count, since the flag would be ignored.
+    """
+    if count < 1:
+        raise ValueError(f"devices: expected a positive number of devices, got {count}")
+    flags = re.sub(rf"{_DEVICE_FLAG}=\d+", "", os.environ.get("XLA_FLAGS", "")).split()
+    wanted = f"{_DEVICE_FLAG}={count}"
+    if jax_backend_started():
+        import jax
+
+        if jax.default_backend() == "cpu" and jax.local_device_count() < count:
+            raise RuntimeError(f"devices: {count} CPU devices asked for, but jax already started with "
+                               f"{jax.local_device_count()} in this process; set XLA_FLAGS={wanted} before "
+                               "importing jax")
+        return
+    os.environ["XLA_FLAGS"] = " ".join(flags + [wanted])
+
+
+# Messages orbax logs (through absl) when it opens a checkpoint folder read-only: expected, not a problem.
+_READ_ONLY_NOISE = ("read_only=True", "directory is read only")
+
+
+class _DropReadOnlyNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in _READ_ONLY_NOISE)
+
+
+@contextlib.contextmanager
+def read_only_notices_dropped():
+    """Drop orbax's read-only notices while a checkpoint folder is opened for reading (library users included)."""
+    logger = logging.getLogger("absl")
+    noise = _DropReadOnlyNotices()
+    logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        logger.removeFilter(noise)
+
+
+def quiet_library_logs() -> None:
+    """Library log messages below ERROR (absl/orbax, jax) off for the ``jaxnn`` command; ``--debug`` keeps them."""
+    for name in ("absl", "jax", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ INFO/WARNING lines

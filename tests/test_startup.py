@@ -1,0 +1,58 @@
+"""Start-up cost: heavy dependencies load where they are used, and the CLI parses before importing jax.
+
+Times are measured in fresh subprocesses and compared with a bare ``import jax`` in the same run (the best of three
+interleaved runs of each), never against an absolute number: the machines running the suite are noisy.
+"""
+
+import json
+import subprocess
+import sys
+import time
+
+FULL_API = ("import jaxnn, jaxnn.train, jaxnn.curvature, jaxnn.landscape, jaxnn.data, jaxnn.models, jaxnn.analysis, "
+            "jaxnn.config, jaxnn.optim, jaxnn.losses, jaxnn.parallel, jaxnn.plotting")
+HEAVY = ("matplotlib", "orbax", "sklearn", "scipy", "torch")
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_importing_the_api_loads_no_heavy_dependency():
+    out = _python(f"{FULL_API}\nimport sys, json\nprint(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_cli_parses_its_arguments_before_importing_jax():
+    code = ("import sys\nfrom jaxnn import cli\n"
+            "args = cli.build_parser().parse_args(['curvature', 'runs/x', '--k', '3', '--no-compile-cache'])\n"
+            "print(args.k, 'jax' in sys.modules)")
+    out = _python(code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["3", "False"]
+
+
+def _best_seconds(argvs: dict[str, list[str]], rounds: int = 3) -> dict[str, float]:
+    best = {name: float("inf") for name in argvs}
+    for _ in range(rounds):
+        for name, argv in argvs.items():
+            start = time.perf_counter()
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            elapsed = time.perf_counter() - start
+            assert done.returncode == 0, f"{name}: {done.stderr[-2000:]}"
+            best[name] = min(best[name], elapsed)
+    return best
+
+
+def test_import_and_help_times_relative_to_a_bare_jax_import():
+    best = _best_seconds({
+        "jax": [sys.executable, "-c", "import jax"],
+        "jax_flax_optax": [sys.executable, "-c", "import jax, flax, flax.linen, optax"],
+        "jaxnn_api": [sys.executable, "-c", FULL_API],
+        "help": [sys.executable, "-m", "jaxnn.cli", "--help"],
+    })
+    jax_seconds = best["jax"]
+    # Goals: `jaxnn --help` < 0.5 s and the whole API <= jax + flax + optax + 0.3 s, where `import jax` takes ~1 s.
+    assert best["help"] <= 0.5 * jax_seconds, best
+    assert best["jaxnn_api"] <= best["jax_flax_optax"] + 0.3 * jax_seconds, best
