@@ -1,21 +1,22 @@
-"""51×51 loss+accuracy surface of an MNIST-sized MLP over 2,000 examples: jaxnn vs a per-point loop.
+"""2-D loss+accuracy surfaces over 2,000 real MNIST images: jaxnn vs the reference tool's structure in PyTorch, and vs a
+jitted per-point loop in JAX. Prints ratios (both sides in this one process, same weights, directions and data).
 
-The per-point loop has the reference tool's structure (tomgoldstein/loss-landscape): for each grid point set the
-weights θ + αd₁ + βd₂, evaluate loss and accuracy on the data, repeat. To make it fair it is a single jitted
-function per point (weights set and loss+accuracy evaluated in one compiled call, all 2,000 examples as one batch,
-asynchronous dispatch, one sync at the end) — faster than the reference tool itself, which evaluates in
-mini-batches with a host sync per batch. Because it is slow, the loop is timed on a subset of the grid points and
-extrapolated to all of them (the printout says so). jaxnn: ``plane_surface`` (one compiled program, vmapped chunks,
-lax.map over chunks, scan over batches), with and without ``factor_linear_ops``. On a CPU the per-point forward pass
-is compute-bound, so vmapping alone gains nothing (the "without factoring" row); the gain comes from computing the
-parameter-linear first layer once per direction instead of once per point, so it is largest when that layer
-dominates the FLOPs (784-512-10) and smaller when a hidden 128x128 layer remains per point (784-128-128-10).
+Sides, per model:
+* jaxnn ``plane_surface`` (strategy "auto": vmapped chunks for dense nets, one compiled call per point for
+  convolutional nets on CPU; the parameter-linear first layer factored out of the grid either way);
+* the reference tool's structure (tomgoldstein/loss-landscape ``eval_loss``), PyTorch eager: for each grid point set
+  the weights θ + αd₁ + βd₂ in place, then loop over a mini-batch loader summing ``loss.item()·B`` and
+  ``correct.item()``; PyTorch at its best of 1 and 2 threads;
+* a plain jitted per-point loop in JAX (weights set and loss + accuracy evaluated in one compiled call per point).
+The two loops are slow, so they are timed on a subset of the grid points and extrapolated to the whole grid (the
+printout says so); their values are checked against jaxnn's on those points (losses to 1e-5 relative).
 
-Data: the first 2,000 images of the real MNIST test set (../shared/data/mnist, IDX gzipped) if present, else
-synthetic data of MNIST shape. Parameters: He-initialised, directions filter-normalised (Li et al.).
+Models: 784-512-10 and 784-128-128-10 MLPs (He init) and a LeNet (jaxnn.models "lenet": conv5x5 6 - pool - conv5x5
+16 - pool - 120 - 84 - 10, SAME padding) on 28x28 images. Directions filter-normalised (Li et al.).
+Goals (CPU): LeNet >= 1x the PyTorch loop, MLPs >= 5x; on accelerators >= 10x (report when measured).
 
-    python benchmarks/bench_landscape.py            # both MLPs, 51×51, ~2-3 minutes on 2 CPU cores
-    python benchmarks/bench_landscape.py --quick    # 784-512-10 only, 21×21
+    python benchmarks/bench_landscape.py            # all three models, ~5 minutes on 2 CPU cores
+    python benchmarks/bench_landscape.py --quick    # smaller grids and subsets
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnn import losses, models
 from jaxnn.landscape import filter_normalized_direction, plane_surface
 
 MNIST_IMAGES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist",
@@ -56,34 +58,98 @@ def load_data(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray, str
             rng.integers(0, 10, num_examples).astype(np.int32), "synthetic (MNIST shape)")
 
 
-def init_mlp(key: jax.Array, sizes: list[int]) -> list[dict]:
-    keys = jax.random.split(key, len(sizes) - 1)
-    return [{"kernel": jax.random.normal(k, (a, b)) * np.sqrt(2.0 / a), "bias": jnp.zeros(b)}
-            for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+# ------------------------------------------------------------------------------------------------ models, both sides
 
 
-def logits_fn(params: list[dict], x: jax.Array) -> jax.Array:
-    for index, layer in enumerate(params):
-        x = x @ layer["kernel"] + layer["bias"]
-        if index < len(params) - 1:
-            x = jax.nn.relu(x)
-    return x
+def jax_model(name: str):
+    """(params, loss_fn, accuracy_fn, input shape) of a jaxnn model, eval mode."""
+    if name == "lenet":
+        model, shape = models.get_model("lenet", num_classes=10), (28, 28, 1)
+    else:
+        widths = [int(s) for s in name.split("-")[1:-1]]
+        model, shape = models.get_model("mlp", num_classes=10, features=widths, kernel_init="he"), (784,)
+    params, state = models.init_model(model, jax.random.key(0), shape)
+    return (params, losses.make_loss_fn(model.apply, "softmax_cross_entropy", state),
+            losses.make_metric_fn(model.apply, state), shape)
 
 
-def loss_fn(params, batch):
-    x, y = batch
-    log_probs = jax.nn.log_softmax(logits_fn(params, x))
-    return -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], axis=1))
+def torch_model(torch, name: str, params):
+    """The same network in PyTorch (float32) with jaxnn's weights; returns (module, [(torch param, jax path)])."""
+    nn, F = torch.nn, torch.nn.functional
+    pairs = []
+
+    def dense(p, key):
+        layer = nn.Linear(*np.shape(p[key]["kernel"]))
+        pairs.extend([(layer.weight, (key, "kernel", "dense")), (layer.bias, (key, "bias", "vector"))])
+        return layer
+
+    if name == "lenet":
+        class LeNet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.convs = nn.ModuleList()
+                for i in range(2):
+                    kernel = np.shape(params[f"conv_{i}"]["kernel"])
+                    conv = nn.Conv2d(kernel[2], kernel[3], kernel[0], padding=kernel[0] // 2)
+                    pairs.extend([(conv.weight, (f"conv_{i}", "kernel", "conv")),
+                                  (conv.bias, (f"conv_{i}", "bias", "vector"))])
+                    self.convs.append(conv)
+                self.dense = nn.ModuleList([dense(params, "dense_0"), dense(params, "dense_1"), dense(params, "head")])
+
+            def forward(self, x):
+                for conv in self.convs:
+                    x = F.max_pool2d(F.relu(conv(x)), 2)
+                x = x.permute(0, 2, 3, 1).flatten(1)  # jaxnn flattens NHWC features in (H, W, C) order
+                x = F.relu(self.dense[0](x))
+                x = F.relu(self.dense[1](x))
+                return self.dense[2](x)
+
+        module = LeNet()
+    else:
+        layers, names = [], [k for k in params if k.startswith("dense_")] + ["head"]
+        for index, key in enumerate(names):
+            layers.append(dense(params, key))
+            if index < len(names) - 1:
+                layers.append(nn.ReLU())
+        module = nn.Sequential(*layers)
+    return module.eval(), pairs
 
 
-def accuracy_fn(params, batch):
-    x, y = batch
-    return jnp.mean((jnp.argmax(logits_fn(params, x), axis=-1) == y).astype(jnp.float32))
+def torch_layout(array, kind):
+    array = np.asarray(array, dtype=np.float32)
+    if kind == "dense":
+        return array.T.copy()
+    if kind == "conv":
+        return array.transpose(3, 2, 0, 1).copy()
+    return array.copy()
 
 
-def per_point_loop(params, d1, d2, data, points: np.ndarray) -> tuple[np.ndarray, float]:
-    """Reference-tool structure: per point, set weights and evaluate (one jitted call); returns values, seconds."""
+# ------------------------------------------------------------------------------------------------ the loops
 
+
+def torch_reference_loop(torch, module, pairs, params, d1, d2, x, y, batch_size, points):
+    """loss-landscape's structure: per point set the weights in place, then eval_loss over a mini-batch loader."""
+    F = torch.nn.functional
+    as_torch = lambda tree: [torch.from_numpy(torch_layout(tree[key][leaf], kind)) for _, (key, leaf, kind) in pairs]
+    theta, u, v = as_torch(params), as_torch(d1), as_torch(d2)
+    loader = [(torch.from_numpy(x[i:i + batch_size]), torch.from_numpy(y[i:i + batch_size].astype(np.int64)))
+              for i in range(0, len(x), batch_size)]
+    values = []
+    with torch.no_grad():
+        for alpha, beta in points:
+            for (param, _), t0, t1, t2 in zip(pairs, theta, u, v):
+                param.copy_(t0 + float(alpha) * t1 + float(beta) * t2)
+            total_loss, correct, total = 0.0, 0, 0
+            for inputs, targets in loader:
+                outputs = module(inputs)
+                total_loss += F.cross_entropy(outputs, targets).item() * len(targets)
+                correct += outputs.argmax(1).eq(targets).sum().item()
+                total += len(targets)
+            values.append((total_loss / total, correct / total))
+    return np.array(values)
+
+
+def jax_point_loop(loss_fn, accuracy_fn, params, d1, d2, data, points):
     @jax.jit
     def set_weights_and_evaluate(alpha, beta):
         point = jax.tree.map(lambda t, u, v: t + alpha * u + beta * v, params, d1, d2)
@@ -91,89 +157,93 @@ def per_point_loop(params, d1, d2, data, points: np.ndarray) -> tuple[np.ndarray
 
     jax.block_until_ready(set_weights_and_evaluate(0.0, 0.0))  # compile outside the timing
     start = time.perf_counter()
-    results = [set_weights_and_evaluate(float(a), float(b)) for a, b in points]
-    results = jax.block_until_ready(results)
-    seconds = time.perf_counter() - start
-    return np.array([[float(l), float(a)] for l, a in results]), seconds
+    results = jax.block_until_ready([set_weights_and_evaluate(float(a), float(b)) for a, b in points])
+    return np.array([[float(l), float(a)] for l, a in results]), time.perf_counter() - start
 
 
-def run_model(sizes: list[int], x: np.ndarray, y: np.ndarray, grid: int, subset: int, chunk_size: int,
-              batch_size: int, repeats: int, skip_unfactored: bool) -> dict:
-    params = init_mlp(jax.random.key(0), sizes)
+# ------------------------------------------------------------------------------------------------ one model
+
+
+def run_model(name, x, y, grid, subset, batch_size, chunk_size, repeats, torch):
+    params, loss_fn, accuracy_fn, shape = jax_model(name)
+    xs = x.reshape((-1, *shape))
     d1 = filter_normalized_direction(jax.random.key(1), params)
     d2 = filter_normalized_direction(jax.random.key(2), params)
     coordinates = np.linspace(-1.0, 1.0, grid)
     grid_a, grid_b = np.meshgrid(coordinates, coordinates, indexing="ij")
     all_points = np.stack([grid_a.ravel(), grid_b.ravel()], axis=1)
     subset_index = np.linspace(0, len(all_points) - 1, min(subset, len(all_points))).round().astype(int)
-    full = (jnp.asarray(x), jnp.asarray(y))
-    batches = [(jnp.asarray(x[i:i + batch_size]), jnp.asarray(y[i:i + batch_size]))
-               for i in range(0, len(x), batch_size)]
+    batches = [(xs[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(xs), batch_size)]
     num_params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-    print(f"\nMLP {'-'.join(map(str, sizes))} ({num_params:,} parameters), {len(x)} examples, {grid}x{grid} = "
-          f"{len(all_points)} points; jaxnn: chunk_size={chunk_size}, {len(batches)} batch(es) of {batch_size}")
+    print(f"\n{name} ({num_params:,} parameters), {len(x)} examples in batches of {batch_size}, {grid}x{grid} = "
+          f"{len(all_points)} points; loops timed on {len(subset_index)} of them and extrapolated")
 
-    loop_seconds, jaxnn_runs, plain_runs = [], [], []
+    jaxnn_runs, loop_runs, torch_runs = [], [], []
     surface = None
-    for repeat in range(repeats):  # interleaved, best of `repeats`, to be fair under a shared, noisy machine
-        loop_values, seconds = per_point_loop(params, d1, d2, full, all_points[subset_index])
-        loop_seconds.append(seconds)
+    for _ in range(repeats):  # interleaved, best of `repeats` each
         surface = plane_surface(loss_fn, params, d1, d2, coordinates, coordinates, batches, accuracy_fn=accuracy_fn,
                                 chunk_size=chunk_size, progress=False)
         jaxnn_runs.append(surface.timing)
-        if not skip_unfactored:  # slow (as slow as the loop on CPU): a 17x17 sub-grid, extrapolated
-            sub = coordinates[np.linspace(0, grid - 1, min(grid, 17)).round().astype(int)]
-            plain = plane_surface(loss_fn, params, d1, d2, sub, sub, batches, accuracy_fn=accuracy_fn,
-                                  chunk_size=chunk_size, factor_linear_ops=False, progress=False)
-            plain_runs.append({k: v * len(all_points) / sub.size**2 if k == "run_seconds" else v
-                               for k, v in plain.timing.items()})
-    loop_per_point = min(loop_seconds) / len(subset_index)
-    loop_total = loop_per_point * len(all_points)
-    best = min(jaxnn_runs, key=lambda t: t["run_seconds"])
-    grid_losses = surface.losses.ravel()[subset_index]
-    grid_accuracy = surface.accuracies.ravel()[subset_index]
-    loss_diff = float(np.max(np.abs(grid_losses - loop_values[:, 0]) / np.maximum(1.0, np.abs(loop_values[:, 0]))))
-    accuracy_diff = float(np.max(np.abs(grid_accuracy - loop_values[:, 1])))
-    print(f"  per-point loop (jitted set-weights+evaluate): {min(loop_seconds):.3f} s for {len(subset_index)} points "
-          f"(timed subset) -> {loop_per_point * 1e3:.3f} ms/point -> {loop_total:.2f} s extrapolated to "
-          f"{len(all_points)} points")
-    print(f"  jaxnn plane_surface (factor_linear_ops=True):  run {best['run_seconds']:.3f} s, "
-          f"compile {best['compile_seconds']:.3f} s")
-    result = {"loop_total": loop_total, "jaxnn_run": best["run_seconds"], "jaxnn_compile": best["compile_seconds"]}
-    if plain_runs:
-        plain_best = min(plain_runs, key=lambda t: t["run_seconds"])
-        print(f"  jaxnn plane_surface (factor_linear_ops=False): run {plain_best['run_seconds']:.3f} s "
-              f"(timed on a 17x17 sub-grid, extrapolated), compile {plain_best['compile_seconds']:.3f} s")
-        result["plain_run"] = plain_best["run_seconds"]
-    print(f"  agreement on the {len(subset_index)} common points: max relative loss difference {loss_diff:.2e}, "
-          f"max accuracy difference {accuracy_diff:.2e} (float32)")
-    print(f"  RATIO per-point loop / jaxnn (run time):             {loop_total / best['run_seconds']:.1f}x")
-    print(f"  RATIO per-point loop / jaxnn (jaxnn incl. compile):  "
-          f"{loop_total / (best['run_seconds'] + best['compile_seconds']):.1f}x")
-    if plain_runs:
-        print(f"  RATIO per-point loop / jaxnn without factoring (run): {loop_total / result['plain_run']:.1f}x")
-    return result
+        loop_values, seconds = jax_point_loop(loss_fn, accuracy_fn, params, d1, d2, (jnp.asarray(xs), jnp.asarray(y)),
+                                              all_points[subset_index])
+        loop_runs.append(seconds)
+        if torch is not None:
+            best = None
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                module, pairs = torch_model(torch, name, params)
+                start = time.perf_counter()
+                torch_values = torch_reference_loop(torch, module, pairs, params, d1, d2,
+                                                    np.asarray(xs.transpose(0, 3, 1, 2) if name == "lenet" else xs),
+                                                    y, batch_size, all_points[subset_index])
+                elapsed = time.perf_counter() - start
+                best = elapsed if best is None else min(best, elapsed)
+            torch_runs.append(best)
+    run = min(jaxnn_runs, key=lambda t: t["run_seconds"])
+    strategy = "per_point" if run.get("per_point") else "vmapped"
+    scale = len(all_points) / len(subset_index)
+    loop_total = min(loop_runs) * scale
+    losses_on_subset = surface.losses.ravel()[subset_index]
+    loop_diff = float(np.max(np.abs(losses_on_subset - loop_values[:, 0]) / np.abs(loop_values[:, 0])))
+    print(f"  jaxnn plane_surface ({strategy}): run {run['run_seconds']:.2f} s, compile {run['compile_seconds']:.2f} s")
+    print(f"  JAX jitted per-point loop: {loop_total:.2f} s extrapolated (max rel. loss diff to jaxnn {loop_diff:.1e})")
+    if torch is not None:
+        torch_total = min(torch_runs) * scale
+        accuracy_diff = float(np.max(np.abs(surface.accuracies.ravel()[subset_index] - torch_values[:, 1])))
+        torch_diff = float(np.max(np.abs(losses_on_subset - torch_values[:, 0]) / np.abs(torch_values[:, 0])))
+        print(f"  PyTorch reference structure (eager, weights set per point, loader of {batch_size}): "
+              f"{torch_total:.2f} s extrapolated (max rel. loss diff {torch_diff:.1e}, accuracy diff "
+              f"{accuracy_diff:.1e})")
+        print(f"  RATIO PyTorch loop / jaxnn (run):           {torch_total / run['run_seconds']:6.2f}x")
+        print(f"  RATIO PyTorch loop / jaxnn (incl. compile): "
+              f"{torch_total / (run['run_seconds'] + run['compile_seconds']):6.2f}x")
+    print(f"  RATIO JAX per-point loop / jaxnn (run):     {loop_total / run['run_seconds']:6.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="784-512-10,784-128-128-10")
-    parser.add_argument("--grid", type=int, default=51)
+    parser.add_argument("--models", default="mlp-512-10,mlp-128-128-10,lenet")
+    parser.add_argument("--grid", type=int, default=51, help="points per axis for the MLPs")
+    parser.add_argument("--lenet-grid", type=int, default=21, help="points per axis for the LeNet")
     parser.add_argument("--examples", type=int, default=2000)
-    parser.add_argument("--subset", type=int, default=300, help="grid points timed in the per-point loop")
+    parser.add_argument("--subset", type=int, default=60, help="grid points timed in the loops")
+    parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--chunk-size", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=250, help="jaxnn's batches (the loop uses one batch)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--skip-unfactored", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="784-512-10 only, 21x21, one repeat")
+    parser.add_argument("--quick", action="store_true", help="21x21 / 9x9 grids, 20-point subsets, one repeat")
     args = parser.parse_args()
     if args.quick:
-        args.models, args.grid, args.repeats, args.subset = "784-512-10", 21, 1, 100
+        args.grid, args.lenet_grid, args.subset, args.repeats = 21, 9, 20, 1
+    try:
+        import torch
+    except ImportError:
+        torch = None
+        print("PyTorch is not installed (pip install -e '.[test]'): the reference-structure side is skipped")
     x, y, source = load_data(args.examples, seed=0)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPU cores visible); data: {source}")
-    for model in args.models.split(","):
-        run_model([int(s) for s in model.split("-")], x, y, args.grid, args.subset, args.chunk_size,
-                  args.batch_size, args.repeats, args.skip_unfactored)
+    for name in args.models.split(","):
+        run_model(name, x, y, args.lenet_grid if name == "lenet" else args.grid, args.subset, args.batch_size,
+                  args.chunk_size, args.repeats, torch)
 
 
 if __name__ == "__main__":

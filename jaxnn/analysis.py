@@ -9,6 +9,7 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxnn.train.run import LoadedRun, load_run
 
@@ -25,22 +26,42 @@ def _parse_step(step: Any) -> Any:
     return step
 
 
+MERGE_LIMIT = 1024  # examples: eval-mode analysis batches up to this many in all are evaluated as one batch
+
+
+def analysis_batches(loaded: LoadedRun, num_batches: int, batch_size: int | None,
+                     mode: str = "eval") -> tuple[list, dict]:
+    """The run's first ``num_batches`` training batches, as one concatenated batch when that changes nothing.
+
+    In eval mode the loss is a per-example mean, so K equal batches weighted 1/K each and their concatenation have
+    the same loss, gradient and Hessian; one batch of up to :data:`MERGE_LIMIT` examples gives a simpler program
+    (no loop over batches) and lets the estimators linearise the product once. Train-mode batch norm depends on
+    the batch, so batches stay separate there. Returns the batches and what they are (for the report).
+    """
+    if num_batches < 1:
+        raise ValueError(f"data_batches must be >= 1, got {num_batches}")
+    batches = loaded.batches("train", num_batches, batch_size)
+    described = {"batch_size": int(len(batches[0][1])), "data_batches": len(batches),
+                 "evaluated_as_batches": len(batches)}
+    if mode == "eval" and len(batches) > 1 and sum(len(b[1]) for b in batches) <= MERGE_LIMIT:
+        batches = [tuple(np.concatenate(parts) for parts in zip(*batches))]
+        described["evaluated_as_batches"] = 1
+    return batches, described
+
+
 def curvature_for_run(run: str | pathlib.Path | LoadedRun, *, k: int = 5, density: bool = False,
                       data_batches: int = 4, batch_size: int | None = None, step: Any = "latest",
                       mode: str = "eval", seed: int = 0, out_dir: str | pathlib.Path | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, draw: Any = None) -> dict:
     """Hessian report of a run's checkpoint over ``data_batches`` training batches -> curvature.json, spectrum.png."""
     from jaxnn import curvature
 
     loaded = _loaded(run, step)
-    if data_batches < 1:
-        raise ValueError(f"data_batches must be >= 1, got {data_batches}")
-    batches = loaded.batches("train", data_batches, batch_size)
+    batches, described = analysis_batches(loaded, data_batches, batch_size, mode)
     report = curvature.curvature_report(loaded.loss_fn(mode), loaded.state.params, batches, k=k, density=density,
                                         key=jax.random.PRNGKey(seed), progress=progress)
-    report["run"] = {"run_dir": str(loaded.run_dir), "step": loaded.step, "batch_norm_mode": mode,
-                     "batch_size": int(batches[0][0].shape[0]), "data_batches": len(batches)}
-    curvature.write_curvature_report(report, out_dir or loaded.run_dir)
+    report["run"] = {"run_dir": str(loaded.run_dir), "step": loaded.step, "batch_norm_mode": mode, **described}
+    curvature.write_curvature_report(report, out_dir or loaded.run_dir, draw=draw)
     return report
 
 
@@ -60,14 +81,12 @@ def landscape_for_run(run: str | pathlib.Path | LoadedRun, *, dirs: str = "filte
                       span: float = 1.0, other: str | pathlib.Path | None = None, trajectory: bool = False,
                       data_batches: int = 2, batch_size: int | None = None, step: Any = "latest",
                       log_scale: bool = False, seed: int = 0, out_dir: str | pathlib.Path | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, draw: Any = None) -> dict:
     """1-D and 2-D loss slices around a run's checkpoint (plus interpolation to ``other``, trajectory overlay)."""
     from jaxnn import landscape
 
     loaded = _loaded(run, step)
-    if data_batches < 1:
-        raise ValueError(f"data_batches must be >= 1, got {data_batches}")
-    batches = loaded.batches("train", data_batches, batch_size)
+    batches, _ = analysis_batches(loaded, data_batches, batch_size)
     other_params = None
     if other is not None:
         other_run = load_run(other)
@@ -84,5 +103,5 @@ def landscape_for_run(run: str | pathlib.Path | LoadedRun, *, dirs: str = "filte
         other_params=other_params, trajectory=trajectory_params, accuracy_fn=loaded.accuracy_fn(), progress=progress)
     report.setdefault("summary", {})["run"] = {"run_dir": str(loaded.run_dir), "step": loaded.step,
                                                "other": str(other) if other else None}
-    landscape.write_landscape_report(report, out_dir or loaded.run_dir, log_scale=log_scale)
+    landscape.write_landscape_report(report, out_dir or loaded.run_dir, log_scale=log_scale, draw=draw)
     return report

@@ -127,44 +127,51 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     from jaxnn import analysis, config as config_lib
+    from jaxnn.plotting import FigureWorker
     from jaxnn.train import train_run
 
     if args.command == "configs":
         for name in config_lib.shipped_configs():
             print(name)
         return 0
-    if args.command in ("run", "train"):
-        cfg = config_lib.load_config(args.config, overrides=args.overrides)
-        run_dir = pathlib.Path(args.run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
-        summary, trained = train_run(cfg, run_dir=run_dir, resume=args.resume)
-        final = summary["final"]
-        line = ", ".join(f"{k}={v:.4f}" for k, v in final.items())
-        print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.1f}s ({summary['stop_reason']}): {line}")
-        if args.command == "run" and not args.no_analysis:
-            a = cfg.analysis
-            if a.curvature:
-                report = analysis.curvature_for_run(trained, k=a.curvature_k, density=a.density,
-                                                    data_batches=a.curvature_batches)
-                print(analysis.describe_curvature(report))
-            if a.landscape:
-                analysis.landscape_for_run(trained, dirs="filter", grid=a.landscape_grid, span=a.landscape_span,
-                                           data_batches=a.landscape_batches)
-        print(f"run folder: {run_dir}")
-        return 0
-    if args.command == "curvature":
-        report = analysis.curvature_for_run(args.run_dir, k=args.k, density=args.density,
-                                            data_batches=args.data_batches, batch_size=args.batch_size,
-                                            step=args.step, mode=args.mode, seed=args.seed, out_dir=args.out)
-        print(analysis.describe_curvature(report))
-        return 0
-    if args.command == "landscape":
-        report = analysis.landscape_for_run(args.run_dir, dirs=args.dirs, grid=args.grid, span=args.span,
-                                            other=args.other, trajectory=args.trajectory,
-                                            data_batches=args.data_batches, batch_size=args.batch_size,
-                                            step=args.step, log_scale=args.log_scale, seed=args.seed,
-                                            out_dir=args.out)
-        print(json.dumps(report.get("summary", {}), indent=1, default=str))
-        return 0
+    # Figures are drawn by a background process while the next computation runs; all are written before exit.
+    with FigureWorker() as figures:
+        draw = figures.submit
+        if args.command in ("run", "train"):
+            cfg = config_lib.load_config(args.config, overrides=args.overrides)
+            run_dir = pathlib.Path(args.run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
+            summary, trained = train_run(cfg, run_dir=run_dir, resume=args.resume, draw=draw)
+            final = summary["final"]
+            line = ", ".join(f"{k}={v:.4f}" for k, v in final.items())
+            print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.1f}s ({summary['stop_reason']}): "
+                  f"{line}")
+            if args.command == "run" and not args.no_analysis:
+                a = cfg.analysis
+                if a.curvature:
+                    report = analysis.curvature_for_run(trained, k=a.curvature_k, density=a.density,
+                                                        data_batches=a.curvature_batches, draw=draw)
+                    print(analysis.describe_curvature(report))
+                if a.landscape:
+                    analysis.landscape_for_run(trained, dirs="filter", grid=a.landscape_grid, span=a.landscape_span,
+                                               data_batches=a.landscape_batches, draw=draw)
+            figures.wait()
+            print(f"run folder: {run_dir}")
+            return 0
+        if args.command == "curvature":
+            report = analysis.curvature_for_run(args.run_dir, k=args.k, density=args.density,
+                                                data_batches=args.data_batches, batch_size=args.batch_size,
+                                                step=args.step, mode=args.mode, seed=args.seed, out_dir=args.out,
+                                                draw=draw)
+            print(analysis.describe_curvature(report))
+            return 0
+        if args.command == "landscape":
+            report = analysis.landscape_for_run(args.run_dir, dirs=args.dirs, grid=args.grid, span=args.span,
+                                                other=args.other, trajectory=args.trajectory,
+                                                data_batches=args.data_batches, batch_size=args.batch_size,
+                                                step=args.step, log_scale=args.log_scale, seed=args.seed,
+                                                out_dir=args.out, draw=draw)
+            print(json.dumps(report.get("summary", {}), indent=1, default=str))
+            return 0
     raise AssertionError(args.command)
 
 

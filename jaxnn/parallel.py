@@ -36,6 +36,12 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh the first array of ``tree`` is placed on (None when it is not on a mesh)."""
+    sharding = getattr(jax.tree.leaves(tree)[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None
+
+
 def check_batch_divisible(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
     n = mesh.devices.size
     if batch_size % n:

@@ -50,3 +50,60 @@ def plot_training_curves(metrics_path: str | pathlib.Path, out_path: str | pathl
     out_path = pathlib.Path(out_path)
     fig.savefig(out_path, dpi=110)
     return out_path
+
+
+def draw_now(function, *args, **kwargs):
+    """Draw a figure in this process (the default ``draw`` of the report writers)."""
+    return function(*args, **kwargs)
+
+
+def _warm_up() -> None:
+    """Worker start-up: import matplotlib and the figure modules before the first figure is asked for."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+
+    import jaxnn.curvature.plots  # noqa: F401
+    import jaxnn.landscape.plots  # noqa: F401
+
+
+class FigureWorker:
+    """Draws figures in one background process, so that importing matplotlib and rendering PNGs overlap the
+    computation instead of adding to it (about 2 s of a ``jaxnn run`` on a 2-core CPU, measured).
+
+    ``submit(function, *args, **kwargs)`` queues ``function(*args, **kwargs)`` — a module-level figure function;
+    the arguments are pickled — and is a drop-in ``draw`` for the report writers. ``wait()`` blocks until every
+    queued figure is written and re-raises the first error; ``close()`` also stops the process. Used as a context
+    manager by the ``jaxnn`` command; the process starts with the first figure.
+    """
+
+    def __init__(self) -> None:
+        self._pool = None
+        self._pending: list = []
+
+    def submit(self, function, *args, **kwargs) -> None:
+        if self._pool is None:
+            import concurrent.futures
+            import multiprocessing
+
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_up)
+        self._pending.append(self._pool.submit(function, *args, **kwargs))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self, cancel: bool = False) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            self._pool = None
+
+    def __enter__(self) -> "FigureWorker":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        try:
+            if kind is None:
+                self.wait()
+        finally:
+            self.close(cancel=kind is not None)

@@ -121,3 +121,34 @@ def quiet_library_logs() -> None:
     for name in ("absl", "jax", "orbax", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ INFO/WARNING lines
+
+
+# LLVM optimisation off: halves XLA:CPU compile time of programs dominated by elementwise code (threefry random
+# numbers, initialisers: 1.3 s -> 0.6 s for an MLP's init, measured) and changes results only in the last bit.
+QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def quick_jit(fun=None, **jit_options):
+    """``jax.jit`` for programs that run once or a few times (initialisation, random directions and probes): on
+    CPU they are compiled with :data:`QUICK_COMPILE_OPTIONS`, since their run time is negligible and their compile
+    time is not. Elsewhere it is plain ``jax.jit``. Usable as ``@quick_jit`` or ``quick_jit(static_argnames=...)``."""
+    import functools
+
+    if fun is None:
+        return functools.partial(quick_jit, **jit_options)
+    import jax
+
+    compiled: dict[bool, object] = {}
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        # Compiler options only apply to a top-level program: when traced inside another jit (or eval_shape) the
+        # function is plain jax.jit.
+        quick = jax.default_backend() == "cpu" and not any(
+            isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
+        if quick not in compiled:
+            options = dict(jit_options, compiler_options=QUICK_COMPILE_OPTIONS) if quick else jit_options
+            compiled[quick] = jax.jit(fun, **options)
+        return compiled[quick](*args, **kwargs)
+
+    return call

@@ -79,7 +79,7 @@ def two_runs(tmp_path_factory):
     for seed in (0, 1):
         run_dir = root / f"seed{seed}"
         assert main(["train", "digits_mlp", "--run-dir", str(run_dir), "--set", "train.steps=40",
-                     "--set", "train.eval_every=10", "--set", "checkpoint.keep_last=4", "--set", f"train.seed={seed}",
+                     "--set", "train.eval_every=10", "--set", "checkpoint.every_steps=10", "--set", "checkpoint.keep_last=4", "--set", f"train.seed={seed}",
                      "--set", "train.progress=false", "--set", "model.kwargs={width: 16, depth: 1}"]) == 0
         runs.append(run_dir)
     return runs

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from jaxnn.curvature.krylov import flat_vector, run_lanczos
 from jaxnn.curvature.operators import CurvatureOperator, require_operator
 from jaxnn.curvature.validation import check_int, check_key, check_like_params, check_positive_float
+from jaxnn.runtime import quick_jit
 
 
 class SpectralDensity(NamedTuple):
@@ -41,7 +42,7 @@ def _quadrature(analysis) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(values[index]), np.asarray(first[index]) ** 2
 
 
-@functools.partial(jax.jit, static_argnames=("num_params", "dtype"))
+@quick_jit(static_argnames=("num_params", "dtype"))
 def _rademacher(key, num_params, dtype):
     return jax.random.rademacher(key, (num_params,), dtype=dtype)
 

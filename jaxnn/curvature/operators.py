@@ -631,8 +631,13 @@ def flat_operator(op: CurvatureOperator) -> tuple[Callable, jax.Array, Callable]
 
 @jax.jit
 def flat_products(op: CurvatureOperator, vectors: jax.Array) -> jax.Array:
-    """M z for every row z of the (count, n) array ``vectors`` (flat params order), vmapped: ``count`` products."""
+    """M z for every row z of the (count, n) array ``vectors`` (flat params order), vmapped: ``count`` products.
+
+    A single row is multiplied without ``vmap``: a batch axis of one still changes the compiled program, and made
+    a product ~1.5x slower on CPU (measured on an 85k-parameter MLP)."""
     flat_matvec, _, _ = flat_operator(op)
+    if vectors.shape[0] == 1:
+        return flat_matvec(vectors[0])[None]
     return jax.vmap(flat_matvec)(vectors)
 
 

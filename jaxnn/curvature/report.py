@@ -180,8 +180,11 @@ def curvature_report(
     return report
 
 
-def write_curvature_report(report: dict, out_dir: str | os.PathLike) -> dict[str, str]:
-    """Write ``curvature.json`` and ``spectrum.png`` into ``out_dir`` (created if missing); return their paths."""
+def write_curvature_report(report: dict, out_dir: str | os.PathLike, *, draw: Any = None) -> dict[str, str]:
+    """Write ``curvature.json`` and ``spectrum.png`` into ``out_dir`` (created if missing); return their paths.
+
+    ``draw(function, *args)`` draws the figure (default: now, in this process; ``jaxnn.plotting.FigureWorker().submit``
+    draws it in a background process)."""
     if not isinstance(report, dict) or "eigenvalues" not in report:
         raise ValueError("report: expected the dict returned by curvature_report (with an 'eigenvalues' entry)")
     out_dir = Path(out_dir)
@@ -192,5 +195,6 @@ def write_curvature_report(report: dict, out_dir: str | os.PathLike) -> dict[str
     figure_path = out_dir / FIGURE_FILE
     from jaxnn.curvature.plots import plot_spectrum  # matplotlib loads only when a figure is drawn
 
-    plot_spectrum(report, figure_path)
+    draw = draw or (lambda function, *args: function(*args))
+    draw(plot_spectrum, report, figure_path)
     return {"json": str(json_path), "figure": str(figure_path)}

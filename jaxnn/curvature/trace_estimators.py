@@ -32,6 +32,7 @@ from jaxnn.curvature.operators import (
     require_operator,
 )
 from jaxnn.curvature.validation import check_choice, check_int, check_key
+from jaxnn.runtime import quick_jit
 
 TRACE_METHODS = ("hutchinson", "hutch++")
 DIAGONAL_METHODS = ("hutchinson", "exact")
@@ -61,7 +62,7 @@ def _probes(op, key, count, basis):
     return probes
 
 
-_probes_jit = jax.jit(_probes, static_argnames=("count",))
+_probes_jit = quick_jit(_probes, static_argnames=("count",))  # random numbers: run once, compile fast
 
 
 @jax.jit

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 
+from jaxnn.runtime import quick_jit
+
 
 def leaf_paths(tree: Any) -> list[str]:
     """``jax.tree_util.keystr`` of every leaf (``'<root>'`` for a bare array)."""
@@ -21,7 +23,7 @@ def leaf_paths(tree: Any) -> list[str]:
     return [jax.tree_util.keystr(path) or "<root>" for path, _ in paths_and_leaves]
 
 
-@jax.jit
+@quick_jit
 def _nonfinite_counts_and_norm(leaves: list) -> tuple[list, jax.Array]:
     counts = [jnp.sum(~jnp.isfinite(leaf)) if jnp.issubdtype(leaf.dtype, jnp.inexact) else jnp.int32(0)
               for leaf in leaves]
@@ -30,8 +32,15 @@ def _nonfinite_counts_and_norm(leaves: list) -> tuple[list, jax.Array]:
 
 
 def nonfinite_counts_and_norm(tree: Any) -> tuple[list[int], float]:
-    """Per-leaf number of NaN/inf entries and the Euclidean norm of the floating leaves (one compiled call)."""
-    counts, norm = _nonfinite_counts_and_norm([jnp.asarray(leaf) for leaf in jax.tree.leaves(tree)])
+    """Per-leaf number of NaN/inf entries and the Euclidean norm of the floating leaves: in numpy when every leaf
+    is on the host (data batches: no device program), else one compiled call."""
+    leaves = jax.tree.leaves(tree)
+    if all(isinstance(leaf, (np.ndarray, np.generic, int, float)) for leaf in leaves):
+        arrays = [np.asarray(leaf) for leaf in leaves]
+        inexact = [a for a in arrays if np.issubdtype(a.dtype, np.inexact)]
+        counts = [int(np.count_nonzero(~np.isfinite(a))) if np.issubdtype(a.dtype, np.inexact) else 0 for a in arrays]
+        return counts, float(np.sqrt(sum(float(np.vdot(a, a).real) for a in inexact)))
+    counts, norm = _nonfinite_counts_and_norm([jnp.asarray(leaf) for leaf in leaves])
     return [int(c) for c in counts], float(norm)
 
 

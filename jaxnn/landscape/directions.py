@@ -26,6 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
+from jax.flatten_util import ravel_pytree
+
+from jaxnn.runtime import quick_jit
 
 from jaxnn.landscape.validation import (
     check_choice,
@@ -63,9 +66,12 @@ def direction_description(kind: str, *, key: Any = None, **options: Any) -> dict
     return {"kind": str(kind), "seed": seed, "options": _jsonable(dict(options))}
 
 
-@jax.jit
+@quick_jit
 def _gaussian_like(key: jax.Array, params: Any) -> Any:
-    return otu.tree_random_like(key, params, sampler=jax.random.normal)
+    """One draw of ``n`` standard normals for all ``n`` parameters, in ``ravel_pytree`` order (one random-number
+    program for the whole tree: per-leaf draws took 1.5 s to compile for a 3-layer MLP, one flat draw 0.3 s)."""
+    flat, unravel = ravel_pytree(params)
+    return unravel(jax.random.normal(key, flat.shape, flat.dtype))
 
 
 def random_direction(key: Any, params: Any) -> Any:

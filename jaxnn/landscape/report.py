@@ -171,9 +171,11 @@ def landscape_report(loss_fn: Callable, params: Any, data: Any, *, key: Any, dir
             "directions": descriptions, "config": config, "summary": summary}
 
 
-def write_landscape_report(report: Mapping[str, Any], out_dir: Any, *, log_scale: bool = False) -> dict[str, str]:
+def write_landscape_report(report: Mapping[str, Any], out_dir: Any, *, log_scale: bool = False,
+                           draw: Callable | None = None) -> dict[str, str]:
     """Write ``landscape.npz``, ``landscape.json``, ``landscape_1d.png``, ``landscape_2d.png``, ``landscape_3d.png``
-    (and ``interpolation.png`` when the report has an interpolation) into ``out_dir``; return ``{name: path}``."""
+    (and ``interpolation.png`` when the report has an interpolation) into ``out_dir``; return ``{name: path}``.
+    ``draw(function, *args, **kwargs)`` draws each figure (default: now, in this process)."""
     for needed in ("line", "plane", "summary"):
         if needed not in report:
             raise ValueError(f"report: expected the dict returned by landscape_report, missing key {needed!r}")
@@ -191,13 +193,13 @@ def write_landscape_report(report: Mapping[str, Any], out_dir: Any, *, log_scale
 
     save_surfaces(paths["landscape.npz"], surfaces, trajectory=trajectory,
                   metadata={"config": report["summary"]["config"], "directions": report["summary"]["directions"]})
-    plot_line(report["line"], paths["landscape_1d.png"], log_scale=log_scale,
-              title="loss along d₁ (θ at α = 0)")
-    plot_contour(report["plane"], paths["landscape_2d.png"], trajectory=trajectory, log_scale=log_scale)
-    plot_surface_3d(report["plane"], paths["landscape_3d.png"], log_scale=log_scale)
+    draw = draw or (lambda function, *args, **kwargs: function(*args, **kwargs))
+    draw(plot_line, report["line"], paths["landscape_1d.png"], log_scale=log_scale, title="loss along d₁ (θ at α = 0)")
+    draw(plot_contour, report["plane"], paths["landscape_2d.png"], trajectory=trajectory, log_scale=log_scale)
+    draw(plot_surface_3d, report["plane"], paths["landscape_3d.png"], log_scale=log_scale)
     if "interpolation.png" in paths:
-        plot_line(report["interpolation"], paths["interpolation.png"], log_scale=log_scale,
-                  title="linear interpolation θ₀ → θ₁")
+        draw(plot_line, report["interpolation"], paths["interpolation.png"], log_scale=log_scale,
+             title="linear interpolation θ₀ → θ₁")
     summary = dict(report["summary"])
     summary["files"] = sorted(os.path.basename(p) for p in paths.values())
     with open(paths["landscape.json"], "w") as handle:

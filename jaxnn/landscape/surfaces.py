@@ -8,7 +8,10 @@ metric is the example-weighted mean over batches, ``Σ_b (B_b/N) m_b(θ)``.
 Speed: with ``factor_linear_ops=True`` (default) the operations that are linear in the parameters (a first Dense
 or Conv layer and its bias) are computed once per direction and batch instead of once per grid point; on CPU
 that is where the speed-up over a per-point loop comes from (benchmarks/bench_landscape.py: large when the first
-layer dominates the FLOPs, as in 784-512-10). ``chunk_size`` points are evaluated at once (memory ≈ ``chunk_size`` forward passes of one batch; 8 suits CPUs, accelerators like larger).
+layer dominates the FLOPs, as in 784-512-10). ``chunk_size`` points are evaluated at once (memory ≈ ``chunk_size``
+forward passes of one batch; 8 suits CPUs, accelerators like larger). ``strategy``: ``"auto"`` (default) evaluates
+one point per compiled call for convolutional losses on CPU (XLA:CPU runs vmapped or looped convolutions several
+times slower) and vmapped chunks otherwise; ``"vmapped"`` or ``"per_point"`` force one.
 
 Metrics: ``loss_fn`` is always evaluated (as ``"loss"``), ``accuracy_fn`` as ``"accuracy"``, and any
 ``metric_fns={name: fn(params, batch) -> scalar}``. A non-finite value at a grid point is kept as NaN, counted in
@@ -193,7 +196,7 @@ def _evaluate_surface(kind: str, loss_fn: Callable, basis: Sequence[Any], coeffi
                       descriptions: Sequence[dict], *, accuracy_fn: Callable | None,
                       metric_fns: Mapping[str, Callable] | None, chunk_size: int, stacked: bool,
                       recompute_state_fn: Callable | None, state_data: Any, factor_linear_ops: bool,
-                      progress: bool) -> Surface:
+                      progress: bool, strategy: str = "auto") -> Surface:
     metrics = check_metric_fns(loss_fn, accuracy_fn, metric_fns)
     chunk_size = check_int(chunk_size, "chunk_size")
     prepared = prepare_data(data, stacked=stacked, name="data", check_finite=True)
@@ -206,7 +209,7 @@ def _evaluate_surface(kind: str, loss_fn: Callable, basis: Sequence[Any], coeffi
     values, timing = evaluate_at_points(
         metrics, basis, coefficients, prepared, chunk_size=chunk_size, state_fn=recompute_state_fn,
         state_prepared=state_prepared, factor_linear_ops=factor_linear_ops, progress=progress,
-        description=f"{kind} surface")
+        description=f"{kind} surface", strategy=strategy)
     shaped, nonfinite = {}, {}
     for name, flat in values.items():
         array = np.asarray(flat, dtype=np.float64 if flat.dtype == np.float64 else np.float32).reshape(grid_shape)
@@ -232,7 +235,7 @@ def line_surface(loss_fn: Callable, params: Any, direction: Any, alphas: Any, da
                  chunk_size: int = DEFAULT_CHUNK_SIZE, stacked: bool = False,
                  recompute_state_fn: Callable | None = None, state_data: Any = None,
                  factor_linear_ops: bool = True, description: dict | None = None,
-                 progress: bool = True) -> Surface:
+                 progress: bool = True, strategy: str = "auto") -> Surface:
     """``L(θ + α d)`` for every ``α`` in ``alphas``; cost: ``len(alphas)`` forward passes per batch of ``data``.
 
     ``direction`` must match ``params`` leaf for leaf, be finite and non-zero.
@@ -247,7 +250,7 @@ def line_surface(loss_fn: Callable, params: Any, direction: Any, alphas: Any, da
         "line", loss_fn, (params, direction), coefficients, (len(alphas),), data, alphas, None, descriptions,
         accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
         recompute_state_fn=recompute_state_fn, state_data=state_data, factor_linear_ops=factor_linear_ops,
-        progress=progress)
+        progress=progress, strategy=strategy)
 
 
 def interpolation_surface(loss_fn: Callable, params0: Any, params1: Any, alphas: Any, data: Any, *,
@@ -255,7 +258,7 @@ def interpolation_surface(loss_fn: Callable, params0: Any, params1: Any, alphas:
                           chunk_size: int = DEFAULT_CHUNK_SIZE, stacked: bool = False,
                           recompute_state_fn: Callable | None = None, state_data: Any = None,
                           factor_linear_ops: bool = True, descriptions: Sequence[dict] | None = None,
-                          progress: bool = True) -> Surface:
+                          progress: bool = True, strategy: str = "auto") -> Surface:
     """``L((1−α)θ₀ + αθ₁)`` for every ``α`` (Goodfellow et al. 2015); α=0 is ``params0``, α=1 is ``params1``.
 
     The two checkpoints must have the same structure and leaf shapes (an incompatible pair is a ``ValueError``
@@ -270,7 +273,7 @@ def interpolation_surface(loss_fn: Callable, params0: Any, params1: Any, alphas:
         "interpolation", loss_fn, (params0, params1), coefficients, (len(alphas),), data, alphas, None,
         descriptions, accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
         recompute_state_fn=recompute_state_fn, state_data=state_data, factor_linear_ops=factor_linear_ops,
-        progress=progress)
+        progress=progress, strategy=strategy)
 
 
 def plane_surface(loss_fn: Callable, params: Any, d1: Any, d2: Any, alphas: Any, betas: Any, data: Any, *,
@@ -278,7 +281,7 @@ def plane_surface(loss_fn: Callable, params: Any, d1: Any, d2: Any, alphas: Any,
                   chunk_size: int = DEFAULT_CHUNK_SIZE, stacked: bool = False,
                   recompute_state_fn: Callable | None = None, state_data: Any = None,
                   factor_linear_ops: bool = True, descriptions: Sequence[dict] | None = None,
-                  progress: bool = True) -> Surface:
+                  progress: bool = True, strategy: str = "auto") -> Surface:
     """``L(θ + α d₁ + β d₂)`` on the grid ``alphas × betas`` (``metrics[name][i, j]`` at ``(alphas[i], betas[j])``).
 
     Cost: ``len(alphas)·len(betas)`` forward passes per batch of ``data`` (the parameter-linear first layers only
@@ -296,4 +299,4 @@ def plane_surface(loss_fn: Callable, params: Any, d1: Any, d2: Any, alphas: Any,
         "plane", loss_fn, (params, d1, d2), coefficients, (len(alphas), len(betas)), data, alphas, betas,
         descriptions, accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
         recompute_state_fn=recompute_state_fn, state_data=state_data, factor_linear_ops=factor_linear_ops,
-        progress=progress)
+        progress=progress, strategy=strategy)

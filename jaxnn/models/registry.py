@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnn.runtime import quick_jit
 from jaxnn.models.layers import default_param_dtype
 from jaxnn.models.lenet import LeNet
 from jaxnn.models.mlp import MLP
@@ -173,7 +174,7 @@ def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
     return tuple(int(size) for size in input_shape)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@quick_jit(static_argnums=0)  # runs once per model: compiled for speed of compilation
 def _init_variables(model: nn.Module, key: jax.Array, dummy_batch: jax.Array) -> dict[str, PyTree]:
     return model.init({"params": key}, dummy_batch, train=False)
 
@@ -195,7 +196,7 @@ def init_model(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> 
         hash(model)
         init = functools.partial(_init_variables, model)  # compiled once per (model config, input shape)
     except TypeError:  # a user module with unhashable fields: compile for this call only
-        init = jax.jit(lambda key, batch: model.init({"params": key}, batch, train=False))
+        init = quick_jit(lambda key, batch: model.init({"params": key}, batch, train=False))
     try:
         variables = init(key, dummy_batch)
     except ValueError as error:

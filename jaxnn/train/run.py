@@ -131,9 +131,11 @@ def train_from_config(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | N
 
 
 def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = None, resume: bool = False,
-              callbacks: list[Callback] | None = None, mesh=None) -> tuple[dict, "LoadedRun"]:
+              callbacks: list[Callback] | None = None, mesh=None, draw: Callable | None = None
+              ) -> tuple[dict, "LoadedRun"]:
     """:func:`train_from_config`, also returning the trained run as :func:`load_run` would read it back (its final
-    state, which the last checkpoint holds), so analysis can follow without reading the folder again."""
+    state, which the last checkpoint holds), so analysis can follow without reading the folder again.
+    ``draw(function, *args)`` draws curves.png (default: now)."""
     run_dir = pathlib.Path(run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
     prepare_run_dir(cfg, run_dir, resume)
     mesh = mesh or parallel.make_mesh()
@@ -167,7 +169,8 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
         checkpointer.close()
     write_json(run_dir / "summary.json", summary)
     from jaxnn import plotting
-    plotting.plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", title=cfg.name)
+    (draw or plotting.draw_now)(plotting.plot_training_curves, run_dir / "metrics.jsonl", run_dir / "curves.png",
+                                cfg.name)
     trained = LoadedRun(run_dir=run_dir, config=cfg, dataset=dataset, model=model, state=result.state,
                         step=result.steps_done)
     return summary, trained
@@ -177,9 +180,11 @@ def summarize(cfg, dataset, model, result: FitResult, wall_time_s: float, resume
     classification = dataset.task == "classification"
     eval_step = make_eval_step(cfg.train.loss, classification=classification)
     final = {}
-    size = eval_batch_size_for(dataset, 512)  # the shape fit evaluated with: no new compilation
+    mesh = parallel.mesh_of(result.state.params)
+    size = eval_batch_size_for(dataset, 512, mesh)  # the shape and placement fit evaluated with: no new compile
+    sharding = parallel.batch_sharding(mesh) if mesh is not None else None
     for split in ("train", "val", "test"):
-        final.update(evaluate(result.state, getattr(dataset, split), eval_step, size, classification, split))
+        final.update(evaluate(result.state, getattr(dataset, split), eval_step, size, classification, split, sharding))
     return {
         "name": cfg.name, "dataset": dataset.name, "model": cfg.model.name,
         "num_params": int(models.count_params(result.state.params)),

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxnn.runtime import quick_jit
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -26,9 +28,9 @@ class TrainState:
 
     @classmethod
     def create(cls, *, apply_fn, params, model_state, tx, rng) -> "TrainState":
-        # Fresh buffers for every leaf: some optimizers' init (optax.lbfgs) reuses one array in several places,
-        # which the donating train step would otherwise donate twice.
-        opt_state = jax.tree.map(lambda a: jnp.array(a, copy=True), tx.init(params))
+        # One compiled call (not one per leaf), returning fresh buffers for every leaf: some optimizers' init
+        # (optax.lbfgs) reuses one array in several places, which the donating train step would donate twice.
+        opt_state = quick_jit(lambda p: jax.tree.map(lambda a: jnp.array(a, copy=True), tx.init(p)))(params)
         return cls(step=jnp.asarray(0, jnp.int32), params=params, model_state=dict(model_state or {}),
                    opt_state=opt_state, rng=jnp.asarray(rng), apply_fn=apply_fn, tx=tx)
 

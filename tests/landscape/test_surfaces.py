@@ -357,3 +357,60 @@ def test_surface_checks_its_own_shapes():
         Surface(kind="line", alphas=np.zeros(3), betas=None, metrics={"loss": np.zeros(2)}, nonfinite_counts={})
     with pytest.raises(ValueError, match="kind: expected one of"):
         Surface(kind="cube", alphas=np.zeros(3), betas=None, metrics={"loss": np.zeros(3)}, nonfinite_counts={})
+
+
+def _cnn():
+    """conv(3x3, 2->3) - relu - max-pool - dense on 6x6x2 images: a convolutional loss (per_point on CPU)."""
+    keys = jax.random.split(jax.random.key(7), 3)
+    params = {"conv": {"kernel": 0.5 * jax.random.normal(keys[0], (3, 3, 2, 3)), "bias": jnp.full((3,), 0.1)},
+              "dense": {"kernel": 0.3 * jax.random.normal(keys[1], (27, 4)), "bias": jnp.zeros(4)}}
+
+    def logits(p, x):
+        h = jax.lax.conv_general_dilated(x, p["conv"]["kernel"], (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["conv"]["bias"]
+        h = jax.lax.reduce_window(jax.nn.relu(h), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        return h.reshape(h.shape[0], -1) @ p["dense"]["kernel"] + p["dense"]["bias"]
+
+    def loss(p, batch):
+        out = jax.nn.log_softmax(logits(p, batch[0]))
+        return -jnp.mean(jnp.take_along_axis(out, batch[1][:, None], axis=1))
+
+    def accuracy(p, batch):
+        return jnp.mean((jnp.argmax(logits(p, batch[0]), -1) == batch[1]).astype(jnp.result_type(float)))
+
+    data_keys = jax.random.split(keys[2], 6)
+    batches = [(jax.random.normal(data_keys[2 * i], (n, 6, 6, 2)), jax.random.randint(data_keys[2 * i + 1], (n,), 0, 4))
+               for i, n in enumerate([5, 5, 3])]
+    return params, loss, accuracy, batches
+
+
+@pytest.mark.parametrize("strategy", ["per_point", "vmapped", "auto"])
+@pytest.mark.parametrize("factor_linear_ops", [True, False])
+def test_convolutional_plane_is_the_same_with_every_strategy(x64, strategy, factor_linear_ops):
+    """Oracle: loss and accuracy at each point on the concatenated data, one jitted evaluation at a time."""
+    params, loss, accuracy, batches = _cnn()
+    d1, d2 = _directions(params)
+    alphas, betas = np.linspace(-1, 1, 5), np.linspace(-0.5, 0.5, 3)
+    surface = plane_surface(loss, params, d1, d2, alphas, betas, batches, accuracy_fn=accuracy, chunk_size=4,
+                            factor_linear_ops=factor_linear_ops, strategy=strategy, progress=False)
+    expected_strategy = "per_point" if strategy == "per_point" or (strategy == "auto" and jax.default_backend() == "cpu") \
+        else "vmapped"
+    assert surface.timing["per_point"] == float(expected_strategy == "per_point")
+    x = jnp.concatenate([b[0] for b in batches])
+    y = jnp.concatenate([b[1] for b in batches])
+    single_loss, single_accuracy = jax.jit(loss), jax.jit(accuracy)
+    for i, alpha in enumerate(alphas):
+        for j, beta in enumerate(betas):
+            point = jax.tree.map(lambda t, u, v: t + alpha * u + beta * v, params, d1, d2)
+            np.testing.assert_allclose(surface.losses[i, j], single_loss(point, (x, y)), rtol=1e-12)
+            np.testing.assert_allclose(surface.accuracies[i, j], single_accuracy(point, (x, y)), rtol=1e-12)
+
+
+def test_unknown_or_unsupported_strategy_is_refused(x64):
+    params, loss, _, batches = _cnn()
+    d1, _ = _directions(params)
+    with pytest.raises(ValueError, match="strategy: expected one of"):
+        line_surface(loss, params, d1, [0.0, 1.0], batches, strategy="fast", progress=False)
+    with pytest.raises(ValueError, match="strategy: 'per_point' does not recompute per-point state"):
+        line_surface(lambda p, b, s: loss(p, b), params, d1, [0.0, 1.0], batches, strategy="per_point",
+                     recompute_state_fn=lambda p, b: {"m": jnp.mean(b[0])}, progress=False)
