@@ -135,7 +135,7 @@ def _dispatch(args) -> int:
             print(name)
         return 0
     # Figures are drawn by a background process while the next computation runs; all are written before exit.
-    with FigureWorker() as figures:
+    with FigureWorker(start=True) as figures:
         draw = figures.submit
         if args.command in ("run", "train"):
             cfg = config_lib.load_config(args.config, overrides=args.overrides)

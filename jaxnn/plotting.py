@@ -52,6 +52,22 @@ def plot_training_curves(metrics_path: str | pathlib.Path, out_path: str | pathl
     return out_path
 
 
+class FigureFunction:
+    """A figure function named by module and attribute, imported only when called: passing one to a background
+    :class:`FigureWorker` does not import matplotlib in the calling process. Picklable."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"FigureFunction({self.module}.{self.name})"
+
+
 def draw_now(function, *args, **kwargs):
     """Draw a figure in this process (the default ``draw`` of the report writers)."""
     return function(*args, **kwargs)
@@ -72,26 +88,47 @@ class FigureWorker:
     ``submit(function, *args, **kwargs)`` queues ``function(*args, **kwargs)`` — a module-level figure function;
     the arguments are pickled — and is a drop-in ``draw`` for the report writers. ``wait()`` blocks until every
     queued figure is written and re-raises the first error; ``close()`` also stops the process. Used as a context
-    manager by the ``jaxnn`` command; the process starts with the first figure.
+    manager by the ``jaxnn`` command, which starts the process first thing (``start=True``) so that it has imported
+    matplotlib by the time the first figure is ready; otherwise it starts with the first figure.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, start: bool = False) -> None:
         self._pool = None
         self._pending: list = []
+        if start:
+            self.start()
 
-    def submit(self, function, *args, **kwargs) -> None:
+    def start(self) -> None:
+        """Start the worker process and its imports now (a no-op if it runs already)."""
         if self._pool is None:
             import concurrent.futures
             import multiprocessing
 
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_up)
-        self._pending.append(self._pool.submit(function, *args, **kwargs))
+            self._pool.submit(int)  # makes the process start (and warm up) right away
+
+    def submit(self, function, *args, **kwargs) -> None:
+        import concurrent.futures
+
+        try:
+            self.start()
+            future = self._pool.submit(function, *args, **kwargs)
+        except (concurrent.futures.process.BrokenProcessPool, OSError, RuntimeError):
+            function(*args, **kwargs)  # no worker process (it died, or cannot start here): draw in this one
+            return
+        self._pending.append((future, function, args, kwargs))
 
     def wait(self) -> None:
+        """Block until every queued figure is written; a figure whose worker died is drawn in this process."""
+        import concurrent.futures
+
         pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
+        for future, function, args, kwargs in pending:
+            try:
+                future.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                function(*args, **kwargs)
 
     def close(self, cancel: bool = False) -> None:
         if self._pool is not None:

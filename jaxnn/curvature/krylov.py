@@ -83,12 +83,14 @@ class Eigenpairs(tuple):
 
 
 class _LanczosState(NamedTuple):
-    basis: jax.Array  # (R, n) rows q_i; rows not yet built are zero (row 0 holds the given start, if any)
+    basis: jax.Array  # (R, n) rows q_i written so far; later rows are zero
+    pending: jax.Array  # (b, n): the next block, written into the basis at the start of the next iteration
     projected: jax.Array  # (R, R); projected[i, c] = q_iᵀ M q_c for i <= c (and the next-block coupling)
     step: jax.Array  # int32: completed block iterations
     nonfinite_step: jax.Array  # int32: first block iteration whose product was not finite, -1 if none
     converged: jax.Array  # bool: the last convergence check passed
     seed: jax.Array  # uint32 from the key: seeds the restart vectors of an invariant Krylov space
+    analysis: "_RitzAnalysis"  # of the basis at the last check (and always at the end of a run)
 
 
 class _Controls(NamedTuple):
@@ -153,8 +155,8 @@ def _next_basis_vector(basis: jax.Array, w: jax.Array, projections: jax.Array, s
 
 @quick_jit(static_argnames=("rows", "num_params", "dtype", "block_size"))
 def _initial_state(flat_start, key, rows, num_params, dtype, block_size):
-    """Zero basis whose first ``block_size`` rows hold the orthonormal start block: the normalised ``flat_start``, or
-    random from ``key`` (drawn here, outside the iteration program, which then holds no random-number code)."""
+    """Zero basis and the orthonormal start block (pending): the normalised ``flat_start``, or random from ``key``
+    (drawn here, outside the iteration program, which then holds no random-number code)."""
     start_key, seed_key = jax.random.split(key)
     if flat_start is not None:
         block = _safe_normalize(flat_start.astype(dtype))[0][None]
@@ -163,19 +165,22 @@ def _initial_state(flat_start, key, rows, num_params, dtype, block_size):
     else:
         block = jnp.linalg.qr(jax.random.normal(start_key, (num_params, block_size), dtype))[0].T
     return _LanczosState(
-        basis=jnp.zeros((rows, num_params), dtype).at[:block_size].set(block),
+        basis=jnp.zeros((rows, num_params), dtype),
+        pending=block,
         projected=jnp.zeros((rows, rows), dtype),
         step=jnp.int32(0),
         nonfinite_step=jnp.int32(-1),
         converged=jnp.asarray(False),
         seed=jax.random.bits(seed_key, (), jnp.uint32),
+        analysis=_RitzAnalysis(jnp.zeros((rows,), dtype), jnp.zeros((rows, rows), dtype), jnp.zeros((rows,), dtype),
+                               jnp.zeros((rows,), bool)),
     )
 
 
 def initial_state(op: CurvatureOperator, key: jax.Array, flat_start: jax.Array | None, num_iters: int,
                   block_size: int) -> _LanczosState:
-    """Zero basis for ``num_iters`` block iterations (row 0 holds ``flat_start`` if given); the start block is
-    normalised, or drawn from ``key``."""
+    """Zero basis for ``num_iters`` block iterations and the start block: ``flat_start`` normalised, or drawn from
+    ``key``."""
     rows = (num_iters + 1) * block_size
     state = _initial_state(flat_start, key, rows=rows, num_params=op.num_params, dtype=jnp.dtype(op.dtype).name,
                            block_size=block_size)
@@ -189,28 +194,35 @@ def flat_vector(tree: Any) -> jax.Array:
 
 
 def _lanczos_iteration(flat_matvec: Any, s: _LanczosState, block_size: int) -> _LanczosState:
-    """One block iteration: products of the current block, their projections, the next orthonormal block.
+    """One block iteration: write the current block into the basis, multiply it, record its projections, and build
+    the next orthonormal block (kept in ``pending`` until the next iteration writes it).
 
-    A non-finite product shows in its projections (a NaN/inf coefficient), which is what is checked.
+    The basis is written first and only read afterwards: updating it in place after the conditional branches that
+    read it made XLA copy the whole basis twice per iteration (measured: 2x the cost of a 100-vector basis). A
+    non-finite product shows in its projections (a NaN/inf coefficient), which is what is checked.
     """
     b, j = block_size, s.step
-    block = jax.lax.dynamic_slice_in_dim(s.basis, j * b, b, axis=0)
-    products = jax.vmap(flat_matvec)(block) if b > 1 else flat_matvec(block[0])[None]
-    coefficients = (s.basis @ products.T).T  # (b, R): q_iᵀ M q_{jb+c}
+    basis = jax.lax.dynamic_update_slice_in_dim(s.basis, s.pending, j * b, axis=0)
+    products = jax.vmap(flat_matvec)(s.pending) if b > 1 else flat_matvec(s.pending[0])[None]
+    # (b, R): q_iᵀ M q_{jb+c}. One product: a matrix-vector product; as a (R, n) @ (n, 1) matrix product XLA:CPU
+    # packs the whole basis first, which made each iteration cost ~2 extra passes over it (measured).
+    coefficients = (basis @ products[0])[None] if b == 1 else (basis @ products.T).T
     finite = jnp.all(jnp.isfinite(coefficients))
     projected = jax.lax.dynamic_update_slice_in_dim(s.projected, coefficients.T, j * b, axis=1)
-    basis = s.basis
+    new_rows: list = []
     for c in range(b):
-        # Column 0 of the block sees the basis its coefficients were computed with: they are its first pass.
-        projections = coefficients[0] if c == 0 else basis @ products[c]
         restart_seed = s.seed + j * b + c  # only used when the Krylov space is invariant
-        q = _next_basis_vector(basis, products[c], projections, restart_seed)
-        basis = jax.lax.dynamic_update_slice_in_dim(basis, q[None], (j + 1) * b + c, axis=0)
+        q = _next_basis_vector(basis, products[c], coefficients[c], restart_seed)
+        for _ in range(2):  # orthogonal to this block's earlier new vectors too (not in the basis yet)
+            for earlier in new_rows:
+                q = q - jnp.vdot(earlier, q) * earlier
+        new_rows.append(_safe_normalize(q)[0] if new_rows else q)
+    pending = jnp.stack(new_rows)
     # Coupling of this block to the next one, q_{(j+1)b+i}ᵀ M q_{jb+c}: the residual bound of every Ritz pair.
-    next_block = jax.lax.dynamic_slice_in_dim(basis, (j + 1) * b, b, axis=0)
-    projected = jax.lax.dynamic_update_slice(projected, next_block @ products.T, ((j + 1) * b, j * b))
+    projected = jax.lax.dynamic_update_slice(projected, pending @ products.T, ((j + 1) * b, j * b))
     nonfinite = jnp.where((s.nonfinite_step < 0) & ~finite, j, s.nonfinite_step)
-    return s._replace(basis=basis, projected=projected, step=j + 1, nonfinite_step=nonfinite.astype(jnp.int32))
+    return s._replace(basis=basis, pending=pending, projected=projected, step=j + 1,
+                      nonfinite_step=nonfinite.astype(jnp.int32))
 
 
 def projected_matrix(state: _LanczosState, size: Any) -> jax.Array:
@@ -223,8 +235,8 @@ def projected_matrix(state: _LanczosState, size: Any) -> jax.Array:
 
 
 def _padded_projected_matrix(state: _LanczosState, size: Any) -> jax.Array:
-    """:func:`projected_matrix` with the unused diagonal set above every Ritz value, so the padding's eigenvalues
-    are far from the real ones (no mixing in the eigensolver) and are easy to tell apart."""
+    """:func:`projected_matrix` with the unused diagonal set above every Ritz value: the padding's eigenvalues come
+    last in ``eigh``'s ascending order, far from the real ones (no mixing in the eigensolver)."""
     matrix = projected_matrix(state, size)
     sentinel = 1 + 2 * jnp.max(jnp.abs(matrix))
     rows = jnp.arange(matrix.shape[0])
@@ -232,11 +244,11 @@ def _padded_projected_matrix(state: _LanczosState, size: Any) -> jax.Array:
 
 
 def _analyze(state: _LanczosState, num_params: int, block_size: int) -> _RitzAnalysis:
-    """Ritz values, coordinates and residual bounds of the basis built so far (traced size)."""
+    """Ritz values (ascending; the first ``size`` are real), coordinates and residual bounds of the basis built so
+    far (traced size)."""
     size = state.step * block_size
     values, coordinates = jnp.linalg.eigh(_padded_projected_matrix(state, size))
-    rows = jnp.arange(values.shape[0])
-    valid = jnp.sum(jnp.where((rows < size)[:, None], coordinates**2, 0), axis=0) > 0.5
+    valid = jnp.arange(values.shape[0]) < size
     # M Q − Q T is non-zero only in its last block of columns, (next block)·B, so ||M y − θ y|| = ||B s_last||.
     coupling = jax.lax.dynamic_slice(state.projected, (size, size - block_size), (block_size, block_size))
     last = jax.lax.dynamic_slice_in_dim(coordinates, size - block_size, block_size, axis=0)
@@ -245,34 +257,32 @@ def _analyze(state: _LanczosState, num_params: int, block_size: int) -> _RitzAna
     return _RitzAnalysis(values, coordinates, bounds, valid)
 
 
-def _wanted(analysis: _RitzAnalysis, k: jax.Array, which: jax.Array) -> jax.Array:
-    """Mask of the k largest (which 0), k smallest (1) or both (2) valid Ritz values."""
-    values, valid = analysis.values, analysis.valid
-    order_from_top = jnp.argsort(jnp.argsort(-jnp.where(valid, values, -jnp.inf)))
-    order_from_bottom = jnp.argsort(jnp.argsort(jnp.where(valid, values, jnp.inf)))
-    top, bottom = valid & (order_from_top < k), valid & (order_from_bottom < k)
-    return jnp.where(which == 0, top, jnp.where(which == 1, bottom, top | bottom))
-
-
-def _has_converged(state: _LanczosState, controls: _Controls, num_params: int, block_size: int) -> jax.Array:
-    analysis = _analyze(state, num_params, block_size)
-    wanted = _wanted(analysis, controls.k, controls.which)
-    enough = jnp.sum(analysis.valid) >= controls.k
+def _converged(analysis: _RitzAnalysis, size: jax.Array, controls: _Controls) -> jax.Array:
+    """The k largest (which 0), k smallest (1) or both (2) real Ritz pairs have bounds <= tol·|θ|."""
+    index = jnp.arange(analysis.values.shape[0])
+    top = (index >= size - controls.k) & (index < size)
+    bottom = index < jnp.minimum(controls.k, size)
+    wanted = jnp.where(controls.which == 0, top, jnp.where(controls.which == 1, bottom, top | bottom))
     small = analysis.bounds <= controls.tol.astype(analysis.values.dtype) * jnp.abs(analysis.values)
-    return enough & jnp.all(jnp.where(wanted, small, True))
+    return (controls.tol > 0) & (size >= controls.k) & jnp.all(jnp.where(wanted, small, True))
 
 
 def _maybe_check(state: _LanczosState, controls: _Controls, num_params: int, block_size: int) -> _LanczosState:
-    due = (controls.tol > 0) & (state.step % controls.check_every == 0)
-    converged = jax.lax.cond(due, lambda s: _has_converged(s, controls, num_params, block_size),
-                             lambda s: s.converged, state)
-    return state._replace(converged=converged)
+    """Every ``check_every`` iterations (with a tolerance) and at the last one: the Ritz analysis, kept in the
+    state (the result at the end of a run), and whether the wanted pairs converged."""
+    due = ((controls.tol > 0) & (state.step % controls.check_every == 0)) | (state.step >= controls.stop_at)
+
+    def check(s):
+        analysis = _analyze(s, num_params, block_size)
+        return s._replace(analysis=analysis, converged=_converged(analysis, s.step * block_size, controls))
+
+    return jax.lax.cond(due, check, lambda s: s, state)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size",))
+@functools.partial(jax.jit, static_argnames=("block_size",), donate_argnums=(1,))
 def _run_compiled(op, state, controls, block_size):
-    """Iterations until ``stop_at``, convergence or a non-finite product, in one ``lax.while_loop``; then the Ritz
-    analysis of the basis. One program for every k, tolerance and stopping point."""
+    """Iterations until ``stop_at``, convergence or a non-finite product, in one ``lax.while_loop``, with the Ritz
+    analysis of the basis at the end. One program for every k, tolerance and stopping point."""
     flat_matvec, _, _ = flat_operator(op)  # outside the loop: a single-batch product is linearised once
 
     def keep_going(s):
@@ -281,20 +291,14 @@ def _run_compiled(op, state, controls, block_size):
     def body(s):
         return _maybe_check(_lanczos_iteration(flat_matvec, s, block_size), controls, op.num_params, block_size)
 
-    state = jax.lax.while_loop(keep_going, body, state)
-    return state, _analyze(state, op.num_params, block_size)
+    return jax.lax.while_loop(keep_going, body, state)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size",))
+@functools.partial(jax.jit, static_argnames=("block_size",), donate_argnums=(1,))
 def _single_iteration(op, state, controls, block_size):
     """One compiled block iteration and, when due, the convergence check (``loop_mode="unrolled"`` operators)."""
     state = _lanczos_iteration(flat_operator(op)[0], state, block_size)
     return _maybe_check(state, controls, op.num_params, block_size)
-
-
-@functools.partial(jax.jit, static_argnames=("num_params", "block_size"))
-def _analyze_jit(state, num_params, block_size):
-    return _analyze(state, num_params, block_size)
 
 
 def run_lanczos(
@@ -325,13 +329,13 @@ def run_lanczos(
     chunk = max(1, math.ceil(num_iters / 20)) if progress else num_iters
     if op.loop_mode != "compiled":
         chunk = min(chunk, check_every) if tol is not None else chunk
-    done, analysis = 0, None
+    done = 0
     with tqdm(total=num_iters, desc=description, unit="it", disable=not progress, leave=False) as bar:
         while done < num_iters:
             stop = min(done + chunk, num_iters)
             if op.loop_mode == "compiled":
                 controls = controls._replace(stop_at=placed_like_params(op, jnp.int32(stop)))
-                state, analysis = _run_compiled(op, state, controls, block_size)
+                state = _run_compiled(op, state, controls, block_size)
             else:
                 for _ in range(stop - done):
                     state = _single_iteration(op, state, controls, block_size)
@@ -346,9 +350,7 @@ def run_lanczos(
             done = step
             if converged:
                 break
-    if op.loop_mode != "compiled":
-        analysis = _analyze_jit(state, op.num_params, block_size)
-    return state, analysis
+    return state, state.analysis
 
 
 @quick_jit(static_argnames=("k",))

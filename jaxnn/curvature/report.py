@@ -193,8 +193,8 @@ def write_curvature_report(report: dict, out_dir: str | os.PathLike, *, draw: An
     with open(json_path, "w") as handle:
         json.dump(report, handle, indent=2, allow_nan=False)
     figure_path = out_dir / FIGURE_FILE
-    from jaxnn.curvature.plots import plot_spectrum  # matplotlib loads only when a figure is drawn
+    from jaxnn.plotting import FigureFunction  # matplotlib loads where (and when) the figure is drawn
 
     draw = draw or (lambda function, *args: function(*args))
-    draw(plot_spectrum, report, figure_path)
+    draw(FigureFunction("jaxnn.curvature.plots", "plot_spectrum"), report, figure_path)
     return {"json": str(json_path), "figure": str(figure_path)}

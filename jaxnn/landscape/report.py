@@ -189,7 +189,10 @@ def write_landscape_report(report: Mapping[str, Any], out_dir: Any, *, log_scale
         paths["interpolation.png"] = os.path.join(out_dir, "interpolation.png")
     projected = report.get("trajectory")
     trajectory = None if projected is None else (projected["alphas"], projected["betas"])
-    from jaxnn.landscape.plots import plot_contour, plot_line, plot_surface_3d  # matplotlib loads here, not on import
+    from jaxnn.plotting import FigureFunction  # matplotlib loads where (and when) the figures are drawn
+
+    plot_line, plot_contour, plot_surface_3d = (FigureFunction("jaxnn.landscape.plots", name)
+                                                for name in ("plot_line", "plot_contour", "plot_surface_3d"))
 
     save_surfaces(paths["landscape.npz"], surfaces, trajectory=trajectory,
                   metadata={"config": report["summary"]["config"], "directions": report["summary"]["directions"]})

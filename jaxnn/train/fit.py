@@ -236,6 +236,8 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     eval_size = eval_batch_size_for(dataset, eval_batch_size, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
     run_dir = pathlib.Path(run_dir) if run_dir is not None else None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
     writer = MetricsWriter(run_dir / "metrics.jsonl" if run_dir else None,
                            resume_from_step=start_step if start_step else None)
     if resident:

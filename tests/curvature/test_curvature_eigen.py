@@ -180,3 +180,46 @@ def test_lanczos_float32_and_progress_bar(capsys):
     np.testing.assert_allclose(np.asarray(result.top_eigenvalues), [3.0, spectrum[-2]], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(result.bottom_eigenvalues), [-1.0, spectrum[1]], atol=1e-5)
     assert "lanczos" in capsys.readouterr().err
+
+
+def test_adaptive_lanczos_stops_once_the_wanted_pairs_converge(x64):
+    """Top-3 of a 300-dim quadratic with a well separated top: far fewer iterations than the cap, every wanted pair
+    within the tolerance (true residuals, not the Lanczos bound), eigenvalues to 1e-9."""
+    rng = np.random.default_rng(11)
+    spectrum = np.concatenate([rng.uniform(-1, 1, 297), [3.0, 4.0, 6.0]])
+    matrix = matrix_with_spectrum(spectrum, seed=12)
+    op = curvature.hessian(quadratic(matrix), jnp.zeros(spectrum.size), None)
+    result = curvature.lanczos(op, KEY, 150, k=3, tol=1e-6, which="top", progress=False)
+    assert result.converged and result.num_iters < 100 and result.num_matvecs == result.num_iters + 6
+    assert _relative_error(result.top_eigenvalues, [6.0, 4.0, 3.0]) < 1e-9
+    vectors = np.asarray(result.top_eigenvectors)
+    true_residuals = np.linalg.norm(vectors @ matrix - np.asarray(result.top_eigenvalues)[:, None] * vectors, axis=1)
+    assert np.all(true_residuals <= 1e-6 * np.array([6.0, 4.0, 3.0]) * 1.01)
+    # The same run without a tolerance goes to the cap, and is not reported as converged.
+    fixed = curvature.lanczos(op, KEY, 60, k=3, progress=False)
+    assert fixed.num_iters == 60 and not fixed.converged
+    # top_eigenvalues: adaptive by default, unpacks as (values, vectors), reports the iterations.
+    pair = curvature.top_eigenvalues(op, k=2, key=KEY, tol=1e-6, progress=False)
+    values, vectors = pair
+    assert pair.converged and pair.num_iters < 100 and pair.values is values
+    np.testing.assert_allclose(np.asarray(values), [6.0, 4.0], rtol=1e-9)
+    bottom = curvature.bottom_eigenvalues(op, k=1, key=KEY, num_iters=299, tol=1e-6, progress=False)
+    assert bottom.converged and abs(float(bottom.values[0]) - spectrum.min()) < 1e-8
+
+
+@pytest.mark.parametrize("loops", ["compiled", "unrolled"])
+def test_adaptive_lanczos_on_a_network_matches_the_dense_spectrum(x64, loops):
+    params, batch = mlp_params(0), classification_data(1)
+    exact = np.linalg.eigvalsh(dense_hessian_of(mlp_loss, params, batch))
+    op = curvature.hessian(mlp_loss, params, batch, loops=loops)
+    values, _ = pair = curvature.top_eigenvalues(op, k=2, key=KEY, num_iters=80, tol=1e-8, progress=False)
+    assert pair.converged and pair.num_iters < 80
+    np.testing.assert_allclose(np.asarray(values), exact[::-1][:2], rtol=1e-9)
+
+
+def test_lanczos_tolerance_and_which_are_checked():
+    op = curvature.hessian(quadratic(np.diag([1.0, 2.0, 3.0])), jnp.zeros(3), None)
+    with pytest.raises(ValueError, match="tol: expected None or a finite number > 0, got 0"):
+        curvature.lanczos(op, KEY, 3, tol=0, progress=False)
+    with pytest.raises(ValueError, match="which: expected one of"):
+        curvature.lanczos(op, KEY, 3, tol=1e-3, which="middle", progress=False)
