@@ -11,11 +11,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxnn.parallel import is_primary
 from jaxnn.train.run import LoadedRun, load_run
 
 
-def _loaded(run: str | pathlib.Path | LoadedRun, step: Any = "latest") -> LoadedRun:
-    return run if isinstance(run, LoadedRun) else load_run(run, step=_parse_step(step))
+def _loaded(run: str | pathlib.Path | LoadedRun, step: Any = "latest", devices: int | None = None) -> LoadedRun:
+    return run if isinstance(run, LoadedRun) else load_run(run, step=_parse_step(step), devices=devices)
 
 
 def _parse_step(step: Any) -> Any:
@@ -52,16 +53,20 @@ def analysis_batches(loaded: LoadedRun, num_batches: int, batch_size: int | None
 def curvature_for_run(run: str | pathlib.Path | LoadedRun, *, k: int = 5, density: bool = False,
                       data_batches: int = 4, batch_size: int | None = None, step: Any = "latest",
                       mode: str = "eval", seed: int = 0, out_dir: str | pathlib.Path | None = None,
-                      progress: bool = True, draw: Any = None) -> dict:
-    """Hessian report of a run's checkpoint over ``data_batches`` training batches -> curvature.json, spectrum.png."""
+                      progress: bool = True, draw: Any = None, devices: int | None = None) -> dict:
+    """Hessian report of a run's checkpoint over ``data_batches`` training batches -> curvature.json, spectrum.png.
+
+    ``devices``: the data of every product is split over that many devices (default: all of them, or the mesh
+    the run was loaded onto); the numbers are those of one device."""
     from jaxnn import curvature
 
-    loaded = _loaded(run, step)
+    loaded = _loaded(run, step, devices)
     batches, described = analysis_batches(loaded, data_batches, batch_size, mode)
     report = curvature.curvature_report(loaded.loss_fn(mode), loaded.state.params, batches, k=k, density=density,
                                         key=jax.random.PRNGKey(seed), progress=progress)
     report["run"] = {"run_dir": str(loaded.run_dir), "step": loaded.step, "batch_norm_mode": mode, **described}
-    curvature.write_curvature_report(report, out_dir or loaded.run_dir, draw=draw)
+    if is_primary():  # with several processes, process 0 alone writes files
+        curvature.write_curvature_report(report, out_dir or loaded.run_dir, draw=draw)
     return report
 
 
@@ -81,15 +86,16 @@ def landscape_for_run(run: str | pathlib.Path | LoadedRun, *, dirs: str = "filte
                       span: float = 1.0, other: str | pathlib.Path | None = None, trajectory: bool = False,
                       data_batches: int = 2, batch_size: int | None = None, step: Any = "latest",
                       log_scale: bool = False, seed: int = 0, out_dir: str | pathlib.Path | None = None,
-                      progress: bool = True, draw: Any = None) -> dict:
-    """1-D and 2-D loss slices around a run's checkpoint (plus interpolation to ``other``, trajectory overlay)."""
+                      progress: bool = True, draw: Any = None, devices: int | None = None) -> dict:
+    """1-D and 2-D loss slices around a run's checkpoint (plus interpolation to ``other``, trajectory overlay),
+    with the data split over ``devices`` (default: all)."""
     from jaxnn import landscape
 
-    loaded = _loaded(run, step)
+    loaded = _loaded(run, step, devices)
     batches, _ = analysis_batches(loaded, data_batches, batch_size)
     other_params = None
     if other is not None:
-        other_run = load_run(other)
+        other_run = load_run(other, devices=devices)
         other_params = other_run.state.params
     trajectory_params = None
     if trajectory or dirs == "pca":
@@ -103,5 +109,6 @@ def landscape_for_run(run: str | pathlib.Path | LoadedRun, *, dirs: str = "filte
         other_params=other_params, trajectory=trajectory_params, accuracy_fn=loaded.accuracy_fn(), progress=progress)
     report.setdefault("summary", {})["run"] = {"run_dir": str(loaded.run_dir), "step": loaded.step,
                                                "other": str(other) if other else None}
-    landscape.write_landscape_report(report, out_dir or loaded.run_dir, log_scale=log_scale, draw=draw)
+    if is_primary():
+        landscape.write_landscape_report(report, out_dir or loaded.run_dir, log_scale=log_scale, draw=draw)
     return report

@@ -5,6 +5,8 @@
     jaxnn curvature RUN_DIR [--k 5] [--density] [--data-batches N]
     jaxnn landscape RUN_DIR --dirs filter --grid 51 --span 1.0 [--other RUN_DIR2] [--trajectory]
     jaxnn configs                              # list the shipped configs
+    jaxnn train CONFIG --devices 8             # data-parallel over 8 devices (simulated on a CPU-only machine)
+    jaxnn launch --processes 2 --devices-per-process 4 -- train CONFIG   # multi-host, as local processes
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import sys
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--x64", action="store_true", help="float64 throughout")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="use N devices (data parallel); on a CPU-only machine N CPU devices are simulated "
+                        "(default: the config's parallel.devices, -1 = all)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not read or write the persistent compilation cache (default: on, in $JAXNN_CACHE_DIR "
                         "or ~/.cache/jaxnn/xla)")
@@ -76,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
 
     sub.add_parser("configs", help="list the shipped configs")
+
+    p = sub.add_parser("launch", help="run a jaxnn command as several local processes of one multi-host job",
+                       description="Start P local processes of one jax.distributed job (coordinator on a free "
+                                   "127.0.0.1 port, gloo CPU collectives), each running the given jaxnn command. "
+                                   "Process 0's output is shown; a process that fails stops the others.")
+    p.add_argument("--processes", type=int, required=True, help="number of processes (hosts) to start")
+    p.add_argument("--devices-per-process", type=int, default=None,
+                   help="CPU devices each process simulates (default: 1 on a CPU)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds before the whole job is stopped")
+    p.add_argument("--grace", type=float, default=60.0,
+                   help="seconds the other processes get to stop by themselves after one fails (default 60)")
+    p.add_argument("job", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...: the jaxnn command every process runs")
     return parser
 
 
@@ -86,11 +103,21 @@ def _known_errors():
 
 
 def _prepare_runtime(args) -> None:
-    """Process settings that must precede jax's start: quiet library logs, the persistent compilation cache."""
+    """Process settings that must precede jax's start: quiet library logs, simulated devices, joining a multi-host
+    job described by the environment, the persistent compilation cache."""
     from jaxnn import runtime
 
     if not args.debug:
         runtime.quiet_library_logs()
+    if getattr(args, "devices", None) is not None:
+        if args.devices < 1 and args.devices != -1:
+            raise ValueError(f"--devices: expected a positive number of devices (or -1 for all), got {args.devices}")
+        if args.devices > 0:
+            runtime.simulate_cpu_devices(args.devices)
+    if args.command != "launch":
+        from jaxnn import parallel
+
+        parallel.initialize_from_environment()
     if hasattr(args, "no_compile_cache"):
         if args.no_compile_cache:
             runtime.disable_compilation_cache()
@@ -100,6 +127,15 @@ def _prepare_runtime(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "launch":  # no jax in the launcher: it only starts and watches the processes
+        from jaxnn import launch
+
+        try:
+            return launch.launch(args.processes, args.job, devices_per_process=args.devices_per_process,
+                                 timeout=args.timeout, grace=args.grace)
+        except ValueError as exc:
+            print(f"jaxnn: error: {exc}", file=sys.stderr)
+            return 2
     try:
         _prepare_runtime(args)
     except (OSError, RuntimeError, ValueError) as exc:
@@ -134,11 +170,15 @@ def _dispatch(args) -> int:
         for name in config_lib.shipped_configs():
             print(name)
         return 0
+    from jaxnn.parallel import is_primary
+
+    primary = is_primary()  # with several processes, only process 0 draws figures (and writes the run folder)
     # Figures are drawn by a background process while the next computation runs; all are written before exit.
-    with FigureWorker(start=True) as figures:
-        draw = figures.submit
+    with FigureWorker(start=primary) as figures:
+        draw = figures.submit if primary else (lambda *args, **kwargs: None)
         if args.command in ("run", "train"):
-            cfg = config_lib.load_config(args.config, overrides=args.overrides)
+            overrides = list(args.overrides) + ([f"parallel.devices={args.devices}"] if args.devices else [])
+            cfg = config_lib.load_config(args.config, overrides=overrides)
             run_dir = pathlib.Path(args.run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
             summary, trained = train_run(cfg, run_dir=run_dir, resume=args.resume, draw=draw)
             final = summary["final"]
@@ -161,7 +201,7 @@ def _dispatch(args) -> int:
             report = analysis.curvature_for_run(args.run_dir, k=args.k, density=args.density,
                                                 data_batches=args.data_batches, batch_size=args.batch_size,
                                                 step=args.step, mode=args.mode, seed=args.seed, out_dir=args.out,
-                                                draw=draw)
+                                                draw=draw, devices=args.devices)
             print(analysis.describe_curvature(report))
             return 0
         if args.command == "landscape":
@@ -169,7 +209,7 @@ def _dispatch(args) -> int:
                                                 other=args.other, trajectory=args.trajectory,
                                                 data_batches=args.data_batches, batch_size=args.batch_size,
                                                 step=args.step, log_scale=args.log_scale, seed=args.seed,
-                                                out_dir=args.out, draw=draw)
+                                                out_dir=args.out, draw=draw, devices=args.devices)
             print(json.dumps(report.get("summary", {}), indent=1, default=str))
             return 0
     raise AssertionError(args.command)

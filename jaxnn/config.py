@@ -92,6 +92,13 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    devices: int = -1                     # -1: every device (of every process); on a CPU `--devices N` simulates N
+    mode: str = "jit"                     # jit (XLA inserts the all-reduce) | shard_map | pmap (explicit pmean)
+    params: str = "replicated"            # replicated | sharded (FSDP-style along the data axis; mode jit)
+
+
+@dataclasses.dataclass(frozen=True)
 class AnalysisConfig:
     curvature: bool = True                # `jaxnn run` writes curvature.json + spectrum.png
     curvature_k: int = 5
@@ -113,6 +120,7 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     analysis: AnalysisConfig = dataclasses.field(default_factory=AnalysisConfig)
 
     def to_dict(self) -> dict:
@@ -184,7 +192,7 @@ def _coerce(field: dataclasses.Field, value: Any, dotted: str):
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "optimizer": OptimizerConfig, "train": TrainConfig,
-             "checkpoint": CheckpointConfig, "analysis": AnalysisConfig}
+             "checkpoint": CheckpointConfig, "parallel": ParallelConfig, "analysis": AnalysisConfig}
 
 
 def _parse_value(text: str) -> Any:
@@ -343,6 +351,16 @@ def validate(values: dict | Config) -> Config:
     check(c.best_mode in ("min", "max"), "checkpoint.best_mode", f"must be 'min' or 'max', got {c.best_mode!r}")
     check(c.best_metric in ("val_loss", "val_accuracy"), "checkpoint.best_metric",
           f"must be val_loss or val_accuracy, got {c.best_metric!r}")
+    p = cfg.parallel
+    check(p.devices == -1 or p.devices >= 1, "parallel.devices", f"must be -1 (all) or >= 1, got {p.devices}")
+    check(p.mode in ("jit", "shard_map", "pmap"), "parallel.mode",
+          f"unknown mode {p.mode!r}; valid modes: jit, shard_map, pmap")
+    check(p.params in ("replicated", "sharded"), "parallel.params",
+          f"must be replicated or sharded, got {p.params!r}")
+    check(p.params == "replicated" or p.mode == "jit", "parallel.params",
+          f"sharded parameters need parallel.mode jit (XLA inserts the gathers), got mode {p.mode!r}")
+    check(p.mode != "pmap" or t.steps_per_call == 1, "train.steps_per_call",
+          f"parallel.mode pmap runs one step per call (pmap takes host batches), got {t.steps_per_call}")
     a = cfg.analysis
     check(a.curvature_k >= 1, "analysis.curvature_k", f"must be >= 1, got {a.curvature_k}")
     check(a.curvature_batches >= 1, "analysis.curvature_batches", "must be >= 1")

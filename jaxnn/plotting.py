@@ -73,8 +73,24 @@ def draw_now(function, *args, **kwargs):
     return function(*args, **kwargs)
 
 
-def _warm_up() -> None:
-    """Worker start-up: import matplotlib and the figure modules before the first figure is asked for."""
+def _warm_up(parent: int) -> None:
+    """Worker start-up: let go of the parent's terminal and pipes (a caller reading the parent's output would
+    otherwise wait for the worker too), exit when the parent is gone, and import matplotlib and the figure modules
+    before the first figure is asked for."""
+    import os
+    import threading
+    import time
+
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+    def exit_with_parent():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
     import matplotlib.backends.backend_agg  # noqa: F401
 
     import jaxnn.curvature.plots  # noqa: F401
@@ -104,8 +120,11 @@ class FigureWorker:
             import concurrent.futures
             import multiprocessing
 
+            import os
+
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_up)
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_up,
+                initargs=(os.getpid(),))
             self._pool.submit(int)  # makes the process start (and warm up) right away
 
     def submit(self, function, *args, **kwargs) -> None:

@@ -12,11 +12,11 @@ import contextlib
 import logging
 import os
 import pathlib
-import re
 import sys
 
 CACHE_ENV = "JAXNN_CACHE_DIR"
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
+_EIGEN_FLAG = "--xla_cpu_multi_thread_eigen"
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -73,15 +73,28 @@ def jax_backend_started() -> bool:
     return bool(getattr(xla_bridge, "_backends", None))
 
 
+def simulated_device_flags(xla_flags: str, count: int) -> str:
+    """``xla_flags`` with the CPU platform set to ``count`` devices. With more than one, Eigen's intra-op threads are
+    turned off (``--xla_cpu_multi_thread_eigen=false``): the devices give the parallelism, and a device whose matrix
+    product waits for pool threads that other devices hold in a collective's rendezvous deadlocks XLA:CPU
+    (reproduced with 8 simulated devices on 2 cores)."""
+    flags = [flag for flag in xla_flags.split()
+             if not flag.startswith((f"{_DEVICE_FLAG}=", f"{_EIGEN_FLAG}="))]
+    flags.append(f"{_DEVICE_FLAG}={count}")
+    if count > 1:
+        flags.append(f"{_EIGEN_FLAG}=false")
+    return " ".join(flags)
+
+
 def simulate_cpu_devices(count: int) -> None:
-    """Make the CPU platform expose ``count`` devices (``--xla_force_host_platform_device_count``).
+    """Make the CPU platform expose ``count`` devices (``--xla_force_host_platform_device_count``; see
+    :func:`simulated_device_flags`).
 
     Must run before jax starts its backend; accelerators are unaffected (their devices are real). Raises
     ``RuntimeError`` when the backend already runs with a different count, since the flag would be ignored.
     """
     if count < 1:
         raise ValueError(f"devices: expected a positive number of devices, got {count}")
-    flags = re.sub(rf"{_DEVICE_FLAG}=\d+", "", os.environ.get("XLA_FLAGS", "")).split()
     wanted = f"{_DEVICE_FLAG}={count}"
     if jax_backend_started():
         import jax
@@ -91,7 +104,7 @@ def simulate_cpu_devices(count: int) -> None:
                                f"{jax.local_device_count()} in this process; set XLA_FLAGS={wanted} before "
                                "importing jax")
         return
-    os.environ["XLA_FLAGS"] = " ".join(flags + [wanted])
+    os.environ["XLA_FLAGS"] = simulated_device_flags(os.environ.get("XLA_FLAGS", ""), count)
 
 
 # Messages orbax logs (through absl) when it opens a checkpoint folder read-only: expected, not a problem.

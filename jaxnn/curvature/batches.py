@@ -153,3 +153,30 @@ def group_first_batch(group: BatchGroup) -> Any:
 def first_batch(prepared: PreparedData) -> Any:
     """Shapes and dtypes of one batch of the first group, for shape checks and tracing."""
     return group_first_batch(prepared.groups[0])
+
+
+def place_on_mesh(prepared: PreparedData, mesh: Any) -> PreparedData:
+    """Every group's batches split along their batch axis over the mesh's ``data`` axis, so each device holds its
+    slice of every batch and an operator product is data-parallel (one reduction per product); weights and batches
+    whose size the axis does not divide are replicated. ``mesh=None`` (parameters not on a mesh) changes nothing.
+    Works across processes: every process holds the same host data and keeps the shards of its own devices."""
+    if mesh is None:
+        return prepared
+    from jaxnn import parallel  # only jax, no Flax
+
+    devices = int(mesh.shape[parallel.DATA_AXIS]) if parallel.DATA_AXIS in mesh.shape else 1
+    replicated = parallel.replicated(mesh)
+
+    def place(leaf, sharding):
+        value = np.asarray(jax.device_get(leaf)) if not isinstance(leaf, np.ndarray) else leaf
+        return parallel.global_array(value, sharding)
+
+    groups = []
+    for group in prepared.groups:
+        batches = group.batches
+        if batches is not None:
+            size = _batch_size(jax.tree.map(lambda leaf: leaf[0], batches))
+            sharding = parallel.stacked_batch_sharding(mesh) if size % devices == 0 and devices > 1 else replicated
+            batches = jax.tree.map(lambda leaf: place(leaf, sharding), batches)
+        groups.append(BatchGroup(batches, place(group.weights, replicated)))
+    return prepared._replace(groups=tuple(groups))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jaxnn.curvature.batches import BatchGroup, PreparedData, first_batch, prepare_data
+from jaxnn.curvature.batches import BatchGroup, PreparedData, first_batch, place_on_mesh, prepare_data
 from jaxnn.curvature.validation import (
     check_choice,
     check_int,
@@ -364,6 +364,13 @@ _per_batch_losses_jit = jax.jit(_per_batch_losses)
 # Construction and checks.
 
 
+def _prepared(data: Any, stacked: bool, params: Any) -> PreparedData:
+    """``data`` as stacked batch groups, split over the data axis of the mesh the parameters live on (if any)."""
+    from jaxnn.parallel import mesh_of
+
+    return place_on_mesh(prepare_data(data, stacked=stacked), mesh_of(params))
+
+
 def _make_operator(kind, functions, product, loss, params, prepared: PreparedData) -> CurvatureOperator:
     arrays, skeleton = split_functions(functions)
     return CurvatureOperator(
@@ -463,7 +470,7 @@ def hessian(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable loss_fn(params, batch), got {type(loss_fn).__name__}")
     params = check_params(params)
-    prepared = prepare_data(data, stacked=stacked)
+    prepared = _prepared(data, stacked, params)
     op = _make_operator("hessian", loss_fn, _HVP_PRODUCTS[mode], _loss_of_loss_fn, params, prepared)
     _check_scalar_loss(op, prepared, "loss_fn")
     op = _with_loop_mode(op, prepared, loops)
@@ -500,7 +507,7 @@ def ggn(
     ``loops``: as in :func:`hessian`.
     """
     params = check_params(params)
-    prepared = prepare_data(data, stacked=stacked)
+    prepared = _prepared(data, stacked, params)
     _check_output_functions(predict_fn, output_loss, prepared)
     op = _make_operator("ggn", (predict_fn, output_loss), _ggn_product, _loss_of_outputs, params, prepared)
     _check_scalar_loss(op, prepared, "output_loss")
@@ -534,7 +541,7 @@ def fisher(
     """
     check_choice(kind, "kind", FISHER_KINDS)
     params = check_params(params)
-    prepared = prepare_data(data, stacked=stacked)
+    prepared = _prepared(data, stacked, params)
     _check_output_functions(predict_fn, output_loss, prepared)
     functions = (predict_fn, output_loss)
     if kind == "empirical":
@@ -648,10 +655,12 @@ def placed_like_params(op: CurvatureOperator, tree: Any) -> Any:
     """``tree`` replicated on the mesh the parameters live on (a no-op for arrays already there, and when the
     parameters are not on a mesh). Arrays made by helper programs then have the same sharding type as those made
     from the operator, so the estimators' compiled programs are reused instead of being compiled again per type."""
-    sharding = getattr(jax.tree.leaves(op.params)[0], "sharding", None)
-    if not isinstance(sharding, jax.sharding.NamedSharding):
+    from jaxnn.parallel import mesh_of
+
+    mesh = mesh_of(op.params)
+    if mesh is None:
         return tree
-    return jax.device_put(tree, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def balanced_chunks(count: int, chunk_size: int | None) -> tuple[int, int]:

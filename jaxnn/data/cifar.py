@@ -8,7 +8,6 @@ Images are returned HWC: ``image[h, w, c] = data[row, c*1024 + h*32 + w]``.
 from __future__ import annotations
 
 import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +112,8 @@ def _download_and_extract(parent: Path, progress: bool) -> list[str]:
     archive = parent / CIFAR10_ARCHIVE["name"]
     if not (archive.is_file() and download_lib.file_md5(archive) == CIFAR10_ARCHIVE["md5"]):
         download_lib.download_verified(CIFAR10_ARCHIVE["urls"], archive, CIFAR10_ARCHIVE["md5"], progress=progress)
+    import tarfile  # only for an archive to unpack
+
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = [member for member in tar.getmembers()

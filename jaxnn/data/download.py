@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Sequence
 
@@ -42,6 +40,8 @@ def fetch_url(url: str, destination: str | os.PathLike, *, timeout: float = DOWN
     destination = Path(destination)
     descriptor, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
     try:
+        import urllib.request  # imported here: only a download needs it
+
         request = urllib.request.Request(url, headers={"User-Agent": "jaxnn-data"})
         with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(descriptor, "wb") as out:
             size = response.headers.get("Content-Length")
@@ -69,7 +69,7 @@ def download_verified(urls: Sequence[str], destination: str | os.PathLike, md5: 
     for url in urls:
         try:
             fetch_url(url, destination, timeout=timeout, progress=progress)
-        except (urllib.error.URLError, OSError, TimeoutError, ValueError) as error:
+        except (OSError, TimeoutError, ValueError) as error:  # urllib.error.URLError is an OSError
             failures.append(f"{url}: {type(error).__name__}: {error}")
             continue
         if not destination.is_file():

@@ -131,6 +131,14 @@ class BatchIterator:
 
     def _device_batch(self, step: int):
         rows = self.batch_indices(step)
+        if self._sharding is not None and not self._sharding.is_fully_addressable:
+            # Several processes: each gathers only its slice of the global batch (contiguous, in process order).
+            count, index = jax.process_count(), jax.process_index()
+            per = len(rows) // count
+            local = rows[index * per:(index + 1) * per]
+            return tuple(jax.make_array_from_process_local_data(
+                self._sharding, np.asarray(array[local], dtype=dtype), (len(rows),) + array.shape[1:])
+                for array, dtype in ((self.split.x, self._x_dtype), (self.split.y, self._y_dtype)))
         x = np.asarray(self.split.x[rows], dtype=self._x_dtype)
         y = np.asarray(self.split.y[rows], dtype=self._y_dtype)
         return jax.device_put(x, self._sharding), jax.device_put(y, self._sharding)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from jaxnn.curvature.batches import PreparedData, group_first_batch
 from jaxnn.landscape.linear_factoring import LinearFactorization

@@ -28,11 +28,17 @@ import dataclasses
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
 CONST, AFFINE, POINT = "const", "affine", "point"
+
+
+def _core():
+    """``jax.extend.core`` (its types), imported when a jaxpr is first read, not with this module."""
+    import jax.extend.core
+
+    return jax.extend.core
 
 # Calls whose body is a plain forward computation of the same inputs: inlined so linear layers inside a jitted
 # (or custom-derivative, or rematerialised) function are still found.
@@ -100,7 +106,7 @@ class _Flattener:
             env[var] = atom
 
         def read(var: Any) -> Any:
-            return _Literal(var.val) if isinstance(var, jex_core.Literal) else env[var]
+            return _Literal(var.val) if isinstance(var, _core().Literal) else env[var]
 
         for eqn in jaxpr.eqns:
             inputs = [read(v) for v in eqn.invars]
@@ -118,7 +124,7 @@ class _Flattener:
                     if key is not None:
                         self._seen[key] = tuple(outputs)
             for var, atom in zip(eqn.outvars, outputs):
-                if not isinstance(var, jex_core.DropVar):
+                if not isinstance(var, _core().DropVar):
                     env[var] = atom
         return [read(v) for v in jaxpr.outvars]
 
@@ -156,9 +162,9 @@ def _inlinable_body(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
     if param is None or param not in eqn.params:
         return None
     body = eqn.params[param]
-    if isinstance(body, jex_core.ClosedJaxpr):
+    if isinstance(body, _core().ClosedJaxpr):
         jaxpr, consts = body.jaxpr, body.consts
-    elif isinstance(body, jex_core.Jaxpr):
+    elif isinstance(body, _core().Jaxpr):
         jaxpr, consts = body, ()
     else:
         return None

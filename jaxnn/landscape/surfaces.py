@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnn.curvature.batches import PreparedData, prepare_data
+from jaxnn.curvature.batches import PreparedData, place_on_mesh, prepare_data
+from jaxnn.parallel import mesh_of
 from jaxnn.landscape.grid_evaluation import evaluate_at_points
 from jaxnn.landscape.validation import (
     check_direction,
@@ -199,11 +200,12 @@ def _evaluate_surface(kind: str, loss_fn: Callable, basis: Sequence[Any], coeffi
                       progress: bool, strategy: str = "auto") -> Surface:
     metrics = check_metric_fns(loss_fn, accuracy_fn, metric_fns)
     chunk_size = check_int(chunk_size, "chunk_size")
-    prepared = prepare_data(data, stacked=stacked, name="data", check_finite=True)
+    mesh = mesh_of(basis[0])  # parameters on a mesh: every batch split over its data axis
+    prepared = place_on_mesh(prepare_data(data, stacked=stacked, name="data", check_finite=True), mesh)
     state_prepared, state_like = None, None
     if recompute_state_fn is not None:
-        state_prepared = (prepared if state_data is None
-                          else prepare_data(state_data, stacked=stacked, name="state_data", check_finite=True))
+        state_prepared = (prepared if state_data is None else place_on_mesh(
+            prepare_data(state_data, stacked=stacked, name="state_data", check_finite=True), mesh))
         state_like = _state_like(recompute_state_fn, basis[0], state_prepared)
     _check_scalar_outputs(metrics, basis[0], prepared, state_like)
     values, timing = evaluate_at_points(

@@ -15,6 +15,8 @@ Normalisation (``norm``):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import flax.linen as nn
@@ -66,6 +68,21 @@ def check_param_dtype(param_dtype: Any, owner: str) -> None:
         )
 
 
+_BATCH_NORM_AXIS: contextvars.ContextVar = contextvars.ContextVar("jaxnn_batch_norm_axis", default=None)
+
+
+@contextlib.contextmanager
+def batch_norm_axis(axis_name: str | None):
+    """Batch norm created while tracing inside this context averages its batch statistics over the named mapped
+    axis (``shard_map``/``pmap``): the statistics of the global batch, as on one device. Parameters and state are
+    the same with or without it."""
+    token = _BATCH_NORM_AXIS.set(axis_name)
+    try:
+        yield
+    finally:
+        _BATCH_NORM_AXIS.reset(token)
+
+
 def normalization_layer(
     norm: str | None, *, train: bool, input_ndim: int, param_dtype: Any, name: str | None = None
 ) -> nn.Module | None:
@@ -86,6 +103,7 @@ def normalization_layer(
             # param_dtype so they stay float64 under x64 instead of being forced to float32.
             use_fast_variance=False,
             force_float32_reductions=False,
+            axis_name=_BATCH_NORM_AXIS.get(),
             name=name,
         )
     if norm == "layer":

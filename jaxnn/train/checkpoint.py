@@ -37,14 +37,14 @@ class Checkpointer:
             # reverse=True sorts descending, so the smallest value survives.
             policies.append(ocp_managers.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min",
                                                n=1, keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
-            best_fn=(lambda m: m[best_metric]) if keep_best else None, best_mode=best_mode,
-            enable_async_checkpointing=False, create=not read_only, read_only=read_only)
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint folder at {self.directory}")
         # Registering the handler up front lets a fresh process read metadata before any save or restore.
         with read_only_notices_dropped():
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
+                best_fn=(lambda m: m[best_metric]) if keep_best else None, best_mode=best_mode,
+                enable_async_checkpointing=False, create=not read_only, read_only=read_only)
             self.manager = _unless_corrupt(self.directory, lambda: ocp.CheckpointManager(
                 self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()))
 
@@ -59,8 +59,8 @@ class Checkpointer:
 
     def save(self, step: int, tree: Any, metrics: dict | None = None) -> None:
         """Save ``tree`` (arrays only) as ``step``; refuses non-finite values so a NaN never replaces good state."""
-        bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-               if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.all(np.isfinite(np.asarray(leaf)))]
+        bad = [jax.tree_util.keystr(path) for (path, _), count in zip(jax.tree_util.tree_leaves_with_path(tree),
+                                                                       _nonfinite_counts(tree)) if count]
         if bad:
             raise CheckpointError(f"refusing to checkpoint step {step}: non-finite values in {', '.join(bad[:5])}")
         if step in self.manager.all_steps():
@@ -70,7 +70,8 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore(self, template: Any, step: int | None = None) -> Any:
-        """Restore into the structure, shapes and dtypes of ``template``; clear errors otherwise."""
+        """Restore into the structure, shapes, dtypes and shardings of ``template`` (arrays, or ShapeDtypeStructs
+        with shardings), whatever devices the checkpoint was saved from; clear errors otherwise."""
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"no checkpoint found in {self.directory}")
@@ -91,6 +92,22 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _nonfinite_counts(tree: Any) -> list[int]:
+    """NaN/inf entries per leaf; for arrays spread over processes a compiled count (the same answer everywhere, so
+    every process refuses, or saves, together)."""
+    leaves = jax.tree.leaves(tree)
+    if all(getattr(leaf, "is_fully_addressable", True) for leaf in leaves):
+        return [int(np.count_nonzero(~np.isfinite(np.asarray(leaf)))) if np.issubdtype(np.asarray(leaf).dtype,
+                                                                                          np.inexact) else 0
+                for leaf in leaves]
+    import jax.numpy as jnp
+    from jaxnn.parallel import to_host
+
+    counts = jax.jit(lambda ls: [jnp.sum(~jnp.isfinite(l)) if jnp.issubdtype(l.dtype, jnp.inexact) else jnp.int32(0)
+                                 for l in ls])(leaves)
+    return [int(c) for c in to_host(counts)]
 
 
 def _unless_corrupt(directory: pathlib.Path, fn):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from jaxnn import data as data_lib
 from jaxnn import losses, parallel
@@ -102,9 +102,13 @@ def evaluate(state: TrainState, split: data_lib.Split, eval_step: Callable, batc
         if valid < batch_size:
             x = np.concatenate([x, np.zeros((batch_size - valid,) + x.shape[1:], x_dtype)])
             y = np.concatenate([y, np.zeros((batch_size - valid,) + y.shape[1:], y_dtype)])
-        sums = eval_step(state, jax.device_put((x, y), sharding), jax.device_put(mask, sharding))
+        if sharding is not None and not sharding.is_fully_addressable:  # several processes: global arrays
+            batch = (parallel.global_array(x, sharding), parallel.global_array(y, sharding))
+            sums = eval_step(state, batch, parallel.global_array(mask, sharding))
+        else:
+            sums = eval_step(state, jax.device_put((x, y), sharding), jax.device_put(mask, sharding))
         totals = sums if totals is None else _add_sums(totals, sums)
-    totals = jax.device_get(totals)
+    totals = parallel.to_host(totals)
     out = {f"{prefix}_loss": float(totals["loss_sum"] / totals["count"])}
     if classification:
         out[f"{prefix}_accuracy"] = float(totals["correct"] / totals["count"])
@@ -195,7 +199,7 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
         eval_batch_size: int = 512, callbacks: Sequence[Callback] = (), checkpointer: Checkpointer | None = None,
         checkpoint_every: int | None = None, run_dir: str | pathlib.Path | None = None, start_step: int = 0,
         nan_guard: bool = True, progress: bool = True, mesh=None, needs_value_fn: bool = False,
-        steps_per_call: int = 1, device_resident: bool | None = None) -> FitResult:
+        steps_per_call: int = 1, device_resident: bool | None = None, mode: str = "jit") -> FitResult:
     """Train ``state`` for ``num_steps`` optimizer steps on ``dataset.train``; evaluate on ``dataset.val``.
 
     Batches: with ``device_resident`` (default: when the training split takes at most 1 GiB) the split is copied
@@ -210,14 +214,26 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     queued step metrics come to the host in one transfer, are checked for NaN/Inf (``nan_guard``: stop and name the
     step; no checkpoint is written after it) and one record per logged step goes to metrics.jsonl.
     ``start_step`` resumes: the batch stream continues exactly where step ``start_step`` left it.
+
+    Devices: the batch is split over the ``data`` axis of ``mesh`` (default: every device) and ``mode`` picks how
+    the step is written (``jit``, ``shard_map`` or ``pmap``; see :mod:`jaxnn.parallel`); ``state`` is used as placed
+    (replicated, or sharded parameters). With several processes each one feeds its slice of every batch.
     """
     mesh = mesh or parallel.make_mesh()
+    parallel.check_mode(mode, "replicated")
     parallel.check_batch_divisible(batch_size // grad_accum_steps, mesh, "batch_size / grad_accum_steps")
     if batch_size % grad_accum_steps:
         raise ValueError(f"grad_accum_steps={grad_accum_steps} must divide batch_size={batch_size}")
     if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
+    multi_process = jax.process_count() > 1
     resident = _resident_default(dataset) if device_resident is None else bool(device_resident)
+    if resident and (mode == "pmap" or multi_process):
+        if device_resident:
+            raise ValueError("device_resident=True needs parallel.mode jit or shard_map in a single process "
+                             f"(mode {mode!r}, {jax.process_count()} processes): pmap and multi-process runs take "
+                             "host batches")
+        resident = False
     if steps_per_call > 1 and not resident:
         raise ValueError(f"steps_per_call={steps_per_call} needs the training split on the device "
                          f"(device_resident=True; it holds {dataset.train.x.nbytes / 2**20:.0f} MiB)")
@@ -231,27 +247,29 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     checkpoint_every = checkpoint_every or eval_every
 
     train_step = make_train_step(loss, schedule, grad_accum_steps=grad_accum_steps, classification=classification,
-                                 needs_value_fn=needs_value_fn)
+                                 needs_value_fn=needs_value_fn, mode=mode, mesh=None if mode == "jit" else mesh)
     eval_step = make_eval_step(loss, classification=classification)
     eval_size = eval_batch_size_for(dataset, eval_batch_size, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
     run_dir = pathlib.Path(run_dir) if run_dir is not None else None
-    if run_dir is not None:
+    primary = parallel.is_primary()  # with several processes, process 0 alone writes metrics and shows progress
+    if run_dir is not None and primary:
         run_dir.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(run_dir / "metrics.jsonl" if run_dir else None,
+    writer = MetricsWriter(run_dir / "metrics.jsonl" if run_dir and primary else None,
                            resume_from_step=start_step if start_step else None)
     if resident:
         source = _ResidentData(dataset.train, batch_size, seed, steps_per_call, mesh)
         resident_steps = make_resident_train_steps(
             loss, schedule, grad_accum_steps=grad_accum_steps, classification=classification,
             needs_value_fn=needs_value_fn, batch_size=batch_size, steps_per_epoch=source.steps_per_epoch,
-            batch_sharding=batch_sharding if mesh.devices.size > 1 else None)
+            batch_sharding=batch_sharding if mesh.devices.size > 1 else None, mode=mode,
+            mesh=None if mode == "jit" else mesh)
     else:
         batches = data_lib.batch_iterator(dataset.train, batch_size, seed=seed, start_step=start_step,
-                                          sharding=batch_sharding)
+                                          sharding=None if mode == "pmap" else batch_sharding, prefetch=2)
     analysis_x, analysis_y = data_lib.host_stacked_batches(dataset.train, min(batch_size, len(dataset.train)), 1,
                                                            seed=seed + 1, shuffle=True)
-    analysis_batch = jax.device_put((analysis_x[0], analysis_y[0]))
+    analysis_batch = tuple(parallel.global_array(a[0], parallel.replicated(mesh)) for a in (analysis_x, analysis_y))
     per_example = losses.get_loss(loss) if isinstance(loss, str) else loss
     ctx = FitContext(state=state, analysis_batch=analysis_batch, run_dir=run_dir, step=start_step,
                      make_loss_fn=lambda s: losses.make_loss_fn(s.apply_fn, per_example, s.model_state))
@@ -273,13 +291,14 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     best_step = checkpointer.best_step() if checkpointer else None
     stop_reason = "completed"
     started = time.perf_counter()
-    bar = tqdm(total=num_steps, initial=start_step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=num_steps, initial=start_step, disable=not (progress and primary), desc="train", unit="step",
+               dynamic_ncols=True)
 
     window: list[dict] = []   # host metrics of the steps since the last record
 
     def drain() -> None:
         """Bring queued step metrics to the host in one transfer; the NaN guard sees every step."""
-        host = jax.device_get([m for _, m in queued])
+        host = parallel.to_host([m for _, m in queued])
         steps = []
         for (first, _), (scanned, last) in zip(queued, host):
             count = 0 if scanned is None else len(next(iter(scanned.values())))

@@ -65,6 +65,9 @@ def abstract_state(cfg: config_lib.Config, dataset: data_lib.Dataset, mesh=None)
     mesh = mesh or parallel.make_mesh()
     state = jax.eval_shape(lambda key: create_train_state(model, tx, dataset.input_shape, key, mesh=mesh),
                            jax.random.PRNGKey(cfg.train.seed))
+    shardings = parallel.state_shardings(state, mesh, "replicated")  # where the restored arrays go (any saved layout)
+    state = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                         state, shardings)
     return state, model
 
 
@@ -79,10 +82,13 @@ def prepare_run_dir(cfg: config_lib.Config, run_dir: pathlib.Path, resume: bool)
         if saved_path.exists():
             saved = config_lib.load_config(saved_path)
             differences = _config_differences(saved.to_dict(), cfg.to_dict())
-            differences = [d for d in differences if not d.startswith(("train.progress", "train.epochs", "train.steps"))]  # steps_per_call too (bit-identical)
+            # How many steps, and on how many devices in which layout, may change: the same run continues.
+            differences = [d for d in differences
+                           if not d.startswith(("train.progress", "train.epochs", "train.steps", "parallel."))]
             if differences:
                 raise RunFolderError(f"cannot resume {run_dir}: the config differs from the saved one in "
-                                     f"{', '.join(differences)} (only train.steps/train.epochs may change)")
+                                     f"{', '.join(differences)} (only train.steps/train.epochs/train.steps_per_call "
+                                     "and the parallel section may change)")
     elif has_checkpoints:
         raise RunFolderError(f"run folder {run_dir} already has checkpoints; pass --resume to continue it, or "
                              "choose another name/output dir (existing checkpoints are never overwritten)")
@@ -137,17 +143,23 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
     state, which the last checkpoint holds), so analysis can follow without reading the folder again.
     ``draw(function, *args)`` draws curves.png (default: now)."""
     run_dir = pathlib.Path(run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
-    prepare_run_dir(cfg, run_dir, resume)
-    mesh = mesh or parallel.make_mesh()
+    primary = parallel.is_primary()
+    if primary:
+        prepare_run_dir(cfg, run_dir, resume)
+    mesh = mesh or parallel.make_mesh(cfg.parallel.devices)
+    parallel.check_mode(cfg.parallel.mode, cfg.parallel.params)
+    parallel.check_batch_divisible(cfg.train.batch_size // cfg.train.grad_accum_steps, mesh,
+                                   "train.batch_size / train.grad_accum_steps")
     dataset = load_dataset(cfg)
     state, schedule, model = build_state(cfg, dataset, mesh)
+    state = parallel.place_state(state, mesh, cfg.parallel.params)
     checkpointer = make_checkpointer(cfg, run_dir) if cfg.checkpoint.enabled else None
     start_step = 0
     if resume:
-        tree = checkpointer.restore(state.checkpoint_tree())
-        state = parallel.replicate(state.replace_from_checkpoint(tree), mesh)
+        tree = checkpointer.restore(state.checkpoint_tree())  # into this mesh and layout, whatever it was saved on
+        state = state.replace_from_checkpoint(tree)
         start_step = int(tree["step"])
-    else:
+    elif primary:
         config_lib.save_config(cfg, run_dir / "config.yaml")
     callbacks = list(callbacks or [])
     t = cfg.train
@@ -163,14 +175,16 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
                  seed=t.seed, grad_accum_steps=t.grad_accum_steps, log_every=t.log_every, eval_every=t.eval_every,
                  callbacks=callbacks, checkpointer=checkpointer, checkpoint_every=cfg.checkpoint.every_steps,
                  run_dir=run_dir, start_step=start_step, nan_guard=t.nan_guard, progress=t.progress, mesh=mesh,
-                 needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN, steps_per_call=t.steps_per_call)
+                 needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN, steps_per_call=t.steps_per_call,
+                 mode=cfg.parallel.mode)
     summary = summarize(cfg, dataset, model, result, time.perf_counter() - started, resumed_from=start_step or None)
     if checkpointer is not None:
         checkpointer.close()
-    write_json(run_dir / "summary.json", summary)
-    from jaxnn import plotting
-    (draw or plotting.draw_now)(plotting.plot_training_curves, run_dir / "metrics.jsonl", run_dir / "curves.png",
-                                cfg.name)
+    if primary:  # with several processes, process 0 alone writes the run folder's files
+        write_json(run_dir / "summary.json", summary)
+        from jaxnn import plotting
+        (draw or plotting.draw_now)(plotting.plot_training_curves, run_dir / "metrics.jsonl", run_dir / "curves.png",
+                                    cfg.name)
     trained = LoadedRun(run_dir=run_dir, config=cfg, dataset=dataset, model=model, state=result.state,
                         step=result.steps_done)
     return summary, trained
@@ -191,7 +205,7 @@ def summarize(cfg, dataset, model, result: FitResult, wall_time_s: float, resume
         "steps": result.steps_done, "stop_reason": result.stop_reason, "best_step": result.best_step,
         "resumed_from_step": resumed_from, "wall_time_s": round(wall_time_s, 3),
         "train_loop_time_s": round(result.wall_time_s, 3),
-        "devices": [str(d) for d in jax.devices()], "final": final,
+        "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(), "final": final,
         "split_sizes": {s: len(getattr(dataset, s)) for s in ("train", "val", "test")},
     }
 
@@ -241,8 +255,9 @@ class LoadedRun:
             ckpt.close()
 
 
-def load_run(run_dir: str | pathlib.Path, step: int | str = "latest") -> LoadedRun:
-    """Read a run folder: its config, data, model and the checkpoint ``step`` ("latest", "best" or a number)."""
+def load_run(run_dir: str | pathlib.Path, step: int | str = "latest", devices: int | None = None) -> LoadedRun:
+    """Read a run folder: its config, data, model and the checkpoint ``step`` ("latest", "best" or a number),
+    restored onto ``devices`` devices (default: all; replicated), whatever device count it was saved from."""
     run_dir = pathlib.Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
@@ -250,7 +265,7 @@ def load_run(run_dir: str | pathlib.Path, step: int | str = "latest") -> LoadedR
         raise FileNotFoundError(f"{run_dir} is not a jaxnn run folder: config.yaml is missing")
     cfg = config_lib.load_config(run_dir / "config.yaml")
     dataset = load_dataset(cfg)
-    state, model = abstract_state(cfg, dataset)
+    state, model = abstract_state(cfg, dataset, parallel.make_mesh(devices))
     ckpt = make_checkpointer(cfg, run_dir, read_only=True)
     try:
         if step == "best":

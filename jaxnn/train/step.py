@@ -15,9 +15,13 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import PartitionSpec
 
 from jaxnn import losses
+from jaxnn.models.layers import batch_norm_axis
+from jaxnn.parallel import DATA_AXIS, MODES
 from jaxnn.train.state import TrainState
 
 
@@ -27,7 +31,8 @@ def _tree_norm(tree):
 
 @functools.lru_cache(maxsize=32)
 def make_train_step(loss: Callable | str, schedule: Callable | None = None, *, grad_accum_steps: int = 1,
-                    classification: bool = True, needs_value_fn: bool = False, donate: bool = True) -> Callable:
+                    classification: bool = True, needs_value_fn: bool = False, donate: bool = True,
+                    mode: str = "jit", mesh=None) -> Callable:
     """``train_step(state, batch, full_metrics=True) -> (state, metrics)``, jitted.
 
     metrics: ``loss``, ``accuracy`` (classification), ``lr``, and when ``full_metrics`` (a static bool: one
@@ -35,9 +40,45 @@ def make_train_step(loss: Callable | str, schedule: Callable | None = None, *, g
     passes over the parameters that also keep XLA from fusing the update (~15% of a small MLP's step on CPU,
     measured), so ``fit`` asks for them only on the steps it logs.
     Cached on its arguments, so repeated ``fit`` calls with the same loss and schedule reuse one compilation.
+
+    ``mode`` (see :mod:`jaxnn.parallel`): ``"jit"`` follows the arrays' shardings (XLA inserts the all-reduce);
+    ``"shard_map"`` and ``"pmap"`` run the per-device step over the ``data`` axis of ``mesh`` with an explicit
+    ``lax.pmean``. All three give the same parameters.
     """
-    step = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn)
-    return jax.jit(step, donate_argnums=(0,) if donate else (), static_argnums=(2,))
+    donated = (0,) if donate else ()
+    if mode == "jit":
+        step = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn)
+        return jax.jit(step, donate_argnums=donated, static_argnums=(2,))
+    per_device = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, DATA_AXIS)
+    if mode == "shard_map":
+        def step(state, batch, full_metrics=True):
+            return _shard_mapped(per_device, mesh, full_metrics)(state, batch)
+
+        return jax.jit(step, donate_argnums=donated, static_argnums=(2,))
+    if mode == "pmap":
+        devices = list(mesh.devices.ravel())
+        pmapped = {full: jax.pmap(functools.partial(_pmap_body, per_device, full), axis_name=DATA_AXIS,
+                                  in_axes=(None, 0), out_axes=(None, None), devices=devices)
+                   for full in (False, True)}
+
+        def step(state, batch, full_metrics=True):
+            per_device_batch = jax.tree.map(
+                lambda a: np.asarray(a).reshape((len(devices), a.shape[0] // len(devices)) + a.shape[1:]), batch)
+            return pmapped[bool(full_metrics)](state, per_device_batch)
+
+        return step
+    raise ValueError(f"parallel.mode: expected one of {list(MODES)}, got {mode!r}")
+
+
+def _pmap_body(per_device, full_metrics, state, batch):
+    return per_device(state, batch, full_metrics)
+
+
+def _shard_mapped(per_device, mesh, full_metrics) -> Callable:
+    """The per-device step as one SPMD program over the mesh: state replicated in and out, batch split."""
+    return jax.shard_map(lambda s, b: per_device(s, b, full_metrics), mesh=mesh,
+                         in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
+                         out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
 
 
 def _resident_batch(state: TrainState, data, permutations, first_epoch, batch_size: int, steps_per_epoch: int,
@@ -55,16 +96,24 @@ def _resident_batch(state: TrainState, data, permutations, first_epoch, batch_si
 @functools.lru_cache(maxsize=32)
 def make_resident_train_steps(loss: Callable | str, schedule: Callable | None = None, *, grad_accum_steps: int = 1,
                               classification: bool = True, needs_value_fn: bool = False, batch_size: int,
-                              steps_per_epoch: int, batch_sharding=None) -> Callable:
+                              steps_per_epoch: int, batch_sharding=None, mode: str = "jit",
+                              mesh=None) -> Callable:
     """``train_steps(state, data, permutations, num_steps, full_last) -> (state, metrics)``, jitted, state donated.
 
     ``data``: the training split ``(x, y)`` on the device; ``permutations``: (W, ≥ S·B) int32, the example order of
     epochs ``e0 .. e0+W−1`` with ``e0 = state.step // S`` at the call. Runs ``num_steps`` (static) optimizer steps,
     each gathering its batch on the device: one ``lax.scan`` over the first ``num_steps − 1`` (loss, accuracy, lr
     per step, stacked) and a last step with the full metrics when ``full_last`` (static). Results are bit-identical
-    to ``num_steps`` calls of one step (the same step computation, scanned).
+    to ``num_steps`` calls of one step (the same step computation, scanned). ``mode``: "jit" or "shard_map" (the
+    batch is gathered globally, then each device steps on its slice); pmap takes host batches (``make_train_step``).
     """
-    step = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn)
+    if mode == "jit":
+        step = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn)
+    elif mode == "shard_map":
+        per_device = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, DATA_AXIS)
+        step = lambda state, batch, full: _shard_mapped(per_device, mesh, full)(state, batch)  # noqa: E731
+    else:
+        raise ValueError(f"device-resident training runs with parallel.mode 'jit' or 'shard_map', got {mode!r}")
 
     def steps(state: TrainState, data, permutations, num_steps: int, full_last: bool):
         first_epoch = state.step // steps_per_epoch
@@ -83,12 +132,24 @@ def make_resident_train_steps(loss: Callable | str, schedule: Callable | None = 
     return jax.jit(steps, donate_argnums=(0,), static_argnums=(3, 4))
 
 
-def _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn) -> Callable:
-    """The un-jitted ``step(state, batch, full_metrics)`` shared by every compiled form."""
+def _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn,
+                   axis_name: str | None = None) -> Callable:
+    """The un-jitted ``step(state, batch, full_metrics)`` shared by every compiled form.
+
+    With ``axis_name`` it is the per-device step of explicit SPMD (``shard_map``/``pmap``): ``batch`` is this
+    device's slice, batch norm averages its statistics over the axis, and the gradients, loss and accuracy are
+    averaged with an explicit ``lax.pmean`` before the (replicated) optimizer update. Dropout keys differ per device.
+    """
     per_example = losses.get_loss(loss) if isinstance(loss, str) else loss
 
     def step(state: TrainState, batch, full_metrics=True):
+        with batch_norm_axis(axis_name):
+            return _step(state, batch, full_metrics)
+
+    def _step(state: TrainState, batch, full_metrics):
         rng, dropout_rng = jax.random.split(state.rng)
+        if axis_name is not None:
+            dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
         mutable = list(state.model_state)
 
         def micro_loss(params, model_state, micro_batch, key):
@@ -124,10 +185,13 @@ def _step_function(loss, schedule, grad_accum_steps, classification, needs_value
                 body, (zeros, zero, zero, state.model_state), (micro, keys))
             grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
             value, acc = value / grad_accum_steps, acc / grad_accum_steps
+        if axis_name is not None:
+            grads, value, acc = jax.lax.pmean((grads, value, acc), axis_name)
 
         if needs_value_fn:
             def value_fn(params):
-                return micro_loss(params, state.model_state, batch, dropout_rng)[0]
+                local = micro_loss(params, state.model_state, batch, dropout_rng)[0]
+                return local if axis_name is None else jax.lax.pmean(local, axis_name)
             updates, opt_state = state.tx.update(grads, state.opt_state, state.params, value=value, grad=grads,
                                                  value_fn=value_fn)
         else:

@@ -1,0 +1,63 @@
+"""Run by test_parallel.py in a subprocess with 8 forced CPU devices: 20 training steps on 1 device and on 8 devices
+along every data-parallel path, printed as JSON (max absolute parameter/state differences)."""
+
+import json
+import os
+import sys
+
+from jaxnn.runtime import simulated_device_flags  # noqa: E402  (standard library only)
+
+os.environ["XLA_FLAGS"] = simulated_device_flags(os.environ.get("XLA_FLAGS", ""), 8)
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from jaxnn import data as data_lib, models, parallel  # noqa: E402
+from jaxnn.train import create_train_state, fit  # noqa: E402
+
+PATHS = [("jit", "replicated"), ("shard_map", "replicated"), ("pmap", "replicated"), ("jit", "sharded")]
+MODELS = {
+    "mlp": dict(name="mlp", num_classes=10, width=32, depth=2),
+    "mlp_bn": dict(name="mlp", num_classes=10, width=32, depth=2, norm="batch"),
+    "resnet_bn": dict(name="resnet", num_classes=10, depth=8, base_width=4),
+}
+
+
+def train(dataset, model_kwargs, optimizer, devices, mode, layout):
+    mesh = parallel.make_mesh(devices)
+    state = create_train_state(models.get_model(**model_kwargs), optimizer, dataset.input_shape,
+                               jax.random.PRNGKey(0), mesh=mesh)
+    state = parallel.place_state(state, mesh, layout)
+    result = fit(state, dataset, batch_size=64, num_steps=20, log_every=10, eval_every=20, progress=False, mesh=mesh,
+                 mode=mode)
+    return jax.tree.map(np.asarray, (result.state.params, result.state.model_state)), result.state.params
+
+
+def max_difference(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def main():
+    precision = sys.argv[1]
+    jax.config.update("jax_enable_x64", precision == "float64")
+    dataset = data_lib.load_dataset("digits", seed=0)
+    optimizers = {"sgd": lambda: optax.sgd(0.1, momentum=0.9), "adam": lambda: optax.adam(1e-2),
+                  # Adam divides the rounding noise of coordinates whose exact gradient is 0 (the biases and the
+                  # per-channel mean direction of the kernels in front of batch norm) by sqrt(nu) + eps: with the
+                  # default eps 1e-8 any two summation orders (1 device or 8) end ~1e-10 apart there.
+                  "adam_eps": lambda: optax.adam(1e-2, eps=1e-4)}
+    cases = ([("mlp", "sgd"), ("mlp", "adam"), ("mlp_bn", "sgd"), ("mlp_bn", "adam"), ("mlp_bn", "adam_eps"),
+              ("resnet_bn", "adam_eps")] if precision == "float64" else [("mlp_bn", "adam_eps"), ("resnet_bn", "adam")])
+    results = []
+    for model_name, optimizer_name in cases:
+        reference, _ = train(dataset, MODELS[model_name], optimizers[optimizer_name](), 1, "jit", "replicated")
+        for mode, layout in PATHS:
+            values, params = train(dataset, MODELS[model_name], optimizers[optimizer_name](), 8, mode, layout)
+            specs = sorted({str(leaf.sharding.spec) for leaf in jax.tree.leaves(params)})
+            results.append({"model": model_name, "optimizer": optimizer_name, "mode": mode, "layout": layout,
+                            "diff": max_difference(reference, values), "specs": specs})
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
