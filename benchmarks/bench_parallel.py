@@ -80,11 +80,11 @@ def child(devices: int, steps: int, batch: int) -> dict:
 
 
 def spawn(devices: int, steps: int, batch: int) -> dict:
-    from jaxnn.runtime import simulated_device_flags
+    from jaxnn.runtime import simulated_device_environment
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     if devices > 1 and batch == 64:  # simulated CPU devices (real accelerators ignore the flag)
-        env["XLA_FLAGS"] = simulated_device_flags("", devices)
+        env = simulated_device_environment(env, devices)
     out = subprocess.run([sys.executable, __file__, CHILD, str(devices), str(steps), str(batch)], capture_output=True,
                          text=True, env=env)
     if out.returncode:

@@ -86,9 +86,10 @@ def landscape_for_run(run: str | pathlib.Path | LoadedRun, *, dirs: str = "filte
                       span: float = 1.0, other: str | pathlib.Path | None = None, trajectory: bool = False,
                       data_batches: int = 2, batch_size: int | None = None, step: Any = "latest",
                       log_scale: bool = False, seed: int = 0, out_dir: str | pathlib.Path | None = None,
-                      progress: bool = True, draw: Any = None, devices: int | None = None) -> dict:
+                      progress: bool = True, draw: Any = None, devices: int | None = None,
+                      split: str = "data") -> dict:
     """1-D and 2-D loss slices around a run's checkpoint (plus interpolation to ``other``, trajectory overlay),
-    with the data split over ``devices`` (default: all)."""
+    with the data (``split="data"``) or the grid points (``"points"``) split over ``devices`` (default: all)."""
     from jaxnn import landscape
 
     loaded = _loaded(run, step, devices)
@@ -106,7 +107,8 @@ def landscape_for_run(run: str | pathlib.Path | LoadedRun, *, dirs: str = "filte
         trajectory_params = [loaded.params_at(s) for s in steps]
     report = landscape.landscape_report(
         loaded.loss_fn(), loaded.state.params, batches, dirs=dirs, grid=grid, span=span, key=jax.random.PRNGKey(seed),
-        other_params=other_params, trajectory=trajectory_params, accuracy_fn=loaded.accuracy_fn(), progress=progress)
+        other_params=other_params, trajectory=trajectory_params, accuracy_fn=loaded.accuracy_fn(), progress=progress,
+        split=split)
     report.setdefault("summary", {})["run"] = {"run_dir": str(loaded.run_dir), "step": loaded.step,
                                                "other": str(other) if other else None}
     if is_primary():

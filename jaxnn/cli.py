@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--step", default="latest", help="checkpoint: latest, best or a step number")
     p.add_argument("--log-scale", action="store_true")
+    p.add_argument("--split", choices=["data", "points"], default="data",
+                   help="with several devices: give each device a slice of the data (default) or of the grid points")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: the run folder)")
     _add_runtime_args(p)
@@ -209,7 +211,8 @@ def _dispatch(args) -> int:
                                                 other=args.other, trajectory=args.trajectory,
                                                 data_batches=args.data_batches, batch_size=args.batch_size,
                                                 step=args.step, log_scale=args.log_scale, seed=args.seed,
-                                                out_dir=args.out, draw=draw, devices=args.devices)
+                                                out_dir=args.out, draw=draw, devices=args.devices,
+                                                split=args.split)
             print(json.dumps(report.get("summary", {}), indent=1, default=str))
             return 0
     raise AssertionError(args.command)

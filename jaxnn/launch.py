@@ -33,9 +33,9 @@ def process_environment(base: dict, port: int, processes: int, index: int, devic
     env.update({"JAXNN_COORDINATOR": f"127.0.0.1:{port}", "JAXNN_NUM_PROCESSES": str(processes),
                 "JAXNN_PROCESS_ID": str(index), "JAXNN_AUTO_DISTRIBUTED": "0"})
     if devices_per_process is not None:
-        from jaxnn.runtime import simulated_device_flags  # standard library only
+        from jaxnn.runtime import simulated_device_environment  # standard library only
 
-        env["XLA_FLAGS"] = simulated_device_flags(env.get("XLA_FLAGS", ""), devices_per_process)
+        env = simulated_device_environment(env, devices_per_process)
     return env
 
 

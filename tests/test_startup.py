@@ -56,3 +56,20 @@ def test_import_and_help_times_relative_to_a_bare_jax_import():
     # Goals: `jaxnn --help` < 0.5 s and the whole API <= jax + flax + optax + 0.3 s, where `import jax` takes ~1 s.
     assert best["help"] <= 0.5 * jax_seconds, best
     assert best["jaxnn_api"] <= best["jax_flax_optax"] + 0.3 * jax_seconds, best
+
+
+def test_simulated_devices_environment():
+    """8 simulated devices: the device flag replaces an earlier count, Eigen's intra-op threads and CPU async
+    dispatch are turned off (both deadlocked collectives on 2 cores); one device leaves dispatch alone; a caller's
+    own dispatch choice is kept; the input mapping is not modified."""
+    from jaxnn.runtime import simulated_device_environment
+
+    base = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_dump_to=/tmp/x", "HOME": "/h"}
+    eight = simulated_device_environment(base, 8)
+    assert eight["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", "--xla_force_host_platform_device_count=8",
+                                          "--xla_cpu_multi_thread_eigen=false"]
+    assert eight["JAX_CPU_ENABLE_ASYNC_DISPATCH"] == "false" and eight["HOME"] == "/h"
+    assert "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in simulated_device_environment(base, 1)
+    assert simulated_device_environment({"JAX_CPU_ENABLE_ASYNC_DISPATCH": "true"}, 8)[
+        "JAX_CPU_ENABLE_ASYNC_DISPATCH"] == "true"
+    assert base["XLA_FLAGS"].endswith("/tmp/x") and "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in base

@@ -155,10 +155,11 @@ def first_batch(prepared: PreparedData) -> Any:
     return group_first_batch(prepared.groups[0])
 
 
-def place_on_mesh(prepared: PreparedData, mesh: Any) -> PreparedData:
+def place_on_mesh(prepared: PreparedData, mesh: Any, replicate: bool = False) -> PreparedData:
     """Every group's batches split along their batch axis over the mesh's ``data`` axis, so each device holds its
     slice of every batch and an operator product is data-parallel (one reduction per product); weights and batches
-    whose size the axis does not divide are replicated. ``mesh=None`` (parameters not on a mesh) changes nothing.
+    whose size the axis does not divide are replicated. ``replicate=True``: every device holds all the data (a
+    landscape grid split by point). ``mesh=None`` (parameters not on a mesh) changes nothing.
     Works across processes: every process holds the same host data and keeps the shards of its own devices."""
     if mesh is None:
         return prepared
@@ -176,7 +177,8 @@ def place_on_mesh(prepared: PreparedData, mesh: Any) -> PreparedData:
         batches = group.batches
         if batches is not None:
             size = _batch_size(jax.tree.map(lambda leaf: leaf[0], batches))
-            sharding = parallel.stacked_batch_sharding(mesh) if size % devices == 0 and devices > 1 else replicated
+            split = size % devices == 0 and devices > 1 and not replicate
+            sharding = parallel.stacked_batch_sharding(mesh) if split else replicated
             batches = jax.tree.map(lambda leaf: place(leaf, sharding), batches)
         groups.append(BatchGroup(batches, place(group.weights, replicated)))
     return prepared._replace(groups=tuple(groups))

@@ -12,6 +12,12 @@ Two strategies, picked per platform and model (``strategy="auto"``), as the curv
   point evaluates the rest and adds its weighted value into an output buffer in place (no loops, no vmap).
 
 Neither uses host callbacks, so both programs go into the persistent compilation cache.
+
+On a mesh (parameters placed on devices, :mod:`jaxnn.parallel`) the grid is split one of two ways (``split``):
+``"data"`` (default) gives each device its slice of every batch and reduces once per point, as the curvature
+engine does; ``"points"`` gives each device all the data and its own ``chunk_size`` points of every chunk
+(``jax.shard_map`` over the point axis, no reduction; vmapped strategy). Points suit small data sets and large
+grids, data suits large batches.
 With ``factor_linear_ops`` (default) the operations linear in the parameters are computed once per basis tree and
 batch outside the point loop (:mod:`jaxnn.landscape.linear_factoring`); without it the parameters are materialised
 at each point and the whole function runs per point. Either way the metric functions are traced together and
@@ -130,6 +136,7 @@ def _plans(fn: Callable, prepared: PreparedData, params_like: Any, state_like: A
 
 
 STRATEGIES = ("auto", "vmapped", "per_point")
+SPLITS = ("data", "points")
 PROGRESS_BLOCKS = 8  # calls a vmapped grid is split into when a progress bar is shown
 
 
@@ -150,13 +157,27 @@ def choose_strategy(strategy: str, fn: Callable, params_like: Any, batch_like: A
     return "per_point" if _contains_convolution(jax.make_jaxpr(fn)(params_like, batch_like).jaxpr) else "vmapped"
 
 
+def check_split(split: str, strategy: str, mesh: Any) -> str:
+    """The split in effect: ``"points"`` only on a mesh of several devices (one device: nothing to split)."""
+    from jaxnn.parallel import mesh_size
+
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+    if split == "points" and strategy == "per_point":
+        raise ValueError("split: 'points' needs the vmapped strategy (per_point evaluates one point per call); "
+                         "use strategy='vmapped' or split='data'")
+    return split if mesh_size(mesh) > 1 else "data"
+
+
 def evaluate_at_points(metric_fns: Mapping[str, Callable], basis: Sequence[Any], coefficients: np.ndarray,
                        prepared: PreparedData, *, chunk_size: int, state_fn: Callable | None = None,
                        state_prepared: PreparedData | None = None, factor_linear_ops: bool = True,
-                       progress: bool = True, description: str = "landscape", strategy: str = "auto"
-                       ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+                       progress: bool = True, description: str = "landscape", strategy: str = "auto",
+                       split: str = "data", mesh: Any = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Every metric at every point ``θ(c_p) = Σ_j coefficients[p, j] basis[j]``, as host arrays of shape ``(P,)``,
     and the compile / run wall-clock seconds (``per_point``: 1.0 when that strategy was used).
+    ``split="points"`` (with ``mesh``, the mesh the parameters and the replicated data are on) shares the points
+    out over the mesh's devices; see the module docstring.
 
     ``metric(p) = Σ_b w_b fn(θ(c_p), batch_b)`` (weighted mean over the batches of ``prepared``); cost: one
     forward pass of every metric per point and batch (fewer with ``factor_linear_ops``).
@@ -175,6 +196,9 @@ def evaluate_at_points(metric_fns: Mapping[str, Callable], basis: Sequence[Any],
     def metrics_fn(params: Any, batch: Any, *state: Any) -> dict[str, jax.Array]:
         return {name: metric_fns[name](params, batch, *state) for name in names}
 
+    split = check_split(split, strategy, mesh)
+    if split == "points" and strategy == "auto":
+        strategy = "vmapped"
     strategy = choose_strategy(strategy, metrics_fn, params_like, group_first_batch(prepared.groups[0]), with_state)
     if strategy == "per_point":
         values, timing = _per_point(metrics_fn, offset, tuple(basis), coefficients, prepared, params_like,
@@ -182,7 +206,7 @@ def evaluate_at_points(metric_fns: Mapping[str, Callable], basis: Sequence[Any],
     else:
         values, timing = _vmapped(metrics_fn, offset, tuple(basis), coefficients, prepared, params_like, dtype,
                                   out_dtype, chunk_size, state_fn, state_prepared, factor_linear_ops, progress,
-                                  description)
+                                  description, mesh if split == "points" else None)
     timing["per_point"] = float(strategy == "per_point")
     return {name: np.asarray(values[name]).reshape(-1)[:num_points] for name in names}, timing
 
@@ -197,11 +221,15 @@ def _group_inputs(data: PreparedData | None, plans: Sequence[Any], out_dtype: An
 
 
 def _vmapped(metrics_fn, offset, basis, coefficients, prepared, params_like, dtype, out_dtype, chunk_size, state_fn,
-             state_prepared, factor_linear_ops, progress, description):
-    """One compiled program per block of points (a block per progress-bar step); see the module docstring."""
+             state_prepared, factor_linear_ops, progress, description, points_mesh=None):
+    """One compiled program per block of points (a block per progress-bar step); see the module docstring.
+    ``points_mesh``: each chunk holds ``chunk_size`` points per device, split over the mesh's data axis."""
+    from jaxnn import parallel
+
     num_points, num_basis = coefficients.shape
     with_state = state_fn is not None
-    chunk = min(int(chunk_size), num_points)
+    devices = parallel.mesh_size(points_mesh)
+    chunk = min(int(chunk_size), math.ceil(num_points / devices)) * devices
     num_chunks = math.ceil(num_points / chunk)
     blocks = min(PROGRESS_BLOCKS, num_chunks) if progress else 1
     chunks_per_block = math.ceil(num_chunks / blocks)
@@ -232,11 +260,22 @@ def _vmapped(metrics_fn, offset, basis, coefficients, prepared, params_like, dty
 
     metric_inputs = _group_inputs(prepared, metric_plans, out_dtype)
     state_inputs = _group_inputs(state_prepared if with_state else None, state_plans, out_dtype)
-    arguments = lambda block: (offset, tuple(basis), jnp.asarray(coefficient_blocks[block]), *metric_inputs,
+    program, place_chunks = jax.jit(run), jnp.asarray
+    if points_mesh is not None:  # every device: all the data, its own slice of each chunk's points
+        from jax.sharding import PartitionSpec
+
+        everywhere, by_point = PartitionSpec(), PartitionSpec(None, parallel.DATA_AXIS)
+        data_specs = (everywhere,) * (len(metric_inputs) + len(state_inputs))
+        per_device = jax.shard_map(run, mesh=points_mesh, in_specs=(everywhere, everywhere, by_point, *data_specs),
+                                   out_specs=by_point, check_vma=False)
+        program = jax.jit(per_device, out_shardings=parallel.replicated(points_mesh))  # every process reads all
+        chunk_sharding = jax.sharding.NamedSharding(points_mesh, by_point)
+        place_chunks = lambda value: parallel.global_array(np.asarray(value), chunk_sharding)
+    arguments = lambda block: (offset, tuple(basis), place_chunks(coefficient_blocks[block]), *metric_inputs,
                                *state_inputs)
     work_per_point = prepared.num_batches + (state_prepared.num_batches if with_state else 0)
     start = time.perf_counter()
-    compiled = jax.jit(run).lower(*arguments(0)).compile()
+    compiled = program.lower(*arguments(0)).compile()
     compiled_at = time.perf_counter()
     results = []
     with tqdm(total=num_points * work_per_point, desc=description, unit="pt·batch", disable=not progress,

@@ -88,7 +88,7 @@ def landscape_report(loss_fn: Callable, params: Any, data: Any, *, key: Any, dir
                      chunk_size: int = DEFAULT_CHUNK_SIZE, grid_1d: int | None = None, ignore: str | None = "biasbn",
                      interpolation_range: tuple[float, float] = (-0.5, 1.5), stacked: bool = False,
                      recompute_state_fn: Callable | None = None, state_data: Any = None,
-                     factor_linear_ops: bool = True, progress: bool = True) -> dict:
+                     factor_linear_ops: bool = True, progress: bool = True, split: str = "data") -> dict:
     """Directions ``d₁, d₂`` of kind ``dirs``, then ``L(θ+αd₁)`` (``grid_1d`` points, default ``grid``),
     ``L(θ+αd₁+βd₂)`` on a ``grid × grid`` plane over ``[−span, span]²``, ``L((1−α)θ+α θ_other)`` over
     ``interpolation_range`` if ``other_params`` is given, and the ``trajectory`` projected onto the plane.
@@ -96,6 +96,7 @@ def landscape_report(loss_fn: Callable, params: Any, data: Any, *, key: Any, dir
     ``dirs``: ``filter`` (Li et al.), ``layer``, ``random``, ``eigen`` (top-2 Hessian eigenvectors, unit norm) or
     ``pca`` (of the trajectory, relative to ``params``; unit norm). ``span=None`` sizes the plane to the projected
     trajectory (1.2 × its largest coordinate). Use an odd ``grid`` so that θ itself is a grid point.
+    ``split``: with ``params`` on a mesh, share the surfaces out over its devices by ``"data"`` or ``"points"``.
     Cost: ``grid_1d + grid² (+ grid_1d)`` forward passes per batch of ``data`` (see :func:`plane_surface`).
 
     Returns ``{"line", "plane", "interpolation", "trajectory", "directions", "config", "summary"}``:
@@ -122,7 +123,7 @@ def landscape_report(loss_fn: Callable, params: Any, data: Any, *, key: Any, dir
         raise ValueError(f"interpolation_range: expected finite (low, high) with low < high, got {interpolation_range}")
     common = dict(accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
                   recompute_state_fn=recompute_state_fn, state_data=state_data,
-                  factor_linear_ops=factor_linear_ops, progress=progress)
+                  factor_linear_ops=factor_linear_ops, progress=progress, split=split)
 
     directions, descriptions, extra = _directions(dirs, loss_fn, params, data, key, ignore, trajectory, stacked,
                                                   progress)
@@ -155,6 +156,7 @@ def landscape_report(loss_fn: Callable, params: Any, data: Any, *, key: Any, dir
     config = {"dirs": dirs, "grid": grid, "grid_1d": grid_1d, "span": float(span), "ignore": ignore,
               "chunk_size": int(chunk_size), "interpolation_range": [low, high],
               "recompute_state": recompute_state_fn is not None, "factor_linear_ops": bool(factor_linear_ops),
+              "split": split,
               "key": direction_description("key", key=key)["seed"], **extra}
     summary: dict[str, Any] = {"config": config, "directions": descriptions, "line": line.summary(),
                                "plane": plane.summary(),

@@ -13,6 +13,10 @@ forward passes of one batch; 8 suits CPUs, accelerators like larger). ``strategy
 one point per compiled call for convolutional losses on CPU (XLA:CPU runs vmapped or looped convolutions several
 times slower) and vmapped chunks otherwise; ``"vmapped"`` or ``"per_point"`` force one.
 
+Devices: with the parameters on a mesh (:func:`jaxnn.parallel.place_state`) the work is shared out over its
+devices: ``split="data"`` (default) gives each device its slice of every batch, ``split="points"`` gives each
+device all the data and its own grid points (``chunk_size`` points per device at a time).
+
 Metrics: ``loss_fn`` is always evaluated (as ``"loss"``), ``accuracy_fn`` as ``"accuracy"``, and any
 ``metric_fns={name: fn(params, batch) -> scalar}``. A non-finite value at a grid point is kept as NaN, counted in
 ``Surface.nonfinite_counts`` and left as a gap in the plots; it is not an error.
@@ -37,7 +41,7 @@ import numpy as np
 
 from jaxnn.curvature.batches import PreparedData, place_on_mesh, prepare_data
 from jaxnn.parallel import mesh_of
-from jaxnn.landscape.grid_evaluation import evaluate_at_points
+from jaxnn.landscape.grid_evaluation import check_split, evaluate_at_points
 from jaxnn.landscape.validation import (
     check_direction,
     check_grid,
@@ -197,21 +201,23 @@ def _evaluate_surface(kind: str, loss_fn: Callable, basis: Sequence[Any], coeffi
                       descriptions: Sequence[dict], *, accuracy_fn: Callable | None,
                       metric_fns: Mapping[str, Callable] | None, chunk_size: int, stacked: bool,
                       recompute_state_fn: Callable | None, state_data: Any, factor_linear_ops: bool,
-                      progress: bool, strategy: str = "auto") -> Surface:
+                      progress: bool, strategy: str = "auto", split: str = "data") -> Surface:
     metrics = check_metric_fns(loss_fn, accuracy_fn, metric_fns)
     chunk_size = check_int(chunk_size, "chunk_size")
-    mesh = mesh_of(basis[0])  # parameters on a mesh: every batch split over its data axis
-    prepared = place_on_mesh(prepare_data(data, stacked=stacked, name="data", check_finite=True), mesh)
+    mesh = mesh_of(basis[0])  # parameters on a mesh: batches split over its data axis, or grid points
+    split = check_split(split, strategy, mesh)
+    replicate = split == "points"
+    prepared = place_on_mesh(prepare_data(data, stacked=stacked, name="data", check_finite=True), mesh, replicate)
     state_prepared, state_like = None, None
     if recompute_state_fn is not None:
         state_prepared = (prepared if state_data is None else place_on_mesh(
-            prepare_data(state_data, stacked=stacked, name="state_data", check_finite=True), mesh))
+            prepare_data(state_data, stacked=stacked, name="state_data", check_finite=True), mesh, replicate))
         state_like = _state_like(recompute_state_fn, basis[0], state_prepared)
     _check_scalar_outputs(metrics, basis[0], prepared, state_like)
     values, timing = evaluate_at_points(
         metrics, basis, coefficients, prepared, chunk_size=chunk_size, state_fn=recompute_state_fn,
         state_prepared=state_prepared, factor_linear_ops=factor_linear_ops, progress=progress,
-        description=f"{kind} surface", strategy=strategy)
+        description=f"{kind} surface", strategy=strategy, split=split, mesh=mesh)
     shaped, nonfinite = {}, {}
     for name, flat in values.items():
         array = np.asarray(flat, dtype=np.float64 if flat.dtype == np.float64 else np.float32).reshape(grid_shape)
@@ -237,7 +243,7 @@ def line_surface(loss_fn: Callable, params: Any, direction: Any, alphas: Any, da
                  chunk_size: int = DEFAULT_CHUNK_SIZE, stacked: bool = False,
                  recompute_state_fn: Callable | None = None, state_data: Any = None,
                  factor_linear_ops: bool = True, description: dict | None = None,
-                 progress: bool = True, strategy: str = "auto") -> Surface:
+                 progress: bool = True, strategy: str = "auto", split: str = "data") -> Surface:
     """``L(θ + α d)`` for every ``α`` in ``alphas``; cost: ``len(alphas)`` forward passes per batch of ``data``.
 
     ``direction`` must match ``params`` leaf for leaf, be finite and non-zero.
@@ -252,7 +258,7 @@ def line_surface(loss_fn: Callable, params: Any, direction: Any, alphas: Any, da
         "line", loss_fn, (params, direction), coefficients, (len(alphas),), data, alphas, None, descriptions,
         accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
         recompute_state_fn=recompute_state_fn, state_data=state_data, factor_linear_ops=factor_linear_ops,
-        progress=progress, strategy=strategy)
+        progress=progress, strategy=strategy, split=split)
 
 
 def interpolation_surface(loss_fn: Callable, params0: Any, params1: Any, alphas: Any, data: Any, *,
@@ -260,7 +266,7 @@ def interpolation_surface(loss_fn: Callable, params0: Any, params1: Any, alphas:
                           chunk_size: int = DEFAULT_CHUNK_SIZE, stacked: bool = False,
                           recompute_state_fn: Callable | None = None, state_data: Any = None,
                           factor_linear_ops: bool = True, descriptions: Sequence[dict] | None = None,
-                          progress: bool = True, strategy: str = "auto") -> Surface:
+                          progress: bool = True, strategy: str = "auto", split: str = "data") -> Surface:
     """``L((1−α)θ₀ + αθ₁)`` for every ``α`` (Goodfellow et al. 2015); α=0 is ``params0``, α=1 is ``params1``.
 
     The two checkpoints must have the same structure and leaf shapes (an incompatible pair is a ``ValueError``
@@ -275,7 +281,7 @@ def interpolation_surface(loss_fn: Callable, params0: Any, params1: Any, alphas:
         "interpolation", loss_fn, (params0, params1), coefficients, (len(alphas),), data, alphas, None,
         descriptions, accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
         recompute_state_fn=recompute_state_fn, state_data=state_data, factor_linear_ops=factor_linear_ops,
-        progress=progress, strategy=strategy)
+        progress=progress, strategy=strategy, split=split)
 
 
 def plane_surface(loss_fn: Callable, params: Any, d1: Any, d2: Any, alphas: Any, betas: Any, data: Any, *,
@@ -283,7 +289,7 @@ def plane_surface(loss_fn: Callable, params: Any, d1: Any, d2: Any, alphas: Any,
                   chunk_size: int = DEFAULT_CHUNK_SIZE, stacked: bool = False,
                   recompute_state_fn: Callable | None = None, state_data: Any = None,
                   factor_linear_ops: bool = True, descriptions: Sequence[dict] | None = None,
-                  progress: bool = True, strategy: str = "auto") -> Surface:
+                  progress: bool = True, strategy: str = "auto", split: str = "data") -> Surface:
     """``L(θ + α d₁ + β d₂)`` on the grid ``alphas × betas`` (``metrics[name][i, j]`` at ``(alphas[i], betas[j])``).
 
     Cost: ``len(alphas)·len(betas)`` forward passes per batch of ``data`` (the parameter-linear first layers only
@@ -301,4 +307,4 @@ def plane_surface(loss_fn: Callable, params: Any, d1: Any, d2: Any, alphas: Any,
         "plane", loss_fn, (params, d1, d2), coefficients, (len(alphas), len(betas)), data, alphas, betas,
         descriptions, accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
         recompute_state_fn=recompute_state_fn, state_data=state_data, factor_linear_ops=factor_linear_ops,
-        progress=progress, strategy=strategy)
+        progress=progress, strategy=strategy, split=split)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxnn.runtime import simulated_device_flags
+from jaxnn.runtime import simulated_device_environment
 
 import jaxnn.data as data
 
@@ -191,7 +191,7 @@ def test_eight_device_sharding_subprocess():
             raise AssertionError("indivisible remainder batch accepted")
         print("OK")
     """)
-    environment = {**os.environ, "XLA_FLAGS": simulated_device_flags("", 8), "JAX_PLATFORMS": "cpu"}
+    environment = {**simulated_device_environment(os.environ, 8), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "OK", result.stderr[-3000:]

@@ -414,3 +414,17 @@ def test_unknown_or_unsupported_strategy_is_refused(x64):
     with pytest.raises(ValueError, match="strategy: 'per_point' does not recompute per-point state"):
         line_surface(lambda p, b, s: loss(p, b), params, d1, [0.0, 1.0], batches, strategy="per_point",
                      recompute_state_fn=lambda p, b: {"m": jnp.mean(b[0])}, progress=False)
+    with pytest.raises(ValueError, match="split: expected one of"):
+        line_surface(loss, params, d1, [0.0, 1.0], batches, split="hosts", progress=False)
+    with pytest.raises(ValueError, match="split: 'points' needs the vmapped strategy"):
+        line_surface(loss, params, d1, [0.0, 1.0], batches, split="points", strategy="per_point", progress=False)
+
+
+def test_points_split_on_one_device_is_the_data_path(x64):
+    """Without a mesh of several devices there is nothing to split: ``split="points"`` gives the same numbers."""
+    params, loss, _, batches = _cnn()
+    d1, d2 = _directions(params)
+    grid = np.linspace(-1.0, 1.0, 3)
+    data = plane_surface(loss, params, d1, d2, grid, grid, batches, progress=False)
+    points = plane_surface(loss, params, d1, d2, grid, grid, batches, split="points", progress=False)
+    np.testing.assert_array_equal(points.losses, data.losses)

@@ -5,9 +5,9 @@ import json
 import os
 import sys
 
-from jaxnn.runtime import simulated_device_flags  # noqa: E402  (standard library only)
+from jaxnn.runtime import simulated_device_environment  # noqa: E402  (standard library only)
 
-os.environ["XLA_FLAGS"] = simulated_device_flags(os.environ.get("XLA_FLAGS", ""), 8)
+os.environ.update(simulated_device_environment(os.environ, 8))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
@@ -45,9 +45,12 @@ def main():
                   # Adam divides the rounding noise of coordinates whose exact gradient is 0 (the biases and the
                   # per-channel mean direction of the kernels in front of batch norm) by sqrt(nu) + eps: with the
                   # default eps 1e-8 any two summation orders (1 device or 8) end ~1e-10 apart there.
-                  "adam_eps": lambda: optax.adam(1e-2, eps=1e-4)}
+                  "adam_eps": lambda: optax.adam(1e-2, eps=1e-4),
+                  # In float32 that noise is ~1e-8 per step: eps 1e-4 still turns it into ~1e-6 per step on those
+                  # function-neutral coordinates (1.2e-5 after 20 steps); eps 1e-3 keeps it under the 1e-5 budget.
+                  "adam_eps3": lambda: optax.adam(1e-2, eps=1e-3)}
     cases = ([("mlp", "sgd"), ("mlp", "adam"), ("mlp_bn", "sgd"), ("mlp_bn", "adam"), ("mlp_bn", "adam_eps"),
-              ("resnet_bn", "adam_eps")] if precision == "float64" else [("mlp_bn", "adam_eps"), ("resnet_bn", "adam")])
+              ("resnet_bn", "adam_eps")] if precision == "float64" else [("mlp_bn", "adam_eps3"), ("resnet_bn", "adam")])
     results = []
     for model_name, optimizer_name in cases:
         reference, _ = train(dataset, MODELS[model_name], optimizers[optimizer_name](), 1, "jit", "replicated")

@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pytest
 
-from jaxnn.runtime import simulated_device_flags
 
 pytestmark = pytest.mark.multidevice
 
@@ -83,11 +82,16 @@ def test_curvature_and_landscape_on_two_processes_equal_one_device(tmp_path):
         saved = np.load(out_dir / "landscape.npz")
         plane = saved[[k for k in saved.files if "plane" in k and "loss" in k][0]]
         reports[name] = (json.loads((out_dir / "curvature.json").read_text()), plane)
+    _jaxnn("launch", "--processes", 2, "--devices-per-process", 2, "--timeout", 240, "--",
+           "landscape", run, "--grid", 5, "--x64", "--split", "points", "--out", tmp_path / "points")
+    saved = np.load(tmp_path / "points" / "landscape.npz")
+    plane_points = saved[[k for k in saved.files if "plane" in k and "loss" in k][0]]
     (one, plane1), (two, plane2) = reports["one"], reports["two"]
     for key in ("top", "bottom"):
         assert one["eigenvalues"][key] == pytest.approx(two["eigenvalues"][key], rel=1e-10, abs=1e-12)
     assert one["trace"]["estimate"] == pytest.approx(two["trace"]["estimate"], rel=1e-10)
     assert np.abs(plane1 - plane2).max() <= 1e-10 * np.abs(plane1).max()
+    assert np.abs(plane1 - plane_points).max() <= 1e-10 * np.abs(plane1).max()  # grid points split over hosts
 
 
 def test_unreachable_coordinator_is_one_clear_line_within_the_timeout(tmp_path):
