@@ -64,6 +64,16 @@ def mesh_size(mesh: Mesh | None) -> int:
     return 1 if mesh is None else int(mesh.devices.size)
 
 
+def cpu_collectives(mesh: Mesh | None) -> bool:
+    """Whether programs on ``mesh`` run XLA:CPU collectives (several CPU devices, simulated or across processes).
+
+    There, a small program queued on the outputs of a collective program still in flight can take a device's
+    in-flight slot before that device joins the collective, and both wait for ever (seen as an aborted rendezvous
+    with 8 simulated devices and as a hung gloo all-reduce across 2 processes, mostly on a loaded machine); the
+    curvature product loops wait for each collective product before going on when this is true."""
+    return mesh is not None and mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split across the mesh."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))

@@ -22,6 +22,7 @@ from jaxnn.curvature.conditioning import (
 )
 from jaxnn.curvature.dense import dense_hessian, dense_matrix, finite_difference_hvp
 from jaxnn.curvature.density import SpectralDensity, gaussian_broadening, spectral_density
+from jaxnn.curvature.population import population_sharpness, population_top_eigenvalues
 from jaxnn.curvature.gradient_direction import (
     GradientCurvature,
     NewtonStep,
@@ -59,6 +60,8 @@ __all__ = [
     "NewtonStep",
     "PowerIterationResult",
     "SpectralDensity",
+    "population_sharpness",
+    "population_top_eigenvalues",
     "TraceEstimate",
     "bottom_eigenvalues",
     "classify_critical_point",

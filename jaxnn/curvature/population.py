@@ -1,0 +1,121 @@
+"""Curvature of a whole population in one compiled program: Lanczos vmapped over members.
+
+    loss_fns = losses.make_loss_fn(state.apply_fn, "softmax_cross_entropy", state.model_state)  # stacked state
+    values = population_top_eigenvalues(loss_fns, state.params, batches, k=1)    # (N, k)
+
+``params`` carries a leading member axis on every leaf (``PopulationResult.state.params``); ``loss_fn`` is either
+one function for every member or a ``jax.tree_util.Partial`` whose array arguments carry the member axis too (what
+``make_loss_fn`` returns for a stacked ``model_state``). Every member runs the same ``num_iters`` Lanczos steps
+with full reorthogonalisation, each step one data-set Hessian-vector product per member, all members batched into
+one product by ``vmap``; the top ``k`` Ritz values of each member's tridiagonal matrix are returned. Members share
+the data (every batch in ``data``, weighted by its size like :func:`jaxnn.curvature.hessian`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from jaxnn.curvature.batches import prepare_data
+
+
+def _lanczos_top(loss_of_flat: Callable, flat_params: jax.Array, start: jax.Array, num_iters: int, k: int):
+    """Top-k Ritz values after ``num_iters`` steps of Lanczos with full reorthogonalisation on the Hessian of
+    ``loss_of_flat`` at ``flat_params``. A breakdown (the Krylov space is invariant) continues from a fresh vector
+    orthogonal to the basis with a zero coupling, so every Ritz value stays an eigenvalue estimate of the operator."""
+    grad = jax.grad(loss_of_flat)
+    hvp = lambda v: jax.jvp(grad, (flat_params,), (v,))[1]  # noqa: E731
+    n, dtype = flat_params.size, flat_params.dtype
+    basis = jnp.zeros((num_iters, n), dtype).at[0].set(start / jnp.linalg.norm(start))
+    alphas, betas = jnp.zeros(num_iters, dtype), jnp.zeros(num_iters, dtype)
+    seed = jax.random.PRNGKey(1)
+
+    def orthogonalised(basis, w):
+        for _ in range(2):  # classical Gram-Schmidt twice against every earlier vector (later rows are zero)
+            w = w - basis.T @ (basis @ w)
+        return w
+
+    def body(i, carry):
+        basis, alphas, betas = carry
+        v = basis[i]
+        w = hvp(v)
+        alpha = jnp.vdot(v, w)
+        w = orthogonalised(basis, w)
+        beta = jnp.linalg.norm(w)
+        broke = beta <= 1e3 * jnp.finfo(dtype).eps * jnp.maximum(jnp.abs(alpha), jnp.max(jnp.abs(alphas)))
+        fresh = orthogonalised(basis, jax.random.normal(jax.random.fold_in(seed, i), (n,), dtype))
+        following = jnp.where(broke, fresh / jnp.linalg.norm(fresh), w / jnp.where(broke, 1, beta))
+        basis = jnp.where(i + 1 < num_iters, basis.at[jnp.minimum(i + 1, num_iters - 1)].set(following), basis)
+        return basis, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(broke, 0, beta))
+
+    _, alphas, betas = jax.lax.fori_loop(0, num_iters, body, (basis, alphas, betas))
+    off_diagonal = betas[:-1]
+    tridiagonal = jnp.diag(alphas) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
+    return jnp.linalg.eigvalsh(tridiagonal)[::-1][:k]
+
+
+def population_top_eigenvalues(loss_fn: Callable, params: Any, data: Any, *, k: int = 1, num_iters: int | None = None,
+                               key: Any = None, stacked: bool = False) -> np.ndarray:
+    """(N, k) top Hessian eigenvalues, λ₁ ≥ … ≥ λ_k, of every member (see the module docstring).
+
+    ``num_iters`` (default max(40, 4k), capped by the parameter count): Lanczos steps, i.e. data-set HVPs per
+    member. ``key`` (default key(0)) draws each member's start vector. Cost: N·num_iters products, in one program.
+    """
+    leaves = jax.tree.leaves(params)
+    if not leaves or any(np.ndim(leaf) < 1 for leaf in leaves):
+        raise ValueError("params: expected a pytree whose every leaf has a leading member axis")
+    count = leaves[0].shape[0]
+    if any(leaf.shape[0] != count for leaf in leaves):
+        raise ValueError(f"params: every leaf needs the same member axis; got {[leaf.shape[0] for leaf in leaves]}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    member_params = jax.tree.map(lambda leaf: leaf[0], params)
+    flat0, unravel = ravel_pytree(member_params)
+    n = flat0.size
+    if k > n:
+        raise ValueError(f"k={k} exceeds the {n} parameters of a member")
+    num_iters = min(n, max(40, 4 * k)) if num_iters is None else int(num_iters)
+    if not k <= num_iters <= n:
+        raise ValueError(f"num_iters={num_iters} must be between k={k} and the {n} parameters of a member")
+    prepared = prepare_data(data, stacked=stacked, name="data", check_finite=True)
+    key = jax.random.PRNGKey(0) if key is None else key
+    starts = jax.random.normal(key, (count, n), flat0.dtype)
+    loss_leaves = jax.tree.leaves(loss_fn)
+    loss_axis = 0 if loss_leaves else None
+    if loss_leaves and any(np.ndim(leaf) < 1 or leaf.shape[0] != count for leaf in loss_leaves):
+        raise ValueError(f"loss_fn: its array arguments need the member axis ({count}) too, e.g. make_loss_fn with "
+                         "the population's stacked model_state")
+
+    def member(member_loss_fn, member_params, start):
+        flat, _ = ravel_pytree(member_params)
+
+        def loss_of_flat(vector):
+            member_value = unravel(vector)
+            total = 0.0
+            for group in prepared.groups:  # batches of one shape are stacked: a scan; weights B_b / N
+                def one(carry, inputs):
+                    batch, weight = inputs
+                    return carry + weight * member_loss_fn(member_value, batch), None
+
+                total = total + jax.lax.scan(one, jnp.zeros((), vector.dtype), (group.batches, group.weights))[0]
+            return total
+
+        return _lanczos_top(loss_of_flat, flat, start, num_iters, k)
+
+    program = jax.jit(jax.vmap(member, in_axes=(loss_axis, 0, 0)))
+    return np.asarray(program(loss_fn, params, starts))
+
+
+def population_sharpness(state: Any, data: Any, *, loss: str | Callable = "softmax_cross_entropy", k: int = 1,
+                         num_iters: int | None = None, key: Any = None, stacked: bool = False) -> np.ndarray:
+    """(N, k) top Hessian eigenvalues of every member of a population's stacked ``TrainState`` (e.g.
+    ``train_population(...).state``) on ``data``, the loss in eval mode with each member's own model state."""
+    from jaxnn.losses import make_loss_fn
+
+    loss_fns = make_loss_fn(state.apply_fn, loss, state.model_state)
+    return population_top_eigenvalues(loss_fns, state.params, data, k=k, num_iters=num_iters, key=key,
+                                      stacked=stacked)

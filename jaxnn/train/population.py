@@ -1,0 +1,337 @@
+"""Populations: many members of one model trained at once by ``vmap`` — seeds, optimizer hyper-parameters, init scale.
+
+    result = train_population(models.get_model("mlp", num_classes=10), optax.adam, ds,
+                              members=population_grid(seed=[0, 1, 2], learning_rate=[1e-3, 1e-2]),
+                              num_steps=500)
+    result.table()          # one row per member: its values, final train/val/test metrics, status
+
+Member ``i`` is exactly the run ``fit(create_train_state(model, optimizer(**hyper_i), shape, PRNGKey(seed_i)), ds,
+seed=data_seed_i, ...)`` with the initial parameters multiplied by ``init_scale_i``: the same initial weights, the
+same batches in the same order, the same updates (tested against ``fit`` to 1e-12 in float64). The optimizer's
+swept hyper-parameters live in its state (``optax.inject_hyperparams``), so one compiled step serves every member.
+
+Batches: the training split is copied to the device once; every call runs ``steps_per_call`` steps in a
+``lax.scan``, gathering each step's batch on the device from the epoch permutations of ``batch_iterator``. By default
+all members share one data stream (``data_seed``); ``shuffle_per_member=True`` gives member ``i`` the stream of seed
+``seed_i`` instead. Memory: members run ``chunk`` at a time (default: all), each chunk to the end before the next.
+
+A member whose loss turns non-finite is frozen at its last finite state and reported (``status`` "diverged at step
+s"); the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import itertools
+import math
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from jaxnn import data as data_lib
+from jaxnn import losses
+from jaxnn.train.state import TrainState
+from jaxnn.train.step import _step_function, make_eval_step
+
+MEMBER_FIELDS = ("seed", "init_scale")  # per-member values that are not optimizer hyper-parameters
+
+
+def population_grid(**axes: Sequence[Any]) -> dict[str, list]:
+    """Every combination of the given values, as equal-length columns: ``population_grid(seed=[0, 1],
+    learning_rate=[0.1, 0.01])`` has 4 members (the last axis varies fastest)."""
+    if not axes:
+        raise ValueError("population_grid: give at least one axis, e.g. seed=[0, 1, 2]")
+    names = list(axes)
+    for name, values in axes.items():
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) == 0:
+            raise ValueError(f"population_grid: {name} must be a non-empty list of values, got {values!r}")
+    rows = list(itertools.product(*(list(axes[name]) for name in names)))
+    return {name: [row[i] for row in rows] for i, name in enumerate(names)}
+
+
+def _tunable(optimizer: Callable[..., optax.GradientTransformation]) -> list[str]:
+    """The numeric arguments of an optax optimizer factory (those ``inject_hyperparams`` can hold in its state)."""
+    try:
+        parameters = inspect.signature(optimizer).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in parameters
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and (p.default is inspect.Parameter.empty or isinstance(p.default, (int, float)) or p.default is None)
+            and not isinstance(p.default, bool)]
+
+
+def check_members(members: Mapping[str, Sequence[Any]], optimizer: Callable) -> tuple[int, dict[str, np.ndarray]]:
+    """(N, columns): every column a float/int array of length N; names checked against the optimizer's arguments."""
+    if not isinstance(members, Mapping) or not members:
+        raise ValueError("members: expected a mapping of column name -> one value per member, e.g. "
+                         "{'seed': [0, 1, 2], 'learning_rate': [0.1, 0.1, 0.01]}")
+    tunable = _tunable(optimizer)
+    name_of = getattr(optimizer, "__name__", repr(optimizer))
+    columns: dict[str, np.ndarray] = {}
+    for name, values in members.items():
+        if name not in MEMBER_FIELDS and name not in tunable:
+            raise ValueError(f"members: {name!r} cannot be varied across a population: it is neither a member field "
+                             f"({', '.join(MEMBER_FIELDS)}) nor a numeric argument of the optimizer {name_of} "
+                             f"(those are: {', '.join(tunable) or 'none'})")
+        array = np.asarray(values)
+        if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.number):
+            raise ValueError(f"members: {name} must be a non-empty list of numbers, got {values!r}")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"members: {name} has non-finite values: {values!r}")
+        columns[name] = array
+    sizes = {name: len(array) for name, array in columns.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"members: every column needs one value per member; got lengths {sizes} "
+                         "(population_grid(...) builds the combinations)")
+    count = next(iter(sizes.values()))
+    if "seed" in columns and not np.issubdtype(columns["seed"].dtype, np.integer):
+        raise ValueError(f"members: seed must be integers, got {members['seed']!r}")
+    if "init_scale" in columns and np.any(columns["init_scale"] <= 0):
+        raise ValueError(f"members: init_scale must be positive, got {members['init_scale']!r}")
+    return count, columns
+
+
+@dataclasses.dataclass
+class PopulationResult:
+    """``state``: the final members, every leaf with a leading member axis; ``members``: one dict per member (its
+    values, final metrics, ``status``); ``losses``/``accuracies``: (num_steps, N) per-step training metrics (NaN
+    after a member diverged); ``compile_s``/``run_s``: wall-clock seconds of compiling and of training."""
+
+    state: TrainState
+    members: list[dict]
+    losses: np.ndarray
+    accuracies: np.ndarray | None
+    compile_s: float
+    run_s: float
+
+    def member_state(self, index: int) -> TrainState:
+        """Member ``index`` as an ordinary ``TrainState`` (what ``fit`` would have returned)."""
+        return jax.tree.map(lambda leaf: leaf[index], self.state)
+
+    def table(self, sort_by: str | None = "val_accuracy") -> str:
+        """The members as a text table, best first by ``sort_by`` when every member has it."""
+        rows = list(self.members)
+        if sort_by and all(isinstance(r.get(sort_by), float) and math.isfinite(r[sort_by]) for r in rows):
+            rows.sort(key=lambda r: -r[sort_by] if "accuracy" in sort_by else r[sort_by])
+        columns = list(rows[0])
+        cells = [[_cell(r[c]) for c in columns] for r in rows]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+        lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+        return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _init_members(model, tx, input_shape, seeds, scales, hyper):
+    """Stacked initial states: the keys and parameters ``create_train_state`` draws for each seed, scaled."""
+    dummy = jnp.zeros((1, *input_shape), jnp.result_type(float))
+
+    def one(seed, scale, values):
+        init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+        variables = dict(model.init({"params": init_key}, dummy, train=False))
+        params = jax.tree.map(lambda p: p * scale.astype(p.dtype), variables.pop("params"))
+        opt_state = tx.init(params)
+        opt_state.hyperparams.update({name: value.astype(jnp.asarray(opt_state.hyperparams[name]).dtype)
+                                      for name, value in values.items()})
+        return TrainState(step=jnp.asarray(0, jnp.int32), params=params, model_state=variables, opt_state=opt_state,
+                          rng=rng, apply_fn=model.apply, tx=tx, input_shape=tuple(input_shape))
+
+    return jax.jit(jax.vmap(one))(seeds, scales, hyper)
+
+
+def _make_steps(loss, classification: bool, shared_batches: bool):
+    """``steps(state, alive, data, rows) -> (state, alive, losses, accs)``: one scanned step per row block,
+    vmapped over members; a member with a non-finite loss keeps its previous state from then on."""
+    step = _step_function(loss, None, 1, classification, False)
+
+    def member_step(state, alive, batch):
+        new_state, metrics = step(state, batch, False)
+        ok = alive & jnp.isfinite(metrics["loss"])
+        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        accuracy = metrics.get("accuracy", jnp.zeros_like(metrics["loss"]))
+        return new_state, ok, jnp.where(ok, metrics["loss"], jnp.nan), jnp.where(ok, accuracy, jnp.nan)
+
+    vmapped = jax.vmap(member_step, in_axes=(0, 0, None if shared_batches else 0))
+
+    def steps(state, alive, data, rows):
+        def body(carry, step_rows):
+            state, alive = carry
+            batch = jax.tree.map(lambda a: jnp.take(a, step_rows, axis=0), data)
+            state, alive, value, accuracy = vmapped(state, alive, batch)
+            return (state, alive), (value, accuracy)
+
+        (state, alive), (values, accuracies) = jax.lax.scan(body, (state, alive), rows)
+        return state, alive, values, accuracies
+
+    return jax.jit(steps, donate_argnums=(0, 1))
+
+
+def _batch_rows(num_examples: int, batch_size: int, seed: int, start: int, count: int) -> np.ndarray:
+    """(count, B) example indices of steps ``start .. start+count-1`` (``batch_iterator``'s order, full batches)."""
+    per_epoch = data_lib.steps_per_epoch(num_examples, batch_size, True)
+    rows, cached = [], {}
+    for step in range(start, start + count):
+        epoch, position = divmod(step, per_epoch)
+        if epoch not in cached:
+            cached[epoch] = data_lib.epoch_permutation(num_examples, seed, epoch)
+        rows.append(cached[epoch][position * batch_size:(position + 1) * batch_size])
+    return np.asarray(rows, np.int32)
+
+
+def _evaluate_members(state, split, loss, classification, batch_size: int, prefix: str) -> dict[str, np.ndarray]:
+    """Mean loss (and accuracy) of every member over a split (eval mode): arrays of shape (N,)."""
+    if len(split) == 0:
+        return {}
+    eval_step = jax.vmap(make_eval_step(loss, classification=classification), in_axes=(0, None, None))
+    x_dtype, y_dtype = data_lib.pipeline._device_dtypes(split)
+    size = min(batch_size, len(split))
+    totals = None
+    for begin in range(0, len(split), size):
+        x = np.asarray(split.x[begin:begin + size], x_dtype)
+        y = np.asarray(split.y[begin:begin + size], y_dtype)
+        mask = np.zeros(size, x_dtype)
+        mask[:len(x)] = 1
+        if len(x) < size:
+            x = np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x_dtype)])
+            y = np.concatenate([y, np.zeros((size - len(y),) + y.shape[1:], y_dtype)])
+        sums = eval_step(state, (x, y), mask)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    out = {f"{prefix}_loss": totals["loss_sum"] / totals["count"]}
+    if classification:
+        out[f"{prefix}_accuracy"] = totals["correct"] / totals["count"]
+    return out
+
+
+def train_population(model, optimizer: Callable[..., optax.GradientTransformation], dataset: data_lib.Dataset, *,
+                     members: Mapping[str, Sequence[Any]], num_steps: int, loss: str | Callable = "softmax_cross_entropy",
+                     batch_size: int = 64, data_seed: int = 0, shuffle_per_member: bool = False,
+                     optimizer_kwargs: Mapping[str, Any] | None = None, chunk: int | None = None,
+                     steps_per_call: int = 50, eval_batch_size: int = 1024, progress: bool = True) -> PopulationResult:
+    """Train every member of ``members`` (columns: ``seed``, ``init_scale`` and any numeric argument of
+    ``optimizer``, one value per member; missing ones default to seed 0, scale 1 and ``optimizer_kwargs``) for
+    ``num_steps`` steps of ``batch_size`` on ``dataset.train``; evaluate each on every split. See the module
+    docstring for what a member is equal to."""
+    count, columns = check_members(members, optimizer)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if not 1 <= int(batch_size) <= len(dataset.train):
+        raise ValueError(f"batch_size={batch_size} must be between 1 and the {len(dataset.train)} training examples")
+    chunk = count if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    fixed = dict(optimizer_kwargs or {})
+    hyper_names = [name for name in columns if name not in MEMBER_FIELDS]
+    clash = sorted(set(hyper_names) & set(fixed))
+    if clash:
+        raise ValueError(f"members and optimizer_kwargs both set {clash}: give each value once")
+    missing = [p.name for p in inspect.signature(optimizer).parameters.values()
+               if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and p.name not in columns and p.name not in fixed]
+    if missing:
+        raise ValueError(f"the optimizer needs {missing}: give them in members (one value per member) or in "
+                         "optimizer_kwargs")
+    float_dtype = jnp.result_type(float)
+    first = {name: float(columns[name][0]) for name in hyper_names}
+    tx = optax.inject_hyperparams(optimizer)(**fixed, **first)
+    seeds = columns.get("seed", np.zeros(count, np.int64)).astype(np.uint32)
+    scales = columns.get("init_scale", np.ones(count)).astype(float_dtype)
+    data_seeds = seeds.astype(int) if shuffle_per_member else np.full(count, int(data_seed))
+
+    classification = dataset.task == "classification"
+    x_dtype, y_dtype = data_lib.pipeline._device_dtypes(dataset.train)
+    train_data = jax.device_put((np.asarray(dataset.train.x, x_dtype), np.asarray(dataset.train.y, y_dtype)))
+    steps = _make_steps(loss, classification, shared_batches=not shuffle_per_member)
+    per_call = max(1, min(int(steps_per_call), num_steps))
+
+    histories, accuracy_histories, states, rows_out, programs = [], [], [], [], {}
+    compile_s = run_s = 0.0
+    bar = tqdm(total=count * num_steps, desc=f"population ({count} members)", unit="member·step",
+               disable=not progress, leave=False, dynamic_ncols=True)
+    for begin in range(0, count, chunk):
+        index = np.arange(begin, begin + chunk).clip(max=count - 1)  # the last chunk repeats its last member
+        real = min(chunk, count - begin)
+        state = _init_members(model, tx, dataset.input_shape, seeds[index], scales[index],
+                              {name: columns[name][index].astype(float_dtype) for name in hyper_names})
+        alive = jnp.ones(chunk, bool)
+        values, accuracies = [], []
+        done = 0
+        while done < num_steps:
+            length = min(per_call, num_steps - done)
+            if shuffle_per_member:
+                rows = np.stack([_batch_rows(len(dataset.train), batch_size, int(s), done, length)
+                                 for s in data_seeds[index]], axis=1)  # (length, chunk, B)
+            else:
+                rows = _batch_rows(len(dataset.train), batch_size, int(data_seeds[0]), done, length)
+            if length not in programs:  # compiled on its own, so compile and training times are reported apart
+                started = time.perf_counter()
+                programs[length] = steps.lower(state, alive, train_data, rows).compile()
+                compile_s += time.perf_counter() - started
+            started = time.perf_counter()
+            state, alive, value, accuracy = programs[length](state, alive, train_data, rows)
+            values.append(value)
+            accuracies.append(accuracy)
+            jax.block_until_ready(value)
+            run_s += time.perf_counter() - started
+            done += length
+            bar.update(real * length)
+        chunk_losses = np.concatenate(jax.device_get(values))[:, :real]
+        chunk_accuracies = np.concatenate(jax.device_get(accuracies))[:, :real]
+        metrics = {}
+        for split_name in ("train", "val", "test"):
+            metrics.update(_evaluate_members(state, getattr(dataset, split_name), loss, classification,
+                                             eval_batch_size, split_name))
+        for position in range(real):
+            member = begin + position
+            row = {name: (int(columns[name][member]) if name == "seed" else float(columns[name][member]))
+                   for name in columns}
+            finite = np.isfinite(chunk_losses[:, position])
+            diverged_at = None if finite.all() else int(np.argmin(finite))  # the first step whose loss was not finite
+            row["status"] = "completed" if diverged_at is None else f"diverged at step {diverged_at}"
+            last_finite = num_steps - 1 if diverged_at is None else diverged_at - 1
+            row["final_loss"] = float(chunk_losses[last_finite, position]) if last_finite >= 0 else float("nan")
+            row.update({name: float(value[position]) for name, value in metrics.items()})
+            rows_out.append(row)
+        histories.append(chunk_losses)
+        accuracy_histories.append(chunk_accuracies)
+        states.append(jax.tree.map(lambda leaf: leaf[:real], state))
+    bar.close()
+    state = states[0] if len(states) == 1 else jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *states)
+    return PopulationResult(state=state, members=rows_out, losses=np.concatenate(histories, axis=1),
+                            accuracies=np.concatenate(accuracy_histories, axis=1) if classification else None,
+                            compile_s=compile_s, run_s=run_s)
+
+
+def ensemble_metrics(result: PopulationResult, split: data_lib.Split, batch_size: int = 1024) -> dict[str, float]:
+    """The members as an ensemble on ``split``: accuracy and mean negative log-likelihood of the averaged
+    probabilities, against the mean member and the best member (by accuracy on ``split``)."""
+    if len(split) == 0:
+        raise ValueError("ensemble_metrics: the split is empty")
+    apply = jax.jit(jax.vmap(lambda s, x: jax.nn.log_softmax(s.apply_fn({"params": s.params, **s.model_state}, x,
+                                                                        train=False)), in_axes=(0, None)))
+    x_dtype, _ = data_lib.pipeline._device_dtypes(split)
+    log_probs = np.concatenate([np.asarray(apply(result.state, np.asarray(split.x[i:i + batch_size], x_dtype)))
+                                for i in range(0, len(split), batch_size)], axis=1)  # (N, n, C)
+    labels = np.asarray(split.y, np.int64)
+    picked = np.take_along_axis(log_probs, labels[None, :, None], axis=2)[..., 0]  # (N, n)
+    member_nll = -picked.mean(axis=1)
+    member_accuracy = (log_probs.argmax(-1) == labels[None]).mean(axis=1)
+    mixed = np.logaddexp.reduce(log_probs, axis=0) - math.log(log_probs.shape[0])  # log of the mean probability
+    best = int(np.argmax(member_accuracy))
+    return {"ensemble_accuracy": float((mixed.argmax(-1) == labels).mean()),
+            "ensemble_nll": float(-np.take_along_axis(mixed, labels[:, None], axis=1).mean()),
+            "mean_member_accuracy": float(member_accuracy.mean()), "mean_member_nll": float(member_nll.mean()),
+            "best_member": best, "best_member_accuracy": float(member_accuracy[best]),
+            "best_member_nll": float(member_nll[best])}

@@ -1,0 +1,69 @@
+"""Curvature of a population in one program: exact spectra of quadratics (with repeated eigenvalues, so Lanczos
+breaks down and restarts) and, for trained MLP members, the dense Hessian (jax.hessian + eigh) and the
+single-model engine, float64 to 1e-10."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jaxnn import curvature, data as data_lib, losses, models
+from jaxnn.curvature.population import population_sharpness, population_top_eigenvalues
+from jaxnn.train.population import train_population
+
+
+def test_quadratics_with_repeated_eigenvalues(x64):
+    """Member m: L(θ) = ½ Σ s_m,i θ_i², spectrum s_m (4 distinct values in 8): the Krylov space breaks down after 4
+    steps and restarts orthogonally, so num_iters = 8 finds the whole spectrum, multiplicities included."""
+    spectra = jnp.asarray([[5, 5, 3, 1, 1, 1, -2, -2], [9, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 7]], jnp.float64)
+
+    def loss(scales, params, batch):
+        return 0.5 * jnp.sum(scales * params["w"] ** 2) + 0 * jnp.sum(batch)
+
+    loss_fns = jax.tree_util.Partial(loss, spectra)
+    params = {"w": jnp.ones((2, 8), jnp.float64)}
+    values = population_top_eigenvalues(loss_fns, params, jnp.zeros(3), k=8, num_iters=8)
+    np.testing.assert_allclose(values, -np.sort(-np.asarray(spectra), axis=1), atol=1e-12)
+    # Four steps: a Krylov space holds each distinct eigenvalue once (4 distinct values in each spectrum).
+    top2 = population_top_eigenvalues(loss_fns, params, jnp.zeros(3), k=2, num_iters=4)
+    np.testing.assert_allclose(top2, [[5, 3], [9, 7]], atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    with jax.enable_x64(True):
+        digits = data_lib.load_dataset("digits", seed=0)
+        model = models.get_model("mlp", num_classes=10, width=8, depth=1)
+        result = train_population(model, optax.sgd, digits, members={"seed": [0, 1, 2], "learning_rate": [0.1] * 3},
+                                  num_steps=20, batch_size=32, progress=False)
+        x, y = data_lib.host_stacked_batches(digits.train, 48, 2, seed=0)
+        yield result, [(x[i], y[i]) for i in range(2)]
+
+
+def test_population_equals_dense_hessian_and_single_engine(trained, x64):
+    result, batches = trained
+    values = population_sharpness(result.state, batches, k=3, num_iters=60)
+    assert values.shape == (3, 3)
+    for index in range(3):
+        member = result.member_state(index)
+        loss_fn = losses.make_loss_fn(member.apply_fn, "softmax_cross_entropy", member.model_state)
+        flat, unravel = ravel_pytree(member.params)
+        total = lambda v: sum(loss_fn(unravel(v), b) for b in batches) / len(batches)  # noqa: E731
+        dense = np.linalg.eigvalsh(np.asarray(jax.hessian(total)(flat)))[::-1][:3]
+        np.testing.assert_allclose(values[index], dense, rtol=1e-10, atol=1e-12)
+        single = curvature.top_eigenvalues(curvature.hessian(loss_fn, member.params, batches), k=3, num_iters=60,
+                                           tol=None, progress=False).values
+        np.testing.assert_allclose(values[index], np.asarray(single), rtol=1e-10, atol=1e-12)
+    assert len(set(np.round(values[:, 0], 6))) == 3  # the members really differ
+
+
+def test_bad_requests(trained):
+    result, batches = trained
+    with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
+        population_sharpness(result.state, batches, k=0)
+    with pytest.raises(ValueError, match="num_iters=2 must be between k=3"):
+        population_sharpness(result.state, batches, k=3, num_iters=2)
+    with pytest.raises(ValueError, match="leading member axis"):
+        population_top_eigenvalues(lambda p, b: 0.0, {"w": jnp.float32(1)}, batches)
