@@ -1,6 +1,6 @@
 """A vmapped population against the same members one at a time, in one process.
 
-Training: 16 seeds of the main job's model (digits MLP 64-256-256-10, Adam 2e-3, batch 64) for ``--steps`` steps
+Training: 16 seeds of the main job's model (digits MLP 64-256-256-10, Adam 2e-3, batch 64; ``--width`` changes it) for ``--steps`` steps
 as one population (``train_population``, one compiled program for all members) vs 16 sequential ``fit`` runs
 (the compiled step is cached after the first, as a user's loop over seeds would get). Goal: >= 4x, compile
 included; compile and steady state are also printed apart.
@@ -22,6 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=16)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--width", type=int, default=256, help="hidden width of the MLP (the main job: 256)")
     args = parser.parse_args()
 
     import jax
@@ -34,9 +35,10 @@ def main() -> None:
     from jaxnn.train.population import train_population
 
     digits = data_lib.load_dataset("digits", seed=0)
-    model = models.get_model("mlp", num_classes=10, width=256, depth=2, kernel_init="he")
+    model = models.get_model("mlp", num_classes=10, width=args.width, depth=2, kernel_init="he")
     seeds = list(range(args.members))
-    print(f"{args.members} members, MLP 64-256-256-10, {args.steps} steps of batch 64, {jax.devices()[0].platform}")
+    print(f"{args.members} members, MLP 64-{args.width}-{args.width}-10, {args.steps} steps of batch 64, "
+          f"{jax.devices()[0].platform}")
 
     started = time.perf_counter()
     result = train_population(model, optax.adam, digits, members={"seed": seeds, "learning_rate": [2e-3] * len(seeds)},

@@ -13,6 +13,7 @@ the data (every batch in ``data``, weighted by its size like :func:`jaxnn.curvat
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -30,27 +31,26 @@ def _lanczos_top(loss_of_flat: Callable, flat_params: jax.Array, start: jax.Arra
     grad = jax.grad(loss_of_flat)
     hvp = lambda v: jax.jvp(grad, (flat_params,), (v,))[1]  # noqa: E731
     n, dtype = flat_params.size, flat_params.dtype
-    basis = jnp.zeros((num_iters, n), dtype).at[0].set(start / jnp.linalg.norm(start))
+    # One spare row, so step i always writes row i + 1 in place (the last write is never read).
+    basis = jnp.zeros((num_iters + 1, n), dtype).at[0].set(start / jnp.linalg.norm(start))
     alphas, betas = jnp.zeros(num_iters, dtype), jnp.zeros(num_iters, dtype)
     seed = jax.random.PRNGKey(1)
-
-    def orthogonalised(basis, w):
-        for _ in range(2):  # classical Gram-Schmidt twice against every earlier vector (later rows are zero)
-            w = w - basis.T @ (basis @ w)
-        return w
 
     def body(i, carry):
         basis, alphas, betas = carry
         v = basis[i]
         w = hvp(v)
         alpha = jnp.vdot(v, w)
-        w = orthogonalised(basis, w)
+        # The next vector and a fresh one (used after a breakdown) orthogonalised together: classical Gram-Schmidt
+        # twice against every earlier vector (rows past i are zero), each pass one read of the basis.
+        pair = jnp.stack([w, jax.random.normal(jax.random.fold_in(seed, i), (n,), dtype)])
+        for _ in range(2):
+            pair = pair - (pair @ basis.T) @ basis
+        w, fresh = pair[0], pair[1]
         beta = jnp.linalg.norm(w)
         broke = beta <= 1e3 * jnp.finfo(dtype).eps * jnp.maximum(jnp.abs(alpha), jnp.max(jnp.abs(alphas)))
-        fresh = orthogonalised(basis, jax.random.normal(jax.random.fold_in(seed, i), (n,), dtype))
         following = jnp.where(broke, fresh / jnp.linalg.norm(fresh), w / jnp.where(broke, 1, beta))
-        basis = jnp.where(i + 1 < num_iters, basis.at[jnp.minimum(i + 1, num_iters - 1)].set(following), basis)
-        return basis, alphas.at[i].set(alpha), betas.at[i].set(jnp.where(broke, 0, beta))
+        return basis.at[i + 1].set(following), alphas.at[i].set(alpha), betas.at[i].set(jnp.where(broke, 0, beta))
 
     _, alphas, betas = jax.lax.fori_loop(0, num_iters, body, (basis, alphas, betas))
     off_diagonal = betas[:-1]
@@ -84,30 +84,40 @@ def population_top_eigenvalues(loss_fn: Callable, params: Any, data: Any, *, k: 
     prepared = prepare_data(data, stacked=stacked, name="data", check_finite=True)
     key = jax.random.PRNGKey(0) if key is None else key
     starts = jax.random.normal(key, (count, n), flat0.dtype)
+    if not isinstance(loss_fn, jax.tree_util.Partial):
+        loss_fn = jax.tree_util.Partial(loss_fn)  # a pytree without leaves: the function goes into the cache key
     loss_leaves = jax.tree.leaves(loss_fn)
-    loss_axis = 0 if loss_leaves else None
     if loss_leaves and any(np.ndim(leaf) < 1 or leaf.shape[0] != count for leaf in loss_leaves):
         raise ValueError(f"loss_fn: its array arguments need the member axis ({count}) too, e.g. make_loss_fn with "
                          "the population's stacked model_state")
+    groups = tuple((group.batches, group.weights) for group in prepared.groups)
+    values = _population_program(loss_fn, params, starts, groups, num_iters=num_iters, k=k,
+                                 member_axis=0 if loss_leaves else None)
+    return np.asarray(values)
+
+
+@functools.partial(jax.jit, static_argnames=("num_iters", "k", "member_axis"))
+def _population_program(loss_fn, params, starts, groups, *, num_iters: int, k: int, member_axis):
+    """The vmapped Lanczos of every member: one compiled program per (loss, shapes, num_iters, k), reused."""
+    unravel = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], params))[1]
 
     def member(member_loss_fn, member_params, start):
         flat, _ = ravel_pytree(member_params)
 
         def loss_of_flat(vector):
             member_value = unravel(vector)
-            total = 0.0
-            for group in prepared.groups:  # batches of one shape are stacked: a scan; weights B_b / N
+            total = jnp.zeros((), vector.dtype)
+            for batches, weights in groups:  # batches of one shape are stacked: a scan; weights B_b / N
                 def one(carry, inputs):
                     batch, weight = inputs
                     return carry + weight * member_loss_fn(member_value, batch), None
 
-                total = total + jax.lax.scan(one, jnp.zeros((), vector.dtype), (group.batches, group.weights))[0]
+                total = total + jax.lax.scan(one, jnp.zeros((), vector.dtype), (batches, weights))[0]
             return total
 
         return _lanczos_top(loss_of_flat, flat, start, num_iters, k)
 
-    program = jax.jit(jax.vmap(member, in_axes=(loss_axis, 0, 0)))
-    return np.asarray(program(loss_fn, params, starts))
+    return jax.vmap(member, in_axes=(member_axis, 0, 0))(loss_fn, params, starts)
 
 
 def population_sharpness(state: Any, data: Any, *, loss: str | Callable = "softmax_cross_entropy", k: int = 1,
