@@ -1,9 +1,9 @@
 """A vmapped population against the same members one at a time, in one process.
 
-Training: 16 seeds of the main job's model (digits MLP 64-256-256-10, Adam 2e-3, batch 64; ``--width`` changes it) for ``--steps`` steps
-as one population (``train_population``, one compiled program for all members) vs 16 sequential ``fit`` runs
-(the compiled step is cached after the first, as a user's loop over seeds would get). Goal: >= 4x, compile
-included; compile and steady state are also printed apart.
+Training: 16 seeds of the main job's model (digits MLP 64-256-256-10, Adam 2e-3, batch 64; ``--width`` changes
+it) for ``--steps`` steps as one population (``train_population``, one compiled program for all members) vs 16
+sequential ``fit`` runs (the compiled step is cached after the first, as a user's loop over seeds would get).
+Goal: >= 4x, compile included; compile and steady state are also printed apart.
 
 Curvature: lambda_max of those 16 members on 4 batches of 64, in one program (``population_sharpness``) vs 16
 single-model Lanczos calls (``curvature.top_eigenvalues``) — both at 20 Lanczos steps, and the single calls also at

@@ -1,7 +1,7 @@
 """jaxnn: compiled training and loss-surface analysis on one pure ``loss_fn(params, batch)``.
 
 The public API is flat, by concept: ``jaxnn.data``, ``jaxnn.models``, ``jaxnn.losses``, ``jaxnn.optim``,
-``jaxnn.train``, ``jaxnn.curvature``, ``jaxnn.landscape``, ``jaxnn.parallel``, ``jaxnn.plotting``,
+``jaxnn.train``, ``jaxnn.curvature``, ``jaxnn.landscape``, ``jaxnn.diagnostics``, ``jaxnn.parallel``, ``jaxnn.plotting``,
 ``jaxnn.config``.
 
 Submodules load on first use (PEP 562), so ``import jaxnn`` costs nothing and the ``jaxnn`` command can parse its
@@ -15,8 +15,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("config", "curvature", "data", "landscape", "losses", "models", "optim", "parallel", "plotting",
-               "train", "runtime", "analysis")
+_SUBMODULES = ("config", "curvature", "data", "diagnostics", "landscape", "losses", "models", "optim", "parallel",
+               "plotting", "train", "runtime", "analysis")
 _ATTRIBUTES = {
     "Config": "jaxnn.config",
     "load_config": "jaxnn.config",
@@ -24,8 +24,8 @@ _ATTRIBUTES = {
     "enable_compilation_cache": "jaxnn.runtime",
 }
 
-__all__ = ["config", "curvature", "data", "landscape", "losses", "models", "optim", "parallel", "plotting", "train",
-           "Config", "load_config", "make_loss_fn", "enable_compilation_cache", "__version__"]
+__all__ = ["config", "curvature", "data", "diagnostics", "landscape", "losses", "models", "optim", "parallel",
+           "plotting", "train", "Config", "load_config", "make_loss_fn", "enable_compilation_cache", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

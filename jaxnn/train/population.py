@@ -216,7 +216,8 @@ def _evaluate_members(state, split, loss, classification, batch_size: int, prefi
 
 
 def train_population(model, optimizer: Callable[..., optax.GradientTransformation], dataset: data_lib.Dataset, *,
-                     members: Mapping[str, Sequence[Any]], num_steps: int, loss: str | Callable = "softmax_cross_entropy",
+                     members: Mapping[str, Sequence[Any]], num_steps: int,
+                     loss: str | Callable = "softmax_cross_entropy",
                      batch_size: int = 64, data_seed: int = 0, shuffle_per_member: bool = False,
                      optimizer_kwargs: Mapping[str, Any] | None = None, chunk: int | None = None,
                      steps_per_call: int = 50, eval_batch_size: int = 1024, progress: bool = True) -> PopulationResult:
