@@ -5,7 +5,9 @@ For the main job's model (digits MLP 64-256-256-10, global batch 64, Adam) and f
 them — ``jit`` (XLA inserts the all-reduce), ``shard_map`` and ``pmap`` (explicit ``lax.pmean``), ``jit`` with
 sharded parameters — printed as the ratio to one device. Goal: <= 1.15x. The devices share the same cores (each
 simulated device computes single-threaded, one device uses every core), so this measures the cost of splitting,
-not a speed-up. On a machine with accelerators the script also reports the per-device throughput of N devices
+not a speed-up. Every step and product is waited for before the next is dispatched, on one device as on N (XLA:CPU can
+hang a collective program queued behind another on simulated devices; see ``jaxnn.parallel.cpu_collectives``). On a
+machine with accelerators the script also reports the per-device throughput of N devices
 against one (weak scaling, global batch N x 64; goal >= 0.9); without one it says it was not measured.
 
     python benchmarks/bench_parallel.py [--devices 2,8] [--steps 200]
@@ -51,7 +53,7 @@ def child(devices: int, steps: int, batch: int) -> dict:
             state = jax.tree.map(jnp.copy, state0)
             for b in batches:
                 state, _ = step(state, b, False)
-            jax.block_until_ready(state.params)
+                jax.block_until_ready(state.params)  # every step: see jaxnn.parallel.cpu_collectives
 
         run()
         best = float("inf")
@@ -72,8 +74,7 @@ def child(devices: int, steps: int, batch: int) -> dict:
         start = time.perf_counter()
         out = v
         for _ in range(20):
-            out = op(out)
-        jax.block_until_ready(out)
+            out = jax.block_until_ready(op(out))
         best = min(best, (time.perf_counter() - start) / 20)
     results["hvp"] = best
     return results
