@@ -50,17 +50,28 @@ def _best_seconds(argvs: dict[str, list[str]], rounds: int = 5) -> dict[str, flo
     return best
 
 
+IMPORT_INCREMENT = ("import json, time\nstart = time.perf_counter()\nimport jax\njax_done = time.perf_counter()\n"
+                    "import flax, flax.linen, optax\nbase_done = time.perf_counter()\n" + FULL_API + "\n"
+                    "print(json.dumps([jax_done - start, time.perf_counter() - base_done]))")
+
+
 def test_import_and_help_times_relative_to_a_bare_jax_import():
-    best = _best_seconds({
-        "jax": [sys.executable, "-c", "import jax"],
-        "jax_flax_optax": [sys.executable, "-c", "import jax, flax, flax.linen, optax"],
-        "jaxnn_api": [sys.executable, "-c", FULL_API],
-        "help": [sys.executable, "-m", "jaxnn.cli", "--help"],
-    })
-    jax_seconds = best["jax"]
-    # Goals: `jaxnn --help` < 0.5 s and the whole API <= jax + flax + optax + 0.3 s, where `import jax` takes ~1 s.
-    assert best["help"] <= 0.5 * jax_seconds, best
-    assert best["jaxnn_api"] <= best["jax_flax_optax"] + 0.3 * jax_seconds, best
+    """Goals: `jaxnn --help` < 0.5 s and the whole API <= jax + flax + optax + 0.3 s, where `import jax` takes ~1 s
+    here. The API's cost is timed inside one process, after jax, flax and optax are imported (what jaxnn adds,
+    ~0.08 s), against that process's own `import jax`: two separate processes differ by more than that in start-up
+    and teardown noise alone. Best of five each."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    best_jax = best_increment = float("inf")
+    for _ in range(5):
+        out = subprocess.run([sys.executable, "-c", IMPORT_INCREMENT], capture_output=True, text=True, timeout=120,
+                             env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        jax_seconds, increment = json.loads(out.stdout.strip().splitlines()[-1])
+        best_jax, best_increment = min(best_jax, jax_seconds), min(best_increment, increment)
+    assert best_increment <= 0.3 * best_jax, (best_increment, best_jax)
+    best = _best_seconds({"jax": [sys.executable, "-c", "import jax"],
+                          "help": [sys.executable, "-m", "jaxnn.cli", "--help"]})
+    assert best["help"] <= 0.5 * best["jax"], best
 
 
 def test_simulated_devices_environment():
