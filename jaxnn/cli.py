@@ -15,6 +15,7 @@ from __future__ import annotations
 # (compilation cache, simulated devices) must be in place before jax is imported.
 import argparse
 import json
+import os
 import pathlib
 import sys
 
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("jaxnn: interrupted; checkpoints written so far are intact (resume with --resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early: the files are written, stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except _known_errors() as exc:
         if args.debug:
             raise

@@ -140,3 +140,18 @@ def test_run_prints_no_library_warnings(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "WARNING" not in out.stderr and "Warning" not in out.stderr, out.stderr[-3000:]
     assert "lambda_max=" in out.stdout and (tmp_path / "run" / "landscape_2d.png").is_file()
+
+
+def test_output_piped_into_a_reader_that_stops_early(two_runs, tmp_path):
+    """`jaxnn landscape RUN | head`-style: the reader (here `true`) is gone before the summary is printed; the
+    command still writes its files and ends with status 0 and no traceback (it failed before the fix)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    command = (f"{sys.executable} -m jaxnn.cli landscape {two_runs[0]} --grid 5 --out {tmp_path} | true; "
+               "exit ${PIPESTATUS[0]}")
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert (tmp_path / "landscape.npz").exists()
