@@ -38,8 +38,9 @@ MNIST_IMAGES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "da
                             "t10k-images-idx3-ubyte.gz")
 
 
-def load_data(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
-    images_path = os.path.normpath(MNIST_IMAGES)
+def load_data(num_examples: int, seed: int, mnist_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    images_path = os.path.normpath(MNIST_IMAGES if mnist_dir is None else
+                                   os.path.join(mnist_dir, os.path.basename(MNIST_IMAGES)))
     labels_path = images_path.replace("images-idx3", "labels-idx1")
     if os.path.isfile(images_path) and os.path.isfile(labels_path):
         with gzip.open(images_path, "rb") as handle:
@@ -127,12 +128,17 @@ def torch_layout(array, kind):
 # ------------------------------------------------------------------------------------------------ the loops
 
 
-def torch_reference_loop(torch, module, pairs, params, d1, d2, x, y, batch_size, points):
-    """loss-landscape's structure: per point set the weights in place, then eval_loss over a mini-batch loader."""
+def torch_reference_loop(torch, module, pairs, params, d1, d2, x, y, batch_size, points, device="cpu"):
+    """loss-landscape's structure: per point set the weights in place, then eval_loss over a mini-batch loader.
+    On a GPU the model, the directions and the whole loader are placed on it once (stronger than the tool, which
+    copies each batch to the GPU inside the loop)."""
     F = torch.nn.functional
-    as_torch = lambda tree: [torch.from_numpy(torch_layout(tree[key][leaf], kind)) for _, (key, leaf, kind) in pairs]
+    module.to(device)
+    as_torch = lambda tree: [torch.from_numpy(torch_layout(tree[key][leaf], kind)).to(device)
+                             for _, (key, leaf, kind) in pairs]
     theta, u, v = as_torch(params), as_torch(d1), as_torch(d2)
-    loader = [(torch.from_numpy(x[i:i + batch_size]), torch.from_numpy(y[i:i + batch_size].astype(np.int64)))
+    loader = [(torch.from_numpy(x[i:i + batch_size]).to(device),
+               torch.from_numpy(y[i:i + batch_size].astype(np.int64)).to(device))
               for i in range(0, len(x), batch_size)]
     values = []
     with torch.no_grad():
@@ -164,7 +170,7 @@ def jax_point_loop(loss_fn, accuracy_fn, params, d1, d2, data, points):
 # ------------------------------------------------------------------------------------------------ one model
 
 
-def run_model(name, x, y, grid, subset, batch_size, chunk_size, repeats, torch):
+def run_model(name, x, y, grid, subset, batch_size, chunk_size, repeats, torch, torch_device="cpu"):
     params, loss_fn, accuracy_fn, shape = jax_model(name)
     xs = x.reshape((-1, *shape))
     d1 = filter_normalized_direction(jax.random.key(1), params)
@@ -189,13 +195,14 @@ def run_model(name, x, y, grid, subset, batch_size, chunk_size, repeats, torch):
         loop_runs.append(seconds)
         if torch is not None:
             best = None
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
+            for threads in (1, 2) if torch_device == "cpu" else (None,):
+                if threads is not None:
+                    torch.set_num_threads(threads)
                 module, pairs = torch_model(torch, name, params)
                 start = time.perf_counter()
                 torch_values = torch_reference_loop(torch, module, pairs, params, d1, d2,
                                                     np.asarray(xs.transpose(0, 3, 1, 2) if name == "lenet" else xs),
-                                                    y, batch_size, all_points[subset_index])
+                                                    y, batch_size, all_points[subset_index], torch_device)
                 elapsed = time.perf_counter() - start
                 best = elapsed if best is None else min(best, elapsed)
             torch_runs.append(best)
@@ -211,7 +218,7 @@ def run_model(name, x, y, grid, subset, batch_size, chunk_size, repeats, torch):
         torch_total = min(torch_runs) * scale
         accuracy_diff = float(np.max(np.abs(surface.accuracies.ravel()[subset_index] - torch_values[:, 1])))
         torch_diff = float(np.max(np.abs(losses_on_subset - torch_values[:, 0]) / np.abs(torch_values[:, 0])))
-        print(f"  PyTorch reference structure (eager, weights set per point, loader of {batch_size}): "
+        print(f"  PyTorch reference structure (eager on {torch_device}, weights set per point, loader of {batch_size}): "
               f"{torch_total:.2f} s extrapolated (max rel. loss diff {torch_diff:.1e}, accuracy diff "
               f"{accuracy_diff:.1e})")
         print(f"  RATIO PyTorch loop / jaxnn (run):           {torch_total / run['run_seconds']:6.2f}x")
@@ -231,6 +238,10 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="21x21 / 9x9 grids, 20-point subsets, one repeat")
+    parser.add_argument("--mnist-dir", default=None, help="folder of t10k-images-idx3-ubyte.gz and its labels "
+                        "(default: ../shared/data/mnist)")
+    parser.add_argument("--torch-device", default=None, help="PyTorch's device (default: cuda when PyTorch sees a "
+                        "GPU, else cpu)")
     args = parser.parse_args()
     if args.quick:
         args.grid, args.lenet_grid, args.subset, args.repeats = 21, 9, 20, 1
@@ -239,11 +250,12 @@ def main() -> None:
     except ImportError:
         torch = None
         print("PyTorch is not installed (pip install -e '.[test]'): the reference-structure side is skipped")
-    x, y, source = load_data(args.examples, seed=0)
+    torch_device = args.torch_device or ("cuda" if torch is not None and torch.cuda.is_available() else "cpu")
+    x, y, source = load_data(args.examples, seed=0, mnist_dir=args.mnist_dir)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPU cores visible); data: {source}")
     for name in args.models.split(","):
         run_model(name, x, y, args.lenet_grid if name == "lenet" else args.grid, args.subset, args.batch_size,
-                  args.chunk_size, args.repeats, torch)
+                  args.chunk_size, args.repeats, torch, torch_device)
 
 
 if __name__ == "__main__":
