@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnn.curvature.krylov import LanczosResult, default_num_iters, lanczos
-from jaxnn.curvature.operators import CurvatureOperator, require_operator, tree_vdot
+from jaxnn.curvature.operators import CurvatureOperator, require_operator, tree_vdot, precise_jit
 from jaxnn.curvature.validation import check_key, check_like_params, check_positive_float
 
 VERDICTS = (
@@ -50,12 +50,12 @@ class CriticalPoint(NamedTuple):
     escape_curvature: float | None  # λmin when an escape direction is returned
 
 
-@jax.jit
+@precise_jit
 def _tree_norm(tree):
     return jnp.sqrt(tree_vdot(tree, tree))
 
 
-@jax.jit
+@precise_jit
 def _first(tree):
     """Entry 0 along the leading axis of every leaf."""
     return jax.tree.map(lambda leaf: leaf[0], tree)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from jaxnn.curvature.operators import CurvatureOperator, join_functions, require_operator, split_functions, tree_vdot
+from jaxnn.curvature.operators import CurvatureOperator, join_functions, require_operator, split_functions, tree_vdot, precise_jit
 from jaxnn.curvature.trace_estimators import chunked_products
 from jaxnn.curvature.validation import check_like_params, check_params, check_positive_float, num_params
 
@@ -24,14 +24,14 @@ def _check_size(count: int, max_params: int, what: str) -> None:
         )
 
 
-@functools.partial(jax.jit, static_argnames=("skeleton",))
+@precise_jit(static_argnames=("skeleton",))
 def _dense_hessian_jit(function_arrays, skeleton, params, batch):
     loss_fn = join_functions(function_arrays, skeleton)
     flat, unravel = ravel_pytree(params)
     return jax.hessian(lambda x: loss_fn(unravel(x), batch))(flat)
 
 
-@functools.partial(jax.jit, static_argnames=("skeleton",))
+@precise_jit(static_argnames=("skeleton",))
 def _gradient_jit(function_arrays, skeleton, params, batch):
     return jax.grad(join_functions(function_arrays, skeleton))(params, batch)
 

@@ -21,7 +21,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxnn.curvature.dense import DEFAULT_MAX_PARAMS, dense_matrix
-from jaxnn.curvature.operators import CurvatureOperator, apply_operator, chunked_products, require_operator, tree_vdot
+from jaxnn.curvature.operators import CurvatureOperator, apply_operator, chunked_products, require_operator, tree_vdot, precise_jit
 from jaxnn.curvature.validation import check_choice, check_int, check_like_params, check_positive_float
 
 NEWTON_METHODS = ("cg", "gmres", "dense")
@@ -44,12 +44,12 @@ class NewtonStep(NamedTuple):
     damping: float
 
 
-@jax.jit
+@precise_jit
 def _as_row(tree):
     return ravel_pytree(tree)[0][None]
 
 
-@jax.jit
+@precise_jit
 def _squared_norm_and_form(row, product):
     return jnp.vdot(row, row), jnp.vdot(row, product)
 
@@ -95,7 +95,7 @@ def predicted_loss_change(curvature: GradientCurvature, step_size: Any) -> Any:
     return float(change) if change.ndim == 0 else change
 
 
-@functools.partial(jax.jit, static_argnames=("method", "max_iters"))
+@precise_jit(static_argnames=("method", "max_iters"))
 def _iterative_newton(op, gradient, damping, tol, method, max_iters):
     def damped(v):
         return jax.tree.map(lambda a, b: a + damping.astype(a.dtype) * b, apply_operator(op, v), v)

@@ -36,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
 from jaxnn.curvature.operators import (
+    precise_jit,
     CurvatureOperator,
     chunked_products,
     flat_operator,
@@ -187,7 +188,7 @@ def initial_state(op: CurvatureOperator, key: jax.Array, flat_start: jax.Array |
     return placed_like_params(op, state)
 
 
-@jax.jit
+@precise_jit
 def flat_vector(tree: Any) -> jax.Array:
     """A pytree flattened in ``ravel_pytree`` order (compiled: one program, not one per leaf)."""
     return ravel_pytree(tree)[0]
@@ -279,7 +280,7 @@ def _maybe_check(state: _LanczosState, controls: _Controls, num_params: int, blo
     return jax.lax.cond(due, check, lambda s: s, state)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size",), donate_argnums=(1,))
+@precise_jit(static_argnames=("block_size",), donate_argnums=(1,))
 def _run_compiled(op, state, controls, block_size):
     """Iterations until ``stop_at``, convergence or a non-finite product, in one ``lax.while_loop``, with the Ritz
     analysis of the basis at the end. One program for every k, tolerance and stopping point."""
@@ -294,7 +295,7 @@ def _run_compiled(op, state, controls, block_size):
     return jax.lax.while_loop(keep_going, body, state)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size",), donate_argnums=(1,))
+@precise_jit(static_argnames=("block_size",), donate_argnums=(1,))
 def _single_iteration(op, state, controls, block_size):
     """One compiled block iteration and, when due, the convergence check (``loop_mode="unrolled"`` operators)."""
     state = _lanczos_iteration(flat_operator(op)[0], state, block_size)
@@ -364,7 +365,7 @@ def _ritz_pairs(op, basis, analysis, indices, k):
     return values, vectors, split(trees), analysis.bounds[indices]
 
 
-@jax.jit
+@precise_jit
 def _residual_norms(products, values, vectors):
     return jnp.linalg.norm(products - values[:, None] * vectors, axis=1)
 

@@ -36,6 +36,36 @@ from jaxnn.curvature.validation import (
 HESSIAN_MODES = ("forward-over-reverse", "reverse-over-reverse", "reverse-over-forward")
 LOOP_MODES = ("auto", "compiled", "unrolled")
 FISHER_KINDS = ("empirical", "true")
+# Matrix-product precision. JAX's default for float32 products on NVIDIA GPUs since Ampere is TensorFloat-32 (10-bit
+# mantissa): there Hessian products came out 8% off float64 in small entries (an H200), and Lanczos would
+# re-orthogonalise at that precision. Every compiled curvature program is traced at "highest" (``precise_jit``),
+# and the user's functions at the operator's ``precision`` (default "highest"). CPUs compute float32 products in full
+# precision whatever is asked, so this changes nothing there.
+PRECISIONS = ("highest", "high", "default")
+DEFAULT_PRECISION = "highest"
+
+
+def check_precision(precision: str) -> str:
+    return check_choice(precision, "precision", PRECISIONS)
+
+
+def at_precision(fn: Callable, precision: str) -> Callable:
+    """``fn`` traced under ``jax.default_matmul_precision(precision)``."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.default_matmul_precision(precision):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def precise_jit(fun: Callable | None = None, **jit_kwargs: Any) -> Callable:
+    """``jax.jit`` of ``fun`` traced at the highest matrix-product precision (usable as ``@precise_jit`` and
+    ``@precise_jit(static_argnames=...)``)."""
+    if fun is None:
+        return functools.partial(precise_jit, **jit_kwargs)
+    return jax.jit(at_precision(fun, "highest"), **jit_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,7 +246,8 @@ def _loss_of_outputs(functions, params, batch):
     jax.tree_util.register_dataclass,
     data_fields=("params", "data", "function_arrays"),
     meta_fields=(
-        "function_skeleton", "product", "loss", "kind", "num_params", "num_batches", "num_examples", "loop_mode"
+        "function_skeleton", "product", "loss", "kind", "num_params", "num_batches", "num_examples", "loop_mode",
+        "precision",
     ),
 )
 @dataclasses.dataclass(frozen=True)
@@ -239,10 +270,15 @@ class CurvatureOperator:
     num_batches: int
     num_examples: int
     loop_mode: str = "compiled"
+    precision: str = DEFAULT_PRECISION
 
     @property
     def functions(self) -> Any:
-        return join_functions(self.function_arrays, self.function_skeleton)
+        """The user's function(s), each traced at the operator's matrix-product ``precision``."""
+        functions = join_functions(self.function_arrays, self.function_skeleton)
+        if isinstance(functions, tuple):
+            return tuple(at_precision(fn, self.precision) for fn in functions)
+        return at_precision(functions, self.precision)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -327,9 +363,9 @@ def _apply_block_chunked(op, vectors, chunk_size):
     return jax.lax.map(lambda v: apply_operator(op, v), vectors, batch_size=chunk_size)
 
 
-_apply_jit = jax.jit(apply_operator)
-_apply_block_jit = jax.jit(jax.vmap(apply_operator, in_axes=(None, 0)))
-_apply_block_chunked_jit = jax.jit(_apply_block_chunked, static_argnums=2)
+_apply_jit = precise_jit(apply_operator)
+_apply_block_jit = precise_jit(jax.vmap(apply_operator, in_axes=(None, 0)))
+_apply_block_chunked_jit = precise_jit(_apply_block_chunked, static_argnums=2)
 
 
 def _loss_and_gradient(op, params):
@@ -356,8 +392,8 @@ def _loss_value(op, params):
     return sum(jnp.sum(group.weights.astype(losses.dtype) * losses) for group, losses in zip(op.data, per_group))
 
 
-_loss_and_gradient_jit = jax.jit(_loss_and_gradient)
-_per_batch_losses_jit = jax.jit(_per_batch_losses)
+_loss_and_gradient_jit = precise_jit(_loss_and_gradient)
+_per_batch_losses_jit = precise_jit(_per_batch_losses)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -371,7 +407,8 @@ def _prepared(data: Any, stacked: bool, params: Any) -> PreparedData:
     return place_on_mesh(prepare_data(data, stacked=stacked), mesh_of(params))
 
 
-def _make_operator(kind, functions, product, loss, params, prepared: PreparedData) -> CurvatureOperator:
+def _make_operator(kind, functions, product, loss, params, prepared: PreparedData,
+                   precision: str = DEFAULT_PRECISION) -> CurvatureOperator:
     arrays, skeleton = split_functions(functions)
     return CurvatureOperator(
         params=params,
@@ -384,6 +421,7 @@ def _make_operator(kind, functions, product, loss, params, prepared: PreparedDat
         num_params=count_params(params),
         num_batches=prepared.num_batches,
         num_examples=prepared.num_examples,
+        precision=check_precision(precision),
     )
 
 
@@ -450,6 +488,7 @@ def hessian(
     stacked: bool = False,
     check_finite: bool = True,
     loops: str = "auto",
+    precision: str = DEFAULT_PRECISION,
 ) -> CurvatureOperator:
     """Hessian operator of the data-averaged loss: Hv = ∂/∂ε ∇L(θ+εv)|ε=0, L = Σ_b (B_b/N) loss_fn(θ, batch_b).
 
@@ -465,13 +504,17 @@ def hessian(
     iterations driven from Python, one compiled step each (no host synchronisation per step in Lanczos). ``"auto"``
     (default) picks "unrolled" on CPU when the loss contains a convolution — XLA:CPU runs backward convolutions
     10-30x slower inside loops (jax-ml/jax#12868) — and "compiled" otherwise.
+    ``precision``: the matrix-product precision ``loss_fn`` is traced at inside every product, loss and gradient:
+    ``"highest"`` (default: full float32 products, also on GPUs whose default is TensorFloat-32), ``"high"`` or
+    ``"default"`` (the platform's fastest, e.g. TensorFloat-32). CPUs compute float32 products in full precision
+    whatever is asked. The estimators' own arithmetic (re-orthogonalisation, projections) is always "highest".
     """
     check_choice(mode, "mode", HESSIAN_MODES)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable loss_fn(params, batch), got {type(loss_fn).__name__}")
     params = check_params(params)
     prepared = _prepared(data, stacked, params)
-    op = _make_operator("hessian", loss_fn, _HVP_PRODUCTS[mode], _loss_of_loss_fn, params, prepared)
+    op = _make_operator("hessian", loss_fn, _HVP_PRODUCTS[mode], _loss_of_loss_fn, params, prepared, precision)
     _check_scalar_loss(op, prepared, "loss_fn")
     op = _with_loop_mode(op, prepared, loops)
     if check_finite:
@@ -498,18 +541,19 @@ def ggn(
     stacked: bool = False,
     check_finite: bool = True,
     loops: str = "auto",
+    precision: str = DEFAULT_PRECISION,
 ) -> CurvatureOperator:
     """Generalised Gauss-Newton operator Gv = Σ_b w_b J_bᵀ H_out,b J_b v (positive semi-definite for convex losses).
 
     ``predict_fn(params, x)`` gives the model outputs (e.g. logits), ``output_loss(outputs, y)`` the batch-mean
     loss on them; J is the Jacobian of the outputs in θ and H_out the Hessian of ``output_loss`` in the outputs.
     Cost of one product: one forward-mode + one reverse-mode pass of the model per batch (≈ one HVP).
-    ``loops``: as in :func:`hessian`.
+    ``loops``, ``precision``: as in :func:`hessian`.
     """
     params = check_params(params)
     prepared = _prepared(data, stacked, params)
     _check_output_functions(predict_fn, output_loss, prepared)
-    op = _make_operator("ggn", (predict_fn, output_loss), _ggn_product, _loss_of_outputs, params, prepared)
+    op = _make_operator("ggn", (predict_fn, output_loss), _ggn_product, _loss_of_outputs, params, prepared, precision)
     _check_scalar_loss(op, prepared, "output_loss")
     op = _with_loop_mode(op, prepared, loops)
     if check_finite:
@@ -529,6 +573,7 @@ def fisher(
     stacked: bool = False,
     check_finite: bool = True,
     loops: str = "auto",
+    precision: str = DEFAULT_PRECISION,
 ) -> CurvatureOperator:
     """Fisher operator Fv = (1/N) Σ_i g_i (g_iᵀ v) with per-example gradients g_i = ∇_θ ℓ(f(θ, x_i), y_i).
 
@@ -537,7 +582,7 @@ def fisher(
     ``key`` (once, when the operator is built, so it stays a fixed linear operator); ``output_loss`` must then be
     the negative log-likelihood of integer labels (softmax cross-entropy). Per-example losses are ``output_loss``
     applied to one row of outputs and targets. Cost of one product: one forward-mode + one reverse-mode pass of
-    the model per batch (no per-example gradients are materialised). ``loops``: as in :func:`hessian`.
+    the model per batch (no per-example gradients are materialised). ``loops``, ``precision``: as in :func:`hessian`.
     """
     check_choice(kind, "kind", FISHER_KINDS)
     params = check_params(params)
@@ -545,7 +590,8 @@ def fisher(
     _check_output_functions(predict_fn, output_loss, prepared)
     functions = (predict_fn, output_loss)
     if kind == "empirical":
-        op = _make_operator("fisher-empirical", functions, _empirical_fisher_product, _loss_of_outputs, params, prepared)
+        op = _make_operator("fisher-empirical", functions, _empirical_fisher_product, _loss_of_outputs, params, prepared,
+                            precision)
     else:
         key = check_key(key, "key")
         num_label_samples = check_int(num_label_samples, "num_label_samples")
@@ -559,7 +605,7 @@ def fisher(
             groups.append(BatchGroup((group.batches[0], group.batches[1], labels), group.weights))
             offset += count
         prepared = prepared._replace(groups=tuple(groups))
-        op = _make_operator("fisher-true", functions, _true_fisher_product, _loss_of_outputs, params, prepared)
+        op = _make_operator("fisher-true", functions, _true_fisher_product, _loss_of_outputs, params, prepared, precision)
     _check_scalar_loss(op, prepared, "output_loss")
     op = _with_loop_mode(op, prepared, loops)
     if check_finite:
@@ -567,7 +613,7 @@ def fisher(
     return op
 
 
-@functools.partial(jax.jit, static_argnames=("skeleton", "num_samples"))
+@precise_jit(static_argnames=("skeleton", "num_samples"))
 def _sample_labels_jit(arrays, skeleton, params, batches, keys, num_samples):
     predict_fn, _ = join_functions(arrays, skeleton)
 
@@ -636,7 +682,7 @@ def flat_operator(op: CurvatureOperator) -> tuple[Callable, jax.Array, Callable]
     return flat_matvec, flat_params, unravel
 
 
-@jax.jit
+@precise_jit
 def _flat_products(op: CurvatureOperator, vectors: jax.Array) -> jax.Array:
     flat_matvec, _, _ = flat_operator(op)
     if vectors.shape[0] == 1:

@@ -22,6 +22,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxnn.curvature.batches import prepare_data
+from jaxnn.curvature.operators import DEFAULT_PRECISION, at_precision, check_precision, precise_jit
 
 
 def _lanczos_top(loss_of_flat: Callable, flat_params: jax.Array, start: jax.Array, num_iters: int, k: int):
@@ -59,12 +60,15 @@ def _lanczos_top(loss_of_flat: Callable, flat_params: jax.Array, start: jax.Arra
 
 
 def population_top_eigenvalues(loss_fn: Callable, params: Any, data: Any, *, k: int = 1, num_iters: int | None = None,
-                               key: Any = None, stacked: bool = False) -> np.ndarray:
+                               key: Any = None, stacked: bool = False,
+                               precision: str = DEFAULT_PRECISION) -> np.ndarray:
     """(N, k) top Hessian eigenvalues, λ₁ ≥ … ≥ λ_k, of every member (see the module docstring).
 
     ``num_iters`` (default max(40, 4k), capped by the parameter count): Lanczos steps, i.e. data-set HVPs per
-    member. ``key`` (default key(0)) draws each member's start vector. Cost: N·num_iters products, in one program.
+    member. ``key`` (default key(0)) draws each member's start vector. ``precision``: as in
+    :func:`jaxnn.curvature.hessian`. Cost: N·num_iters products, in one program.
     """
+    precision = check_precision(precision)
     leaves = jax.tree.leaves(params)
     if not leaves or any(np.ndim(leaf) < 1 for leaf in leaves):
         raise ValueError("params: expected a pytree whose every leaf has a leading member axis")
@@ -92,16 +96,17 @@ def population_top_eigenvalues(loss_fn: Callable, params: Any, data: Any, *, k: 
                          "the population's stacked model_state")
     groups = tuple((group.batches, group.weights) for group in prepared.groups)
     values = _population_program(loss_fn, params, starts, groups, num_iters=num_iters, k=k,
-                                 member_axis=0 if loss_leaves else None)
+                                 member_axis=0 if loss_leaves else None, precision=precision)
     return np.asarray(values)
 
 
-@functools.partial(jax.jit, static_argnames=("num_iters", "k", "member_axis"))
-def _population_program(loss_fn, params, starts, groups, *, num_iters: int, k: int, member_axis):
+@precise_jit(static_argnames=("num_iters", "k", "member_axis", "precision"))
+def _population_program(loss_fn, params, starts, groups, *, num_iters: int, k: int, member_axis, precision):
     """The vmapped Lanczos of every member: one compiled program per (loss, shapes, num_iters, k), reused."""
     unravel = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], params))[1]
 
     def member(member_loss_fn, member_params, start):
+        member_loss_fn = at_precision(member_loss_fn, precision)
         flat, _ = ravel_pytree(member_params)
 
         def loss_of_flat(vector):

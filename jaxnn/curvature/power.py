@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
-from jaxnn.curvature.operators import CurvatureOperator, require_operator, flat_operator
+from jaxnn.curvature.operators import CurvatureOperator, require_operator, flat_operator, precise_jit
 from jaxnn.curvature.validation import check_int, check_key, check_positive_float
 
 
@@ -92,7 +92,7 @@ def _record(found: _Found, index, state: _PowerState, tol) -> _Found:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("num_iters",))
+@precise_jit(static_argnames=("num_iters",))
 def _dominant_pair(op, key, index, found, num_iters, tol):
     """Eigenpair ``index`` by a deflated power iteration in one compiled while loop; returns (found, non-finite)."""
     flat_matvec, _, _ = flat_operator(op)  # outside the loop: a single-batch product is linearised once
@@ -105,18 +105,18 @@ def _dominant_pair(op, key, index, found, num_iters, tol):
     return _record(found, index, state, tol), state.nonfinite
 
 
-@jax.jit
+@precise_jit
 def _start_jit(op, key, index, vectors):
     return _start(op, jax.random.fold_in(key, index), vectors)
 
 
-@jax.jit
+@precise_jit
 def _power_step_jit(op, vectors, state, tol):
     state = _power_step(flat_operator(op)[0], vectors, state)
     return state, _converged(state, tol)
 
 
-_record_jit = jax.jit(_record)
+_record_jit = precise_jit(_record)
 
 
 def _dominant_pair_from_python(op, key, index, found, num_iters, tol):
@@ -130,7 +130,7 @@ def _dominant_pair_from_python(op, key, index, found, num_iters, tol):
     return _record_jit(found, index, state, tol), state.nonfinite
 
 
-@jax.jit
+@precise_jit
 def _as_pytrees(op, vectors):
     return jax.vmap(ravel_pytree(op.params)[1])(vectors)
 

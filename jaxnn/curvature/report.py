@@ -23,7 +23,7 @@ from jaxnn.curvature.conditioning import classify_critical_point, condition_numb
 from jaxnn.curvature.density import spectral_density
 from jaxnn.curvature.gradient_direction import gradient_curvature, predicted_loss_change
 from jaxnn.curvature.krylov import default_num_iters, lanczos
-from jaxnn.curvature.operators import hessian
+from jaxnn.curvature.operators import hessian, precise_jit
 from jaxnn.curvature.trace_estimators import TRACE_METHODS, trace
 from jaxnn.curvature.validation import check_choice, check_int, check_key
 
@@ -40,7 +40,7 @@ def _json_numbers(values: Any) -> list[float | None]:
     return [_json_number(v) for v in np.ravel(np.asarray(jax.device_get(values), dtype=np.float64))]
 
 
-@jax.jit
+@precise_jit
 def _gradient_step(params, gradient, step_size):
     """θ − ε g (one compiled call)."""
     return jax.tree.map(lambda p, g: p - jnp.asarray(step_size, p.dtype) * g, params, gradient)

@@ -23,6 +23,7 @@ from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
 from jaxnn.curvature.operators import (
+    precise_jit,
     DEFAULT_CHUNK_SIZE,
     CurvatureOperator,
     balanced_chunks,
@@ -65,12 +66,12 @@ def _probes(op, key, count, basis):
 _probes_jit = quick_jit(_probes, static_argnames=("count",))  # random numbers: run once, compile fast
 
 
-@jax.jit
+@precise_jit
 def _forms(probes, products):
     return jnp.sum(probes * products, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("count",))
+@precise_jit(static_argnames=("count",))
 def _diagonal_moments(op, key, count, valid):
     """Σ z⊙Mz and Σ (z⊙Mz)² over the first ``valid`` of ``count`` Rademacher probes: ``count`` products."""
     flat_matvec, _, _ = flat_operator(op)
@@ -80,13 +81,13 @@ def _diagonal_moments(op, key, count, valid):
     return jnp.sum(samples, axis=0), jnp.sum(samples**2, axis=0)
 
 
-@jax.jit
+@precise_jit
 def _orthonormal_rows(rows):
     """Orthonormal rows spanning the rows of ``rows`` (QR of the transpose)."""
     return jnp.linalg.qr(rows.T)[0].T
 
 
-@jax.jit
+@precise_jit
 def _trace_of_projection(basis, products):
     """tr(QᵀMQ) from the rows q_i of Q and the products M q_i."""
     return jnp.sum(basis * products)

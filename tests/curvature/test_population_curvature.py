@@ -67,3 +67,32 @@ def test_bad_requests(trained):
         population_sharpness(result.state, batches, k=3, num_iters=2)
     with pytest.raises(ValueError, match="leading member axis"):
         population_top_eigenvalues(lambda p, b: 0.0, {"w": jnp.float32(1)}, batches)
+
+
+def test_population_products_run_at_highest_precision():
+    """As the single-model engine: the Lanczos arithmetic always, and every member's loss by default, at HIGHEST
+    (TensorFloat-32 is JAX's default for float32 products on recent NVIDIA GPUs)."""
+    from jaxnn.curvature.population import _population_program
+
+    def products(precision):
+        params = {"w": jnp.ones((2, 4, 3), jnp.float32)}
+        loss = jax.tree_util.Partial(lambda p, batch: jnp.sum((batch @ p["w"]) ** 2))
+        groups = ((jnp.ones((1, 5, 4), jnp.float32), jnp.ones((1,), jnp.float32)),)
+        program = lambda *args: _population_program(*args, num_iters=3, k=1, member_axis=None, precision=precision)
+        jaxpr = jax.make_jaxpr(program)(loss, params, jnp.ones((2, 12), jnp.float32), groups).jaxpr
+        found, stack = set(), [jaxpr]
+        while stack:
+            for eqn in stack.pop().eqns:
+                if eqn.primitive.name == "dot_general":
+                    found.add(eqn.params["precision"])
+                for value in eqn.params.values():
+                    for item in value if isinstance(value, (list, tuple)) else (value,):
+                        inner = getattr(item, "jaxpr", item)
+                        if hasattr(inner, "eqns"):
+                            stack.append(inner)
+        return found
+
+    highest, default = (jax.lax.Precision.HIGHEST,) * 2, (jax.lax.Precision.DEFAULT,) * 2
+    with jax.default_matmul_precision("bfloat16"):
+        assert products("highest") == {highest}
+    assert products("default") == {highest, default}
