@@ -4,6 +4,7 @@
     jaxnn train CONFIG.yaml --set optimizer.lr=0.05 [--resume]
     jaxnn curvature RUN_DIR [--k 5] [--density] [--data-batches N]
     jaxnn landscape RUN_DIR --dirs filter --grid 51 --span 1.0 [--other RUN_DIR2] [--trajectory]
+    jaxnn sweep CONFIG [--curvature] [--resume] # a population of the config's sweep section, best member exported
     jaxnn configs                              # list the shipped configs
     jaxnn train CONFIG --devices 8             # data-parallel over 8 devices (simulated on a CPU-only machine)
     jaxnn launch --processes 2 --devices-per-process 4 -- train CONFIG   # multi-host, as local processes
@@ -82,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: the run folder)")
     _add_runtime_args(p)
+
+    p = sub.add_parser("sweep", help="train every member of a config's sweep section as one population",
+                       description="Train the variants a config's `sweep` section names (e.g. sweep: {optimizer.lr: "
+                                   "{log_uniform: [1e-3, 1e-1], n: 4}, seed: [0, 1, 2]}) in one vmapped program; "
+                                   "write sweep.csv/json, figures, and the best member as the run folder best/.")
+    p.add_argument("config", help="a YAML path or a shipped config name (see `jaxnn configs`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set 'sweep.seed=[0, 1, 2]' (repeatable)")
+    p.add_argument("--out", help="sweep folder (default: OUTPUT_DIR/NAME-sweep)")
+    p.add_argument("--curvature", action="store_true",
+                   help="also measure every member's lambda_max and Hessian trace (one program for all)")
+    p.add_argument("--resume", action="store_true", help="continue a killed sweep: finished chunks are not retrained")
+    p.add_argument("--x64", action="store_true", help="float64 throughout")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not read or write the persistent compilation cache")
 
     sub.add_parser("configs", help="list the shipped configs")
 
@@ -202,6 +218,13 @@ def _dispatch(args) -> int:
                                                data_batches=a.landscape_batches, draw=draw)
             figures.wait()
             print(f"run folder: {run_dir}")
+            return 0
+        if args.command == "sweep":
+            from jaxnn.train.sweep import run_sweep
+
+            cfg = config_lib.load_config(args.config, overrides=list(args.overrides))
+            run_sweep(cfg, args.out, curvature=args.curvature, resume=args.resume, draw=draw)
+            figures.wait()
             return 0
         if args.command == "curvature":
             report = analysis.curvature_for_run(args.run_dir, k=args.k, density=args.density,

@@ -72,7 +72,8 @@ class TrainConfig:
     steps: int | None = None              # overrides epochs when set
     grad_accum_steps: int = 1             # micro-batches accumulated inside one compiled step
     steps_per_call: int = 1               # optimizer steps per dispatch (lax.scan; bit-identical to 1)
-    seed: int = 0
+    seed: int = 0                         # initialisation (and, unless data_seed is set, the batch order)
+    data_seed: int | None = None          # batch order; None: train.seed
     log_every: int = 10
     eval_every: int | None = None         # None: once per epoch
     early_stop_patience: int | None = None
@@ -99,6 +100,13 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PopulationConfig:
+    chunk: int | None = None              # members trained at once (memory); None: all
+    shuffle_per_member: bool = False      # each member its own batch order (its seed); default one shared stream
+    steps_per_call: int = 50              # steps per compiled call (lax.scan)
+
+
+@dataclasses.dataclass(frozen=True)
 class AnalysisConfig:
     curvature: bool = True                # `jaxnn run` writes curvature.json + spectrum.png
     curvature_k: int = 5
@@ -122,6 +130,10 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     analysis: AnalysisConfig = dataclasses.field(default_factory=AnalysisConfig)
+    population: PopulationConfig = dataclasses.field(default_factory=PopulationConfig)
+    # `jaxnn sweep`: swept field -> values (a list, or {log_uniform|uniform: [low, high], n: count}), and the
+    # optional keys method (grid | random), samples and draw_seed (random). See jaxnn.train.sweep.
+    sweep: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -192,7 +204,9 @@ def _coerce(field: dataclasses.Field, value: Any, dotted: str):
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "optimizer": OptimizerConfig, "train": TrainConfig,
-             "checkpoint": CheckpointConfig, "parallel": ParallelConfig, "analysis": AnalysisConfig}
+             "checkpoint": CheckpointConfig, "parallel": ParallelConfig, "analysis": AnalysisConfig,
+             "population": PopulationConfig}
+_FREE_MAPPINGS = ("kwargs", "sweep")  # mappings whose keys are not config fields
 
 
 def _parse_value(text: str) -> Any:
@@ -206,6 +220,9 @@ def _parse_value(text: str) -> Any:
 def _apply_overrides(base: dict, overrides: dict) -> dict:
     result = json.loads(json.dumps(base, default=list))
     for dotted, value in overrides.items():
+        if dotted.startswith("sweep."):  # sweep keys are dotted field names themselves: sweep.optimizer.lr=[...]
+            result["sweep"][dotted[len("sweep."):]] = value
+            continue
         parts = dotted.split(".")
         node = result
         for i, part in enumerate(parts[:-1]):
@@ -278,7 +295,7 @@ def _merge(base: dict, values: dict, prefix: str) -> dict:
         if key not in base:
             section = prefix or "the config"
             raise ConfigError(dotted, f"unknown field; valid fields of {section}: {', '.join(base)}")
-        if isinstance(base[key], dict) and isinstance(value, dict) and key != "kwargs":
+        if isinstance(base[key], dict) and isinstance(value, dict) and key not in _FREE_MAPPINGS:
             out[key] = _merge(base[key], value, dotted)
         else:
             out[key] = value
@@ -345,6 +362,11 @@ def validate(values: dict | Config) -> Config:
     check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     check(t.eval_every is None or t.eval_every >= 1, "train.eval_every", f"must be >= 1 or null, got {t.eval_every}")
     check(t.early_stop_patience is None or t.early_stop_patience >= 1, "train.early_stop_patience", "must be >= 1")
+    check(t.data_seed is None or t.data_seed >= 0, "train.data_seed", f"must be >= 0 or null, got {t.data_seed}")
+    check(cfg.population.chunk is None or cfg.population.chunk >= 1, "population.chunk",
+          f"must be >= 1 or null, got {cfg.population.chunk}")
+    check(cfg.population.steps_per_call >= 1, "population.steps_per_call",
+          f"must be >= 1, got {cfg.population.steps_per_call}")
     c = cfg.checkpoint
     check(c.every_steps is None or c.every_steps >= 1, "checkpoint.every_steps", f"must be >= 1, got {c.every_steps}")
     check(c.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
@@ -368,4 +390,8 @@ def validate(values: dict | Config) -> Config:
     check(a.landscape_span > 0, "analysis.landscape_span", f"must be positive, got {a.landscape_span}")
     check(a.landscape_batches >= 1, "analysis.landscape_batches", "must be >= 1")
     check(a.hessian_every is None or a.hessian_every >= 1, "analysis.hessian_every", "must be >= 1 or null")
+    if cfg.sweep:
+        from jaxnn.train.sweep import sweep_members
+
+        sweep_members(cfg)  # raises ConfigError naming the swept field
     return cfg

@@ -118,7 +118,8 @@ def build_optimizer(o: OptimizerConfig, total_steps: int) -> tuple[optax.Gradien
     parts = []
     if o.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(o.clip_norm))
-    if o.weight_decay and o.name != "adamw":
+    # A traced weight_decay (a swept hyper-parameter in a population) always gets its term.
+    if o.name != "adamw" and (not isinstance(o.weight_decay, (int, float)) or o.weight_decay):
         parts.append(optax.add_decayed_weights(o.weight_decay))
     parts.append(OPTIMIZERS[o.name](o, schedule))
     return optax.chain(*parts), schedule

@@ -52,6 +52,83 @@ def plot_training_curves(metrics_path: str | pathlib.Path, out_path: str | pathl
     return out_path
 
 
+def plot_sweep(summary_path: str | pathlib.Path, losses_path: str | pathlib.Path,
+               out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+    """A sweep's figures: ``sweep.png`` (the selection metric, and λmax when measured, against each swept value, one
+    line per combination of the other swept values, e.g. per seed; with plain SGD, λmax panels show gradient
+    descent's stability bound 2/lr when the learning rate is swept) and ``sweep_losses.png`` (every member's training loss against the step, the best member in black)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    summary = json.loads(pathlib.Path(summary_path).read_text())
+    rows, fields, metric = summary["rows"], summary["fields"], summary["selection_metric"]
+    losses = np.load(losses_path)
+    out_dir = pathlib.Path(out_dir)
+    panels = [f for f in fields if f != "train.seed"] or list(fields)
+    quantities = [metric] + (["lambda_max"] if any("lambda_max" in r for r in rows) else [])
+    fig = Figure(figsize=(4.6 * len(panels), 3.6 * len(quantities)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(quantities), len(panels), squeeze=False)
+    for column, field in enumerate(panels):
+        others = [f for f in fields if f != field]
+        groups: dict[tuple, list] = {}
+        for row in rows:
+            groups.setdefault(tuple(row[f] for f in others), []).append(row)
+        xs_all = [r[field] for r in rows]
+        log_x = min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20
+        for line, quantity in enumerate(quantities):
+            ax = axes[line, column]
+            for key, members in sorted(groups.items()):
+                members = sorted(members, key=lambda r: r[field])
+                xs = [r[field] for r in members]
+                ys = [r.get(quantity, float("nan")) for r in members]
+                label = ", ".join(f"{f.split('.')[-1]}={v:g}" for f, v in zip(others, key)) or None
+                ax.plot(xs, ys, "o-", markersize=4, label=label)
+                diverged = [r[field] for r in members if r["status"] != "completed"]
+                if diverged:
+                    ax.plot(diverged, [np.nanmin(ys) if np.isfinite(ys).any() else 0] * len(diverged), "rx",
+                            label="diverged" if key == sorted(groups)[0] else None)
+            if quantity == "lambda_max" and field == "optimizer.lr" and summary.get("optimizer") == "sgd":
+                grid = np.geomspace(min(xs_all), max(xs_all), 50) if log_x else np.linspace(min(xs_all), max(xs_all), 50)
+                ax.plot(grid, 2 / grid, "k--", linewidth=1, label="2 / lr (GD stability bound)")
+                finite = [r["lambda_max"] for r in rows if np.isfinite(r.get("lambda_max", np.nan))]
+                if finite:
+                    ax.set_ylim(0, 1.3 * max(finite))
+            if log_x:
+                ax.set_xscale("log")
+            ax.set_xlabel(field)
+            ax.set_ylabel({"lambda_max": "λmax (final)"}.get(quantity, f"final {quantity}"))
+            ax.grid(alpha=0.3)
+            if len(groups) > 1 or quantity == "lambda_max":
+                ax.legend(fontsize=7)
+    fig.suptitle(f"{summary['name']}: {summary['members']} members, {summary['steps']} steps")
+    fig.tight_layout()
+    paths = [out_dir / "sweep.png"]
+    fig.savefig(paths[0], dpi=110)
+
+    fig = Figure(figsize=(7, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    colour_field = panels[0]
+    values = np.asarray([r[colour_field] for r in rows], float)
+    scaled = np.log(values) if values.min() > 0 and values.max() / values.min() >= 20 else values
+    span = np.ptp(scaled) or 1.0
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    steps = np.arange(1, losses.shape[0] + 1)
+    for index, row in enumerate(rows):
+        colour = "black" if index == summary.get("best_member") else cmap((scaled[index] - scaled.min()) / span)
+        ax.plot(steps, losses[:, index], color=colour, linewidth=1.6 if colour == "black" else 0.7, alpha=0.85)
+    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("training loss (batch)"), ax.grid(alpha=0.3)
+    ax.set_title(f"every member (colour: {colour_field} {values.min():g} to {values.max():g}; black: best)")
+    fig.tight_layout()
+    paths.append(out_dir / "sweep_losses.png")
+    fig.savefig(paths[1], dpi=110)
+    return paths
+
+
 class FigureFunction:
     """A figure function named by module and attribute, imported only when called: passing one to a background
     :class:`FigureWorker` does not import matplotlib in the calling process. Picklable."""

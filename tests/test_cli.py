@@ -38,9 +38,13 @@ def test_main_job_reaches_target_and_writes_run_folder(tmp_path, capsys):
       "--set", "data.download=false"], "/nonexistent/mnist"),
     (["curvature", "/nonexistent/run"], "does not exist"),
     (["landscape", "/nonexistent/run"], "does not exist"),
+    (["sweep", "digits_mlp"], "the config has no sweep section"),
+    (["sweep", "digits_mlp", "--set", "sweep.model.kwargs.depth=[1, 2]"], "cannot vary inside one population"),
+    (["sweep", "digits_mlp", "--set", "sweep.seed=[0]", "--resume"], "nothing to resume"),
 ])
 def test_bad_input_is_one_clear_line(args, words, capsys, tmp_path):
-    code = main(args + (["--run-dir", str(tmp_path / "r")] if args[0] == "train" else []))
+    code = main(args + (["--run-dir", str(tmp_path / "r")] if args[0] == "train" else
+                        ["--out", str(tmp_path / "s")] if args[0] == "sweep" else []))
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("jaxnn: error:") and words in err
@@ -155,3 +159,17 @@ def test_output_piped_into_a_reader_that_stops_early(two_runs, tmp_path):
     out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert (tmp_path / "landscape.npz").exists()
+
+
+def test_sweep_command_trains_the_population_and_exports_the_best_member(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "digits_mlp", "--out", str(out), "--set", "sweep.optimizer.lr=[0.001, 0.01]",
+                 "--set", "sweep.seed=[0, 1]", "--set", "train.steps=30", "--set", "train.progress=false",
+                 "--set", "model.kwargs.width=32"]) == 0
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.lstrip().startswith("member"))
+    assert "optimizer.lr" in header and "val_accuracy" in header
+    assert "exported as the run folder" in printed and "test accuracy: ensemble of 4" in printed
+    for name in ("sweep.csv", "sweep.png", "sweep_losses.png", "best/curves.png", "best/summary.json"):
+        assert (out / name).is_file(), name
+    assert main(["curvature", str(out / "best"), "--k", "1", "--data-batches", "1", "--out", str(tmp_path)]) == 0

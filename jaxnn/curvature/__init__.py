@@ -22,7 +22,12 @@ from jaxnn.curvature.conditioning import (
 )
 from jaxnn.curvature.dense import dense_hessian, dense_matrix, finite_difference_hvp
 from jaxnn.curvature.density import SpectralDensity, gaussian_broadening, spectral_density
-from jaxnn.curvature.population import population_sharpness, population_top_eigenvalues
+from jaxnn.curvature.population import (
+    population_hessian_trace,
+    population_sharpness,
+    population_top_eigenvalues,
+    population_trace,
+)
 from jaxnn.curvature.gradient_direction import (
     GradientCurvature,
     NewtonStep,
@@ -60,8 +65,10 @@ __all__ = [
     "NewtonStep",
     "PowerIterationResult",
     "SpectralDensity",
+    "population_hessian_trace",
     "population_sharpness",
     "population_top_eigenvalues",
+    "population_trace",
     "TraceEstimate",
     "bottom_eigenvalues",
     "classify_critical_point",

@@ -13,7 +13,6 @@ the data (every batch in ``data``, weighted by its size like :func:`jaxnn.curvat
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -59,6 +58,26 @@ def _lanczos_top(loss_of_flat: Callable, flat_params: jax.Array, start: jax.Arra
     return jnp.linalg.eigvalsh(tridiagonal)[::-1][:k]
 
 
+def _check_population(loss_fn: Callable, params: Any, data: Any, stacked: bool):
+    """(member count, one member's flat parameters, prepared data, loss_fn as a Partial, member axis of its arrays)."""
+    leaves = jax.tree.leaves(params)
+    if not leaves or any(np.ndim(leaf) < 1 for leaf in leaves):
+        raise ValueError("params: expected a pytree whose every leaf has a leading member axis")
+    count = leaves[0].shape[0]
+    if any(leaf.shape[0] != count for leaf in leaves):
+        raise ValueError(f"params: every leaf needs the same member axis; got {[leaf.shape[0] for leaf in leaves]}")
+    flat0, _ = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], params))
+    prepared = prepare_data(data, stacked=stacked, name="data", check_finite=True)
+    if not isinstance(loss_fn, jax.tree_util.Partial):
+        loss_fn = jax.tree_util.Partial(loss_fn)  # a pytree without leaves: the function goes into the cache key
+    loss_leaves = jax.tree.leaves(loss_fn)
+    if loss_leaves and any(np.ndim(leaf) < 1 or leaf.shape[0] != count for leaf in loss_leaves):
+        raise ValueError(f"loss_fn: its array arguments need the member axis ({count}) too, e.g. make_loss_fn with "
+                         "the population's stacked model_state")
+    groups = tuple((group.batches, group.weights) for group in prepared.groups)
+    return count, flat0, groups, loss_fn, 0 if loss_leaves else None
+
+
 def population_top_eigenvalues(loss_fn: Callable, params: Any, data: Any, *, k: int = 1, num_iters: int | None = None,
                                key: Any = None, stacked: bool = False,
                                precision: str = DEFAULT_PRECISION) -> np.ndarray:
@@ -69,35 +88,57 @@ def population_top_eigenvalues(loss_fn: Callable, params: Any, data: Any, *, k: 
     :func:`jaxnn.curvature.hessian`. Cost: N·num_iters products, in one program.
     """
     precision = check_precision(precision)
-    leaves = jax.tree.leaves(params)
-    if not leaves or any(np.ndim(leaf) < 1 for leaf in leaves):
-        raise ValueError("params: expected a pytree whose every leaf has a leading member axis")
-    count = leaves[0].shape[0]
-    if any(leaf.shape[0] != count for leaf in leaves):
-        raise ValueError(f"params: every leaf needs the same member axis; got {[leaf.shape[0] for leaf in leaves]}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    member_params = jax.tree.map(lambda leaf: leaf[0], params)
-    flat0, unravel = ravel_pytree(member_params)
+    count, flat0, groups, loss_fn, member_axis = _check_population(loss_fn, params, data, stacked)
     n = flat0.size
     if k > n:
         raise ValueError(f"k={k} exceeds the {n} parameters of a member")
     num_iters = min(n, max(40, 4 * k)) if num_iters is None else int(num_iters)
     if not k <= num_iters <= n:
         raise ValueError(f"num_iters={num_iters} must be between k={k} and the {n} parameters of a member")
-    prepared = prepare_data(data, stacked=stacked, name="data", check_finite=True)
     key = jax.random.PRNGKey(0) if key is None else key
     starts = jax.random.normal(key, (count, n), flat0.dtype)
-    if not isinstance(loss_fn, jax.tree_util.Partial):
-        loss_fn = jax.tree_util.Partial(loss_fn)  # a pytree without leaves: the function goes into the cache key
-    loss_leaves = jax.tree.leaves(loss_fn)
-    if loss_leaves and any(np.ndim(leaf) < 1 or leaf.shape[0] != count for leaf in loss_leaves):
-        raise ValueError(f"loss_fn: its array arguments need the member axis ({count}) too, e.g. make_loss_fn with "
-                         "the population's stacked model_state")
-    groups = tuple((group.batches, group.weights) for group in prepared.groups)
-    values = _population_program(loss_fn, params, starts, groups, num_iters=num_iters, k=k,
-                                 member_axis=0 if loss_leaves else None, precision=precision)
+    values = _population_program(loss_fn, params, starts, groups, num_iters=num_iters, k=k, member_axis=member_axis,
+                                 precision=precision)
     return np.asarray(values)
+
+
+def population_probes(key: Any, num_samples: int, num_params: int, dtype: Any) -> jax.Array:
+    """The (num_samples, num_params) Rademacher probes :func:`population_trace` uses for every member."""
+    return jax.random.rademacher(key, (num_samples, num_params), dtype)
+
+
+def population_trace(loss_fn: Callable, params: Any, data: Any, *, num_samples: int = 20, key: Any = None,
+                     stacked: bool = False, precision: str = DEFAULT_PRECISION) -> np.ndarray:
+    """(N,) Hutchinson estimates of every member's Hessian trace, mean of vᵀHv over ``num_samples`` Rademacher probes
+    v (the same probes for every member, drawn by :func:`population_probes` from ``key``, default key(0)).
+    Cost: N·num_samples data-set HVPs, in one program."""
+    precision = check_precision(precision)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    _, flat0, groups, loss_fn, member_axis = _check_population(loss_fn, params, data, stacked)
+    key = jax.random.PRNGKey(0) if key is None else key
+    probes = population_probes(key, num_samples, flat0.size, flat0.dtype)
+    return np.asarray(_population_trace_program(loss_fn, params, probes, groups, member_axis=member_axis,
+                                                precision=precision))
+
+
+def _loss_of_flat(member_loss_fn: Callable, unravel: Callable, groups) -> Callable:
+    """A member's data-averaged loss of its flat parameter vector (batches of one shape scanned; weights B_b / N)."""
+
+    def loss(vector):
+        member_value = unravel(vector)
+        total = jnp.zeros((), vector.dtype)
+        for batches, weights in groups:
+            def one(carry, inputs):
+                batch, weight = inputs
+                return carry + weight * member_loss_fn(member_value, batch), None
+
+            total = total + jax.lax.scan(one, jnp.zeros((), vector.dtype), (batches, weights))[0]
+        return total
+
+    return loss
 
 
 @precise_jit(static_argnames=("num_iters", "k", "member_axis", "precision"))
@@ -106,23 +147,24 @@ def _population_program(loss_fn, params, starts, groups, *, num_iters: int, k: i
     unravel = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], params))[1]
 
     def member(member_loss_fn, member_params, start):
-        member_loss_fn = at_precision(member_loss_fn, precision)
-        flat, _ = ravel_pytree(member_params)
-
-        def loss_of_flat(vector):
-            member_value = unravel(vector)
-            total = jnp.zeros((), vector.dtype)
-            for batches, weights in groups:  # batches of one shape are stacked: a scan; weights B_b / N
-                def one(carry, inputs):
-                    batch, weight = inputs
-                    return carry + weight * member_loss_fn(member_value, batch), None
-
-                total = total + jax.lax.scan(one, jnp.zeros((), vector.dtype), (batches, weights))[0]
-            return total
-
-        return _lanczos_top(loss_of_flat, flat, start, num_iters, k)
+        loss = _loss_of_flat(at_precision(member_loss_fn, precision), unravel, groups)
+        return _lanczos_top(loss, ravel_pytree(member_params)[0], start, num_iters, k)
 
     return jax.vmap(member, in_axes=(member_axis, 0, 0))(loss_fn, params, starts)
+
+
+@precise_jit(static_argnames=("member_axis", "precision"))
+def _population_trace_program(loss_fn, params, probes, groups, *, member_axis, precision):
+    """Every member's mean vᵀHv over the probes (one HVP per probe, scanned), vmapped over members."""
+    unravel = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], params))[1]
+
+    def member(member_loss_fn, member_params):
+        grad = jax.grad(_loss_of_flat(at_precision(member_loss_fn, precision), unravel, groups))
+        flat = ravel_pytree(member_params)[0]
+        quadratic = lambda _, v: (None, jnp.vdot(v, jax.jvp(grad, (flat,), (v,))[1]))  # noqa: E731
+        return jnp.mean(jax.lax.scan(quadratic, None, probes)[1])
+
+    return jax.vmap(member, in_axes=(member_axis, 0))(loss_fn, params)
 
 
 def population_sharpness(state: Any, data: Any, *, loss: str | Callable = "softmax_cross_entropy", k: int = 1,
@@ -134,3 +176,13 @@ def population_sharpness(state: Any, data: Any, *, loss: str | Callable = "softm
     loss_fns = make_loss_fn(state.apply_fn, loss, state.model_state)
     return population_top_eigenvalues(loss_fns, state.params, data, k=k, num_iters=num_iters, key=key,
                                       stacked=stacked)
+
+
+def population_hessian_trace(state: Any, data: Any, *, loss: str | Callable = "softmax_cross_entropy",
+                             num_samples: int = 20, key: Any = None, stacked: bool = False) -> np.ndarray:
+    """(N,) Hutchinson Hessian traces of every member of a population's stacked ``TrainState`` on ``data`` (eval
+    mode, each member's own model state); see :func:`population_trace`."""
+    from jaxnn.losses import make_loss_fn
+
+    loss_fns = make_loss_fn(state.apply_fn, loss, state.model_state)
+    return population_trace(loss_fns, state.params, data, num_samples=num_samples, key=key, stacked=stacked)

@@ -118,15 +118,21 @@ class PopulationResult:
 
     def table(self, sort_by: str | None = "val_accuracy") -> str:
         """The members as a text table, best first by ``sort_by`` when every member has it."""
-        rows = list(self.members)
-        if sort_by and all(isinstance(r.get(sort_by), float) and math.isfinite(r[sort_by]) for r in rows):
-            rows.sort(key=lambda r: -r[sort_by] if "accuracy" in sort_by else r[sort_by])
-        columns = list(rows[0])
-        cells = [[_cell(r[c]) for c in columns] for r in rows]
-        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-        lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-        lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
-        return "\n".join(lines)
+        return format_table(self.members, sort_by)
+
+
+def format_table(rows: Sequence[dict], sort_by: str | None = "val_accuracy") -> str:
+    """Rows (dicts with the same keys) as a text table, best first by ``sort_by`` when every row has a finite value
+    (highest first for accuracies, lowest for anything else)."""
+    rows = list(rows)
+    if sort_by and all(isinstance(r.get(sort_by), float) and math.isfinite(r[sort_by]) for r in rows):
+        rows.sort(key=lambda r: -r[sort_by] if "accuracy" in sort_by else r[sort_by])
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [[_cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
 
 
 def _cell(value: Any) -> str:

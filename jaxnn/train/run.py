@@ -172,7 +172,7 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
     steps = total_steps(cfg, len(dataset.train))
     started = time.perf_counter()
     result = fit(state, dataset, loss=t.loss, batch_size=t.batch_size, num_steps=steps, schedule=schedule,
-                 seed=t.seed, grad_accum_steps=t.grad_accum_steps, log_every=t.log_every, eval_every=t.eval_every,
+                 seed=t.seed if t.data_seed is None else t.data_seed, grad_accum_steps=t.grad_accum_steps, log_every=t.log_every, eval_every=t.eval_every,
                  callbacks=callbacks, checkpointer=checkpointer, checkpoint_every=cfg.checkpoint.every_steps,
                  run_dir=run_dir, start_step=start_step, nan_guard=t.nan_guard, progress=t.progress, mesh=mesh,
                  needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN, steps_per_call=t.steps_per_call,

@@ -1,0 +1,477 @@
+"""Sweeps: the variants of one config trained together as a population (``jaxnn sweep CONFIG``).
+
+A config's ``sweep`` section names the swept fields and their values::
+
+    sweep:
+      optimizer.lr: {log_uniform: [1.0e-3, 1.0e-1], n: 4}   # grid: 4 log-spaced values
+      seed: [0, 1, 2]                                        # a list is an axis of the grid
+      # method: random, samples: 8, draw_seed: 0            # random: 8 joint draws of the distributions
+
+``method: grid`` (default) crosses every axis; a distribution (``uniform`` / ``log_uniform`` with ``n``) is ``n``
+evenly (log-)spaced values. ``method: random`` draws ``samples`` points from the distributions (``draw_seed``)
+and crosses them with the list axes (e.g. seeds). Only fields a population can vary in one compiled program are
+sweepable (:data:`SWEEPABLE`); every member's config is validated like a single run's.
+
+Member ``i`` is the run ``jaxnn train`` would do with its config (its values set, ``train.data_seed`` fixed to the
+batch order it trained on), for ``train.steps`` steps. :func:`run_sweep` trains the members ``population.chunk`` at
+a time, writes each finished chunk to ``chunks/`` (``--resume`` skips those), then ``sweep.csv`` (one row per member:
+its values, status, final train/val/test metrics [, λmax and Hessian trace]), ``sweep.json`` (the same plus the
+ensemble metrics), figures, and the best member (by validation accuracy, else validation loss) as an ordinary run
+folder ``best/`` that ``jaxnn curvature`` and ``jaxnn landscape`` accept.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import inspect
+import itertools
+import json
+import math
+import os
+import pathlib
+import shutil
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from jaxnn.config import Config, ConfigError, OptimizerConfig
+
+# swept config field -> the population column that carries it
+SWEEPABLE = {
+    "train.seed": "seed",
+    "optimizer.lr": "lr",
+    "optimizer.momentum": "momentum",
+    "optimizer.b1": "b1",
+    "optimizer.b2": "b2",
+    "optimizer.eps": "eps",
+    "optimizer.rms_decay": "rms_decay",
+    "optimizer.weight_decay": "weight_decay",
+}
+ALIASES = {"seed": "train.seed", "lr": "optimizer.lr", "learning_rate": "optimizer.lr"}
+OPTIONS = ("method", "samples", "draw_seed")
+# The optimizer fields each optimizer reads (a population holds them in its state: optax.inject_hyperparams).
+OPTIMIZER_FIELDS = {
+    "sgd": ("lr", "weight_decay"),
+    "momentum": ("lr", "momentum", "weight_decay"),
+    "nesterov": ("lr", "momentum", "weight_decay"),
+    "adagrad": ("lr", "eps", "weight_decay"),
+    "rmsprop": ("lr", "rms_decay", "eps", "weight_decay"),
+    "adam": ("lr", "b1", "b2", "eps", "weight_decay"),
+    "adamw": ("lr", "b1", "b2", "eps", "weight_decay"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """``fields``: the swept config fields (dotted); ``values[field]``: one value per member."""
+
+    fields: tuple[str, ...]
+    values: dict[str, list]
+    method: str
+
+    @property
+    def count(self) -> int:
+        return len(self.values[self.fields[0]])
+
+    def member(self, index: int) -> dict[str, Any]:
+        return {field: self.values[field][index] for field in self.fields}
+
+
+def _spec_values(field: str, where: str, spec: Any, method: str) -> tuple[list | None, tuple | None]:
+    """(grid values, or None) and (distribution (kind, low, high), or None) of one swept field."""
+    if isinstance(spec, (list, tuple)):
+        if not spec or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
+            raise ConfigError(where, f"expected a non-empty list of numbers, got {spec!r}")
+        return list(spec), None
+    if not isinstance(spec, dict):
+        raise ConfigError(where, "expected a list of values or {log_uniform: [low, high], n: count} / "
+                                 f"{{uniform: [low, high], n: count}}, got {spec!r}")
+    kinds = [kind for kind in ("uniform", "log_uniform") if kind in spec]
+    unknown = sorted(set(spec) - {"uniform", "log_uniform", "n"})
+    if len(kinds) != 1 or unknown:
+        raise ConfigError(where, f"expected exactly one of uniform / log_uniform (and n), got keys {sorted(spec)}")
+    kind = kinds[0]
+    bounds = spec[kind]
+    if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
+        raise ConfigError(where, f"{kind} needs [low, high], got {bounds!r}")
+    low, high = float(bounds[0]), float(bounds[1])
+    if not low < high:
+        raise ConfigError(where, f"{kind} needs low < high, got [{low}, {high}]")
+    if kind == "log_uniform" and low <= 0:
+        raise ConfigError(where, f"log_uniform needs positive bounds, got [{low}, {high}]")
+    if field == "train.seed":
+        raise ConfigError(where, "seeds are integers: give a list, e.g. seed: [0, 1, 2]")
+    if method == "random":
+        if "n" in spec:
+            raise ConfigError(where, "with method random the number of draws is sweep.samples, not n")
+        return None, (kind, low, high)
+    n = spec.get("n")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(where, f"a grid distribution needs n >= 1 values, got n={n!r} (or use method: random)")
+    values = np.geomspace(low, high, n) if kind == "log_uniform" else np.linspace(low, high, n)
+    return [float(v) for v in values], None
+
+
+def sweep_members(cfg: Config) -> SweepPlan:
+    """Expand and check ``cfg.sweep``: every member's values, each member's config validated (ConfigError naming
+    the swept field otherwise)."""
+    spec = dict(cfg.sweep)
+    method = spec.pop("method", "grid")
+    samples = spec.pop("samples", None)
+    draw_seed = spec.pop("draw_seed", 0)
+    if method not in ("grid", "random"):
+        raise ConfigError("sweep.method", f"expected grid or random, got {method!r}")
+    if not spec:
+        raise ConfigError("sweep", "no swept field; e.g. sweep: {optimizer.lr: [0.1, 0.01], seed: [0, 1, 2]}")
+    if cfg.optimizer.name not in OPTIMIZER_FIELDS:
+        raise ConfigError("optimizer.name", f"{cfg.optimizer.name} cannot train as a population (its line search "
+                                            f"needs the loss); sweepable optimizers: {', '.join(OPTIMIZER_FIELDS)}")
+    sweepable = [field for field in SWEEPABLE if not field.startswith("optimizer.")
+                 or field.split(".", 1)[1] in OPTIMIZER_FIELDS[cfg.optimizer.name]]
+    axes: dict[str, list] = {}
+    draws: dict[str, tuple] = {}
+    for key, value in spec.items():
+        field, where = ALIASES.get(key, key), f"sweep.{key}"
+        if field in axes or field in draws:
+            raise ConfigError(where, f"{field} is swept twice")
+        if field not in sweepable:
+            if field in SWEEPABLE:
+                reason = (f"{cfg.optimizer.name} does not use {field}; its sweepable fields: {', '.join(sweepable)}")
+            elif _is_config_field(cfg, field):
+                reason = (f"{field} cannot vary inside one population (it changes the program or the data); "
+                          f"sweepable fields: {', '.join(sweepable)}")
+            else:
+                reason = f"no such config field; sweepable fields: {', '.join(sweepable)}"
+            raise ConfigError(where, reason)
+        grid, draw = _spec_values(field, where, value, method)
+        if grid is not None:
+            if field == "train.seed" and not all(float(v).is_integer() and v >= 0 for v in grid):
+                raise ConfigError(where, f"seeds must be non-negative integers, got {grid!r}")
+            axes[field] = [int(v) for v in grid] if field == "train.seed" else [float(v) for v in grid]
+        else:
+            draws[field] = draw
+    if method == "random":
+        if not draws:
+            raise ConfigError("sweep.method", "random needs at least one distribution ({log_uniform: [low, high]})")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ConfigError("sweep.samples", f"method random needs samples >= 1, got {samples!r}")
+        rng = np.random.default_rng(int(draw_seed))
+        drawn = {field: (np.exp(rng.uniform(math.log(low), math.log(high), samples)) if kind == "log_uniform"
+                         else rng.uniform(low, high, samples)).tolist()
+                 for field, (kind, low, high) in draws.items()}
+        rows = [dict(zip(drawn, point), **dict(zip(axes, combo)))
+                for point in zip(*drawn.values()) for combo in itertools.product(*axes.values())]
+    else:
+        if samples is not None:
+            raise ConfigError("sweep.samples", "only method random draws samples")
+        rows = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    fields = tuple(rows[0])
+    plan = SweepPlan(fields=fields, values={f: [row[f] for row in rows] for f in fields}, method=method)
+    checked = set()
+    for index in range(plan.count):  # every value once: out-of-range values are named with their field
+        for field, value in plan.member(index).items():
+            if (field, value) not in checked:
+                checked.add((field, value))
+                try:
+                    cfg.replace(**{field: value, "sweep": {}})
+                except ConfigError as error:
+                    raise ConfigError(f"sweep.{field}", f"value {value!r}: {error}") from None
+    return plan
+
+
+def _is_config_field(cfg: Config, dotted: str) -> bool:
+    node: Any = cfg.to_dict()
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def member_config(cfg: Config, plan: SweepPlan, index: int) -> Config:
+    """Member ``index`` as a single run's config: its swept values, the batch order it trained on, no sweep."""
+    values = plan.member(index)
+    seed = int(values.get("train.seed", cfg.train.seed))
+    data_seed = seed if cfg.population.shuffle_per_member else _shared_data_seed(cfg)
+    return cfg.replace(**values, **{"train.data_seed": data_seed, "sweep": {}})
+
+
+def _shared_data_seed(cfg: Config) -> int:
+    return cfg.train.seed if cfg.train.data_seed is None else cfg.train.data_seed
+
+
+def optimizer_factory(o: OptimizerConfig, total_steps: int, swept: tuple[str, ...]) -> Callable:
+    """An optax optimizer factory whose keyword arguments are the swept optimizer fields (what
+    ``train_population`` varies with ``optax.inject_hyperparams``); the rest comes from ``o``."""
+    from jaxnn import optim
+
+    def factory(**values):
+        return optim.build_optimizer(dataclasses.replace(o, **values), total_steps)[0]
+
+    factory.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(o, name)) for name in swept])
+    factory.__name__ = o.name
+    return factory
+
+
+# ----------------------------------------------------------------------------------------------------- running
+
+
+def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvature: bool = False,
+              resume: bool = False, progress: bool | None = None, draw: Callable | None = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Train every member of ``cfg.sweep`` and write the sweep folder (see the module docstring); returns the
+    summary also written to ``sweep.json``."""
+    import jax
+
+    from jaxnn import config as config_lib, plotting
+    from jaxnn.train.population import ensemble_metrics, format_table
+    from jaxnn.train.run import (RunFolderError, _config_differences, build_model, load_dataset, total_steps,
+                                 write_json)
+
+    if not cfg.sweep:
+        raise ConfigError("sweep", "the config has no sweep section; add one, or e.g. "
+                                   "--set 'sweep.optimizer.lr=[0.1, 0.01]' --set 'sweep.seed=[0, 1]'")
+    plan = sweep_members(cfg)
+    progress = cfg.train.progress if progress is None else progress
+    draw = draw or plotting.draw_now
+    out = pathlib.Path(out_dir or pathlib.Path(cfg.output_dir) / f"{cfg.name}-sweep")
+    chunks_dir = out / "chunks"
+    if resume:
+        if not (out / "config.yaml").exists():
+            raise RunFolderError(f"nothing to resume: {out / 'config.yaml'} does not exist")
+        differences = [d for d in _config_differences(config_lib.load_config(out / "config.yaml").to_dict(),
+                                                      cfg.to_dict()) if not d.startswith("train.progress")]
+        if differences:
+            raise RunFolderError(f"cannot resume {out}: the config differs from the saved one in "
+                                 f"{', '.join(differences)}")
+    elif (out / "config.yaml").exists() or chunks_dir.exists():
+        raise RunFolderError(f"sweep folder {out} exists already; pass --resume to continue it, or choose --out")
+    out.mkdir(parents=True, exist_ok=True)
+    config_lib.save_config(cfg, out / "config.yaml")
+
+    dataset = load_dataset(cfg)
+    model = build_model(cfg, dataset)
+    steps = total_steps(cfg, len(dataset.train))
+    t = cfg.train
+    if t.grad_accum_steps != 1:
+        raise ConfigError("train.grad_accum_steps", "a sweep trains each member with whole batches; set it to 1")
+    swept_optimizer = tuple(SWEEPABLE[f] for f in plan.fields if f.startswith("optimizer."))
+    factory = optimizer_factory(cfg.optimizer, steps, swept_optimizer)
+    columns = {SWEEPABLE[f]: plan.values[f] for f in plan.fields}
+    columns.setdefault("seed", [cfg.train.seed] * plan.count)
+    chunk = cfg.population.chunk or plan.count
+    if t.early_stop_patience:
+        log("note: early stopping is not applied to sweep members; each trains train.steps / train.epochs")
+    log(f"sweep: {plan.count} members ({plan.method}: {', '.join(plan.fields)}), {steps} steps each, "
+        f"{chunk} at a time")
+
+    template = _chunk_template(model, factory, dataset, columns)
+    rows, histories, states, compile_s, run_s = [], [], [], 0.0, 0.0
+    started = time.perf_counter()
+    for begin in range(0, plan.count, chunk):
+        end = min(plan.count, begin + chunk)
+        folder = chunks_dir / f"{begin:05d}-{end - 1:05d}"
+        if resume and (folder / "done").exists():
+            chunk_rows, losses, state = _read_chunk(folder, template)
+            log(f"members {begin}-{end - 1}: read from {folder} (finished before)")
+        else:
+            from jaxnn.train.population import train_population
+
+            result = train_population(
+                model, factory, dataset, members={name: values[begin:end] for name, values in columns.items()},
+                num_steps=steps, loss=t.loss, batch_size=t.batch_size, data_seed=_shared_data_seed(cfg),
+                shuffle_per_member=cfg.population.shuffle_per_member, steps_per_call=cfg.population.steps_per_call,
+                progress=progress)
+            chunk_rows, losses, state = result.members, result.losses, result.state
+            compile_s, run_s = compile_s + result.compile_s, run_s + result.run_s
+            _write_chunk(folder, chunk_rows, losses, state)
+        for offset, row in enumerate(chunk_rows):
+            rows.append({"member": begin + offset, **plan.member(begin + offset),
+                         **{k: v for k, v in row.items() if k not in columns}})
+        histories.append(losses)
+        states.append(jax.tree.leaves(state))  # every chunk's optimizer is its own object: keep the arrays only
+    state = jax.tree.unflatten(jax.tree.structure(template),
+                               [np.concatenate(leaves) for leaves in zip(*states)])
+    losses = np.concatenate(histories, axis=1)
+
+    classification = dataset.task == "classification"
+    if curvature:
+        _add_curvature(rows, state, cfg, dataset, log)
+    metric = "val_accuracy" if classification and len(dataset.val) else ("val_loss" if len(dataset.val)
+                                                                          else "train_loss")
+    finite = [r for r in rows if r["status"] == "completed" and math.isfinite(r.get(metric, float("nan")))]
+    best = None
+    if finite:
+        best = (max if "accuracy" in metric else min)(finite, key=lambda r: r[metric])["member"]
+    summary: dict[str, Any] = {
+        "name": cfg.name, "optimizer": cfg.optimizer.name, "members": plan.count, "method": plan.method,
+        "fields": list(plan.fields),
+        "steps": steps, "chunk": chunk, "selection_metric": metric, "best_member": best,
+        "compile_s": round(compile_s, 3), "train_s": round(run_s, 3),
+        "wall_time_s": round(time.perf_counter() - started, 3), "rows": rows,
+    }
+    if classification and len(dataset.test):
+        alive = [r["member"] for r in rows if r["status"] == "completed"]
+        if alive:
+            from jaxnn.train.population import PopulationResult
+
+            kept = jax.tree.map(lambda leaf: leaf[np.asarray(alive)], state)
+            ensemble = ensemble_metrics(PopulationResult(kept, [], losses, None, 0.0, 0.0), dataset.test)
+            ensemble["best_member"] = alive[ensemble["best_member"]]
+            summary["ensemble_test"] = ensemble
+    _write_csv(out / "sweep.csv", rows)
+    write_json(out / "sweep.json", summary)
+    np.save(out / "losses.npy", losses)
+    draw(plotting.plot_sweep, out / "sweep.json", out / "losses.npy", out)
+    log(format_table(rows, metric))
+    if "ensemble_test" in summary:
+        e = summary["ensemble_test"]
+        log(f"test accuracy: ensemble of {len(alive)} {e['ensemble_accuracy']:.4f} (NLL {e['ensemble_nll']:.4f}), "
+            f"mean member {e['mean_member_accuracy']:.4f} ({e['mean_member_nll']:.4f}), best member "
+            f"#{e['best_member']} {e['best_member_accuracy']:.4f} ({e['best_member_nll']:.4f})")
+    if best is not None:
+        export_member(cfg, plan, best, jax.tree.map(lambda leaf: leaf[best], state), rows[best], losses[:, best],
+                      steps, out / "best", draw)
+        log(f"best member #{best} ({', '.join(f'{f}={rows[best][f]:g}' for f in plan.fields)}; {metric} "
+            f"{rows[best][metric]:.4f}) exported as the run folder {out / 'best'}")
+    else:
+        log("no member finished with a finite validation metric: nothing exported")
+    log(f"sweep folder: {out}")
+    return summary
+
+
+def _add_curvature(rows: list[dict], state: Any, cfg: Config, dataset, log) -> None:
+    """λmax (population Lanczos) and the Hessian trace (Hutchinson) of every member on the analysis batches."""
+    from jaxnn import data as data_lib
+    from jaxnn.curvature.population import population_hessian_trace, population_sharpness
+
+    a = cfg.analysis
+    batch_size = min(cfg.train.batch_size, len(dataset.train))
+    x, y = data_lib.host_stacked_batches(dataset.train, batch_size, a.curvature_batches, seed=cfg.train.seed,
+                                         shuffle=True)
+    batches = list(zip(x, y))
+    started = time.perf_counter()
+    alive = np.asarray([r["status"] == "completed" for r in rows])
+    lambdas = np.full(len(rows), np.nan)
+    traces = np.full(len(rows), np.nan)
+    if alive.any():
+        import jax
+
+        kept = jax.tree.map(lambda leaf: leaf[alive], state)
+        lambdas[alive] = population_sharpness(kept, batches, loss=cfg.train.loss)[:, 0]
+        traces[alive] = population_hessian_trace(kept, batches, loss=cfg.train.loss)
+    for row, value, trace in zip(rows, lambdas, traces):
+        row["lambda_max"], row["hessian_trace"] = float(value), float(trace)
+    log(f"curvature of {int(alive.sum())} members (lambda_max: Lanczos, 40 steps; trace: Hutchinson, 20 probes) on "
+        f"{len(batches)} batches of {batch_size} in {time.perf_counter() - started:.1f}s")
+
+
+def _chunk_template(model, factory, dataset, columns) -> Any:
+    """The stacked state of one member, shapes only: the structure a chunk's arrays are read back into."""
+    import jax
+    import optax
+
+    from jaxnn.train.population import _init_members
+
+    swept = [name for name in columns if name not in ("seed", "init_scale")]
+    tx = optax.inject_hyperparams(factory)(**{name: float(columns[name][0]) for name in swept})
+    return jax.eval_shape(lambda: _init_members(model, tx, dataset.input_shape, np.asarray(columns["seed"][:1]),
+                                                np.ones(1), {}))
+
+
+def _write_chunk(folder: pathlib.Path, rows: list[dict], losses: np.ndarray, state: Any) -> None:
+    """A finished chunk, written to a temporary folder and renamed: a chunk folder is whole or absent."""
+    import jax
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    np.savez(tmp / "state.npz", **{f"leaf{i}": np.asarray(leaf) for i, (_, leaf) in enumerate(leaves)})
+    (tmp / "paths.json").write_text(json.dumps([jax.tree_util.keystr(path) for path, _ in leaves]))
+    np.save(tmp / "losses.npy", losses)
+    (tmp / "members.json").write_text(json.dumps(rows))
+    (tmp / "done").write_text("")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _read_chunk(folder: pathlib.Path, template: Any) -> tuple[list[dict], np.ndarray, Any]:
+    import jax
+
+    from jaxnn.train.checkpoint import CheckpointError
+
+    try:
+        paths = json.loads((folder / "paths.json").read_text())
+        with np.load(folder / "state.npz") as arrays:
+            leaves = [arrays[f"leaf{i}"] for i in range(len(paths))]
+        rows = json.loads((folder / "members.json").read_text())
+        losses = np.load(folder / "losses.npy")
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"sweep chunk {folder} is unreadable ({error}); delete it to retrain those members")
+    expected = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(template)]
+    if paths != expected:
+        raise CheckpointError(f"sweep chunk {folder} holds a different state structure than this config trains")
+    return rows, losses, jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def export_member(cfg: Config, plan: SweepPlan, index: int, state: Any, row: dict, losses: np.ndarray, steps: int,
+                  run_dir: pathlib.Path, draw: Callable) -> pathlib.Path:
+    """Member ``index`` as an ordinary run folder (config.yaml, checkpoints/, summary.json, metrics.jsonl,
+    curves.png): what ``jaxnn train`` with its config writes, so ``jaxnn curvature`` / ``landscape`` accept it."""
+    import jax
+
+    from jaxnn import config as config_lib, optim, plotting
+    from jaxnn.train.run import make_checkpointer, write_json
+
+    member_cfg = member_config(cfg, plan, index).replace(**{"train.steps": steps})
+    tmp = run_dir.with_name(run_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config_lib.save_config(member_cfg, tmp / "config.yaml")
+    tx, _ = optim.build_optimizer(member_cfg.optimizer, steps)
+    fresh = tx.init(state.params)
+    inner = state.opt_state.inner_state  # the population's optimizer state wraps the config's chain
+    same = jax.tree.structure(inner) == jax.tree.structure(fresh)
+    tree = {"step": np.asarray(steps, np.int32), "params": state.params, "model_state": state.model_state,
+            "opt_state": inner if same else fresh, "rng": state.rng}
+    checkpointer = make_checkpointer(member_cfg, tmp)
+    try:
+        metrics = {k: row[k] for k in ("val_loss", "val_accuracy") if isinstance(row.get(k), float)}
+        checkpointer.save(steps, tree, metrics)
+    finally:
+        checkpointer.close()
+    log_every = member_cfg.train.log_every
+    with open(tmp / "metrics.jsonl", "w") as handle:
+        for end in range(log_every, steps + 1, log_every):
+            window = losses[end - log_every:end]
+            handle.write(json.dumps({"step": end, "loss": float(window[-1]),
+                                     "loss_mean": float(np.mean(window))}) + "\n")
+        handle.write(json.dumps({"step": steps, **{k: row[k] for k in ("val_loss", "val_accuracy") if k in row}})
+                     + "\n")
+    final = {k: v for k, v in row.items() if k.split("_")[0] in ("train", "val", "test")}
+    write_json(tmp / "summary.json", {
+        "name": member_cfg.name, "model": member_cfg.model.name, "steps": steps, "stop_reason": "completed",
+        "final": final, "sweep_member": index, "swept": plan.member(index),
+        "optimizer_state": "from the sweep" if same else
+        "re-initialised (the population's optimizer chain had a different structure)",
+    })
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.replace(tmp, run_dir)
+    draw(plotting.plot_training_curves, run_dir / "metrics.jsonl", run_dir / "curves.png",
+         f"{member_cfg.name}: sweep member #{index}")
+    return run_dir
