@@ -114,3 +114,24 @@ def landscape_for_run(run: str | pathlib.Path | LoadedRun, *, dirs: str = "filte
     if is_primary():
         landscape.write_landscape_report(report, out_dir or loaded.run_dir, log_scale=log_scale, draw=draw)
     return report
+
+
+def diagnose_run(run: str | pathlib.Path | LoadedRun, *, batch_size: int = 256, layers: Any = None,
+                 step: Any = "latest", out_dir: str | pathlib.Path | None = None, draw: Any = None):
+    """Per-layer statistics of a run's checkpoint on one training batch -> diagnostics.json + diagnostics.png
+    (histograms of every layer's activations, pre-activations and weight gradients). Returns the statistics."""
+    from jaxnn import plotting
+    from jaxnn.diagnostics.layers import layer_statistics
+    from jaxnn.train.run import write_json
+
+    loaded = _loaded(run, step)
+    (x, y), = loaded.batches("train", 1, batch_size)
+    stats = layer_statistics(loaded.state, (x, y), loss=loaded.config.train.loss, layers=layers)
+    if is_primary():
+        out = pathlib.Path(out_dir or loaded.run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "diagnostics.json", {"run_dir": str(loaded.run_dir), "step": loaded.step,
+                                              "batch_size": int(len(y)), **stats.to_json()})
+        (draw or plotting.draw_now)(plotting.plot_layer_statistics, out / "diagnostics.json", out / "diagnostics.png",
+                                    f"{loaded.config.name} at step {loaded.step}: one batch of {len(y)}")
+    return stats

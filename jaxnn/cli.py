@@ -5,6 +5,7 @@
     jaxnn curvature RUN_DIR [--k 5] [--density] [--data-batches N]
     jaxnn landscape RUN_DIR --dirs filter --grid 51 --span 1.0 [--other RUN_DIR2] [--trajectory]
     jaxnn sweep CONFIG [--curvature] [--resume] # a population of the config's sweep section, best member exported
+    jaxnn diagnose RUN_DIR                     # per-layer activations, dead/saturated units, gradients, updates
     jaxnn configs                              # list the shipped configs
     jaxnn train CONFIG --devices 8             # data-parallel over 8 devices (simulated on a CPU-only machine)
     jaxnn launch --processes 2 --devices-per-process 4 -- train CONFIG   # multi-host, as local processes
@@ -83,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: the run folder)")
     _add_runtime_args(p)
+
+    p = sub.add_parser("diagnose", help="per-layer statistics of a trained run: diagnostics.json + diagnostics.png")
+    p.add_argument("run_dir")
+    p.add_argument("--batch-size", type=int, default=256, help="training examples to measure on (default 256)")
+    p.add_argument("--layers", default=None, help="comma-separated layer names (default: every layer)")
+    p.add_argument("--step", default="latest", help="checkpoint: latest, best or a step number")
+    p.add_argument("--out", help="output folder (default: the run folder)")
+    p.add_argument("--x64", action="store_true", help="float64 throughout")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not read or write the persistent compilation cache")
 
     p = sub.add_parser("sweep", help="train every member of a config's sweep section as one population",
                        description="Train the variants a config's `sweep` section names (e.g. sweep: {optimizer.lr: "
@@ -218,6 +229,12 @@ def _dispatch(args) -> int:
                                                data_batches=a.landscape_batches, draw=draw)
             figures.wait()
             print(f"run folder: {run_dir}")
+            return 0
+        if args.command == "diagnose":
+            stats = analysis.diagnose_run(args.run_dir, batch_size=args.batch_size, step=args.step, out_dir=args.out,
+                                          layers=args.layers.split(",") if args.layers else None, draw=draw)
+            print(stats.table())
+            figures.wait()
             return 0
         if args.command == "sweep":
             from jaxnn.train.sweep import run_sweep

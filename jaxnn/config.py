@@ -117,6 +117,7 @@ class AnalysisConfig:
     landscape_span: float = 1.0
     landscape_batches: int = 2
     hessian_every: int | None = None      # HessianCallback period during training (None: off)
+    diagnostics_every: int | None = None  # per-layer statistics into metrics.jsonl every k steps (None: off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,6 +391,8 @@ def validate(values: dict | Config) -> Config:
     check(a.landscape_span > 0, "analysis.landscape_span", f"must be positive, got {a.landscape_span}")
     check(a.landscape_batches >= 1, "analysis.landscape_batches", "must be >= 1")
     check(a.hessian_every is None or a.hessian_every >= 1, "analysis.hessian_every", "must be >= 1 or null")
+    check(a.diagnostics_every is None or a.diagnostics_every >= 1, "analysis.diagnostics_every",
+          "must be >= 1 or null")
     if cfg.sweep:
         from jaxnn.train.sweep import sweep_members
 

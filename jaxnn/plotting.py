@@ -129,6 +129,51 @@ def plot_sweep(summary_path: str | pathlib.Path, losses_path: str | pathlib.Path
     return paths
 
 
+def plot_layer_statistics(statistics_path: str | pathlib.Path, out_path: str | pathlib.Path,
+                          title: str = "") -> pathlib.Path:
+    """One row per layer: histograms of the activations it reads, of its pre-activation outputs and of its weight
+    gradient (log counts), from a diagnostics.json written by ``jaxnn diagnose``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    report = json.loads(pathlib.Path(statistics_path).read_text())
+    layers = report["activations"]
+    kernels = {g["name"].rsplit("/", 1)[0]: g for g in report["gradients"] if g["name"].endswith("kernel")}
+    fig = Figure(figsize=(12, 2.3 * len(layers) + 0.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(layers), 3, squeeze=False)
+
+    def bars(ax, histogram, colour):
+        counts, edges = histogram["counts"], histogram["edges"]
+        if counts:
+            ax.stairs(counts, edges, fill=True, color=colour, alpha=0.8)
+            ax.set_yscale("log")
+        ax.tick_params(labelsize=7)
+
+    for row, a in enumerate(layers):
+        saturated = "" if a["saturated_fraction"] is None else f", {a['saturated_fraction']:.0%} saturated"
+        dead = "" if a["reads"] == "the data" else f", {a['dead_fraction']:.0%} dead"
+        bars(axes[row, 0], a["histogram"], "tab:blue")
+        axes[row, 0].set_title(f"{a['name']} reads: std {a['std']:.3g}{dead}{saturated}", fontsize=8)
+        bars(axes[row, 1], a["output_histogram"], "tab:green")
+        axes[row, 1].set_title(f"{a['name']} pre-activation: mean {a['output_mean']:.3g}, std {a['output_std']:.3g}",
+                               fontsize=8)
+        gradient = kernels.get(a["name"])
+        if gradient is not None:
+            bars(axes[row, 2], gradient["histogram"], "tab:red")
+            ratio = "" if gradient["update_ratio"] is None else f", update/weight {gradient['update_ratio']:.1e}"
+            axes[row, 2].set_title(f"{gradient['name']} gradient: norm {gradient['grad_norm']:.3g}{ratio}",
+                                   fontsize=8)
+        else:
+            axes[row, 2].set_axis_off()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_path = pathlib.Path(out_path)
+    fig.savefig(out_path, dpi=100)
+    return out_path
+
+
 class FigureFunction:
     """A figure function named by module and attribute, imported only when called: passing one to a background
     :class:`FigureWorker` does not import matplotlib in the calling process. Picklable."""

@@ -84,7 +84,8 @@ def two_runs(tmp_path_factory):
         run_dir = root / f"seed{seed}"
         assert main(["train", "digits_mlp", "--run-dir", str(run_dir), "--set", "train.steps=40",
                      "--set", "train.eval_every=10", "--set", "checkpoint.every_steps=10", "--set", "checkpoint.keep_last=4", "--set", f"train.seed={seed}",
-                     "--set", "train.progress=false", "--set", "model.kwargs={width: 16, depth: 1}"]) == 0
+                     "--set", "train.progress=false", "--set", "model.kwargs={width: 16, depth: 1}",
+                     "--set", f"analysis.diagnostics_every={20 if seed == 0 else 'null'}"]) == 0
         runs.append(run_dir)
     return runs
 
@@ -173,3 +174,16 @@ def test_sweep_command_trains_the_population_and_exports_the_best_member(tmp_pat
     for name in ("sweep.csv", "sweep.png", "sweep_losses.png", "best/curves.png", "best/summary.json"):
         assert (out / name).is_file(), name
     assert main(["curvature", str(out / "best"), "--k", "1", "--data-batches", "1", "--out", str(tmp_path)]) == 0
+
+
+def test_diagnose_command_writes_statistics_and_names_unknown_layers(two_runs, tmp_path, capsys):
+    logged = [line for line in (two_runs[0] / "metrics.jsonl").read_text().splitlines() if "act_std/head" in line]
+    assert [json.loads(line)["step"] for line in logged] == [20, 40]  # analysis.diagnostics_every=20
+    assert main(["diagnose", str(two_runs[0]), "--batch-size", "64", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "dense_0" in printed and "update/param" in printed
+    report = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert [row["name"] for row in report["activations"]][-1] == "head" and report["batch_size"] == 64
+    assert (tmp_path / "diagnostics.png").is_file()
+    assert main(["diagnose", str(two_runs[0]), "--layers", "dense_7", "--out", str(tmp_path)]) == 2
+    assert "no layer named 'dense_7'; this model's layers: dense_0, head" in capsys.readouterr().err

@@ -169,6 +169,9 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
     if cfg.analysis.hessian_every:
         from jaxnn import curvature
         callbacks.append(curvature.HessianCallback(every_k_steps=cfg.analysis.hessian_every))
+    if cfg.analysis.diagnostics_every:
+        from jaxnn.diagnostics import LayerStatisticsCallback
+        callbacks.append(LayerStatisticsCallback(cfg.analysis.diagnostics_every, loss=t.loss))
     steps = total_steps(cfg, len(dataset.train))
     started = time.perf_counter()
     result = fit(state, dataset, loss=t.loss, batch_size=t.batch_size, num_steps=steps, schedule=schedule,
