@@ -44,11 +44,15 @@ def plot_training_curves(metrics_path: str | pathlib.Path, out_path: str | pathl
             if x:
                 ax.plot(x, y, style, label=label, markersize=3)
         ax.set_xlabel("step"), ax.set_ylabel("accuracy"), ax.set_ylim(0, 1.01), ax.grid(alpha=0.3), ax.legend()
+    return _save(fig, out_path, title, dpi=110)
+
+
+def _save(fig, out_path: str | pathlib.Path, title: str = "", dpi: int = 110) -> pathlib.Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     out_path = pathlib.Path(out_path)
-    fig.savefig(out_path, dpi=110)
+    fig.savefig(out_path, dpi=dpi)
     return out_path
 
 
@@ -166,12 +170,7 @@ def plot_layer_statistics(statistics_path: str | pathlib.Path, out_path: str | p
                                    fontsize=8)
         else:
             axes[row, 2].set_axis_off()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out_path = pathlib.Path(out_path)
-    fig.savefig(out_path, dpi=100)
-    return out_path
+    return _save(fig, out_path, title, dpi=100)
 
 
 class FigureFunction:
