@@ -6,6 +6,7 @@
     jaxnn landscape RUN_DIR --dirs filter --grid 51 --span 1.0 [--other RUN_DIR2] [--trajectory]
     jaxnn sweep CONFIG [--curvature] [--resume] # a population of the config's sweep section, best member exported
     jaxnn diagnose RUN_DIR                     # per-layer activations, dead/saturated units, gradients, updates
+    jaxnn doctor CONFIG                        # sanity checks of a new model: ln(C) at init, overfit 20, grad check
     jaxnn configs                              # list the shipped configs
     jaxnn train CONFIG --devices 8             # data-parallel over 8 devices (simulated on a CPU-only machine)
     jaxnn launch --processes 2 --devices-per-process 4 -- train CONFIG   # multi-host, as local processes
@@ -92,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", default="latest", help="checkpoint: latest, best or a step number")
     p.add_argument("--out", help="output folder (default: the run folder)")
     p.add_argument("--x64", action="store_true", help="float64 throughout")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not read or write the persistent compilation cache")
+
+    p = sub.add_parser("doctor", help="sanity checks of a config's model before training it (exit 1 if one fails)")
+    p.add_argument("config", help="a YAML path or a shipped config name (see `jaxnn configs`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    p.add_argument("--overfit-steps", type=int, default=300, help="step budget to overfit 20 examples (default 300)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not read or write the persistent compilation cache")
 
@@ -236,6 +245,17 @@ def _dispatch(args) -> int:
             print(stats.table())
             figures.wait()
             return 0
+        if args.command == "doctor":
+            from jaxnn.diagnostics import doctor
+
+            try:
+                cfg = config_lib.load_config(args.config, overrides=list(args.overrides))
+            except config_lib.ConfigError as error:
+                print(doctor.table([doctor.Check("config is valid", "fail", str(error), "a valid config")]))
+                return 1
+            checks = doctor.doctor(cfg, overfit_steps=args.overfit_steps)
+            print(doctor.table(checks))
+            return 1 if any(check.status == "fail" for check in checks) else 0
         if args.command == "sweep":
             from jaxnn.train.sweep import run_sweep
 

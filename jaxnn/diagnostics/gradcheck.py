@@ -9,8 +9,11 @@ analytic one ∂L/∂θᵢ; for a unit direction d they are the same difference 
 ``|a − n| / max(|a|, |n|)`` is judged by the usual bands (cs231n): in float64 below 1e-7 is good, up to 1e-4
 acceptable (kinks such as ReLU at 0 can reach it), up to 1e-2 suspicious, above 1e-2 wrong. A float32 loss carries
 ~1e-7·|L| of rounding, which the difference divides by h: its bands are 1e-2 / 5e-2 / 2e-1 (a gradient off by 1.5x
-is still "wrong"; cast to float64 for a sharper check). The denominator is at least the rounding level 100·ε·|L|/h
-(and ``atol``), so derivatives near that level are not flagged for noise alone. Each coordinate is named by its
+is still "wrong"; cast to float64 for a sharper check). The denominator is at least the rounding noise of the
+difference, ~c·ε·|L|/h, divided by the "good" band (and ``atol``), so derivatives near that noise level are not
+flagged for noise alone (a dead ReLU's zero gradient against a difference of 2e-13 read "suspicious" before). In
+float64 a probe that is not "good" is measured again at h/30: a ReLU kink inside the stencil spoils only the larger
+step, a wrong gradient is wrong at both (each probe records the ``step`` it was judged at). Each coordinate is named by its
 parameter path, so a wrong backward pass shows up as the layers whose parameters it feeds.
 """
 
@@ -97,7 +100,11 @@ def gradient_check(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch:
 
     loss_of_flat = jax.jit(lambda v: loss_fn(unravel(v), batch))
     gradient = np.asarray(jax.jit(jax.grad(lambda v: loss_fn(unravel(v), batch)))(flat), np.float64)
-    floor = max(atol, 100 * float(np.finfo(dtype).eps) * abs(float(loss_of_flat(flat))) / step)
+    # Rounding in the stencil's loss values alone moves the difference by ~c·ε·|L|/h (c = Σ|weights|/12 = 1.5 for
+    # the five-point stencil, 1 for the three-point one): the denominator is at least the level where that noise
+    # would still read "good", so a derivative that is 0 in autodiff and rounding noise in the difference agrees.
+    noise_times_step = (1.5 if five_point else 1.0) * float(np.finfo(dtype).eps) * abs(float(loss_of_flat(flat)))
+    floor_at = lambda h: max(atol, noise_times_step / h / BANDS[dtype][0])  # noqa: E731
     if not np.all(np.isfinite(gradient)):
         raise FloatingPointError("gradient_check: the autodiff gradient is not finite at these parameters")
 
@@ -123,15 +130,28 @@ def gradient_check(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch:
     def at(offset: float, direction: jax.Array) -> float:
         return float(loss_of_flat(flat + offset * direction))
 
-    def probe(direction: jax.Array, analytic: float, where: str, parameter: str | None = None) -> dict:
+    def difference(direction: jax.Array, h: float) -> float:
         if five_point:
-            numeric = (at(-2 * step, direction) - 8 * at(-step, direction) + 8 * at(step, direction)
-                       - at(2 * step, direction)) / (12 * step)
-        else:
-            numeric = (at(step, direction) - at(-step, direction)) / (2 * step)
-        error = _relative_error(analytic, numeric, floor)
-        return {"where": where, "parameter": parameter, "analytic": analytic, "numeric": numeric,
-                "relative_error": error, "verdict": verdict_for(error, dtype)}
+            return (at(-2 * h, direction) - 8 * at(-h, direction) + 8 * at(h, direction) - at(2 * h, direction)) / (
+                12 * h)
+        return (at(h, direction) - at(-h, direction)) / (2 * h)
+
+    # In float64 a probe that is not "good" at h is measured again at h/30: a kink (a ReLU whose input crosses 0
+    # within the stencil's ±2h) spoils only the larger step, while a wrong gradient is off at every step. (float32
+    # keeps one step: its rounding noise at h/30 would hide real errors.)
+    steps = (step, step / 30) if five_point else (step,)
+
+    def probe(direction: jax.Array, analytic: float, where: str, parameter: str | None = None) -> dict:
+        best = None
+        for h in steps:
+            numeric = difference(direction, h)
+            error = _relative_error(analytic, numeric, floor_at(h))
+            if best is None or error < best["relative_error"]:
+                best = {"where": where, "parameter": parameter, "analytic": analytic, "numeric": numeric,
+                        "relative_error": error, "verdict": verdict_for(error, dtype), "step": h}
+            if best["verdict"] == "good":
+                break
+        return best
 
     coordinates = [probe(jnp.zeros_like(flat).at[i].set(1), float(gradient[i]), located(i)[1], located(i)[0])
                    for i in chosen]

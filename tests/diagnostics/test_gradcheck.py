@@ -85,3 +85,35 @@ def test_bands_and_bad_input():
         gradient_check(lambda p, b: jnp.sum(p["w"]), {"w": jnp.ones(3)}, num_coordinates=0, num_directions=0)
     with pytest.raises(FloatingPointError, match="not finite"):
         gradient_check(lambda p, b: jnp.sum(jnp.sqrt(p["w"])), {"w": jnp.zeros(3)})
+
+
+def test_a_dead_relu_unit_is_not_flagged_for_rounding_noise(x64):
+    """The main job's MLP at init (width 256, `jaxnn doctor`'s 8 examples): a head weight behind a unit dead on the
+    batch has gradient exactly 0 while the difference sees ~1e-13 of rounding; it read "suspicious" (1.9e-3)
+    before the noise floor was scaled to the "good" band."""
+    digits = data_lib.load_dataset("digits", seed=0)
+    model = models.get_model("mlp", num_classes=10, width=256, depth=2, activation="relu", kernel_init="he")
+    init_key, _ = jax.random.split(jax.random.PRNGKey(0))  # as create_train_state draws it for train.seed 0
+    params, state = models.init_model(model, init_key, digits.input_shape)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    batch = (jnp.asarray(digits.train.x[:8], jnp.float64), jnp.asarray(digits.train.y[:8]))
+    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", state)
+    report = gradient_check(loss_fn, params, batch, key=jax.random.PRNGKey(0))
+    noise = [p for p in report.coordinates if p["analytic"] == 0 and p["numeric"] != 0]
+    assert noise and all(abs(p["numeric"]) < 1e-11 for p in noise)
+    assert report.verdict == "good", str(report)
+
+
+def test_a_relu_kink_inside_the_stencil_is_measured_again_at_a_smaller_step(x64):
+    """Width-32 ReLU MLP at init on 8 examples (what `jaxnn doctor` checks): one coordinate's stencil (±2h, h=7.4e-4)
+    crosses a ReLU kink and read "suspicious" (8.4e-3); at h/30 the same coordinate agrees to ~1e-9."""
+    digits = data_lib.load_dataset("digits", seed=0)
+    model = models.get_model("mlp", num_classes=10, width=32, depth=2, activation="relu", kernel_init="he")
+    init_key, _ = jax.random.split(jax.random.PRNGKey(0))
+    params, state = models.init_model(model, init_key, digits.input_shape)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    batch = (jnp.asarray(digits.train.x[:8], jnp.float64), jnp.asarray(digits.train.y[:8]))
+    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", state)
+    report = gradient_check(loss_fn, params, batch, key=jax.random.PRNGKey(0))
+    retried = [p for p in report.coordinates if p["step"] < report.step]
+    assert retried and all(p["verdict"] == "good" for p in retried) and report.verdict == "good"
