@@ -79,6 +79,7 @@ class TrainConfig:
     early_stop_patience: int | None = None
     early_stop_metric: str = "val_loss"
     nan_guard: bool = True
+    nan_hunt: bool = True                 # when the NaN guard stops a run: replay to the step, name the layer/op
     progress: bool = True
 
 

@@ -30,11 +30,12 @@ from jaxnn.train.step import make_eval_step, make_resident_train_steps, make_tra
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/Inf loss; ``step`` is the first optimizer step that did."""
 
-    def __init__(self, step: int, value: float, last_checkpoint: int | None):
-        self.step, self.value, self.last_checkpoint = step, value, last_checkpoint
+    def __init__(self, step: int, value: float, last_checkpoint: int | None, detail: str | None = None):
+        self.step, self.value, self.last_checkpoint, self.detail = step, value, last_checkpoint, detail
         kept = f"; the last good checkpoint (step {last_checkpoint}) is untouched" if last_checkpoint else ""
         super().__init__(f"non-finite loss ({value}) at step {step}: training stopped{kept}. "
-                         "Lower the learning rate or enable clipping (optimizer.clip_norm).")
+                         "Lower the learning rate or enable clipping (optimizer.clip_norm)."
+                         + (f"\n{detail}" if detail else ""))
 
 
 def create_train_state(model, tx, input_shape: Sequence[int], key: jax.Array, *, mesh=None) -> TrainState:

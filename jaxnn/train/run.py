@@ -21,7 +21,7 @@ from jaxnn import data as data_lib
 from jaxnn import losses, models, optim, parallel
 from jaxnn.train.callbacks import Callback, EarlyStopping
 from jaxnn.train.checkpoint import Checkpointer, CheckpointError
-from jaxnn.train.fit import FitResult, create_train_state, eval_batch_size_for, evaluate, fit
+from jaxnn.train.fit import FitResult, NonFiniteLossError, create_train_state, eval_batch_size_for, evaluate, fit
 from jaxnn.train.state import TrainState
 from jaxnn.train.step import make_eval_step
 
@@ -174,12 +174,21 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
         callbacks.append(LayerStatisticsCallback(cfg.analysis.diagnostics_every, loss=t.loss))
     steps = total_steps(cfg, len(dataset.train))
     started = time.perf_counter()
-    result = fit(state, dataset, loss=t.loss, batch_size=t.batch_size, num_steps=steps, schedule=schedule,
-                 seed=t.seed if t.data_seed is None else t.data_seed, grad_accum_steps=t.grad_accum_steps, log_every=t.log_every, eval_every=t.eval_every,
-                 callbacks=callbacks, checkpointer=checkpointer, checkpoint_every=cfg.checkpoint.every_steps,
-                 run_dir=run_dir, start_step=start_step, nan_guard=t.nan_guard, progress=t.progress, mesh=mesh,
-                 needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN, steps_per_call=t.steps_per_call,
-                 mode=cfg.parallel.mode)
+    try:
+        result = fit(state, dataset, loss=t.loss, batch_size=t.batch_size, num_steps=steps, schedule=schedule,
+                     seed=_data_seed(cfg), grad_accum_steps=t.grad_accum_steps, log_every=t.log_every,
+                     eval_every=t.eval_every, callbacks=callbacks, checkpointer=checkpointer,
+                     checkpoint_every=cfg.checkpoint.every_steps, run_dir=run_dir, start_step=start_step,
+                     nan_guard=t.nan_guard, progress=t.progress, mesh=mesh,
+                     needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN, steps_per_call=t.steps_per_call,
+                     mode=cfg.parallel.mode)
+    except NonFiniteLossError as error:
+        if checkpointer is not None:
+            checkpointer.close()
+        if not t.nan_hunt or jax.process_count() > 1:
+            raise
+        report = hunt_nonfinite(cfg, dataset, run_dir, error.step, error.last_checkpoint)
+        raise NonFiniteLossError(error.step, error.value, error.last_checkpoint, detail=str(report)) from None
     summary = summarize(cfg, dataset, model, result, time.perf_counter() - started, resumed_from=start_step or None)
     if checkpointer is not None:
         checkpointer.close()
@@ -191,6 +200,37 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
     trained = LoadedRun(run_dir=run_dir, config=cfg, dataset=dataset, model=model, state=result.state,
                         step=result.steps_done)
     return summary, trained
+
+
+def _data_seed(cfg: config_lib.Config) -> int:
+    return cfg.train.seed if cfg.train.data_seed is None else cfg.train.data_seed
+
+
+def hunt_nonfinite(cfg: config_lib.Config, dataset: data_lib.Dataset, run_dir: pathlib.Path, step: int,
+                   last_checkpoint: int | None):
+    """Replay a run (on one device) from its last checkpoint, or from the start, to the step before ``step`` (the
+    first with a non-finite loss) and hunt the NaN/Inf on that step's batch
+    (:func:`jaxnn.diagnostics.nonfinite.find_nonfinite`)."""
+    from jaxnn.diagnostics.nonfinite import find_nonfinite
+    from jaxnn.train.population import _batch_rows
+
+    t = cfg.train
+    state, schedule, _ = build_state(cfg, dataset)
+    start = 0
+    if last_checkpoint:
+        checkpointer = make_checkpointer(cfg, run_dir, read_only=True)
+        try:
+            state = state.replace_from_checkpoint(checkpointer.restore(state.checkpoint_tree(), step=last_checkpoint))
+        finally:
+            checkpointer.close()
+        start = last_checkpoint
+    if step - 1 > start:
+        state = fit(state, dataset, loss=t.loss, batch_size=t.batch_size, num_steps=step - 1, schedule=schedule,
+                    seed=_data_seed(cfg), grad_accum_steps=t.grad_accum_steps, log_every=step, eval_every=step,
+                    start_step=start, nan_guard=False, progress=False,
+                    needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN).state
+    rows = _batch_rows(len(dataset.train), t.batch_size, _data_seed(cfg), step - 1, 1)[0]
+    return find_nonfinite(state, (dataset.train.x[rows], dataset.train.y[rows]), loss=t.loss, step=step)
 
 
 def summarize(cfg, dataset, model, result: FitResult, wall_time_s: float, resumed_from: int | None) -> dict:
