@@ -115,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curvature", action="store_true",
                    help="also measure every member's lambda_max and Hessian trace (one program for all)")
     p.add_argument("--resume", action="store_true", help="continue a killed sweep: finished chunks are not retrained")
-    p.add_argument("--x64", action="store_true", help="float64 throughout")
-    p.add_argument("--no-compile-cache", action="store_true",
-                   help="do not read or write the persistent compilation cache")
+    _add_runtime_args(p)
 
     sub.add_parser("configs", help="list the shipped configs")
 
@@ -259,7 +257,8 @@ def _dispatch(args) -> int:
         if args.command == "sweep":
             from jaxnn.train.sweep import run_sweep
 
-            cfg = config_lib.load_config(args.config, overrides=list(args.overrides))
+            overrides = list(args.overrides) + ([f"parallel.devices={args.devices}"] if args.devices else [])
+            cfg = config_lib.load_config(args.config, overrides=overrides)
             run_sweep(cfg, args.out, curvature=args.curvature, resume=args.resume, draw=draw)
             figures.wait()
             return 0

@@ -188,3 +188,23 @@ def test_diagnose_command_writes_statistics_and_names_unknown_layers(two_runs, t
     assert (tmp_path / "diagnostics.png").is_file()
     assert main(["diagnose", str(two_runs[0]), "--layers", "dense_7", "--out", str(tmp_path)]) == 2
     assert "no layer named 'dense_7'; this model's layers: dense_0, head" in capsys.readouterr().err
+
+
+def test_sweep_over_simulated_devices_with_early_stopping(tmp_path):
+    """`jaxnn sweep --devices 4` in a fresh process (the device flag precedes jax): members sharded over 4 CPU
+    devices, each early-stopped on its own."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, "-m", "jaxnn.cli", "sweep", "digits_mlp", "--devices", "4", "--out", str(out),
+                           "--set", "sweep.optimizer.lr=[0.001, 0.3]", "--set", "train.steps=60", "--set", "optimizer.schedule=constant",
+                           "--set", "train.eval_every=5", "--set", "train.early_stop_patience=1",
+                           "--set", "model.kwargs.width=32", "--set", "train.progress=false"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 at a time over 4 devices" in done.stdout
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["devices"] == 4
+    statuses = [row["status"] for row in summary["rows"]]
+    assert statuses[0] == "completed" and statuses[1].startswith("early-stopped at step "), statuses

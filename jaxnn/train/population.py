@@ -234,24 +234,104 @@ def _member_eval_step(loss, classification: bool):
     return jax.jit(jax.vmap(make_eval_step(loss, classification=classification), in_axes=(0, None, None)))
 
 
+class PopulationMemoryError(MemoryError):
+    """A chunk of members needs more memory than the device has; the message names a chunk size that fits."""
+
+
+def _available_bytes(device) -> int | None:
+    """Free memory of ``device``: its allocator's limit minus what is in use (GPU/TPU), else the host's available
+    memory (CPU, /proc/meminfo); None when unknown."""
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # backends without memory statistics
+        stats = {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(program, chunk: int, shared_bytes: int, devices: int, available: int | None) -> None:
+    """Refuse a compiled chunk program that cannot fit, naming a chunk size that would (per device)."""
+    if available is None:
+        return
+    analysis = program.memory_analysis()
+    if analysis is None:
+        return
+    need = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes)
+    if need <= 0.9 * available:
+        return
+    per_member = max(1, (need - shared_bytes) * devices // chunk)
+    fits = int((0.9 * available - shared_bytes) * devices // per_member)
+    fits = fits - fits % devices if fits >= devices else 0
+    gib = 2.0 ** 30
+    advice = (f"set chunk={fits} (population.chunk in a sweep config) to train {fits} members at a time"
+              if fits >= 1 else "even one member does not fit: use a smaller model or batch")
+    raise PopulationMemoryError(f"{chunk} members at once need ~{need / gib:.2f} GiB per device "
+                                f"(~{per_member / gib:.3f} GiB per member) but ~{available / gib:.2f} GiB is free: "
+                                f"{advice}")
+
+
+def _members_mesh(devices: int | None):
+    """A 1-D mesh named ``members`` over the first ``devices`` devices (None or 1: no mesh)."""
+    if devices is None or devices == 1:
+        return None
+    available = jax.devices()
+    count = len(available) if devices == -1 else int(devices)
+    if count < 1 or count > len(available):
+        raise ValueError(f"devices={devices}: this process sees {len(available)} device(s)")
+    if count == 1:
+        return None
+    return jax.sharding.Mesh(np.asarray(available[:count]), ("members",))
+
+
 def train_population(model, optimizer: Callable[..., optax.GradientTransformation], dataset: data_lib.Dataset, *,
                      members: Mapping[str, Sequence[Any]], num_steps: int,
                      loss: str | Callable = "softmax_cross_entropy",
                      batch_size: int = 64, data_seed: int = 0, shuffle_per_member: bool = False,
                      optimizer_kwargs: Mapping[str, Any] | None = None, chunk: int | None = None,
-                     steps_per_call: int = 50, eval_batch_size: int = 1024, progress: bool = True) -> PopulationResult:
+                     steps_per_call: int = 50, eval_batch_size: int = 1024, progress: bool = True,
+                     early_stop_patience: int | None = None, early_stop_metric: str = "val_loss",
+                     eval_every: int | None = None, devices: int | None = None) -> PopulationResult:
     """Train every member of ``members`` (columns: ``seed``, ``init_scale`` and any numeric argument of
     ``optimizer``, one value per member; missing ones default to seed 0, scale 1 and ``optimizer_kwargs``) for
     ``num_steps`` steps of ``batch_size`` on ``dataset.train``; evaluate each on every split. See the module
-    docstring for what a member is equal to."""
+    docstring for what a member is equal to.
+
+    ``early_stop_patience``: every ``eval_every`` steps (default once per epoch) each member's
+    ``early_stop_metric`` (val_loss or val_accuracy) is measured; a member that has not improved for that many
+    evaluations is frozen (status "early-stopped at step s") while the others go on. ``devices``: shard the members
+    over that many devices (-1: all; a ``members`` mesh axis; chunks are padded to a multiple of it). A chunk whose
+    compiled program needs more memory than the device has free raises :class:`PopulationMemoryError` naming a
+    chunk size that fits."""
     count, columns = check_members(members, optimizer)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     if not 1 <= int(batch_size) <= len(dataset.train):
         raise ValueError(f"batch_size={batch_size} must be between 1 and the {len(dataset.train)} training examples")
+    mesh = _members_mesh(devices)
+    shards = 1 if mesh is None else mesh.size
     chunk = count if chunk is None else int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    chunk = -(-chunk // shards) * shards  # every device holds the same number of members
+    if early_stop_patience is not None:
+        if isinstance(early_stop_patience, bool) or not isinstance(early_stop_patience, int) or early_stop_patience < 1:
+            raise ValueError(f"early_stop_patience must be an integer >= 1, got {early_stop_patience!r}")
+        if early_stop_metric not in ("val_loss", "val_accuracy"):
+            raise ValueError(f"early_stop_metric must be val_loss or val_accuracy, got {early_stop_metric!r}")
+        if len(dataset.val) == 0:
+            raise ValueError("early stopping needs a validation split (data.val_fraction > 0)")
+        if early_stop_metric == "val_accuracy" and dataset.task != "classification":
+            raise ValueError("early_stop_metric val_accuracy needs a classification dataset")
+        eval_every = eval_every or data_lib.steps_per_epoch(len(dataset.train), batch_size, True)
     fixed = dict(optimizer_kwargs or {})
     hyper_names = [name for name in columns if name not in MEMBER_FIELDS]
     clash = sorted(set(hyper_names) & set(fixed))
@@ -272,9 +352,22 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
 
     classification = dataset.task == "classification"
     x_dtype, y_dtype = data_lib.pipeline._device_dtypes(dataset.train)
-    train_data = jax.device_put((np.asarray(dataset.train.x, x_dtype), np.asarray(dataset.train.y, y_dtype)))
+    host_data = (np.asarray(dataset.train.x, x_dtype), np.asarray(dataset.train.y, y_dtype))
+    shared_bytes = sum(a.nbytes for a in host_data)
+    if mesh is None:
+        train_data = jax.device_put(host_data)
+        place = lambda tree, spec=None: tree  # noqa: E731
+    else:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        train_data = jax.device_put(host_data, NamedSharding(mesh, PartitionSpec()))
+        place = lambda tree, spec=PartitionSpec("members"): jax.device_put(  # noqa: E731
+            tree, NamedSharding(mesh, spec))
+    available = _available_bytes(jax.devices()[0])
     steps = _make_steps(loss, classification, shared_batches=not shuffle_per_member)
     per_call = max(1, min(int(steps_per_call), num_steps))
+    eval_size = max(1, min(int(eval_batch_size), max(len(dataset.train), len(dataset.val), len(dataset.test))))
+    worse = (lambda new, best: new >= best) if early_stop_metric == "val_loss" else (lambda new, best: new <= best)
 
     histories, accuracy_histories, states, rows_out, programs = [], [], [], [], {}
     compile_s = run_s = 0.0
@@ -283,22 +376,29 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
     for begin in range(0, count, chunk):
         index = np.arange(begin, begin + chunk).clip(max=count - 1)  # the last chunk repeats its last member
         real = min(chunk, count - begin)
-        state = _init_members(model, tx, dataset.input_shape, seeds[index], scales[index],
-                              {name: columns[name][index].astype(float_dtype) for name in hyper_names})
-        alive = jnp.ones(chunk, bool)
+        state = place(_init_members(model, tx, dataset.input_shape, seeds[index], scales[index],
+                                    {name: columns[name][index].astype(float_dtype) for name in hyper_names}))
+        alive = place(jnp.ones(chunk, bool))
         values, accuracies = [], []
+        stopped: dict[int, int] = {}  # position in the chunk -> the step it was early-stopped after
+        best = np.full(chunk, np.inf if early_stop_metric == "val_loss" else -np.inf)
+        bad_evals = np.zeros(chunk, int)
         done = 0
         while done < num_steps:
             length = min(per_call, num_steps - done)
+            if eval_every:
+                length = min(length, eval_every - done % eval_every)
             if shuffle_per_member:
                 rows = np.stack([_batch_rows(len(dataset.train), batch_size, int(s), done, length)
                                  for s in data_seeds[index]], axis=1)  # (length, chunk, B)
+                rows = place(rows, None if mesh is None else jax.sharding.PartitionSpec(None, "members"))
             else:
                 rows = _batch_rows(len(dataset.train), batch_size, int(data_seeds[0]), done, length)
             if length not in programs:  # compiled on its own, so compile and training times are reported apart
                 started = time.perf_counter()
                 programs[length] = steps.lower(state, alive, train_data, rows).compile()
                 compile_s += time.perf_counter() - started
+                _check_memory(programs[length], chunk, shared_bytes, shards, available)
             started = time.perf_counter()
             state, alive, value, accuracy = programs[length](state, alive, train_data, rows)
             values.append(value)
@@ -307,10 +407,26 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
             run_s += time.perf_counter() - started
             done += length
             bar.update(real * length)
+            if early_stop_patience and done % eval_every == 0 and done < num_steps:
+                measured = _evaluate_members(state, dataset.val, loss, classification, eval_size, "val")
+                metric = np.asarray(measured[early_stop_metric])
+                running = np.asarray(jax.device_get(alive))
+                for position in range(chunk):
+                    if not running[position] or position in stopped:
+                        continue
+                    if worse(metric[position], best[position]):
+                        bad_evals[position] += 1
+                        if bad_evals[position] >= early_stop_patience:
+                            stopped[position] = done
+                    else:
+                        best[position], bad_evals[position] = metric[position], 0
+                if stopped:
+                    keep = np.ones(chunk, bool)
+                    keep[list(stopped)] = False
+                    alive = place(jnp.asarray(np.asarray(jax.device_get(alive)) & keep))
         chunk_losses = np.concatenate(jax.device_get(values))[:, :real]
         chunk_accuracies = np.concatenate(jax.device_get(accuracies))[:, :real]
         metrics = {}
-        eval_size = max(1, min(int(eval_batch_size), max(len(dataset.train), len(dataset.val), len(dataset.test))))
         for split_name in ("train", "val", "test"):
             metrics.update(_evaluate_members(state, getattr(dataset, split_name), loss, classification,
                                              eval_size, split_name))
@@ -318,16 +434,22 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
             member = begin + position
             row = {name: (int(columns[name][member]) if name == "seed" else float(columns[name][member]))
                    for name in columns}
-            finite = np.isfinite(chunk_losses[:, position])
+            trained = stopped.get(position, num_steps)
+            finite = np.isfinite(chunk_losses[:trained, position])
             diverged_at = None if finite.all() else int(np.argmin(finite))  # the first step whose loss was not finite
-            row["status"] = "completed" if diverged_at is None else f"diverged at step {diverged_at}"
-            last_finite = num_steps - 1 if diverged_at is None else diverged_at - 1
+            if diverged_at is not None:
+                row["status"] = f"diverged at step {diverged_at}"
+            elif position in stopped:
+                row["status"] = f"early-stopped at step {trained}"
+            else:
+                row["status"] = "completed"
+            last_finite = trained - 1 if diverged_at is None else diverged_at - 1
             row["final_loss"] = float(chunk_losses[last_finite, position]) if last_finite >= 0 else float("nan")
             row.update({name: float(value[position]) for name, value in metrics.items()})
             rows_out.append(row)
         histories.append(chunk_losses)
         accuracy_histories.append(chunk_accuracies)
-        states.append(jax.tree.map(lambda leaf: leaf[:real], state))
+        states.append(jax.tree.map(lambda leaf: np.asarray(leaf)[:real] if mesh is not None else leaf[:real], state))
     bar.close()
     state = states[0] if len(states) == 1 else jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *states)
     return PopulationResult(state=state, members=rows_out, losses=np.concatenate(histories, axis=1),

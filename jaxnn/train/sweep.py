@@ -264,10 +264,11 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
     columns = {SWEEPABLE[f]: plan.values[f] for f in plan.fields}
     columns.setdefault("seed", [cfg.train.seed] * plan.count)
     chunk = cfg.population.chunk or plan.count
-    if t.early_stop_patience:
-        log("note: early stopping is not applied to sweep members; each trains train.steps / train.epochs")
+    devices = len(jax.devices()) if cfg.parallel.devices == -1 else cfg.parallel.devices
     log(f"sweep: {plan.count} members ({plan.method}: {', '.join(plan.fields)}), {steps} steps each, "
-        f"{chunk} at a time")
+        f"{chunk} at a time" + (f" over {devices} devices" if devices > 1 else "")
+        + (f", early stopping on {t.early_stop_metric} (patience {t.early_stop_patience})"
+           if t.early_stop_patience else ""))
 
     template = _chunk_template(model, factory, dataset, columns)
     rows, histories, states, compile_s, run_s = [], [], [], 0.0, 0.0
@@ -285,7 +286,8 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
                 model, factory, dataset, members={name: values[begin:end] for name, values in columns.items()},
                 num_steps=steps, loss=t.loss, batch_size=t.batch_size, data_seed=_shared_data_seed(cfg),
                 shuffle_per_member=cfg.population.shuffle_per_member, steps_per_call=cfg.population.steps_per_call,
-                progress=progress)
+                progress=progress, early_stop_patience=t.early_stop_patience, early_stop_metric=t.early_stop_metric,
+                eval_every=t.eval_every, devices=cfg.parallel.devices)
             chunk_rows, losses, state = result.members, result.losses, result.state
             compile_s, run_s = compile_s + result.compile_s, run_s + result.run_s
             _write_chunk(folder, chunk_rows, losses, state)
@@ -303,19 +305,19 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
         _add_curvature(rows, state, cfg, dataset, log)
     metric = "val_accuracy" if classification and len(dataset.val) else ("val_loss" if len(dataset.val)
                                                                           else "train_loss")
-    finite = [r for r in rows if r["status"] == "completed" and math.isfinite(r.get(metric, float("nan")))]
+    finite = [r for r in rows if _trained(r) and math.isfinite(r.get(metric, float("nan")))]
     best = None
     if finite:
         best = (max if "accuracy" in metric else min)(finite, key=lambda r: r[metric])["member"]
     summary: dict[str, Any] = {
         "name": cfg.name, "optimizer": cfg.optimizer.name, "members": plan.count, "method": plan.method,
         "fields": list(plan.fields),
-        "steps": steps, "chunk": chunk, "selection_metric": metric, "best_member": best,
+        "steps": steps, "chunk": chunk, "devices": devices, "selection_metric": metric, "best_member": best,
         "compile_s": round(compile_s, 3), "train_s": round(run_s, 3),
         "wall_time_s": round(time.perf_counter() - started, 3), "rows": rows,
     }
     if classification and len(dataset.test):
-        alive = [r["member"] for r in rows if r["status"] == "completed"]
+        alive = [r["member"] for r in rows if _trained(r)]
         if alive:
             from jaxnn.train.population import PopulationResult
 
@@ -344,6 +346,11 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
     return summary
 
 
+def _trained(row: dict) -> bool:
+    """Completed or early-stopped: not diverged."""
+    return not row["status"].startswith("diverged")
+
+
 def _add_curvature(rows: list[dict], state: Any, cfg: Config, dataset, log) -> None:
     """λmax (population Lanczos) and the Hessian trace (Hutchinson) of every member on the analysis batches."""
     from jaxnn import data as data_lib
@@ -355,7 +362,7 @@ def _add_curvature(rows: list[dict], state: Any, cfg: Config, dataset, log) -> N
                                          shuffle=True)
     batches = list(zip(x, y))
     started = time.perf_counter()
-    alive = np.asarray([r["status"] == "completed" for r in rows])
+    alive = np.asarray([_trained(r) for r in rows])
     lambdas = np.full(len(rows), np.nan)
     traces = np.full(len(rows), np.nan)
     if alive.any():

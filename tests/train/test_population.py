@@ -1,6 +1,9 @@
 """Populations: every member equals the same configuration trained alone by ``fit`` (float64, 1e-12), diverged
 members are frozen without stopping the others, ensembles, and bad requests name the problem."""
 
+import os
+import re
+
 import jax
 import numpy as np
 import optax
@@ -101,6 +104,10 @@ def test_ensemble_against_its_members(digits):
     ({"seed": [0, 1]}, {}, "the optimizer needs ['learning_rate']"),
     ({"learning_rate": [0.1, float("nan")]}, {}, "non-finite"),
     ({"learning_rate": [0.1]}, {"optimizer_kwargs": {"learning_rate": 0.2}}, "both set ['learning_rate']"),
+    ({"learning_rate": [0.1]}, {"early_stop_patience": 0}, "early_stop_patience must be an integer >= 1"),
+    ({"learning_rate": [0.1]}, {"early_stop_patience": 2, "early_stop_metric": "train_loss"},
+     "early_stop_metric must be val_loss or val_accuracy"),
+    ({"learning_rate": [0.1]}, {"devices": 64}, "devices=64: this process sees 1 device(s)"),
 ])
 def test_bad_populations_are_refused(digits, members, kwargs, words):
     with pytest.raises(ValueError) as error:
@@ -108,3 +115,95 @@ def test_bad_populations_are_refused(digits, members, kwargs, words):
     assert words in str(error.value)
     if "cannot be varied" in words:
         assert "learning_rate" in str(error.value) and "momentum" in str(error.value)
+
+
+def test_early_stopped_members_equal_fit_with_early_stopping(digits, x64):
+    """Patience 1 on the validation loss, evaluated every 4 steps: the member that stops is frozen at the step where
+    fit with EarlyStopping stops, with the same parameters (1e-12); the other trains on."""
+    from jaxnn.train import EarlyStopping
+
+    lrs = [1.5, 0.02]
+    result = train_population(_model(), optax.sgd, digits, members={"learning_rate": lrs}, num_steps=40,
+                              batch_size=BATCH, early_stop_patience=1, eval_every=4, steps_per_call=3,
+                              progress=False)
+    statuses = [row["status"] for row in result.members]
+    assert statuses[0].startswith("early-stopped at step ") and statuses[1] == "completed", statuses
+    for index, lr in enumerate(lrs):
+        state = create_train_state(_model(), optax.sgd(lr), digits.input_shape, jax.random.PRNGKey(0))
+        alone = fit(state, digits, batch_size=BATCH, num_steps=40, eval_every=4, log_every=4, progress=False,
+                    callbacks=[EarlyStopping("val_loss", patience=1)])
+        assert int(result.member_state(index).step) == alone.steps_done
+        assert _max_difference(result.member_state(index).params, alone.state.params) < 1e-12
+    stop = int(statuses[0].rsplit(" ", 1)[1])
+    assert np.isnan(result.losses[stop:, 0]).all() and np.isfinite(result.losses[:stop, 0]).all()
+
+
+def test_a_population_too_big_for_memory_names_a_chunk_that_fits(digits, monkeypatch):
+    """With the free memory made small, the first compiled chunk is refused with a chunk size; that chunk size
+    then trains."""
+    from jaxnn.train import population
+
+    model = models.get_model("mlp", num_classes=10, width=256, depth=2)
+    members = {"seed": list(range(8)), "learning_rate": [1e-3] * 8}
+    kwargs = dict(members=members, num_steps=4, batch_size=BATCH, progress=False)
+    program = {}
+    real_check = population._check_memory
+
+    def spy(compiled, *args):
+        program.setdefault("it", compiled)
+        return real_check(compiled, *args)
+
+    monkeypatch.setattr(population, "_check_memory", spy)
+    train_population(model, optax.adam, digits, **kwargs)
+    analysis = program["it"].memory_analysis()
+    need = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes)
+    monkeypatch.setattr(population, "_available_bytes", lambda device: int(need / 3))
+    with pytest.raises(population.PopulationMemoryError, match=r"8 members at once need .* set chunk=(\d+)") as error:
+        train_population(model, optax.adam, digits, **kwargs)
+    chunk = int(re.search(r"set chunk=(\d+)", str(error.value)).group(1))
+    assert 1 <= chunk < 8
+    result = train_population(model, optax.adam, digits, chunk=chunk, **kwargs)
+    assert [row["status"] for row in result.members] == ["completed"] * 8
+
+
+MEMBERS_OVER_DEVICES = """
+import json, sys
+import jax, numpy as np, optax
+jax.config.update("jax_enable_x64", True)
+from jaxnn import data, models
+from jaxnn.train import population
+from jaxnn.train.population import train_population
+meshes, make_mesh = [], population._members_mesh
+population._members_mesh = lambda devices: meshes.append(make_mesh(devices)) or meshes[-1]
+digits = data.load_dataset("digits", seed=0)
+model = models.get_model("mlp", num_classes=10, width=16, depth=1)
+members = {"seed": [0, 1, 2, 3, 4, 5], "learning_rate": [0.05, 0.1, 0.2, 0.05, 0.1, 0.2]}
+runs = [train_population(model, optax.sgd, digits, members=members, num_steps=12, batch_size=32, progress=False,
+                         shuffle_per_member=True, steps_per_call=5, devices=devices) for devices in (None, -1, 4)]
+diffs = [max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+             zip(jax.tree.leaves(runs[0].state.params), jax.tree.leaves(other.state.params))) for other in runs[1:]]
+print(json.dumps({"devices": jax.device_count(), "diffs": diffs,
+                  "meshes": [None if mesh is None else dict(mesh.shape) for mesh in meshes],
+                  "val": [[row["val_loss"] for row in run.members] for run in runs]}))
+"""
+
+
+def test_members_sharded_over_eight_devices_equal_one_device():
+    """Six members over 8 simulated CPU devices (padded to 8) and over 4 (chunks of 8, 2 per device): the same
+    members as on one device, float64 to 1e-12."""
+    import json
+    import subprocess
+    import sys
+
+    from jaxnn.runtime import simulated_device_environment
+
+    env = simulated_device_environment({k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, 8)
+    out = subprocess.run([sys.executable, "-c", MEMBERS_OVER_DEVICES], capture_output=True, text=True, env=env,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8 and max(result["diffs"]) < 1e-12
+    assert result["meshes"] == [None, {"members": 8}, {"members": 4}]
+    np.testing.assert_allclose(result["val"][1], result["val"][0], rtol=1e-12)
+    np.testing.assert_allclose(result["val"][2], result["val"][0], rtol=1e-12)
