@@ -1,4 +1,5 @@
-"""Populations: many members of one model trained at once by ``vmap`` — seeds, optimizer hyper-parameters, init scale.
+"""Populations: many members of one model trained at once by ``vmap`` — seeds, optimizer hyper-parameters, init
+scale, dropout rate.
 
     result = train_population(models.get_model("mlp", num_classes=10), optax.adam, ds,
                               members=population_grid(seed=[0, 1, 2], learning_rate=[1e-3, 1e-2]),
@@ -6,9 +7,11 @@
     result.table()          # one row per member: its values, final train/val/test metrics, status
 
 Member ``i`` is exactly the run ``fit(create_train_state(model, optimizer(**hyper_i), shape, PRNGKey(seed_i)), ds,
-seed=data_seed_i, ...)`` with the initial parameters multiplied by ``init_scale_i``: the same initial weights, the
-same batches in the same order, the same updates (tested against ``fit`` to 1e-12 in float64). The optimizer's
-swept hyper-parameters live in its state (``optax.inject_hyperparams``), so one compiled step serves every member.
+seed=data_seed_i, ...)`` with the initial parameters multiplied by ``init_scale_i`` (and, for ``dropout``, the
+model built with dropout rate ``dropout_i``: every ``nn.Dropout`` runs at the member's rate): the same initial
+weights, the same batches in the same order, the same updates (tested against ``fit`` to 1e-12 in float64). The
+optimizer's swept hyper-parameters live in its state (``optax.inject_hyperparams``), so one compiled step serves
+every member.
 
 Batches: the training split is copied to the device once; every call runs ``steps_per_call`` steps in a
 ``lax.scan``, gathering each step's batch on the device from the epoch permutations of ``batch_iterator``. By default
@@ -29,6 +32,7 @@ import math
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +44,7 @@ from jaxnn import losses
 from jaxnn.train.state import TrainState
 from jaxnn.train.step import _step_function, make_eval_step
 
-MEMBER_FIELDS = ("seed", "init_scale")  # per-member values that are not optimizer hyper-parameters
+MEMBER_FIELDS = ("seed", "init_scale", "dropout")  # per-member values that are not optimizer hyper-parameters
 
 
 def population_grid(**axes: Sequence[Any]) -> dict[str, list]:
@@ -96,6 +100,8 @@ def check_members(members: Mapping[str, Sequence[Any]], optimizer: Callable) -> 
         raise ValueError(f"members: seed must be integers, got {members['seed']!r}")
     if "init_scale" in columns and np.any(columns["init_scale"] <= 0):
         raise ValueError(f"members: init_scale must be positive, got {members['init_scale']!r}")
+    if "dropout" in columns and np.any((columns["dropout"] < 0) | (columns["dropout"] >= 1)):
+        raise ValueError(f"members: dropout rates must be in [0, 1), got {members['dropout']!r}")
     return count, columns
 
 
@@ -165,25 +171,75 @@ def _init_members(model, tx, input_shape, seeds, scales, hyper):
                       input_shape=tuple(input_shape))
 
 
-def _make_steps(loss, classification: bool, shared_batches: bool):
-    """``steps(state, alive, data, rows) -> (state, alive, losses, accs)``: one scanned step per row block,
-    vmapped over members; a member with a non-finite loss keeps its previous state from then on."""
+def _dropout_at(rate: jax.Array):
+    """A flax method interceptor that runs every ``nn.Dropout`` at ``rate`` (a traced per-member value) instead of
+    its static one, drawing the mask exactly as ``nn.Dropout`` does (same rng, same Bernoulli draw): a member equals
+    the model built with that rate (rate 0 keeps every unit, as a model without dropout)."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if not isinstance(module, nn.Dropout) or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        inputs = args[0]
+        deterministic = nn.merge_param("deterministic", module.deterministic,
+                                       kwargs.get("deterministic", args[1] if len(args) > 1 else None))
+        if deterministic:
+            return inputs
+        rng = kwargs.get("rng", args[2] if len(args) > 2 else None)
+        rng = module.make_rng(module.rng_collection) if rng is None else rng
+        keep = (1.0 - rate).astype(inputs.dtype)
+        shape = list(inputs.shape)
+        for dim in module.broadcast_dims:
+            shape[dim] = 1
+        mask = jnp.broadcast_to(jax.random.bernoulli(rng, p=keep, shape=shape), inputs.shape)
+        return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
+
+    return interceptor
+
+
+def _dropout_layers(model, input_shape) -> int:
+    """How many ``nn.Dropout`` calls a training-mode forward pass of ``model`` makes (shapes only)."""
+    from jaxnn.models import init_model
+
+    calls = []
+
+    def count(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dropout) and context.method_name == "__call__":
+            calls.append(context.module.name)
+        return next_fun(*args, **kwargs)
+
+    params, model_state = init_model(model, jax.random.PRNGKey(0), tuple(input_shape))
+    with nn.intercept_methods(count):
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)},
+                                                mutable=list(model_state)),
+                       {"params": params, **model_state}, jnp.zeros((1, *input_shape)))
+    return len(calls)
+
+
+def _make_steps(loss, classification: bool, shared_batches: bool, dropout: bool):
+    """``steps(state, alive, rates, data, rows) -> (state, alive, losses, accs)``: one scanned step per row block,
+    vmapped over members (``rates``: each member's dropout rate when ``dropout``); a member with a non-finite loss
+    keeps its previous state from then on."""
     step = _step_function(loss, None, 1, classification, False)
 
-    def member_step(state, alive, batch):
-        new_state, metrics = step(state, batch, False)
+    def member_step(state, alive, rate, batch):
+        if dropout:
+            with nn.intercept_methods(_dropout_at(rate)):
+                new_state, metrics = step(state, batch, False)
+        else:
+            new_state, metrics = step(state, batch, False)
         ok = alive & jnp.isfinite(metrics["loss"])
         new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
         accuracy = metrics.get("accuracy", jnp.zeros_like(metrics["loss"]))
         return new_state, ok, jnp.where(ok, metrics["loss"], jnp.nan), jnp.where(ok, accuracy, jnp.nan)
 
-    vmapped = jax.vmap(member_step, in_axes=(0, 0, None if shared_batches else 0))
+    vmapped = jax.vmap(member_step, in_axes=(0, 0, 0, None if shared_batches else 0))
 
-    def steps(state, alive, data, rows):
+    def steps(state, alive, rates, data, rows):
         def body(carry, step_rows):
             state, alive = carry
             batch = jax.tree.map(lambda a: jnp.take(a, step_rows, axis=0), data)
-            state, alive, value, accuracy = vmapped(state, alive, batch)
+            state, alive, value, accuracy = vmapped(state, alive, rates, batch)
             return (state, alive), (value, accuracy)
 
         (state, alive), (values, accuracies) = jax.lax.scan(body, (state, alive), rows)
@@ -300,8 +356,9 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
                      steps_per_call: int = 50, eval_batch_size: int = 1024, progress: bool = True,
                      early_stop_patience: int | None = None, early_stop_metric: str = "val_loss",
                      eval_every: int | None = None, devices: int | None = None) -> PopulationResult:
-    """Train every member of ``members`` (columns: ``seed``, ``init_scale`` and any numeric argument of
-    ``optimizer``, one value per member; missing ones default to seed 0, scale 1 and ``optimizer_kwargs``) for
+    """Train every member of ``members`` (columns: ``seed``, ``init_scale``, ``dropout`` (the model must have dropout
+    layers) and any numeric argument of ``optimizer``, one value per member; missing ones default to seed 0, scale
+    1, the model's own dropout and ``optimizer_kwargs``) for
     ``num_steps`` steps of ``batch_size`` on ``dataset.train``; evaluate each on every split. See the module
     docstring for what a member is equal to.
 
@@ -364,7 +421,11 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
         place = lambda tree, spec=PartitionSpec("members"): jax.device_put(  # noqa: E731
             tree, NamedSharding(mesh, spec))
     available = _available_bytes(jax.devices()[0])
-    steps = _make_steps(loss, classification, shared_batches=not shuffle_per_member)
+    dropout = "dropout" in columns
+    if dropout and not _dropout_layers(model, dataset.input_shape):
+        raise ValueError("members: dropout varies, but the model has no dropout layer in training mode; build it "
+                         "with a dropout rate > 0 (each member's rate replaces it)")
+    steps = _make_steps(loss, classification, shared_batches=not shuffle_per_member, dropout=dropout)
     per_call = max(1, min(int(steps_per_call), num_steps))
     eval_size = max(1, min(int(eval_batch_size), max(len(dataset.train), len(dataset.val), len(dataset.test))))
     worse = (lambda new, best: new >= best) if early_stop_metric == "val_loss" else (lambda new, best: new <= best)
@@ -379,6 +440,7 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
         state = place(_init_members(model, tx, dataset.input_shape, seeds[index], scales[index],
                                     {name: columns[name][index].astype(float_dtype) for name in hyper_names}))
         alive = place(jnp.ones(chunk, bool))
+        rates = place(jnp.asarray(columns["dropout"][index] if dropout else np.zeros(chunk), float_dtype))
         values, accuracies = [], []
         stopped: dict[int, int] = {}  # position in the chunk -> the step it was early-stopped after
         best = np.full(chunk, np.inf if early_stop_metric == "val_loss" else -np.inf)
@@ -396,11 +458,11 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
                 rows = _batch_rows(len(dataset.train), batch_size, int(data_seeds[0]), done, length)
             if length not in programs:  # compiled on its own, so compile and training times are reported apart
                 started = time.perf_counter()
-                programs[length] = steps.lower(state, alive, train_data, rows).compile()
+                programs[length] = steps.lower(state, alive, rates, train_data, rows).compile()
                 compile_s += time.perf_counter() - started
                 _check_memory(programs[length], chunk, shared_bytes, shards, available)
             started = time.perf_counter()
-            state, alive, value, accuracy = programs[length](state, alive, train_data, rows)
+            state, alive, value, accuracy = programs[length](state, alive, rates, train_data, rows)
             values.append(value)
             accuracies.append(accuracy)
             jax.block_until_ready(value)

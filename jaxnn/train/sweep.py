@@ -48,8 +48,10 @@ SWEEPABLE = {
     "optimizer.eps": "eps",
     "optimizer.rms_decay": "rms_decay",
     "optimizer.weight_decay": "weight_decay",
+    "model.kwargs.dropout": "dropout",
 }
-ALIASES = {"seed": "train.seed", "lr": "optimizer.lr", "learning_rate": "optimizer.lr"}
+ALIASES = {"seed": "train.seed", "lr": "optimizer.lr", "learning_rate": "optimizer.lr", "dropout": "model.kwargs.dropout"}
+DROPOUT_PLACEHOLDER = 0.5  # the population's model is built with dropout layers; each member's rate replaces it
 OPTIONS = ("method", "samples", "draw_seed")
 # The optimizer fields each optimizer reads (a population holds them in its state: optax.inject_hyperparams).
 OPTIMIZER_FIELDS = {
@@ -147,6 +149,9 @@ def sweep_members(cfg: Config) -> SweepPlan:
                 reason = f"no such config field; sweepable fields: {', '.join(sweepable)}"
             raise ConfigError(where, reason)
         grid, draw = _spec_values(field, where, value, method)
+        values_in_range = grid if grid is not None else list(draw[1:])
+        if field == "model.kwargs.dropout" and not all(0 <= v < 1 for v in values_in_range):
+            raise ConfigError(where, f"dropout rates must be in [0, 1), got {values_in_range!r}")
         if grid is not None:
             if field == "train.seed" and not all(float(v).is_integer() and v >= 0 for v in grid):
                 raise ConfigError(where, f"seeds must be non-negative integers, got {grid!r}")
@@ -254,7 +259,13 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
     config_lib.save_config(cfg, out / "config.yaml")
 
     dataset = load_dataset(cfg)
-    model = build_model(cfg, dataset)
+    if "model.kwargs.dropout" in plan.fields:  # dropout layers in the program; each member runs at its own rate
+        try:
+            model = build_model(cfg.replace(**{"model.kwargs.dropout": DROPOUT_PLACEHOLDER}), dataset)
+        except TypeError as error:
+            raise ConfigError("sweep.model.kwargs.dropout", f"model {cfg.model.name} takes no dropout rate ({error})")
+    else:
+        model = build_model(cfg, dataset)
     steps = total_steps(cfg, len(dataset.train))
     t = cfg.train
     if t.grad_accum_steps != 1:
@@ -382,9 +393,9 @@ def _chunk_template(model, factory, dataset, columns) -> Any:
     import jax
     import optax
 
-    from jaxnn.train.population import _init_members
+    from jaxnn.train.population import MEMBER_FIELDS, _init_members
 
-    swept = [name for name in columns if name not in ("seed", "init_scale")]
+    swept = [name for name in columns if name not in MEMBER_FIELDS]
     tx = optax.inject_hyperparams(factory)(**{name: float(columns[name][0]) for name in swept})
     return jax.eval_shape(lambda: _init_members(model, tx, dataset.input_shape, np.asarray(columns["seed"][:1]),
                                                 np.ones(1), {}))

@@ -207,3 +207,26 @@ def test_members_sharded_over_eight_devices_equal_one_device():
     assert result["meshes"] == [None, {"members": 8}, {"members": 4}]
     np.testing.assert_allclose(result["val"][1], result["val"][0], rtol=1e-12)
     np.testing.assert_allclose(result["val"][2], result["val"][0], rtol=1e-12)
+
+
+def test_dropout_rate_members_equal_models_built_with_that_rate(digits, x64):
+    """The population's model has dropout layers (rate 0.5, replaced per member); member i equals fit of the MLP
+    built with dropout rate r_i, masks included (rate 0: the MLP without dropout layers)."""
+    rates = [0.0, 0.2, 0.6]
+    model = models.get_model("mlp", num_classes=10, width=16, depth=2, dropout=0.5)
+    result = train_population(model, optax.sgd, digits, members={"dropout": rates, "seed": [0, 1, 2]},
+                              optimizer_kwargs={"learning_rate": 0.1}, num_steps=STEPS, batch_size=BATCH,
+                              steps_per_call=7, progress=False)
+    for index, rate in enumerate(rates):
+        alone_model = models.get_model("mlp", num_classes=10, width=16, depth=2, dropout=rate)
+        state = create_train_state(alone_model, optax.sgd(0.1), digits.input_shape, jax.random.PRNGKey(index))
+        alone = fit(state, digits, batch_size=BATCH, num_steps=STEPS, log_every=STEPS, eval_every=STEPS,
+                    progress=False).state
+        assert _max_difference(result.member_state(index).params, alone.params) < 1e-12, rate
+        assert result.members[index]["dropout"] == rate
+    with pytest.raises(ValueError, match="the model has no dropout layer"):
+        train_population(_model(), optax.sgd, digits, members={"dropout": [0.1, 0.2]},
+                         optimizer_kwargs={"learning_rate": 0.1}, num_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"dropout rates must be in \[0, 1\)"):
+        train_population(model, optax.sgd, digits, members={"dropout": [0.1, 1.0]},
+                         optimizer_kwargs={"learning_rate": 0.1}, num_steps=2, progress=False)

@@ -55,6 +55,7 @@ def test_grid_and_random_expansion(tmp_path):
     ({"optimizer.lr": {"uniform": [0.1, 0.2]}}, {}, "sweep.optimizer.lr", "needs n >= 1"),
     ({"method": "random", "optimizer.lr": {"uniform": [0.1, 0.2]}}, {}, "sweep.samples", "samples >= 1"),
     ({"seed": [0, 1.5]}, {}, "sweep.seed", "non-negative integers"),
+    ({"dropout": [0.1, 1.2]}, {}, "sweep.dropout", r"dropout rates must be in \[0, 1\)"),
     ({"seed": [0], "train.seed": [1]}, {}, "sweep.train.seed", "swept twice"),
     ({"optimizer.lr": [0.1]}, {"optimizer.name": "lbfgs"}, "optimizer.name", "cannot train as a population"),
 ])
@@ -121,3 +122,18 @@ def test_killed_sweep_resumes_without_retraining_finished_chunks(tmp_path):
     (chunks[0] / "state.npz").write_bytes(b"not a zip file")
     with pytest.raises(CheckpointError, match="00000-00001 is unreadable"):
         run_sweep(cfg, out, resume=True, log=lambda line: None)
+
+
+def test_dropout_members_equal_single_runs_with_that_rate(tmp_path, x64):
+    cfg = small_config(tmp_path, {"dropout": [0.0, 0.3]}, **{"train.steps": 16})
+    summary = run_sweep(cfg, tmp_path / "sweep", log=lambda line: None)
+    plan = sweep_members(cfg)
+    for index in range(2):
+        member = member_config(cfg, plan, index)
+        assert member.model.kwargs["dropout"] == [0.0, 0.3][index]
+        alone = train_from_config(member.replace(**{"name": f"alone{index}"}))
+        np.testing.assert_allclose(summary["rows"][index]["train_loss"], alone["final"]["train_loss"], rtol=1e-12)
+    exported = load_run(tmp_path / "sweep" / "best")
+    again = load_run(tmp_path / f"alone{summary['best_member']}")
+    for a, b in zip(jax.tree.leaves(exported.state.params), jax.tree.leaves(again.state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
