@@ -23,6 +23,7 @@ from jaxnn.curvature.conditioning import (
 from jaxnn.curvature.dense import dense_hessian, dense_matrix, finite_difference_hvp
 from jaxnn.curvature.density import SpectralDensity, gaussian_broadening, spectral_density
 from jaxnn.curvature.population import (
+    population_gradient_curvature,
     population_hessian_trace,
     population_sharpness,
     population_top_eigenvalues,
@@ -65,6 +66,7 @@ __all__ = [
     "NewtonStep",
     "PowerIterationResult",
     "SpectralDensity",
+    "population_gradient_curvature",
     "population_hessian_trace",
     "population_sharpness",
     "population_top_eigenvalues",

@@ -124,6 +124,18 @@ def population_trace(loss_fn: Callable, params: Any, data: Any, *, num_samples: 
                                                 precision=precision))
 
 
+def population_gradient_curvature(loss_fn: Callable, params: Any, data: Any, *, stacked: bool = False,
+                                  precision: str = DEFAULT_PRECISION) -> tuple[np.ndarray, np.ndarray]:
+    """Every member's (gᵀHg, gᵀHg / gᵀg) along its own data-set gradient g: the curvature the next gradient step
+    sees (see :func:`jaxnn.curvature.gradient_curvature`). Cost: N gradients and N HVPs, in one program."""
+    precision = check_precision(precision)
+    _, _, groups, loss_fn, member_axis = _check_population(loss_fn, params, data, stacked)
+    product, squared_norm = (np.asarray(a) for a in _population_gradient_program(
+        loss_fn, params, groups, member_axis=member_axis, precision=precision))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return product, np.where(squared_norm > 0, product / squared_norm, np.nan)
+
+
 def _loss_of_flat(member_loss_fn: Callable, unravel: Callable, groups) -> Callable:
     """A member's data-averaged loss of its flat parameter vector (batches of one shape scanned; weights B_b / N)."""
 
@@ -163,6 +175,20 @@ def _population_trace_program(loss_fn, params, probes, groups, *, member_axis, p
         flat = ravel_pytree(member_params)[0]
         quadratic = lambda _, v: (None, jnp.vdot(v, jax.jvp(grad, (flat,), (v,))[1]))  # noqa: E731
         return jnp.mean(jax.lax.scan(quadratic, None, probes)[1])
+
+    return jax.vmap(member, in_axes=(member_axis, 0))(loss_fn, params)
+
+
+@precise_jit(static_argnames=("member_axis", "precision"))
+def _population_gradient_program(loss_fn, params, groups, *, member_axis, precision):
+    """Every member's (gᵀHg, gᵀg), vmapped over members."""
+    unravel = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], params))[1]
+
+    def member(member_loss_fn, member_params):
+        grad = jax.grad(_loss_of_flat(at_precision(member_loss_fn, precision), unravel, groups))
+        flat = ravel_pytree(member_params)[0]
+        gradient, curvature = jax.jvp(grad, (flat,), (grad(flat),))
+        return jnp.vdot(gradient, curvature), jnp.vdot(gradient, gradient)
 
     return jax.vmap(member, in_axes=(member_axis, 0))(loss_fn, params)
 

@@ -15,7 +15,7 @@ sweepable (:data:`SWEEPABLE`); every member's config is validated like a single 
 Member ``i`` is the run ``jaxnn train`` would do with its config (its values set, ``train.data_seed`` fixed to the
 batch order it trained on), for ``train.steps`` steps. :func:`run_sweep` trains the members ``population.chunk`` at
 a time, writes each finished chunk to ``chunks/`` (``--resume`` skips those), then ``sweep.csv`` (one row per member:
-its values, status, final train/val/test metrics [, λmax and Hessian trace]), ``sweep.json`` (the same plus the
+its values, status, final train/val/test metrics [, λmax, Hessian trace and gᵀHg/gᵀg]), ``sweep.json`` (the same plus the
 ensemble metrics), figures, and the best member (by validation accuracy, else validation loss) as an ordinary run
 folder ``best/`` that ``jaxnn curvature`` and ``jaxnn landscape`` accept.
 """
@@ -364,8 +364,9 @@ def _trained(row: dict) -> bool:
 
 def _add_curvature(rows: list[dict], state: Any, cfg: Config, dataset, log) -> None:
     """λmax (population Lanczos) and the Hessian trace (Hutchinson) of every member on the analysis batches."""
-    from jaxnn import data as data_lib
-    from jaxnn.curvature.population import population_hessian_trace, population_sharpness
+    from jaxnn import data as data_lib, losses
+    from jaxnn.curvature.population import (population_gradient_curvature, population_hessian_trace,
+                                            population_sharpness)
 
     a = cfg.analysis
     batch_size = min(cfg.train.batch_size, len(dataset.train))
@@ -374,18 +375,21 @@ def _add_curvature(rows: list[dict], state: Any, cfg: Config, dataset, log) -> N
     batches = list(zip(x, y))
     started = time.perf_counter()
     alive = np.asarray([_trained(r) for r in rows])
-    lambdas = np.full(len(rows), np.nan)
-    traces = np.full(len(rows), np.nan)
+    lambdas, traces, along = (np.full(len(rows), np.nan) for _ in range(3))
     if alive.any():
         import jax
 
         kept = jax.tree.map(lambda leaf: leaf[alive], state)
         lambdas[alive] = population_sharpness(kept, batches, loss=cfg.train.loss)[:, 0]
         traces[alive] = population_hessian_trace(kept, batches, loss=cfg.train.loss)
-    for row, value, trace in zip(rows, lambdas, traces):
+        loss_fns = losses.make_loss_fn(kept.apply_fn, cfg.train.loss, kept.model_state)
+        along[alive] = population_gradient_curvature(loss_fns, kept.params, batches)[1]
+    for row, value, trace, directional in zip(rows, lambdas, traces, along):
         row["lambda_max"], row["hessian_trace"] = float(value), float(trace)
-    log(f"curvature of {int(alive.sum())} members (lambda_max: Lanczos, 40 steps; trace: Hutchinson, 20 probes) on "
-        f"{len(batches)} batches of {batch_size} in {time.perf_counter() - started:.1f}s")
+        row["gradient_curvature"] = float(directional)
+    log(f"curvature of {int(alive.sum())} members (lambda_max: Lanczos, 40 steps; trace: Hutchinson, 20 probes; "
+        f"gradient_curvature: gᵀHg/gᵀg) on {len(batches)} batches of {batch_size} in "
+        f"{time.perf_counter() - started:.1f}s")
 
 
 def _chunk_template(model, factory, dataset, columns) -> Any:

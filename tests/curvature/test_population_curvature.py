@@ -120,3 +120,17 @@ def test_population_trace_equals_the_dense_hessian_on_the_same_probes(trained, x
         assert abs(many[0] - np.trace(dense)) < 0.15 * abs(np.trace(dense))
     with pytest.raises(ValueError, match="num_samples"):
         population_hessian_trace(result.state, batches, num_samples=0)
+
+
+def test_population_gradient_curvature_equals_the_single_engine(trained, x64):
+    from jaxnn.curvature.population import population_gradient_curvature
+
+    result, batches = trained
+    loss_fns = losses.make_loss_fn(result.state.apply_fn, "softmax_cross_entropy", result.state.model_state)
+    products, directional = population_gradient_curvature(loss_fns, result.state.params, batches)
+    for index in range(3):
+        member = result.member_state(index)
+        loss_fn = losses.make_loss_fn(member.apply_fn, "softmax_cross_entropy", member.model_state)
+        single = curvature.gradient_curvature(curvature.hessian(loss_fn, member.params, batches))
+        np.testing.assert_allclose(products[index], single.gradient_curvature_product, rtol=1e-10)
+        np.testing.assert_allclose(directional[index], single.directional_curvature, rtol=1e-10)

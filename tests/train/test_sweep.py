@@ -76,7 +76,8 @@ def test_members_equal_single_runs_and_the_best_is_an_ordinary_run_folder(tmp_pa
         assert (out / name).is_file(), name
     rows = summary["rows"]
     assert [r["member"] for r in rows] == [0, 1, 2, 3] and all(r["status"] == "completed" for r in rows)
-    assert all(np.isfinite(r["lambda_max"]) and r["lambda_max"] > 0 and np.isfinite(r["hessian_trace"]) for r in rows)
+    assert all(np.isfinite(r["lambda_max"]) and r["lambda_max"] > 0 and np.isfinite(r["hessian_trace"])
+               and 0 < r["gradient_curvature"] <= r["lambda_max"] * (1 + 1e-9) for r in rows)  # a Rayleigh quotient
     csv_lines = (out / "sweep.csv").read_text().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("member,optimizer.lr,train.seed,status")
     best = summary["best_member"]
