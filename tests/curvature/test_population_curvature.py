@@ -14,7 +14,8 @@ from jaxnn.curvature.population import population_sharpness, population_top_eige
 from jaxnn.train.population import train_population
 
 
-def test_quadratics_with_repeated_eigenvalues(x64):
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
+def test_quadratics_with_repeated_eigenvalues(x64, strategy):
     """Member m: L(θ) = ½ Σ s_m,i θ_i², spectrum s_m (4 distinct values in 8): the Krylov space breaks down after 4
     steps and restarts orthogonally, so num_iters = 8 finds the whole spectrum, multiplicities included."""
     spectra = jnp.asarray([[5, 5, 3, 1, 1, 1, -2, -2], [9, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 7]], jnp.float64)
@@ -24,10 +25,10 @@ def test_quadratics_with_repeated_eigenvalues(x64):
 
     loss_fns = jax.tree_util.Partial(loss, spectra)
     params = {"w": jnp.ones((2, 8), jnp.float64)}
-    values = population_top_eigenvalues(loss_fns, params, jnp.zeros(3), k=8, num_iters=8)
+    values = population_top_eigenvalues(loss_fns, params, jnp.zeros(3), k=8, num_iters=8, strategy=strategy)
     np.testing.assert_allclose(values, -np.sort(-np.asarray(spectra), axis=1), atol=1e-12)
     # Four steps: a Krylov space holds each distinct eigenvalue once (4 distinct values in each spectrum).
-    top2 = population_top_eigenvalues(loss_fns, params, jnp.zeros(3), k=2, num_iters=4)
+    top2 = population_top_eigenvalues(loss_fns, params, jnp.zeros(3), k=2, num_iters=4, strategy=strategy)
     np.testing.assert_allclose(top2, [[5, 3], [9, 7]], atol=1e-12)
 
 
@@ -42,9 +43,10 @@ def trained():
         yield result, [(x[i], y[i]) for i in range(2)]
 
 
-def test_population_equals_dense_hessian_and_single_engine(trained, x64):
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
+def test_population_equals_dense_hessian_and_single_engine(trained, x64, strategy):
     result, batches = trained
-    values = population_sharpness(result.state, batches, k=3, num_iters=60)
+    values = population_sharpness(result.state, batches, k=3, num_iters=60, strategy=strategy)
     assert values.shape == (3, 3)
     for index in range(3):
         member = result.member_state(index)
@@ -67,6 +69,18 @@ def test_bad_requests(trained):
         population_sharpness(result.state, batches, k=3, num_iters=2)
     with pytest.raises(ValueError, match="leading member axis"):
         population_top_eigenvalues(lambda p, b: 0.0, {"w": jnp.float32(1)}, batches)
+    with pytest.raises(ValueError, match="strategy must be one of auto, vmap, map"):
+        population_sharpness(result.state, batches, strategy="pmap")
+
+
+def test_auto_strategy_vmaps_small_members_and_maps_large_ones_on_cpu():
+    from jaxnn.curvature.population import _member_strategy
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU rule; accelerators always vmap")
+    assert _member_strategy("auto", 16, 40, 3_400, np.float32) == "vmap"      # width-32 MLPs: 9 MB of bases
+    assert _member_strategy("auto", 16, 40, 85_002, np.float32) == "map"      # the main job's MLP: 223 MB
+    assert _member_strategy("vmap", 16, 40, 85_002, np.float32) == "vmap"
 
 
 def test_population_products_run_at_highest_precision():
@@ -78,7 +92,8 @@ def test_population_products_run_at_highest_precision():
         params = {"w": jnp.ones((2, 4, 3), jnp.float32)}
         loss = jax.tree_util.Partial(lambda p, batch: jnp.sum((batch @ p["w"]) ** 2))
         groups = ((jnp.ones((1, 5, 4), jnp.float32), jnp.ones((1,), jnp.float32)),)
-        program = lambda *args: _population_program(*args, num_iters=3, k=1, member_axis=None, precision=precision)
+        program = lambda *args: _population_program(*args, num_iters=3, k=1, member_axis=None, precision=precision,
+                                                    strategy="vmap")
         jaxpr = jax.make_jaxpr(program)(loss, params, jnp.ones((2, 12), jnp.float32), groups).jaxpr
         found, stack = set(), [jaxpr]
         while stack:
