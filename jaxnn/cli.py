@@ -7,6 +7,7 @@
     jaxnn sweep CONFIG [--curvature] [--resume] # a population of the config's sweep section, best member exported
     jaxnn diagnose RUN_DIR                     # per-layer activations, dead/saturated units, gradients, updates
     jaxnn doctor CONFIG                        # sanity checks of a new model: ln(C) at init, overfit 20, grad check
+    jaxnn experiment NAME [--smoke]            # reproduce a result of the notes: results/NAME/ (--list, --table)
     jaxnn configs                              # list the shipped configs
     jaxnn train CONFIG --devices 8             # data-parallel over 8 devices (simulated on a CPU-only machine)
     jaxnn launch --processes 2 --devices-per-process 4 -- train CONFIG   # multi-host, as local processes
@@ -93,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", default="latest", help="checkpoint: latest, best or a step number")
     p.add_argument("--out", help="output folder (default: the run folder)")
     p.add_argument("--x64", action="store_true", help="float64 throughout")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not read or write the persistent compilation cache")
+
+    p = sub.add_parser("experiment", help="run a reproduced result of the notes (experiments/NAME.py)")
+    p.add_argument("name", nargs="?", help="the experiment (see --list)")
+    p.add_argument("--smoke", action="store_true", help="the small setting the test suite runs (seconds)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one of the experiment's settings (repeatable)")
+    p.add_argument("--out", help="output folder (default: results/NAME)")
+    p.add_argument("--list", action="store_true", help="list the experiments and their claims")
+    p.add_argument("--table", action="store_true",
+                   help="regenerate the table in experiments/README.md from results/*/result.json")
+    p.add_argument("--results", default="results", help="the results folder --table reads (default: results)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not read or write the persistent compilation cache")
 
@@ -201,6 +215,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _experiment_command(args) -> int:
+    from jaxnn import experiment
+    from jaxnn.config import parse_overrides
+
+    if args.list:
+        for name in experiment.experiment_names():
+            print(f"{name}: {experiment.load_experiment(name).CLAIM}")
+        return 0
+    if args.table:
+        print(experiment.write_table(args.results))
+        return 0
+    if not args.name:
+        raise ValueError(f"name an experiment (or --list): {', '.join(experiment.experiment_names())}")
+    overrides = {key.removeprefix("--set "): value for key, value in parse_overrides(args.overrides).items()}
+    record = experiment.run_experiment(args.name, smoke=args.smoke, overrides=overrides, out_dir=args.out)
+    for check in record["checks"]:
+        print(f"{'agrees   ' if check['agrees'] else 'DISAGREES'}  {check['check']}: {check['measured']}")
+    print(f"{args.name}: {record['verdict']} ({record['size']} size, {record['wall_time_s']} s); "
+          f"{args.out or 'results/' + args.name}/summary.md")
+    return 0
+
+
 def _dispatch(args) -> int:
     from jaxnn import analysis, config as config_lib
     from jaxnn.plotting import FigureWorker
@@ -243,6 +279,8 @@ def _dispatch(args) -> int:
             print(stats.table())
             figures.wait()
             return 0
+        if args.command == "experiment":
+            return _experiment_command(args)
         if args.command == "doctor":
             from jaxnn.diagnostics import doctor
 

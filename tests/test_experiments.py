@@ -25,7 +25,7 @@ def _load(name):
 
 def test_edge_of_stability_smoke(tmp_path):
     eos = _load("edge_of_stability")
-    results = eos.run(tmp_path, progress=False)
+    results = eos.measure(tmp_path, progress=False)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "sharpness.png").stat().st_size > 10_000
     size = eos.FULL if saved["size"] == "full" else eos.SMOKE
@@ -39,3 +39,59 @@ def test_edge_of_stability_smoke(tmp_path):
         dense = jax.hessian(lambda f: loss_fn(unravel(f), results["full_batch"]))(flat)
         top = float(np.linalg.eigvalsh(np.asarray(dense, np.float64))[-1])
         assert run["lambda_max"][-1] == pytest.approx(top, rel=2e-3)
+
+
+def test_conditioning_smoke_numbers_against_closed_forms(tmp_path):
+    """Every verdict is computed from measured numbers; the numbers themselves are checked here against numpy and
+    closed forms: κ of the construction, GD's one step at κ = 1, the divergence threshold 2/λmax, the trajectories."""
+    from jaxnn.experiment import run_experiment
+
+    record = run_experiment("conditioning", smoke=True, out_dir=tmp_path, progress=False)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["verdict"] == record["verdict"] and (tmp_path / "summary.md").is_file()
+    assert (tmp_path / "conditioning.png").stat().st_size > 10_000
+    conditioning = _load("conditioning")
+    for row in saved["measured"]["rows"]:
+        a, _ = conditioning.quadratic(row["kappa"], saved["setting"]["dim"], saved["setting"]["seed"])
+        eigenvalues = np.linalg.eigvalsh(a)
+        assert row["lambda_max"] == pytest.approx(eigenvalues[-1], rel=1e-10)
+        assert row["kappa_measured"] == pytest.approx(eigenvalues[-1] / eigenvalues[0], rel=1e-8)
+    assert saved["measured"]["rows"][0]["gd_steps"] == 1  # κ = 1, lr = 1/λ: x₁ = 0
+    assert saved["measured"]["divergence_threshold_times_lambda_max"] == pytest.approx(2.0, rel=0.01)
+    assert max(saved["measured"]["trajectory_gap_eps_as_optax"].values()) < 1e-12
+    assert saved["measured"]["trajectory_gap_eps_as_notes"]["rmsprop"] > 1e-12  # ε placement matters
+    verdicts = [c["agrees"] for c in saved["checks"]]
+    assert saved["verdict"] == ("agrees" if all(verdicts) else "disagrees" if not any(verdicts) else "partly")
+
+
+def test_verdict_rule_and_generated_table(tmp_path):
+    from jaxnn.experiment import Result, write_table
+
+    assert Result({}, [("a", "1", True), ("b", "2", True)]).verdict == "agrees"
+    assert Result({}, [("a", "1", True), ("b", "2", False)]).verdict == "partly"
+    assert Result({}, [("a", "1", False)]).verdict == "disagrees"
+    with pytest.raises(ValueError, match="at least one check"):
+        Result({}, []).verdict
+    results = tmp_path / "results" / "demo"
+    results.mkdir(parents=True)
+    (results / "result.json").write_text(json.dumps({
+        "name": "demo", "size": "smoke", "claim": "x", "verdict": "partly", "figures": ["demo.png"],
+        "checks": [{"check": "c", "measured": "3 vs 4", "agrees": False}]}))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Experiments\n\nText before.\n")
+    table = write_table(tmp_path / "results", readme)
+    assert "| demo (smoke) | x | 3 vs 4 | **partly** |" in table
+    first = readme.read_text()
+    write_table(tmp_path / "results", readme)
+    assert readme.read_text() == first and first.startswith("# Experiments\n\nText before.")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["experiment", "nonesuch"], "unknown experiment 'nonesuch'; experiments: conditioning"),
+    (["experiment", "conditioning", "--set", "dimm=3"], "--set dimm: the experiment has no such setting"),
+])
+def test_experiment_command_bad_input(args, words, capsys):
+    from jaxnn.cli import main
+
+    assert main(args) == 2
+    assert words in capsys.readouterr().err
