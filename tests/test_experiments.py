@@ -95,3 +95,37 @@ def test_experiment_command_bad_input(args, words, capsys):
 
     assert main(args) == 2
     assert words in capsys.readouterr().err
+
+
+def test_depth_init_batchnorm_smoke_against_closed_forms(tmp_path):
+    from jaxnn.experiment import run_experiment
+
+    record = run_experiment("depth_init_batchnorm", smoke=True, out_dir=tmp_path, progress=False)
+    measured, setting = record["measured"], record["setting"]
+    rng = np.random.default_rng(setting["seed"])
+    x = rng.normal(size=(setting["examples"], setting["width"])).astype(np.float32)
+    for name, variances in measured["activation_variance"].items():
+        assert len(variances) == setting["depth"] + 1  # every hidden layer and the head
+        assert variances[0] == pytest.approx(float(np.var(x)), rel=1e-5), name  # the first layer reads the data
+    # tanh with N(0, 1) weights on ±1 inputs: z ~ N(0, width), saturated when |z| > atanh(0.99).
+    from math import atanh, erf, sqrt
+
+    expected = 1 - erf(atanh(0.99) / sqrt(setting["width"]) / sqrt(2))
+    assert all(abs(r["saturated"] - expected) < 0.03 for r in measured["tanh"]["tanh N(0, 1)"][1:])
+    # The hand-derived batch-norm backward against central differences (independent of jax).
+    module = _load("depth_init_batchnorm")
+    data = np.random.default_rng(1)
+    xs, gamma, dy = data.normal(size=(6, 3)), data.normal(size=3), data.normal(size=(6, 3))
+
+    def forward(z):
+        return float(np.sum(dy * gamma * (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5)))
+
+    numeric = np.zeros_like(xs)
+    for index in np.ndindex(xs.shape):
+        step = np.zeros_like(xs)
+        step[index] = 1e-6
+        numeric[index] = (forward(xs + step) - forward(xs - step)) / 2e-6
+    np.testing.assert_allclose(module.batchnorm_backward_by_hand(xs, gamma, dy, 1e-5), numeric, rtol=1e-6,
+                               atol=1e-8)
+    verdicts = [c["agrees"] for c in record["checks"]]
+    assert record["verdict"] == ("agrees" if all(verdicts) else "disagrees" if not any(verdicts) else "partly")

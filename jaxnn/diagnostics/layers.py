@@ -79,12 +79,16 @@ class LayerStatistics:
 
 
 def layer_statistics(state: Any, batch: Any, *, loss: Any = "softmax_cross_entropy", layers: Any = None,
-                     saturation: str | None = "auto", bins: int = 40) -> LayerStatistics:
+                     saturation: str | None = "auto", bins: int = 40, mode: str = "eval") -> LayerStatistics:
     """Statistics of every parameterised layer of ``state``'s model on ``batch`` = (x, y) (see the module
     docstring). ``layers``: names (e.g. ``["dense_1"]``) to keep, default all; an unknown name is an error that lists
-    the layers. ``saturation``: "auto" (from the model's ``activation``), "tanh", "sigmoid" or None."""
+    the layers. ``saturation``: "auto" (from the model's ``activation``), "tanh", "sigmoid" or None. ``mode``:
+    "eval" (running batch-norm statistics, as at test time) or "train" (the batch's own statistics, as a training
+    step sees them; dropout stays off)."""
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
     x, y = batch
-    records = _forward_records(state, jnp.asarray(x))
+    records = _forward_records(state, jnp.asarray(x), mode == "train")
     names = list(records)
     if layers is not None:
         layers = [layers] if isinstance(layers, str) else list(layers)
@@ -100,7 +104,7 @@ def layer_statistics(state: Any, batch: Any, *, loss: Any = "softmax_cross_entro
         raise ValueError(f"saturation: expected 'auto', 'tanh', 'sigmoid' or None, got {saturation!r}")
     activations = [_activation_row(name, *jax.device_get(records[name]), saturation, bins, index == 0)
                    for index, name in enumerate(names)]
-    grads, updates = _gradients_and_updates(state, (jnp.asarray(x), jnp.asarray(y)), loss)
+    grads, updates = _gradients_and_updates(state, (jnp.asarray(x), jnp.asarray(y)), loss, mode)
     grad_leaves = jax.tree.leaves(grads)
     update_leaves = jax.tree.leaves(updates) if updates is not None else [None] * len(grad_leaves)
     gradients = []
@@ -111,52 +115,68 @@ def layer_statistics(state: Any, batch: Any, *, loss: Any = "softmax_cross_entro
             continue
         gradients.append(_gradient_row(name, np.asarray(param), np.asarray(grad),
                                        None if update is None else np.asarray(update), bins))
+    position = {name: index for index, name in enumerate(records)}  # call order, not the sorted parameter keys
+    gradients.sort(key=lambda g: (position.get(g["name"].rsplit("/", 1)[0], len(position)), g["name"]))
     return LayerStatistics(activations, gradients, _flags(activations, gradients, saturation), saturation)
 
 
-def _forward_records(state: Any, x: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
-    return _forward_records_jit(state.apply_fn, {"params": state.params, **state.model_state}, x)
+def _forward_records(state: Any, x: jax.Array, train: bool = False) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Every layer's (input, output), in the order the model calls them (a compiled program returns a dict with
+    sorted keys: dense_10 would come before dense_2, so the call order is read off a shape-only trace)."""
+    variables = {"params": state.params, **state.model_state}
+    order: list[str] = []
+    jax.eval_shape(lambda v, x: _run_intercepted(state.apply_fn, v, x, train, lambda name, *_: order.append(name)),
+                   variables, x)
+    records = _forward_records_jit(state.apply_fn, variables, x, train)
+    return {name: records[name] for name in order}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_records_jit(apply_fn, variables, x):
-    records: dict[str, tuple] = {}
+def _run_intercepted(apply_fn, variables, x, train, record) -> None:
+    """Apply the model with ``record(name, input, output)`` called for every parameterised layer, in call order."""
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         if context.method_name == "__call__" and isinstance(context.module, LAYER_TYPES) and args:
-            records["/".join(context.module.path)] = (args[0], out)
+            record("/".join(context.module.path), args[0], out)
         return out
 
     with nn.intercept_methods(interceptor):
-        apply_fn(variables, x, train=False)
+        if train:
+            apply_fn(variables, x, train=True, mutable=[name for name in variables if name != "params"])
+        else:
+            apply_fn(variables, x, train=False)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _forward_records_jit(apply_fn, variables, x, train):
+    records: dict[str, tuple] = {}
+    _run_intercepted(apply_fn, variables, x, train, lambda name, inputs, out: records.__setitem__(name, (inputs, out)))
     return records
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _gradients_and_updates_jit(state, batch, loss):
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _gradients_and_updates_jit(state, batch, loss, mode):
     from jaxnn.losses import make_loss_fn
 
-    loss_fn = make_loss_fn(state.apply_fn, loss, state.model_state)
-    grads = jax.grad(loss_fn)(state.params, batch)
+    grads = jax.grad(make_loss_fn(state.apply_fn, loss, state.model_state, mode=mode))(state.params, batch)
     updates, _ = state.tx.update(grads, state.opt_state, state.params)
     return grads, updates
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _gradients_jit(state, batch, loss):
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _gradients_jit(state, batch, loss, mode):
     from jaxnn.losses import make_loss_fn
 
-    return jax.grad(make_loss_fn(state.apply_fn, loss, state.model_state))(state.params, batch)
+    return jax.grad(make_loss_fn(state.apply_fn, loss, state.model_state, mode=mode))(state.params, batch)
 
 
-def _gradients_and_updates(state, batch, loss):
+def _gradients_and_updates(state, batch, loss, mode="eval"):
     """(gradients, the optimizer's updates from them — None when its update needs more than the gradient, e.g. a
     line search's loss)."""
     try:
-        return jax.device_get(_gradients_and_updates_jit(state, batch, loss))
+        return jax.device_get(_gradients_and_updates_jit(state, batch, loss, mode))
     except TypeError:
-        return jax.device_get(_gradients_jit(state, batch, loss)), None
+        return jax.device_get(_gradients_jit(state, batch, loss, mode)), None
 
 
 def _histogram(values: np.ndarray, bins: int) -> dict:

@@ -108,3 +108,12 @@ def test_callback_logs_every_k_steps(digits):
         callback.history[0])
     with pytest.raises(ValueError, match="every_k_steps"):
         LayerStatisticsCallback(every_k_steps=0)
+
+
+def test_layers_come_in_call_order_past_ten(digits):
+    """A compiled program returns a dict with sorted keys (dense_10 before dense_2): the report keeps call order."""
+    model = models.get_model("mlp", num_classes=10, width=4, depth=12)
+    state = create_train_state(model, optax.sgd(0.1), digits.input_shape, jax.random.PRNGKey(0))
+    stats = layer_statistics(state, (digits.train.x[:8], digits.train.y[:8]))
+    assert [row["name"] for row in stats.activations] == [f"dense_{i}" for i in range(12)] + ["head"]
+    assert [row["name"] for row in stats.gradients][::2] == [f"dense_{i}/bias" for i in range(12)] + ["head/bias"]
