@@ -129,3 +129,55 @@ def test_depth_init_batchnorm_smoke_against_closed_forms(tmp_path):
                                atol=1e-8)
     verdicts = [c["agrees"] for c in record["checks"]]
     assert record["verdict"] == ("agrees" if all(verdicts) else "disagrees" if not any(verdicts) else "partly")
+
+
+def _verdict_follows_checks(record):
+    verdicts = [c["agrees"] for c in record["checks"]]
+    return record["verdict"] == ("agrees" if all(verdicts) else "disagrees" if not any(verdicts) else "partly")
+
+
+def test_ridge_smoke_against_numpy(tmp_path):
+    from jaxnn.experiment import run_experiment
+
+    record = run_experiment("ridge", smoke=True, out_dir=tmp_path, progress=False)
+    ridge, setting = _load("ridge"), record["setting"]
+    x, y = ridge.data(setting["examples"], setting["features"], setting["noise"], setting["seed"])
+    for row in record["measured"]["rows"]:
+        eigenvalues = np.linalg.eigvalsh(x.T @ x + row["lambda"] * np.eye(x.shape[1]))
+        assert row["kappa_engine"] == pytest.approx(eigenvalues[-1] / eigenvalues[0], rel=1e-8)
+    np.testing.assert_allclose(ridge.ridge_closed_form(x, y, 0.0), np.linalg.lstsq(x, y, rcond=None)[0], rtol=1e-8)
+    assert record["measured"]["ridge_wide_lambda_min"] == pytest.approx(1.0, rel=1e-8)
+    assert _verdict_follows_checks(record)
+
+
+def test_losses_smoke_worked_values(tmp_path):
+    from jaxnn.experiment import run_experiment
+
+    record = run_experiment("losses", smoke=True, out_dir=tmp_path, progress=False)
+    scores = [[3.2, 5.1, -1.7], [1.3, 4.9, 2.0], [2.2, 2.5, -3.1]]
+    hinge = [sum(max(0.0, s[j] - s[i] + 1) for j in range(3) if j != i) for i, s in enumerate(scores)]
+    np.testing.assert_allclose(record["measured"]["hinge"], hinge, atol=1e-12)
+    softmax = [-(s[i] - np.log(sum(np.exp(v) for v in s))) for i, s in enumerate(scores)]
+    np.testing.assert_allclose(record["measured"]["softmax_cross_entropy"], softmax, rtol=1e-12)
+    crammer = [max(s[j] + (j != i) for j in range(3)) - s[i] for i, s in enumerate(scores)]
+    np.testing.assert_allclose(record["measured"]["crammer_singer_hinge"], crammer, atol=1e-6)
+    assert _verdict_follows_checks(record)
+
+
+def test_saddle_points_smoke_against_dense_hessians(tmp_path):
+    from jax.flatten_util import ravel_pytree
+
+    from jaxnn.experiment import run_experiment
+
+    record = run_experiment("saddle_points", smoke=True, out_dir=tmp_path, progress=False)
+    quadratic = record["measured"]["x² − y²"]
+    assert (quadratic["lambda_min"], quadratic["lambda_max"]) == pytest.approx((-2.0, 2.0), abs=1e-12)
+    module = _load("saddle_points")
+    with jax.enable_x64(True):
+        loss, start = module._problems(record["setting"])["two-layer linear network"]
+        flat, unravel = ravel_pytree(jax.tree.map(lambda a: jax.numpy.asarray(a, jax.numpy.float64), start))
+        eigenvalues = np.linalg.eigvalsh(np.asarray(jax.hessian(lambda f: loss(unravel(f)))(flat)))
+    network = record["measured"]["two-layer linear network"]
+    assert network["lambda_min"] == pytest.approx(eigenvalues[0], rel=1e-8)
+    assert network["lambda_max"] == pytest.approx(eigenvalues[-1], rel=1e-8)
+    assert _verdict_follows_checks(record)
