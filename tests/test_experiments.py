@@ -181,3 +181,33 @@ def test_saddle_points_smoke_against_dense_hessians(tmp_path):
     assert network["lambda_min"] == pytest.approx(eigenvalues[0], rel=1e-8)
     assert network["lambda_max"] == pytest.approx(eigenvalues[-1], rel=1e-8)
     assert _verdict_follows_checks(record)
+
+
+def test_ill_conditioning_smoke_against_the_dense_hessian(tmp_path):
+    """The recorded predicted change at the last logged step equals −εgᵀg + ½ε²gᵀHg from jax.hessian of the same
+    model (retrained here with the same seed and steps), and the actual change is the loss difference."""
+    import optax
+
+    from jaxnn import data as data_lib, losses, models
+    from jaxnn.experiment import run_experiment
+    from jaxnn.train import create_train_state, fit
+
+    record = run_experiment("ill_conditioning", smoke=True, out_dir=tmp_path, progress=False)
+    setting, last = record["setting"], record["measured"]["rows"][-1]
+    digits = data_lib.load_dataset("digits", seed=0)
+    model = models.get_model("mlp", num_classes=10, width=setting["width"], depth=setting["depth"])
+    state = create_train_state(model, optax.sgd(setting["lr"]), digits.input_shape,
+                               jax.random.PRNGKey(setting["seed"]))
+    state = fit(state, digits, batch_size=setting["batch_size"], num_steps=last["step"], log_every=last["step"],
+                eval_every=last["step"], progress=False).state
+    batch = (digits.train.x[:setting["analysis_examples"]], digits.train.y[:setting["analysis_examples"]])
+    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", state.model_state)
+    flat, unravel = jax.flatten_util.ravel_pytree(state.params)
+    total = lambda f: loss_fn(unravel(f), batch)  # noqa: E731
+    g = np.asarray(jax.grad(total)(flat), np.float64)
+    hessian = np.asarray(jax.hessian(total)(flat), np.float64)
+    lr = setting["lr"]
+    predicted = -lr * g @ g + 0.5 * lr**2 * g @ hessian @ g
+    assert last["predicted"] == pytest.approx(predicted, rel=1e-3, abs=1e-6)
+    assert last["actual"] == pytest.approx(float(total(flat - lr * g)) - float(total(flat)), rel=1e-3, abs=1e-6)
+    assert _verdict_follows_checks(record)
