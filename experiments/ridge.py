@@ -35,10 +35,11 @@ def ridge_closed_form(x, y, lam):
 
 
 def _loss(x, y, lam):
+    """The ridge objective as a ``loss_fn(params, batch)`` for the curvature engine (the data closed over)."""
     import jax.numpy as jnp
 
     x, y = jnp.asarray(x), jnp.asarray(y)
-    return lambda w, _=None: 0.5 * jnp.sum((x @ w - y) ** 2) + 0.5 * lam * jnp.sum(w * w)
+    return lambda w, _=None: _ridge_objective(w, x, y, lam)
 
 
 def _ridge_objective(w, x, y, lam):
