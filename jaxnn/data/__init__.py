@@ -18,6 +18,7 @@ from jaxnn.data.dataset import (
     apply_standardization,
     default_data_dir,
     fit_standardization,
+    noisy_labels,
 )
 from jaxnn.data.download import DownloadError, file_md5
 from jaxnn.data.idx import read_idx
@@ -68,6 +69,7 @@ __all__ = [
     "full_batch",
     "host_stacked_batches",
     "load_dataset",
+    "noisy_labels",
     "quadratic_eigenvalues",
     "quadratic_hessian",
     "quadratic_loss",

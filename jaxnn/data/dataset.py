@@ -144,6 +144,28 @@ class Dataset:
         return getattr(self, name)
 
 
+_LABEL_NOISE_STREAM = 0x6E6F69  # keeps label-noise draws apart from the split/limit streams of the same seed
+
+
+def noisy_labels(labels, probability: float, num_classes: int, seed: int) -> np.ndarray:
+    """``labels`` with each one replaced, with probability ``probability``, by a class drawn uniformly from the
+    *other* ``num_classes − 1`` classes (symmetric label noise; the true class keeps frequency 1 − p and every other
+    class gets p/(C − 1), so the true class stops being the most frequent label above p = (C − 1)/C). The draw
+    depends on ``seed`` and ``len(labels)`` only. Returns int32 labels of the same shape."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"noisy_labels: labels must be a 1-D integer array, got dtype {labels.dtype} and shape "
+                         f"{labels.shape}")
+    if not 0.0 <= float(probability) <= 1.0:
+        raise ValueError(f"noisy_labels: probability must be in [0, 1], got {probability!r}")
+    if int(num_classes) < 2 or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
+        raise ValueError(f"noisy_labels: labels must lie in [0, num_classes={num_classes}) with num_classes >= 2")
+    rng = np.random.default_rng([int(seed), _LABEL_NOISE_STREAM])
+    flip = rng.random(labels.shape[0]) < float(probability)
+    offset = rng.integers(1, int(num_classes), labels.shape[0])
+    return np.where(flip, (labels + offset) % int(num_classes), labels).astype(np.int32)
+
+
 class Standardization(NamedTuple):
     """Per-feature statistics fitted on train: ``mean``, ``scale`` (std, or 1 where ``constant``)."""
 

@@ -230,3 +230,79 @@ def test_dropout_rate_members_equal_models_built_with_that_rate(digits, x64):
     with pytest.raises(ValueError, match=r"dropout rates must be in \[0, 1\)"):
         train_population(model, optax.sgd, digits, members={"dropout": [0.1, 1.0]},
                          optimizer_kwargs={"learning_rate": 0.1}, num_steps=2, progress=False)
+
+
+def _accuracy(state, split):
+    logits = state.apply_fn({"params": state.params, **state.model_state}, split.x, train=False)
+    return float(np.mean(np.argmax(np.asarray(logits), -1) == split.y))
+
+
+def _with_train_labels(dataset, labels):
+    import dataclasses
+
+    return dataclasses.replace(dataset, train=data_lib.Split(dataset.train.x, labels))
+
+
+@pytest.mark.parametrize("strategy, own_streams", [("vmap", False), ("loop", True)])
+def test_label_noise_members_equal_fit_on_their_noisy_labels(digits, x64, strategy, own_streams):
+    """Member i trains on noisy_labels(train.y, p_i, 10, seed_i) and equals fit on a copy of the data set with those
+    training labels (1e-12); its metrics are on the clean labels (p = 1: every training label wrong)."""
+    noise, seeds = [0.0, 0.3, 1.0], [0, 1, 2]
+    result = train_population(_model(), optax.sgd, digits, members={"label_noise": noise, "seed": seeds},
+                              optimizer_kwargs={"learning_rate": 0.1}, num_steps=STEPS, batch_size=BATCH,
+                              steps_per_call=7, shuffle_per_member=own_streams, strategy=strategy, progress=False)
+    for index, (p, seed) in enumerate(zip(noise, seeds)):
+        labels = data_lib.noisy_labels(digits.train.y, p, 10, seed)
+        state = create_train_state(_model(), optax.sgd(0.1), digits.input_shape, jax.random.PRNGKey(seed))
+        alone = fit(state, _with_train_labels(digits, labels), batch_size=BATCH, num_steps=STEPS,
+                    seed=seed if own_streams else 0, log_every=STEPS, eval_every=STEPS, progress=False)
+        assert _max_difference(result.member_state(index).params, alone.state.params) < 1e-12, p
+        assert result.members[index]["label_noise"] == p
+        assert result.members[index]["val_accuracy"] == pytest.approx(_accuracy(alone.state, digits.val), abs=1e-12)
+    with pytest.raises(ValueError, match=r"label_noise probabilities must be in \[0, 1\]"):
+        train_population(_model(), optax.sgd, digits, members={"label_noise": [0.1, 1.5]},
+                         optimizer_kwargs={"learning_rate": 0.1}, num_steps=2, progress=False)
+
+
+def test_noisy_labels_replace_with_a_uniform_other_class():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 200_000).astype(np.int32)
+    assert np.array_equal(data_lib.noisy_labels(labels, 0.0, 10, 3), labels)
+    assert np.all(data_lib.noisy_labels(labels, 1.0, 10, 3) != labels)
+    noisy = data_lib.noisy_labels(labels, 0.5, 10, 3)
+    assert noisy.dtype == np.int32 and np.array_equal(noisy, data_lib.noisy_labels(labels, 0.5, 10, 3))
+    assert not np.array_equal(noisy, data_lib.noisy_labels(labels, 0.5, 10, 4))
+    flipped = noisy != labels
+    assert flipped.mean() == pytest.approx(0.5, abs=0.005)
+    # Each of the 9 other classes receives p/9 of a true class's examples (binomial sd ~ 0.002 here).
+    shift = (noisy[flipped] - labels[flipped]) % 10
+    np.testing.assert_allclose(np.bincount(shift, minlength=10)[1:] / flipped.sum(), 1 / 9, atol=0.006)
+    for bad, words in [((labels, 1.2, 10, 0), "probability"), ((labels.astype(float), 0.1, 10, 0), "integer"),
+                       ((labels, 0.1, 5, 0), "num_classes")]:
+        with pytest.raises(ValueError, match=words):
+            data_lib.noisy_labels(*bad)
+
+
+def test_looped_members_of_a_conv_net_equal_fit_and_auto_picks_the_loop_on_cpu(digits, x64):
+    """The "loop" strategy (what "auto" picks for convolutions on CPU) gives each member fit's parameters (1e-12),
+    including a diverging member frozen before its first non-finite step; dense models keep "vmap"."""
+    from jaxnn.train.population import _population_strategy
+
+    conv = models.get_model("lenet", num_classes=10, conv_features=(2, 3), dense_features=(8,))
+    assert _population_strategy("auto", conv, digits.input_shape, None) == "loop"
+    assert _population_strategy("auto", _model(), digits.input_shape, None) == "vmap"
+    lrs = [0.05, 1e200]  # the second member's weights overflow (a smaller step only kills every ReLU)
+    result = train_population(conv, optax.sgd, digits, members={"learning_rate": lrs, "seed": [5, 6]},
+                              num_steps=STEPS, batch_size=BATCH, steps_per_call=7, progress=False)
+    state = create_train_state(conv, optax.sgd(lrs[0]), digits.input_shape, jax.random.PRNGKey(5))
+    alone = fit(state, digits, batch_size=BATCH, num_steps=STEPS, log_every=STEPS, eval_every=STEPS, progress=False)
+    assert _max_difference(result.member_state(0).params, alone.state.params) < 1e-12
+    assert result.members[0]["test_accuracy"] == pytest.approx(_accuracy(alone.state, digits.test), abs=1e-12)
+    assert result.members[1]["status"].startswith("diverged at step ")
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(result.member_state(1).params))
+    vmapped = train_population(conv, optax.sgd, digits, members={"learning_rate": lrs[:1], "seed": [5]},
+                               num_steps=STEPS, batch_size=BATCH, strategy="vmap", progress=False)
+    assert _max_difference(vmapped.member_state(0).params, alone.state.params) < 1e-12
+    with pytest.raises(ValueError, match="strategy must be one of auto, vmap, loop"):
+        train_population(conv, optax.sgd, digits, members={"learning_rate": [0.1]}, num_steps=2, strategy="map",
+                         progress=False)
