@@ -48,6 +48,30 @@ class Result:
         return "agrees" if all(agreed) else "disagrees" if not any(agreed) else "partly"
 
 
+MNIST_DEFAULT_DIR = "../shared/data/mnist"
+
+
+def mnist(config: dict, experiment: str, seed: int = 0, limit: int | None = None):
+    """The MNIST data set of ``config["data_dir"]`` (a relative path is read from the working directory, else from
+    the repository root), split by ``seed``, never downloaded: a folder without the IDX files raises
+    FileNotFoundError naming the experiment, the folder, the four files and ``--set data_dir=``."""
+    from jaxnn import data as data_lib
+    from jaxnn.data.idx import IDX_FILE_NAMES
+
+    data_dir = pathlib.Path(config["data_dir"]).expanduser()
+    if not data_dir.is_absolute() and not data_dir.exists():
+        data_dir = EXPERIMENTS_DIR.parent / data_dir
+    try:
+        return data_lib.load_dataset("mnist", data_dir=data_dir, seed=seed, download=False, limit=limit)
+    except FileNotFoundError as error:
+        problem = (f"{error}" if "incomplete IDX pair" in str(error) else
+                   f"{data_dir} {'holds no MNIST IDX files' if data_dir.is_dir() else 'does not exist'}")
+        raise FileNotFoundError(
+            f"experiment {experiment} needs MNIST: {problem}. Expected there: {', '.join(IDX_FILE_NAMES.values())} "
+            f"(raw or .gz; the t10k pair alone is enough, it is split into train/val/test). Point the experiment at "
+            f"them with --set data_dir=PATH") from None
+
+
 def experiment_names() -> list[str]:
     return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
 

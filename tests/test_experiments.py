@@ -23,22 +23,59 @@ def _load(name):
     return module
 
 
-def test_edge_of_stability_smoke(tmp_path):
+def test_edge_of_stability_smoke_against_dense_hessians(tmp_path):
+    """Smoke size: every GD run's last λmax equals the top eigenvalue of jax.hessian at fit's final weights (the same
+    run retrained here); the population's first λmax equals the single run's; Adam's last preconditioned sharpness
+    equals the top eigenvalue of the dense D·H·D, D = P^-1/2 from the optax state of the same Adam run."""
+    import optax
+
+    from jaxnn import data as data_lib, losses, models
+    from jaxnn.experiment import run_experiment
+    from jaxnn.train import create_train_state, fit
+
     eos = _load("edge_of_stability")
-    results = eos.measure(tmp_path, progress=False)
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert (tmp_path / "sharpness.png").stat().st_size > 10_000
-    size = eos.FULL if saved["size"] == "full" else eos.SMOKE
-    assert [r["lr"] for r in saved["runs"]] == list(size["lrs"])
-    for run, params in zip(saved["runs"], results["final_params"]):
-        assert run["steps"] == list(range(size["every"], size["steps"] + 1, size["every"]))
-        # Oracle: the recorded final sharpness equals the top eigenvalue of the dense Hessian.
-        model = jaxnn.models.get_model("mlp", num_classes=10, width=size["width"], depth=2, activation="tanh")
-        loss_fn = jaxnn.make_loss_fn(model.apply, "softmax_cross_entropy", {})
-        flat, unravel = jax.flatten_util.ravel_pytree(params)
-        dense = jax.hessian(lambda f: loss_fn(unravel(f), results["full_batch"]))(flat)
-        top = float(np.linalg.eigvalsh(np.asarray(dense, np.float64))[-1])
-        assert run["lambda_max"][-1] == pytest.approx(top, rel=2e-3)
+    record = run_experiment("edge_of_stability", smoke=True, out_dir=tmp_path, progress=False)
+    setting, measured = record["setting"], record["measured"]
+    assert (tmp_path / "edge_of_stability.png").stat().st_size > 10_000
+    dataset = data_lib.load_dataset("digits", seed=0, limit=round(setting["examples"] / 0.7), val_fraction=0.1,
+                                    test_fraction=0.2)
+    batch = (dataset.train.x, dataset.train.y)
+    model = models.get_model("mlp", num_classes=10, features=tuple(setting["hidden"]), activation="tanh")
+    loss_fn = losses.make_loss_fn(model.apply, eos.squared_error)
+
+    def top(matrix):
+        return float(np.linalg.eigvalsh(np.asarray(matrix, np.float64))[-1])
+
+    runs = measured["runs"]
+    assert [r["lr"] for r in runs] == setting["lrs"]
+    for run in runs:
+        state = create_train_state(model, optax.sgd(run["lr"]), dataset.input_shape, jax.random.PRNGKey(0))
+        state = fit(state, dataset, loss=eos.squared_error, batch_size=len(dataset.train), num_steps=setting["steps"],
+                    log_every=setting["steps"], eval_every=setting["steps"], progress=False).state
+        flat, unravel = jax.flatten_util.ravel_pytree(state.params)
+        assert run["lambda_max"][-1] == pytest.approx(top(jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)),
+                                                      rel=2e-3)
+        assert run["steps"] == list(range(setting["every"], setting["steps"] + 1, setting["every"]))
+    for lr, values in zip(setting["lrs"], measured["population"]["lambda_max"]):
+        single = next(r for r in runs if r["lr"] == lr)
+        assert values[0] == pytest.approx(single["lambda_max"][0], rel=2e-3)
+    params = model.init(jax.random.split(jax.random.PRNGKey(0))[0], batch[0][:1])["params"]
+    tx = optax.adam(setting["adam_lr"], b1=0.9, b2=0.999, eps=setting["adam_eps"])
+    opt_state = tx.init(params)
+    for _ in range(setting["adam_steps"]):
+        updates, opt_state = tx.update(jax.grad(loss_fn)(params, batch), opt_state, params)
+        params = optax.apply_updates(params, updates)
+    t = int(opt_state[0].count)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    nu, _ = jax.flatten_util.ravel_pytree(opt_state[0].nu)
+    p = (1 - 0.9**t) * (np.sqrt(np.asarray(nu, np.float64) / (1 - 0.999**t)) + setting["adam_eps"])
+    d = 1 / np.sqrt(p)
+    dense = np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat), np.float64)
+    assert measured["adam"]["preconditioned_sharpness"][-1] == pytest.approx(top(d[:, None] * dense * d[None, :]),
+                                                                             rel=5e-3)
+    assert eos.edge_ratio([1.0, 2.0, 10.0, 10.0], 0.2) == pytest.approx(1.0)
+    assert eos.sharpening([1.0, 5.0, 9.5, 12.0], 10.0) == pytest.approx((0.1, 0.95))
+    assert _verdict_follows_checks(record)
 
 
 def test_conditioning_smoke_numbers_against_closed_forms(tmp_path):
@@ -89,6 +126,9 @@ def test_verdict_rule_and_generated_table(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["experiment", "nonesuch"], "unknown experiment 'nonesuch'; experiments: conditioning"),
     (["experiment", "conditioning", "--set", "dimm=3"], "--set dimm: the experiment has no such setting"),
+    (["experiment", "label_noise", "--smoke", "--set", "data_dir=/nonexistent/mnist"],
+     "experiment label_noise needs MNIST: /nonexistent/mnist does not exist. Expected there: train-images-idx3-ubyte, "
+     "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"),
 ])
 def test_experiment_command_bad_input(args, words, capsys):
     from jaxnn.cli import main
@@ -184,30 +224,90 @@ def test_saddle_points_smoke_against_dense_hessians(tmp_path):
 
 
 def test_ill_conditioning_smoke_against_the_dense_hessian(tmp_path):
-    """The recorded predicted change at the last logged step equals −εgᵀg + ½ε²gᵀHg from jax.hessian of the same
-    model (retrained here with the same seed and steps), and the actual change is the loss difference."""
+    """Digits MLP: the recorded predicted change at the last logged step equals −εgᵀg + ½ε²gᵀHg from jax.hessian of
+    the same model (retrained here with the same seed and steps), and the actual change is the loss difference.
+    MNIST LeNet (too big for a dense Hessian): the same from a hand-written forward-over-reverse gᵀHg."""
     import optax
 
     from jaxnn import data as data_lib, losses, models
-    from jaxnn.experiment import run_experiment
+    from jaxnn.experiment import mnist, run_experiment
     from jaxnn.train import create_train_state, fit
 
     record = run_experiment("ill_conditioning", smoke=True, out_dir=tmp_path, progress=False)
-    setting, last = record["setting"], record["measured"]["rows"][-1]
-    digits = data_lib.load_dataset("digits", seed=0)
-    model = models.get_model("mlp", num_classes=10, width=setting["width"], depth=setting["depth"])
-    state = create_train_state(model, optax.sgd(setting["lr"]), digits.input_shape,
-                               jax.random.PRNGKey(setting["seed"]))
-    state = fit(state, digits, batch_size=setting["batch_size"], num_steps=last["step"], log_every=last["step"],
-                eval_every=last["step"], progress=False).state
-    batch = (digits.train.x[:setting["analysis_examples"]], digits.train.y[:setting["analysis_examples"]])
-    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", state.model_state)
-    flat, unravel = jax.flatten_util.ravel_pytree(state.params)
-    total = lambda f: loss_fn(unravel(f), batch)  # noqa: E731
-    g = np.asarray(jax.grad(total)(flat), np.float64)
-    hessian = np.asarray(jax.hessian(total)(flat), np.float64)
-    lr = setting["lr"]
-    predicted = -lr * g @ g + 0.5 * lr**2 * g @ hessian @ g
-    assert last["predicted"] == pytest.approx(predicted, rel=1e-3, abs=1e-6)
-    assert last["actual"] == pytest.approx(float(total(flat - lr * g)) - float(total(flat)), rel=1e-3, abs=1e-6)
+    setting = record["setting"]
+    images = mnist(setting, "ill_conditioning", limit=setting["mnist_limit"])
+    cases = [("digits_mlp", data_lib.load_dataset("digits", seed=0),
+              models.get_model("mlp", num_classes=10, width=setting["width"], depth=setting["depth"]), setting["lr"]),
+             ("mnist_lenet", images, models.get_model("lenet", num_classes=10), setting["lenet_lr"])]
+    for key, dataset, model, lr in cases:
+        last = record["measured"][key]["rows"][-1]
+        state = create_train_state(model, optax.sgd(lr), dataset.input_shape, jax.random.PRNGKey(setting["seed"]))
+        state = fit(state, dataset, batch_size=setting["batch_size"], num_steps=last["step"], log_every=last["step"],
+                    eval_every=last["step"], progress=False).state
+        count = record["measured"][key]["analysis_examples"]
+        batch = (dataset.train.x[:count], dataset.train.y[:count])
+        loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", state.model_state)
+        flat, unravel = jax.flatten_util.ravel_pytree(state.params)
+        total = lambda f: loss_fn(unravel(f), batch)  # noqa: E731
+        g = jax.grad(total)(flat)
+        if key == "digits_mlp":
+            gHg = float(np.asarray(g, np.float64) @ np.asarray(jax.hessian(total)(flat), np.float64)
+                        @ np.asarray(g, np.float64))
+        else:
+            gHg = float(jax.jvp(jax.grad(total), (flat,), (g,))[1] @ g)
+        predicted = -lr * float(g @ g) + 0.5 * lr**2 * gHg
+        assert last["predicted"] == pytest.approx(predicted, rel=1e-3, abs=1e-6), key
+        assert last["actual"] == pytest.approx(float(total(flat - lr * g)) - float(total(flat)), rel=1e-3,
+                                               abs=1e-6), key
+    assert _verdict_follows_checks(record)
+
+
+def test_an_mnist_folder_without_the_files_is_named(tmp_path):
+    from jaxnn.experiment import run_experiment
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="ill_conditioning needs MNIST: .*empty holds no MNIST IDX files. "
+                                                "Expected there: .*--set data_dir=PATH"):
+        run_experiment("ill_conditioning", smoke=True, overrides={"data_dir": str(tmp_path / "empty")},
+                       out_dir=tmp_path / "out", progress=False)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "t10k-images-idx3-ubyte.gz").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="incomplete IDX pair.*t10k-labels-idx1-ubyte"):
+        run_experiment("label_noise", smoke=True, overrides={"data_dir": str(tmp_path / "half")},
+                       out_dir=tmp_path / "out", progress=False)
+
+
+def test_label_noise_smoke_against_a_member_trained_alone(tmp_path):
+    """The smoke population's test errors: the p = 0.5 member equals fit on its noisy labels (same float32 steps,
+    so within one or two test images), the breakdown point is the interpolated 50% crossing, and the verdict follows
+    the checks."""
+    import optax
+
+    from jaxnn import data as data_lib, models
+    from jaxnn.experiment import mnist, run_experiment
+    from jaxnn.train import create_train_state, fit
+
+    record = run_experiment("label_noise", smoke=True, out_dir=tmp_path, progress=False)
+    setting, rows = record["setting"], record["measured"]["rows"]
+    assert (tmp_path / "label_noise.png").stat().st_size > 10_000
+    assert [r["p"] for r in rows] == setting["noise"] and all(r["seeds"] == setting["seeds"] for r in rows)
+    dataset = mnist(setting, "label_noise", seed=setting["split_seed"], limit=setting["limit"])
+    labels = data_lib.noisy_labels(dataset.train.y, 0.5, 10, 0)
+    import dataclasses
+
+    noisy = dataclasses.replace(dataset, train=data_lib.Split(dataset.train.x, labels))
+    model = models.get_model("lenet", num_classes=10)
+    state = create_train_state(model, optax.sgd(setting["lr"], momentum=setting["momentum"]), dataset.input_shape,
+                               jax.random.PRNGKey(0))
+    state = fit(state, noisy, batch_size=setting["batch_size"], num_steps=setting["steps"],
+                log_every=setting["steps"], eval_every=setting["steps"], progress=False).state
+    logits = state.apply_fn({"params": state.params, **state.model_state}, dataset.test.x, train=False)
+    error = float(np.mean(np.argmax(np.asarray(logits), -1) != dataset.test.y))
+    measured = next(r["test_error"] for r in rows if r["p"] == 0.5)
+    assert measured == pytest.approx(error, abs=2.5 / len(dataset.test))
+    eos = _load("label_noise")
+    assert eos.breakdown_point([0.0, 0.5, 0.9], [0.1, 0.3, 0.7]) == pytest.approx(0.7)
+    assert eos.breakdown_point([0.0, 0.5], [0.6, 0.9]) == 0.0 and eos.breakdown_point([0.0, 0.5], [0.1, 0.2]) == float("inf")
+    assert record["measured"]["breakdown"] == pytest.approx(
+        eos.breakdown_point(setting["noise"], [r["test_error"] for r in rows]))
     assert _verdict_follows_checks(record)
