@@ -25,6 +25,7 @@ from jaxnn.landscape.report import landscape_report, write_landscape_report
 from jaxnn.landscape.surfaces import (
     DEFAULT_CHUNK_SIZE,
     Surface,
+    bezier_surface,
     interpolation_surface,
     line_surface,
     plane_surface,
@@ -47,6 +48,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "LinearFactorization",
     "Surface",
+    "bezier_surface",
     "checkpoint_difference_direction",
     "direction_description",
     "eigenvector_directions",

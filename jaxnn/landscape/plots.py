@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib import colors, ticker
 from matplotlib.figure import Figure
 
-from jaxnn.landscape.surfaces import Surface
+from jaxnn.landscape.surfaces import PATH_KINDS, Surface
 
 
 def _values(surface: Surface, metric: str, name: str = "surface") -> np.ndarray:
@@ -102,14 +102,14 @@ def plot_line(surfaces: Surface | Sequence[Surface], path: Any = None, *, metric
             accuracy_axis.set_ylabel("accuracy")
     if log_scale:
         axis.set_yscale("log")
-    axis.set_xlabel("α (interpolation: 0 = θ₀, 1 = θ₁)" if surfaces[0].kind == "interpolation" else "α")
+    axis.set_xlabel(f"α ({surfaces[0].kind}: 0 = θ₀, 1 = θ₁)" if surfaces[0].kind in PATH_KINDS else "α")
     axis.set_ylabel(metric)
     handles, names = axis.get_legend_handles_labels()
     if accuracy_axis is not None:
         more_handles, more_names = accuracy_axis.get_legend_handles_labels()
         handles, names = handles + more_handles, names + more_names
     axis.legend(handles, names, loc="best", fontsize=8)
-    if surfaces[0].kind == "interpolation":
+    if surfaces[0].kind in PATH_KINDS:
         for endpoint in (0.0, 1.0):
             axis.axvline(endpoint, color="grey", linewidth=0.6, linestyle=":")
     counts = sum(s.nonfinite_counts.get(metric, 0) for s in surfaces)

@@ -53,7 +53,8 @@ from jaxnn.landscape.validation import (
 
 DEFAULT_CHUNK_SIZE = 8
 
-SURFACE_KINDS = ("line", "interpolation", "plane")
+SURFACE_KINDS = ("line", "interpolation", "bezier", "plane")
+PATH_KINDS = ("interpolation", "bezier")  # 1-D paths from θ₀ (α = 0) to θ₁ (α = 1)
 
 
 def _json_number(value: Any) -> float | None:
@@ -133,7 +134,7 @@ class Surface:
                 entry.update(min=None, max=None, argmin=None)
             origin = self.value_at(name, 0.0, None if self.betas is None else 0.0)
             entry["at_origin"] = None if origin is None else _json_number(origin)
-            if self.kind == "interpolation":
+            if self.kind in PATH_KINDS:
                 start, end = self.value_at(name, 0.0), self.value_at(name, 1.0)
                 entry["at_start"] = None if start is None else _json_number(start)
                 entry["at_end"] = None if end is None else _json_number(end)
@@ -280,6 +281,29 @@ def interpolation_surface(loss_fn: Callable, params0: Any, params1: Any, alphas:
     return _evaluate_surface(
         "interpolation", loss_fn, (params0, params1), coefficients, (len(alphas),), data, alphas, None,
         descriptions, accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
+        recompute_state_fn=recompute_state_fn, state_data=state_data, factor_linear_ops=factor_linear_ops,
+        progress=progress, strategy=strategy, split=split)
+
+
+def bezier_surface(loss_fn: Callable, params0: Any, bend: Any, params1: Any, ts: Any, data: Any, *,
+                   accuracy_fn: Callable | None = None, metric_fns: Mapping[str, Callable] | None = None,
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, stacked: bool = False,
+                   recompute_state_fn: Callable | None = None, state_data: Any = None,
+                   factor_linear_ops: bool = True, descriptions: Sequence[dict] | None = None,
+                   progress: bool = True, strategy: str = "auto", split: str = "data") -> Surface:
+    """``L(φ(t))`` on the quadratic Bézier curve ``φ(t) = (1−t)²θ₀ + 2t(1−t)θ_b + t²θ₁`` for every ``t`` in
+    ``ts`` (Garipov et al. 2018: a trained bend ``θ_b`` connects two minima at almost constant loss); t = 0 is
+    ``params0``, t = 1 is ``params1``. The summary's ``barrier`` is the largest excess over the chord between the
+    endpoint values, as for :func:`interpolation_surface`. Cost: ``len(ts)`` forward passes per batch."""
+    params0 = check_params(params0, "params0")
+    bend = check_like(check_params(bend, "bend"), params0, "bend", "params0")
+    params1 = check_like(check_params(params1, "params1"), params0, "params1", "params0")
+    ts = check_grid(ts, "ts")
+    coefficients = np.stack([(1.0 - ts) ** 2, 2.0 * ts * (1.0 - ts), ts**2], axis=1)
+    descriptions = _descriptions(descriptions, 3, "descriptions", {"kind": "checkpoint"})
+    return _evaluate_surface(
+        "bezier", loss_fn, (params0, bend, params1), coefficients, (len(ts),), data, ts, None, descriptions,
+        accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
         recompute_state_fn=recompute_state_fn, state_data=state_data, factor_linear_ops=factor_linear_ops,
         progress=progress, strategy=strategy, split=split)
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnn.landscape import Surface, interpolation_surface, line_surface, plane_surface
+from jaxnn.landscape import Surface, bezier_surface, interpolation_surface, line_surface, plane_surface
 from jaxnn.landscape.directions import eigenvector_directions
 
 
@@ -158,6 +158,33 @@ def test_line_and_interpolation_equal_python_loop(x64):
     inside = (alphas >= 0) & (alphas <= 1)
     chord = (1 - alphas[inside]) * summary["at_start"] + alphas[inside] * summary["at_end"]
     np.testing.assert_allclose(summary["barrier"], np.max(interpolation.losses[inside] - chord), rtol=1e-12)
+
+
+def test_bezier_curve_equals_python_loop_and_reports_its_barrier(x64):
+    """φ(t) = (1−t)²θ₀ + 2t(1−t)θ_b + t²θ₁ evaluated point by point; the ends are the endpoints; the barrier is the
+    largest excess over the chord; a bend at the midpoint of θ₀, θ₁ is the straight line (the interpolation)."""
+    params, loss, accuracy = _mlp()
+    other, _, _ = _mlp(seed=5)
+    bend, _, _ = _mlp(seed=9)
+    batch = _batches([10])[0]
+    ts = np.linspace(0, 1, 7)
+    curve = bezier_surface(loss, params, bend, other, ts, batch, accuracy_fn=accuracy, chunk_size=3, progress=False)
+    assert curve.kind == "bezier"
+    for i, t in enumerate(ts):
+        point = jax.tree.map(lambda a, b, c: (1 - t) ** 2 * a + 2 * t * (1 - t) * b + t**2 * c, params, bend, other)
+        np.testing.assert_allclose(curve.losses[i], loss(point, batch), rtol=1e-12)
+        np.testing.assert_allclose(curve.accuracies[i], accuracy(point, batch), rtol=1e-12)
+    summary = curve.summary()["metrics"]["loss"]
+    np.testing.assert_allclose([summary["at_start"], summary["at_end"]], [loss(params, batch), loss(other, batch)],
+                               rtol=1e-12)
+    chord = (1 - ts) * summary["at_start"] + ts * summary["at_end"]
+    np.testing.assert_allclose(summary["barrier"], np.max(curve.losses - chord), rtol=1e-12)
+    middle = jax.tree.map(lambda a, c: (a + c) / 2, params, other)
+    straight = bezier_surface(loss, params, middle, other, ts, batch, progress=False)
+    line = interpolation_surface(loss, params, other, ts, batch, progress=False)
+    np.testing.assert_allclose(straight.losses, line.losses, rtol=1e-10)
+    with pytest.raises(ValueError, match="bend"):
+        bezier_surface(loss, params, {"dense1": params["dense1"]}, other, ts, batch, progress=False)
 
 
 def test_stacked_batches_equal_list_of_batches_and_float32_default():
