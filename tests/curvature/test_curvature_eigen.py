@@ -217,6 +217,21 @@ def test_adaptive_lanczos_on_a_network_matches_the_dense_spectrum(x64, loops):
     np.testing.assert_allclose(np.asarray(values), exact[::-1][:2], rtol=1e-9)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_eigenvalue_when_it_exceeds_twice_every_projected_entry(x64, seed):
+    """Spectrum -8 .. 15 (60 values): the Lanczos T has entries ≲ 7 while λmax = 15. The padding of the projected
+    matrix was placed at 1 + 2·max|T_ij| (≈ 14.9), below λmax, and reported as a converged top eigenvalue (14.92,
+    14.81) after 9-13 iterations; it now lies above a Gershgorin bound. Also at the cap, without a tolerance."""
+    spectrum = np.linspace(-8.0, 15.0, 60)
+    op = curvature.hessian(quadratic(matrix_with_spectrum(spectrum, seed=seed)), jnp.zeros(spectrum.size), None)
+    key = jax.random.key(seed)
+    adaptive = curvature.top_eigenvalues(op, key=key, num_iters=59, tol=1e-6, progress=False)
+    assert adaptive.converged and float(adaptive.values[0]) == pytest.approx(15.0, rel=1e-6)
+    capped = curvature.lanczos(op, key, 12, k=1, which="top", progress=False)
+    assert np.all(np.asarray(capped.ritz_values) <= 15.0 + 1e-9)
+    assert float(capped.top_eigenvalues[0]) == pytest.approx(np.max(np.asarray(capped.ritz_values)))
+
+
 def test_lanczos_tolerance_and_which_are_checked():
     op = curvature.hessian(quadratic(np.diag([1.0, 2.0, 3.0])), jnp.zeros(3), None)
     with pytest.raises(ValueError, match="tol: expected None or a finite number > 0, got 0"):
