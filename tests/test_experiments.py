@@ -1,4 +1,4 @@
-"""Experiment scripts in smoke size (JAXNN_FULL=1 runs them full size): outputs exist and the numbers they
+"""Experiment scripts in smoke size (`jaxnn experiment NAME` runs them full size): outputs exist and the numbers they
 record agree with an independent computation."""
 
 import importlib.util
@@ -55,10 +55,10 @@ def test_edge_of_stability_smoke_against_dense_hessians(tmp_path):
         flat, unravel = jax.flatten_util.ravel_pytree(state.params)
         assert run["lambda_max"][-1] == pytest.approx(top(jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)),
                                                       rel=2e-3)
-        assert run["steps"] == list(range(setting["every"], setting["steps"] + 1, setting["every"]))
+        assert run["steps"] == list(range(0, setting["steps"] + 1, setting["every"]))
     for lr, values in zip(setting["lrs"], measured["population"]["lambda_max"]):
         single = next(r for r in runs if r["lr"] == lr)
-        assert values[0] == pytest.approx(single["lambda_max"][0], rel=2e-3)
+        assert values[:2] == pytest.approx(single["lambda_max"][:2], rel=2e-3)  # at init and after `every` steps
     params = model.init(jax.random.split(jax.random.PRNGKey(0))[0], batch[0][:1])["params"]
     tx = optax.adam(setting["adam_lr"], b1=0.9, b2=0.999, eps=setting["adam_eps"])
     opt_state = tx.init(params)
@@ -74,7 +74,9 @@ def test_edge_of_stability_smoke_against_dense_hessians(tmp_path):
     assert measured["adam"]["preconditioned_sharpness"][-1] == pytest.approx(top(d[:, None] * dense * d[None, :]),
                                                                              rel=5e-3)
     assert eos.edge_ratio([1.0, 2.0, 10.0, 10.0], 0.2) == pytest.approx(1.0)
-    assert eos.sharpening([1.0, 5.0, 9.5, 12.0], 10.0) == pytest.approx((0.1, 0.95))
+    assert eos.sharpening([1.0, 5.0, 9.5, 12.0], 10.0) == pytest.approx((0.1, 0.1, 1.2))
+    assert eos.sharpening([13.0, 9.0, 8.5, 10.0], 10.0) == pytest.approx((1.3, 0.85, 1.0))  # a catapult, no rise
+    assert eos.sharpening([30.0, 2.0, 9.6, 8.0], 10.0) == pytest.approx((3.0, 0.2, 0.96))
     assert _verdict_follows_checks(record)
 
 
@@ -124,7 +126,7 @@ def test_verdict_rule_and_generated_table(tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["experiment", "nonesuch"], "unknown experiment 'nonesuch'; experiments: conditioning"),
+    (["experiment", "nonesuch"], "unknown experiment 'nonesuch'; experiments: batchnorm_residual_hessian, conditioning"),
     (["experiment", "conditioning", "--set", "dimm=3"], "--set dimm: the experiment has no such setting"),
     (["experiment", "label_noise", "--smoke", "--set", "data_dir=/nonexistent/mnist"],
      "experiment label_noise needs MNIST: /nonexistent/mnist does not exist. Expected there: train-images-idx3-ubyte, "
@@ -310,4 +312,77 @@ def test_label_noise_smoke_against_a_member_trained_alone(tmp_path):
     assert eos.breakdown_point([0.0, 0.5], [0.6, 0.9]) == 0.0 and eos.breakdown_point([0.0, 0.5], [0.1, 0.2]) == float("inf")
     assert record["measured"]["breakdown"] == pytest.approx(
         eos.breakdown_point(setting["noise"], [r["test_error"] for r in rows]))
+    assert _verdict_follows_checks(record)
+
+
+def test_sharpness_lr_batch_smoke_against_a_dense_hessian(tmp_path):
+    """One member (largest batch, largest η) retrained alone by fit: its recorded λmax is the top eigenvalue of
+    jax.hessian on the same examples; Spearman's ρ equals scipy's; the verdict follows the checks."""
+    import optax
+    import scipy.stats
+
+    from jaxnn import data as data_lib, losses, models
+    from jaxnn.experiment import run_experiment
+    from jaxnn.train import create_train_state, fit
+
+    record = run_experiment("sharpness_lr_batch", smoke=True, out_dir=tmp_path, progress=False)
+    setting, rows = record["setting"], record["measured"]["rows"]
+    assert (tmp_path / "sharpness_lr_batch.png").stat().st_size > 10_000
+    assert len(rows) == len(setting["lrs"]) * len(setting["batch_sizes"]) * setting["seeds"]
+    row = next(r for r in rows if r["batch_size"] == max(setting["batch_sizes"])
+               and r["learning_rate"] == max(setting["lrs"]) and r["seed"] == 0)
+    digits = data_lib.load_dataset("digits", seed=setting["split_seed"])
+    model = models.get_model("mlp", num_classes=10, width=setting["width"], depth=setting["depth"])
+    state = create_train_state(model, optax.sgd(row["learning_rate"]), digits.input_shape, jax.random.PRNGKey(0))
+    state = fit(state, digits, batch_size=row["batch_size"], num_steps=row["steps"], log_every=row["steps"],
+                eval_every=row["steps"], progress=False).state
+    count = setting["analysis_examples"]
+    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", state.model_state)
+    flat, unravel = jax.flatten_util.ravel_pytree(state.params)
+    dense = jax.hessian(lambda f: loss_fn(unravel(f), (digits.train.x[:count], digits.train.y[:count])))(flat)
+    assert row["lambda_max"] == pytest.approx(float(np.linalg.eigvalsh(np.asarray(dense, np.float64))[-1]), rel=2e-3)
+    slb = _load("sharpness_lr_batch")
+    a, b = np.random.default_rng(0).normal(size=(2, 12))
+    assert slb.rank_correlation(a, b) == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-12)
+    trained = [r for r in rows if r["status"] == "completed"]
+    assert record["measured"]["spearman"] == pytest.approx(
+        slb.rank_correlation([r["ratio"] for r in trained], [r["lambda_max"] for r in trained]))
+    assert _verdict_follows_checks(record)
+
+
+def test_mode_connectivity_smoke_against_a_python_loop(tmp_path):
+    """The endpoints retrained alone by fit, the bend retrained from them with the experiment's train_bend: the
+    recorded training losses along the line and the curve equal a Python loop over t of the loss at
+    (1−t)θ₀ + tθ₁ and (1−t)²θ₀ + 2t(1−t)θ_b + t²θ₁, and the barriers the largest excess over the chord."""
+    import optax
+
+    from jaxnn import data as data_lib, losses, models
+    from jaxnn.experiment import run_experiment
+    from jaxnn.train import create_train_state, fit
+
+    record = run_experiment("mode_connectivity", smoke=True, out_dir=tmp_path, progress=False)
+    setting, measured = record["setting"], record["measured"]
+    assert (tmp_path / "mode_connectivity.png").stat().st_size > 10_000
+    digits = data_lib.load_dataset("digits", seed=0)
+    model = models.get_model("mlp", num_classes=10, width=setting["width"], depth=setting["depth"])
+    ends = []
+    for seed in setting["seeds"]:
+        state = create_train_state(model, optax.sgd(setting["lr"], momentum=setting["momentum"]), digits.input_shape,
+                                   jax.random.PRNGKey(seed))
+        steps = measured["endpoint_steps"]
+        ends.append(fit(state, digits, batch_size=setting["batch_size"], num_steps=steps, seed=seed, log_every=steps,
+                        eval_every=steps, progress=False).state.params)
+    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy")
+    train = (jax.numpy.asarray(digits.train.x), jax.numpy.asarray(digits.train.y))
+    mc = _load("mode_connectivity")
+    bend, _ = mc.train_bend(loss_fn, ends[0], ends[1], train, setting, jax.random.PRNGKey(setting["seeds"][0]))
+    ts = np.asarray(measured["ts"])
+    line = [float(loss_fn(jax.tree.map(lambda a, b: (1 - t) * a + t * b, *ends), train)) for t in ts]
+    curve = [float(loss_fn(jax.tree.map(lambda a, m, b: (1 - t) ** 2 * a + 2 * t * (1 - t) * m + t**2 * b,
+                                        ends[0], bend, ends[1]), train)) for t in ts]
+    np.testing.assert_allclose(measured["line"]["train_loss"], line, rtol=2e-4)
+    np.testing.assert_allclose(measured["curve"]["train_loss"], curve, rtol=2e-3)
+    for name, values in (("line", line), ("curve", curve)):
+        chord = (1 - ts) * values[0] + ts * values[-1]
+        assert measured[name]["barrier"] == pytest.approx(np.max(np.asarray(values) - chord), rel=2e-2, abs=1e-3)
     assert _verdict_follows_checks(record)
