@@ -429,8 +429,10 @@ def data_scaling(params, batches, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller models and data (< 3 minutes on 2 CPU cores)")
+    parser.add_argument("--only", default="1,2,3,4", help="comma-separated section numbers to run (default: all)")
     args = parser.parse_args()
     quick = args.quick
+    sections = {int(part) for part in args.only.split(",")}
     sizes = (784, 64, 10) if quick else (784, 128, 10)
     num_examples = 1024 if quick else 2048
     batch_size = 256
@@ -442,21 +444,23 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, float32; MLP {'-'.join(map(str, sizes))} "
           f"({curvature.hessian(mlp_loss, params, batches[0]).num_params} parameters), {source}")
 
-    print("\n1. HVP time / gradient time")
-    hvp_over_gradient(f"MLP, batch {num_examples}", mlp_loss, params, full, 10 if quick else 20)
-    loss_fn, resnet_params, resnet_batch, resnet_source, resnet_size = resnet20_loss(16 if quick else 64)
-    hvp_over_gradient(f"ResNet-20 ({resnet_size} params), batch {resnet_batch[0].shape[0]}", loss_fn, resnet_params,
-                      resnet_batch, repeats)
-    print(f"  (ResNet-20: {resnet_source}, eval-mode batch norm)")
-
-    print(f"\n2. Top-1 and top-5 Hessian eigenvalues, MLP, one batch of {num_examples}: jaxnn vs PyHessian-style PyTorch")
-    top_eigenvalues_vs_pyhessian(params, x, y, sizes, repeats)
-
-    print("\n3. Lanczos k=20 over the full data set vs 20 separate HVP calls")
-    lanczos_vs_python_loop(params, batches, repeats)
-
-    print("\n4. 1x vs 10x data (one full-data HVP, scan over batches)")
-    data_scaling(params, batches[:4], repeats)
+    if 1 in sections:
+        print("\n1. HVP time / gradient time")
+        hvp_over_gradient(f"MLP, batch {num_examples}", mlp_loss, params, full, 10 if quick else 20)
+        loss_fn, resnet_params, resnet_batch, resnet_source, resnet_size = resnet20_loss(16 if quick else 64)
+        hvp_over_gradient(f"ResNet-20 ({resnet_size} params), batch {resnet_batch[0].shape[0]}", loss_fn,
+                          resnet_params, resnet_batch, repeats)
+        print(f"  (ResNet-20: {resnet_source}, eval-mode batch norm)")
+    if 2 in sections:
+        print(f"\n2. Top-1 and top-5 Hessian eigenvalues, MLP, one batch of {num_examples}: jaxnn vs PyHessian-style "
+              "PyTorch")
+        top_eigenvalues_vs_pyhessian(params, x, y, sizes, repeats)
+    if 3 in sections:
+        print("\n3. Lanczos k=20 over the full data set vs 20 separate HVP calls")
+        lanczos_vs_python_loop(params, batches, repeats)
+    if 4 in sections:
+        print("\n4. 1x vs 10x data (one full-data HVP, scan over batches)")
+        data_scaling(params, batches[:4], repeats)
 
 
 if __name__ == "__main__":
