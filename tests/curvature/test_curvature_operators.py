@@ -390,3 +390,20 @@ def test_auto_loop_mode_unrolls_convolutions_on_cpu():
     assert cnn.loop_mode == expected and mlp.loop_mode == "compiled"
     with pytest.raises(ValueError, match=r"loops: expected one of \['auto', 'compiled', 'unrolled'\], got 'python'"):
         curvature.hessian(mlp_loss, mlp_params(0), classification_data(1), loops="python")
+
+
+def test_nonfinite_counts_host_and_device_paths_agree():
+    """On CPU the counts and norm are read in numpy (no program to compile); the compiled program (the path for
+    accelerator arrays) gives the same numbers."""
+    from jaxnn.curvature import validation
+
+    tree = {"a": jnp.array([1.0, jnp.nan, 3.0, jnp.inf]), "b": jnp.arange(6.0).reshape(2, 3),
+            "i": jnp.arange(3, dtype=jnp.int32)}
+    host_counts, host_norm = validation.nonfinite_counts_and_norm(tree)
+    device_counts, device_norm = validation._nonfinite_counts_and_norm(jax.tree.leaves(tree))
+    assert host_counts == [int(c) for c in device_counts] == [2, 0, 0]
+    assert np.isnan(host_norm) and np.isnan(float(device_norm))  # a NaN leaf: the norm is NaN on both paths
+    finite = {"b": jnp.arange(6.0).reshape(2, 3)}
+    np.testing.assert_allclose(validation.nonfinite_counts_and_norm(finite)[1], np.sqrt(55.0), rtol=1e-6)
+    np.testing.assert_allclose(float(validation._nonfinite_counts_and_norm(jax.tree.leaves(finite))[1]),
+                               np.sqrt(55.0), rtol=1e-6)
