@@ -83,17 +83,10 @@ def check_inputs(state: TrainState, dataset: data_lib.Dataset, loss_name: str | 
                                  f"[{int(y.min())}, {int(y.max())}], the model has {classes} outputs (valid: 0..{classes - 1})")
 
 
-def evaluate(state: TrainState, split: data_lib.Split, eval_step: Callable, batch_size: int,
-             classification: bool, prefix: str, sharding=None) -> dict:
-    """Mean loss (and accuracy) over a whole split, eval mode.
-
-    Every batch has ``batch_size`` rows (the last one zero-padded and masked), so all splits of a data set share
-    one compiled eval step. Sums stay on the device until the end: one transfer per split.
-    """
-    if len(split) == 0:
-        return {}
+def padded_batches(split: data_lib.Split, batch_size: int):
+    """``(x, y, mask)`` numpy batches of exactly ``batch_size`` rows covering ``split`` in order: the last one
+    zero-padded, ``mask`` 1 on real rows. One shape for every batch and split: one compiled eval program."""
     x_dtype, y_dtype = data_lib.pipeline._device_dtypes(split)
-    totals = None
     for begin in range(0, len(split), batch_size):
         x = np.asarray(split.x[begin:begin + batch_size], x_dtype)
         y = np.asarray(split.y[begin:begin + batch_size], y_dtype)
@@ -103,17 +96,36 @@ def evaluate(state: TrainState, split: data_lib.Split, eval_step: Callable, batc
         if valid < batch_size:
             x = np.concatenate([x, np.zeros((batch_size - valid,) + x.shape[1:], x_dtype)])
             y = np.concatenate([y, np.zeros((batch_size - valid,) + y.shape[1:], y_dtype)])
+        yield x, y, mask
+
+
+def mean_metrics(totals: dict, classification: bool, prefix: str) -> dict:
+    """``{prefix}_loss`` (and ``_accuracy``) from an eval step's summed totals (scalars, or one per member)."""
+    out = {f"{prefix}_loss": totals["loss_sum"] / totals["count"]}
+    if classification:
+        out[f"{prefix}_accuracy"] = totals["correct"] / totals["count"]
+    return out
+
+
+def evaluate(state: TrainState, split: data_lib.Split, eval_step: Callable, batch_size: int,
+             classification: bool, prefix: str, sharding=None) -> dict:
+    """Mean loss (and accuracy) over a whole split, eval mode.
+
+    Every batch has ``batch_size`` rows (the last one zero-padded and masked), so all splits of a data set share
+    one compiled eval step. Sums stay on the device until the end: one transfer per split.
+    """
+    if len(split) == 0:
+        return {}
+    totals = None
+    for x, y, mask in padded_batches(split, batch_size):
         if sharding is not None and not sharding.is_fully_addressable:  # several processes: global arrays
             batch = (parallel.global_array(x, sharding), parallel.global_array(y, sharding))
             sums = eval_step(state, batch, parallel.global_array(mask, sharding))
         else:
             sums = eval_step(state, jax.device_put((x, y), sharding), jax.device_put(mask, sharding))
         totals = sums if totals is None else _add_sums(totals, sums)
-    totals = parallel.to_host(totals)
-    out = {f"{prefix}_loss": float(totals["loss_sum"] / totals["count"])}
-    if classification:
-        out[f"{prefix}_accuracy"] = float(totals["correct"] / totals["count"])
-    return out
+    return {name: float(value) for name, value in mean_metrics(parallel.to_host(totals), classification,
+                                                                prefix).items()}
 
 
 @jax.jit

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from jaxnn import data as data_lib
 from jaxnn import losses
 from jaxnn.train.state import TrainState
+from jaxnn.train.fit import mean_metrics, padded_batches
 from jaxnn.train.step import _step_function, make_eval_step
 
 MEMBER_FIELDS = ("seed", "init_scale", "dropout", "label_noise")  # per-member values that are not optimizer hyper-parameters
@@ -361,23 +362,11 @@ def _evaluate_members(state, split, loss, classification, size: int, prefix: str
             *[single(jax.tree.map(lambda leaf: leaf[i], state), batch, mask) for i in range(count)])
     else:
         eval_step = _member_eval_step(loss, classification, True)
-    x_dtype, y_dtype = data_lib.pipeline._device_dtypes(split)
     totals = None
-    for begin in range(0, len(split), size):
-        x = np.asarray(split.x[begin:begin + size], x_dtype)
-        y = np.asarray(split.y[begin:begin + size], y_dtype)
-        mask = np.zeros(size, x_dtype)
-        mask[:len(x)] = 1
-        if len(x) < size:
-            x = np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x_dtype)])
-            y = np.concatenate([y, np.zeros((size - len(y),) + y.shape[1:], y_dtype)])
+    for x, y, mask in padded_batches(split, size):
         sums = eval_step(state, (x, y), mask)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    out = {f"{prefix}_loss": totals["loss_sum"] / totals["count"]}
-    if classification:
-        out[f"{prefix}_accuracy"] = totals["correct"] / totals["count"]
-    return out
+    return mean_metrics(jax.device_get(totals), classification, prefix)
 
 
 @functools.lru_cache(maxsize=8)
