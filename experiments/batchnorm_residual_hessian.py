@@ -5,8 +5,8 @@ CIFAR-style ResNets — with and without batch norm, with and without the shortc
 the end of training on a fixed set of training examples (eval mode): the top Hessian eigenvalue (Lanczos), the trace
 (Hutchinson) and the spectral density (stochastic Lanczos quadrature). The paper's findings: removing batch norm
 makes the landscape sharper (larger λmax and trace) and residual connections make a deep network's landscape
-smoother; for shallow networks this need not hold. Data: the embedded 8x8 digits by default (``data``: "digits"
-or "mnist" from ``data_dir``).
+smoother; for shallow networks this need not hold. Data: the embedded 8x8 digits by default (``data``: "digits",
+"mnist" or "cifar10" from ``data_dir``).
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ def run(config: dict, out_dir, progress: bool = True):
     import jax.numpy as jnp
     import optax
 
-    from jaxnn import curvature, data as data_lib, losses, models
-    from jaxnn.experiment import Result, mnist
+    from jaxnn import curvature, losses, models
+    from jaxnn.experiment import Result, image_data
     from jaxnn.train import NonFiniteLossError, create_train_state, fit
 
-    dataset = (data_lib.load_dataset("digits", seed=config["seed"]) if config["data"] == "digits"
-               else mnist(config, "batchnorm_residual_hessian", seed=config["seed"]))
+    dataset = image_data(config, "batchnorm_residual_hessian", seed=config["seed"])
     count = min(config["analysis_examples"], len(dataset.train))
     batch = (jnp.asarray(dataset.train.x[:count]), jnp.asarray(dataset.train.y[:count]))
     steps = max(1, round(config["epochs"] * len(dataset.train) / config["batch_size"]))

@@ -72,6 +72,33 @@ def mnist(config: dict, experiment: str, seed: int = 0, limit: int | None = None
             f"them with --set data_dir=PATH") from None
 
 
+IMAGE_DATA = ("digits", "mnist", "cifar10")
+
+
+def image_data(config: dict, experiment: str, seed: int = 0, limit: int | None = None):
+    """The image data set an experiment's ``config["data"]`` names: "digits" (embedded), "mnist" (:func:`mnist`) or
+    "cifar10" (the python batches in ``config["data_dir"]``: the ``cifar-10-batches-py`` folder or its parent; never
+    downloaded). A missing folder or file raises FileNotFoundError naming the experiment, what is missing and
+    ``--set data_dir=``; another name raises ValueError listing the choices."""
+    from jaxnn import data as data_lib
+
+    name = config.get("data", "digits")
+    if name not in IMAGE_DATA:
+        raise ValueError(f"experiment {experiment}: data must be one of {', '.join(IMAGE_DATA)}, got {name!r}")
+    if name == "digits":
+        return data_lib.load_dataset("digits", seed=seed, limit=limit)
+    if name == "mnist":
+        return mnist(config, experiment, seed=seed, limit=limit)
+    data_dir = pathlib.Path(config["data_dir"]).expanduser()
+    if not data_dir.is_absolute() and not data_dir.exists():
+        data_dir = EXPERIMENTS_DIR.parent / data_dir
+    try:
+        return data_lib.load_dataset("cifar10", data_dir=data_dir, seed=seed, download=False, limit=limit)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"experiment {experiment} needs CIFAR-10: {error}. Point the experiment at the "
+                                f"folder with --set data_dir=PATH") from None
+
+
 def experiment_names() -> list[str]:
     return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
 

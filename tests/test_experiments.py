@@ -279,6 +279,31 @@ def test_an_mnist_folder_without_the_files_is_named(tmp_path):
                        out_dir=tmp_path / "out", progress=False)
 
 
+def test_image_experiments_read_cifar10_from_data_dir(tmp_path):
+    """data=cifar10: the python batches of data_dir (the folder or its parent), never downloaded; a folder without
+    them and an unknown data name are named."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "data"))
+    from test_data_cifar import write_batches
+
+    from jaxnn.experiment import image_data, run_experiment
+
+    write_batches(tmp_path / "cifar-10-batches-py", per_batch=6, n_test=4)
+    dataset = image_data({"data": "cifar10", "data_dir": str(tmp_path)}, "residual_landscapes")
+    assert dataset.input_shape == (32, 32, 3) and dataset.num_classes == 10
+    assert len(dataset.train) + len(dataset.val) == 30 and len(dataset.test) == 4
+    with pytest.raises(FileNotFoundError, match="residual_landscapes needs CIFAR-10: cifar10: missing batch files "
+                                                ".*--set data_dir=PATH"):
+        run_experiment("residual_landscapes", smoke=True, overrides={"data": "cifar10",
+                                                                     "data_dir": str(tmp_path / "none")},
+                       out_dir=tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="batchnorm_residual_hessian: data must be one of digits, mnist, cifar10, "
+                                         "got 'svhn'"):
+        run_experiment("batchnorm_residual_hessian", smoke=True, overrides={"data": "svhn"}, out_dir=tmp_path / "o",
+                       progress=False)
+
+
 def test_label_noise_smoke_against_a_member_trained_alone(tmp_path):
     """The smoke population's test errors: the p = 0.5 member equals fit on its noisy labels (same float32 steps,
     so within one or two test images), the breakdown point is the interpolated 50% crossing, and the verdict follows
@@ -427,4 +452,57 @@ def test_batchnorm_residual_hessian_smoke_against_an_independent_lanczos(tmp_pat
         basis.append(w / betas[-1])
     tridiagonal = np.diag(alphas) + np.diag(betas[:-1], 1) + np.diag(betas[:-1], -1)
     assert row["lambda_max"] == pytest.approx(np.linalg.eigvalsh(tridiagonal)[-1], rel=2e-3)
+    assert _verdict_follows_checks(record)
+
+
+def test_residual_landscapes_smoke_against_an_independent_lanczos(tmp_path):
+    """The plain variant retrained by fit: the map's centre (θ* itself) has the λmax and λmin of a hand-written
+    Lanczos (numpy, full reorthogonalisation, products by jax.jvp of jax.grad, the population's start vector) of
+    the same length on the same examples; the plane's centre is the loss at θ*; local minima counted by brute force."""
+    import optax
+
+    from jaxnn import data as data_lib, losses, models
+    from jaxnn.experiment import run_experiment
+    from jaxnn.train import create_train_state, fit
+
+    record = run_experiment("residual_landscapes", smoke=True, out_dir=tmp_path, progress=False)
+    setting, measured = record["setting"], record["measured"]
+    assert (tmp_path / "residual_landscapes.png").stat().st_size > 10_000
+    row = next(r for r in measured["rows"] if r["variant"] == "plain")
+    digits = data_lib.load_dataset("digits", seed=setting["seed"])
+    model = models.get_model("plain", num_classes=10, depth=setting["depth"], norm="batch",
+                             base_width=setting["width"])
+    state = create_train_state(model, optax.sgd(setting["lr"], momentum=setting["momentum"]), digits.input_shape,
+                               jax.random.PRNGKey(setting["seed"]))
+    state = fit(state, digits, batch_size=setting["batch_size"], num_steps=measured["steps"],
+                log_every=measured["steps"], eval_every=measured["steps"], progress=False).state
+    count = measured["analysis_examples"]
+    batch = (digits.train.x[:count], digits.train.y[:count])
+    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", state.model_state)
+    assert row["center_loss"] == pytest.approx(float(loss_fn(state.params, batch)), rel=1e-5)
+    flat, unravel = jax.flatten_util.ravel_pytree(state.params)
+    grad = jax.jit(jax.grad(lambda f: loss_fn(unravel(f), batch)))
+    hvp = jax.jit(lambda v: jax.jvp(grad, (flat,), (v,))[1])
+    size = setting["map_grid"]
+    center = (size // 2) * size + size // 2  # the population's member at α = β = 0
+    q = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (size * size, flat.size), flat.dtype)[center], np.float64)
+    basis, alphas, betas = [q / np.linalg.norm(q)], [], []
+    for _ in range(setting["map_iters"]):
+        w = np.asarray(hvp(jax.numpy.asarray(basis[-1], flat.dtype)), np.float64)
+        alphas.append(w @ basis[-1])
+        stacked = np.array(basis)
+        for _ in range(2):
+            w = w - stacked.T @ (stacked @ w)
+        betas.append(np.linalg.norm(w))
+        basis.append(w / betas[-1])
+    ritz = np.linalg.eigvalsh(np.diag(alphas) + np.diag(betas[:-1], 1) + np.diag(betas[:-1], -1))
+    middle = size // 2
+    assert row["lambda_max"][middle][middle] == pytest.approx(ritz[-1], rel=1e-3)
+    assert row["lambda_min"][middle][middle] == pytest.approx(ritz[0], rel=1e-3, abs=1e-3 * abs(ritz[-1]))
+    module = _load("residual_landscapes")
+    values = np.random.default_rng(1).normal(size=(6, 7))
+    brute = sum(all(values[i, j] < values[a, b] for a in range(max(i - 1, 0), min(i + 2, 6))
+                    for b in range(max(j - 1, 0), min(j + 2, 7)) if (a, b) != (i, j))
+                for i in range(6) for j in range(7))
+    assert module._local_minima(values) == brute
     assert _verdict_follows_checks(record)

@@ -26,6 +26,7 @@ from jaxnn.curvature.population import (
     population_gradient_curvature,
     population_hessian_trace,
     population_sharpness,
+    population_extreme_eigenvalues,
     population_top_eigenvalues,
     population_trace,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "population_gradient_curvature",
     "population_hessian_trace",
     "population_sharpness",
+    "population_extreme_eigenvalues",
     "population_top_eigenvalues",
     "population_trace",
     "TraceEstimate",

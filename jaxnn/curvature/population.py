@@ -24,8 +24,8 @@ from jaxnn.curvature.batches import prepare_data
 from jaxnn.curvature.operators import DEFAULT_PRECISION, at_precision, check_precision, precise_jit
 
 
-def _lanczos_top(loss_of_flat: Callable, flat_params: jax.Array, start: jax.Array, num_iters: int, k: int):
-    """Top-k Ritz values after ``num_iters`` steps of Lanczos with full reorthogonalisation on the Hessian of
+def _lanczos_ritz_values(loss_of_flat: Callable, flat_params: jax.Array, start: jax.Array, num_iters: int):
+    """Every Ritz value (descending) after ``num_iters`` steps of Lanczos with full reorthogonalisation on the Hessian of
     ``loss_of_flat`` at ``flat_params``. A breakdown (the Krylov space is invariant) continues from a fresh vector
     orthogonal to the basis with a zero coupling, so every Ritz value stays an eigenvalue estimate of the operator."""
     # Linearised once: every product afterwards costs only the tangent pass (the forward and backward passes at θ
@@ -64,7 +64,7 @@ def _lanczos_top(loss_of_flat: Callable, flat_params: jax.Array, start: jax.Arra
     _, alphas, betas = jax.lax.fori_loop(0, num_iters, body, (basis, alphas, betas))
     off_diagonal = betas[:-1]
     tridiagonal = jnp.diag(alphas) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
-    return jnp.linalg.eigvalsh(tridiagonal)[::-1][:k]
+    return jnp.linalg.eigvalsh(tridiagonal)[::-1]
 
 
 def _check_population(loss_fn: Callable, params: Any, data: Any, stacked: bool):
@@ -98,6 +98,23 @@ def population_top_eigenvalues(loss_fn: Callable, params: Any, data: Any, *, k: 
     another, inside the same program) or "auto" (see :func:`_member_strategy`). Cost: N·num_iters products, in one
     program.
     """
+    return _population_ritz_values(loss_fn, params, data, k, num_iters, key, stacked, precision, strategy)[:, :k]
+
+
+def population_extreme_eigenvalues(loss_fn: Callable, params: Any, data: Any, *, k: int = 1,
+                                   num_iters: int | None = None, key: Any = None, stacked: bool = False,
+                                   precision: str = DEFAULT_PRECISION, strategy: str = "auto"
+                                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``(top, bottom)``: every member's k largest (N, k; descending) and k smallest (N, k; ascending: λmin first)
+    Hessian eigenvalues, both ends from the same Lanczos run (the program of :func:`population_top_eigenvalues`;
+    arguments as there). The smallest eigenvalues of a network's Hessian sit in a dense bulk near zero and converge
+    more slowly than the outliers at the top: check them against more ``num_iters``."""
+    values = _population_ritz_values(loss_fn, params, data, k, num_iters, key, stacked, precision, strategy)
+    return values[:, :k], values[:, ::-1][:, :k]
+
+
+def _population_ritz_values(loss_fn, params, data, k, num_iters, key, stacked, precision, strategy) -> np.ndarray:
+    """(N, num_iters) Ritz values of every member, descending."""
     precision = check_precision(precision)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -111,7 +128,7 @@ def population_top_eigenvalues(loss_fn: Callable, params: Any, data: Any, *, k: 
     key = jax.random.PRNGKey(0) if key is None else key
     starts = jax.random.normal(key, (count, n), flat0.dtype)
     strategy = _member_strategy(strategy, count, num_iters, n, flat0.dtype)
-    values = _population_program(loss_fn, params, starts, groups, num_iters=num_iters, k=k, member_axis=member_axis,
+    values = _population_program(loss_fn, params, starts, groups, num_iters=num_iters, member_axis=member_axis,
                                  precision=precision, strategy=strategy)
     return np.asarray(values)
 
@@ -193,16 +210,15 @@ def _over_members(member: Callable, member_axis, strategy: str, loss_fn, params,
     return jax.lax.map(lambda args: member(*args), (loss_fn, params, *per_member))
 
 
-@precise_jit(static_argnames=("num_iters", "k", "member_axis", "precision", "strategy"))
-def _population_program(loss_fn, params, starts, groups, *, num_iters: int, k: int, member_axis, precision,
-                        strategy: str):
-    """The Lanczos of every member (vmapped, or one after another): one compiled program per (loss, shapes,
-    num_iters, k, strategy), reused."""
+@precise_jit(static_argnames=("num_iters", "member_axis", "precision", "strategy"))
+def _population_program(loss_fn, params, starts, groups, *, num_iters: int, member_axis, precision, strategy: str):
+    """The Lanczos of every member (vmapped, or one after another), all its Ritz values: one compiled program per
+    (loss, shapes, num_iters, strategy), reused for any k and for either end of the spectrum."""
     unravel = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], params))[1]
 
     def member(member_loss_fn, member_params, start):
         loss = _loss_of_flat(at_precision(member_loss_fn, precision), unravel, groups)
-        return _lanczos_top(loss, ravel_pytree(member_params)[0], start, num_iters, k)
+        return _lanczos_ritz_values(loss, ravel_pytree(member_params)[0], start, num_iters)
 
     return _over_members(member, member_axis, strategy, loss_fn, params, starts)
 

@@ -92,7 +92,7 @@ def test_population_products_run_at_highest_precision():
         params = {"w": jnp.ones((2, 4, 3), jnp.float32)}
         loss = jax.tree_util.Partial(lambda p, batch: jnp.sum((batch @ p["w"]) ** 2))
         groups = ((jnp.ones((1, 5, 4), jnp.float32), jnp.ones((1,), jnp.float32)),)
-        program = lambda *args: _population_program(*args, num_iters=3, k=1, member_axis=None, precision=precision,
+        program = lambda *args: _population_program(*args, num_iters=3, member_axis=None, precision=precision,
                                                     strategy="vmap")
         jaxpr = jax.make_jaxpr(program)(loss, params, jnp.ones((2, 12), jnp.float32), groups).jaxpr
         found, stack = set(), [jaxpr]
@@ -149,3 +149,26 @@ def test_population_gradient_curvature_equals_the_single_engine(trained, x64):
         single = curvature.gradient_curvature(curvature.hessian(loss_fn, member.params, batches))
         np.testing.assert_allclose(products[index], single.gradient_curvature_product, rtol=1e-10)
         np.testing.assert_allclose(directional[index], single.directional_curvature, rtol=1e-10)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
+def test_extreme_eigenvalues_equal_both_ends_of_the_dense_spectrum(trained, x64, strategy):
+    """Top and bottom eigenvalues of every member from one Lanczos run against jax.hessian + eigh (indefinite
+    Hessians after 20 steps: the bottom end is negative); the top end equals population_top_eigenvalues."""
+    result, batches = trained
+    count = 3
+    loss_fn = losses.make_loss_fn(result.state.apply_fn, "softmax_cross_entropy", result.state.model_state)
+    num_params = ravel_pytree(result.member_state(0).params)[0].size
+    top, bottom = curvature.population_extreme_eigenvalues(loss_fn, result.state.params, batches, k=2,
+                                                           num_iters=num_params, strategy=strategy)
+    assert top.shape == bottom.shape == (count, 2)
+    np.testing.assert_allclose(top, population_top_eigenvalues(loss_fn, result.state.params, batches, k=2,
+                                                               num_iters=num_params, strategy=strategy), atol=1e-12)
+    for index in range(count):
+        member = result.member_state(index)
+        member_loss = losses.make_loss_fn(member.apply_fn, "softmax_cross_entropy", member.model_state)
+        flat, unravel = ravel_pytree(member.params)
+        total = lambda v: sum(member_loss(unravel(v), b) for b in batches) / len(batches)  # noqa: E731
+        dense = np.linalg.eigvalsh(np.asarray(jax.hessian(total)(flat)))
+        np.testing.assert_allclose(top[index], dense[::-1][:2], rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(bottom[index], dense[:2], rtol=1e-8, atol=1e-10)
