@@ -29,7 +29,7 @@ CLAIM = ("Skip connections keep a deep network's loss landscape smooth and nearl
 CONFIG = {"data": "digits", "data_dir": "../shared/data/mnist", "depth": 20, "width": 16, "epochs": 20,
           "batch_size": 128, "lr": 0.05, "momentum": 0.9, "analysis_examples": 512, "grid": 25, "span": 1.0,
           "map_grid": 5, "map_iters": 20, "pca_grid": 15, "snapshot_every": 20, "convex_ratio": 0.1, "seed": 0}
-SMOKE = {"depth": 8, "width": 4, "epochs": 2, "analysis_examples": 64, "grid": 5, "map_grid": 3, "map_iters": 6,
+SMOKE = {"depth": 8, "width": 4, "epochs": 2, "analysis_examples": 64, "grid": 5, "map_grid": 3, "map_iters": 20,
          "pca_grid": 5, "snapshot_every": 5}
 VARIANTS = (("residual", False), ("plain", True))
 

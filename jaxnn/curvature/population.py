@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jaxnn.curvature.batches import prepare_data
+from jaxnn.curvature.batches import first_batch, prepare_data
 from jaxnn.curvature.operators import DEFAULT_PRECISION, at_precision, check_precision, precise_jit
 
 
@@ -95,8 +95,9 @@ def population_top_eigenvalues(loss_fn: Callable, params: Any, data: Any, *, k: 
     ``num_iters`` (default max(40, 4k), capped by the parameter count): Lanczos steps, i.e. data-set HVPs per
     member. ``key`` (default key(0)) draws each member's start vector. ``precision``: as in
     :func:`jaxnn.curvature.hessian`. ``strategy``: "vmap" (all members' products batched), "map" (one member after
-    another, inside the same program) or "auto" (see :func:`_member_strategy`). Cost: N·num_iters products, in one
-    program.
+    another, inside the same program), "loop" (one member after another through the single-model engine, dispatched
+    from Python) or "auto": "loop" for convolutional members on CPU, else see :func:`_member_strategy`. Cost:
+    N·num_iters products, in one program (vmap, map).
     """
     return _population_ritz_values(loss_fn, params, data, k, num_iters, key, stacked, precision, strategy)[:, :k]
 
@@ -126,11 +127,47 @@ def _population_ritz_values(loss_fn, params, data, k, num_iters, key, stacked, p
     if not k <= num_iters <= n:
         raise ValueError(f"num_iters={num_iters} must be between k={k} and the {n} parameters of a member")
     key = jax.random.PRNGKey(0) if key is None else key
+    if strategy == "auto" and _convolutional_on_cpu(loss_fn, params, data, stacked, member_axis):
+        strategy = "loop"
+    if strategy == "loop":
+        return _looped_ritz_values(loss_fn, params, data, num_iters, key, stacked, precision, member_axis, count)
     starts = jax.random.normal(key, (count, n), flat0.dtype)
     strategy = _member_strategy(strategy, count, num_iters, n, flat0.dtype)
     values = _population_program(loss_fn, params, starts, groups, num_iters=num_iters, member_axis=member_axis,
                                  precision=precision, strategy=strategy)
     return np.asarray(values)
+
+
+def _member(tree: Any, index: int) -> Any:
+    return jax.tree.map(lambda leaf: leaf[index], tree)
+
+
+def _convolutional_on_cpu(loss_fn, params, data, stacked, member_axis) -> bool:
+    """A member's loss applies a convolution and the backend is CPU: the "loop" strategy's ground."""
+    if jax.default_backend() != "cpu":
+        return False
+    from jaxnn.curvature.operators import _contains_convolution
+
+    member_loss = loss_fn if member_axis is None else _member(loss_fn, 0)
+    batch = first_batch(prepare_data(data, stacked=stacked, name="data", check_finite=False))
+    return _contains_convolution(jax.make_jaxpr(member_loss)(_member(params, 0), batch).jaxpr)
+
+
+def _looped_ritz_values(loss_fn, params, data, num_iters, key, stacked, precision, member_axis, count):
+    """The "loop" strategy: each member's Lanczos through the single-model engine (:func:`jaxnn.curvature.lanczos`,
+    all ``num_iters`` steps), whose convolutional operators run their loops unrolled on CPU: XLA:CPU runs the
+    backward convolutions of an HVP several times slower inside a loop program (``map``) or batched over members
+    (``vmap``). Members run one after another, dispatched from Python."""
+    from jaxnn.curvature.krylov import lanczos
+    from jaxnn.curvature.operators import hessian
+
+    rows = []
+    for index, member_key in enumerate(jax.random.split(key, count)):
+        member_loss = loss_fn if member_axis is None else _member(loss_fn, index)
+        op = hessian(member_loss, _member(params, index), data, stacked=stacked, precision=precision)
+        result = lanczos(op, member_key, num_iters, k=1, compute_residuals=False, progress=False)
+        rows.append(np.asarray(result.ritz_values)[::-1])
+    return np.stack(rows)
 
 
 def population_probes(key: Any, num_samples: int, num_params: int, dtype: Any) -> jax.Array:
@@ -182,7 +219,7 @@ def _loss_of_flat(member_loss_fn: Callable, unravel: Callable, groups) -> Callab
     return loss
 
 
-MEMBER_STRATEGIES = ("auto", "vmap", "map")
+MEMBER_STRATEGIES = ("auto", "vmap", "map", "loop")
 CPU_VMAP_BASIS_BYTES = 32 * 2**20  # on CPU, members are vmapped while all their Lanczos bases fit in this
 
 

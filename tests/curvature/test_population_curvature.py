@@ -69,7 +69,7 @@ def test_bad_requests(trained):
         population_sharpness(result.state, batches, k=3, num_iters=2)
     with pytest.raises(ValueError, match="leading member axis"):
         population_top_eigenvalues(lambda p, b: 0.0, {"w": jnp.float32(1)}, batches)
-    with pytest.raises(ValueError, match="strategy must be one of auto, vmap, map"):
+    with pytest.raises(ValueError, match="strategy must be one of auto, vmap, map, loop"):
         population_sharpness(result.state, batches, strategy="pmap")
 
 
@@ -170,5 +170,38 @@ def test_extreme_eigenvalues_equal_both_ends_of_the_dense_spectrum(trained, x64,
         flat, unravel = ravel_pytree(member.params)
         total = lambda v: sum(member_loss(unravel(v), b) for b in batches) / len(batches)  # noqa: E731
         dense = np.linalg.eigvalsh(np.asarray(jax.hessian(total)(flat)))
+        np.testing.assert_allclose(top[index], dense[::-1][:2], rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(bottom[index], dense[:2], rtol=1e-8, atol=1e-10)
+
+
+def test_loop_strategy_for_convolutional_members_equals_the_dense_hessian(x64):
+    """Convolutional members on CPU: "auto" runs each member through the single-model engine (convolutions unrolled);
+    both ends of every member's spectrum equal jax.hessian + eigh with a full Krylov space; "loop" = "map"."""
+    import flax.linen as nn
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.tanh(nn.Conv(2, (3, 3), padding="SAME", param_dtype=jnp.float64)(x))
+            return nn.Dense(3, param_dtype=jnp.float64)(x.reshape((x.shape[0], -1)))
+
+    model = Tiny()
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 4, 4, 1), jnp.float64)
+    y = jnp.arange(6) % 3
+    stacked = jax.vmap(lambda key: model.init(key, x)["params"])(jax.random.split(jax.random.PRNGKey(1), 2))
+    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy")
+    flat0, unravel = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], stacked))
+    n = flat0.size
+    from jaxnn.curvature.population import _convolutional_on_cpu, _check_population
+
+    _, _, _, wrapped, axis = _check_population(loss_fn, stacked, (x, y), False)
+    assert _convolutional_on_cpu(wrapped, stacked, (x, y), False, axis)
+    top, bottom = curvature.population_extreme_eigenvalues(loss_fn, stacked, (x, y), k=2, num_iters=n)
+    mapped = curvature.population_extreme_eigenvalues(loss_fn, stacked, (x, y), k=2, num_iters=n, strategy="map")
+    np.testing.assert_allclose(top, mapped[0], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(bottom, mapped[1], rtol=1e-8, atol=1e-10)
+    for index in range(2):
+        flat = ravel_pytree(jax.tree.map(lambda leaf: leaf[index], stacked))[0]
+        dense = np.linalg.eigvalsh(np.asarray(jax.hessian(lambda v: loss_fn(unravel(v), (x, y)))(flat)))
         np.testing.assert_allclose(top[index], dense[::-1][:2], rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(bottom[index], dense[:2], rtol=1e-8, atol=1e-10)
