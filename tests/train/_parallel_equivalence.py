@@ -49,8 +49,12 @@ def main():
                   # In float32 that noise is ~1e-8 per step: eps 1e-4 still turns it into ~1e-6 per step on those
                   # function-neutral coordinates (1.2e-5 after 20 steps); eps 1e-3 keeps it under the 1e-5 budget.
                   "adam_eps3": lambda: optax.adam(1e-2, eps=1e-3)}
-    cases = ([("mlp", "sgd"), ("mlp", "adam"), ("mlp_bn", "sgd"), ("mlp_bn", "adam"), ("mlp_bn", "adam_eps"),
-              ("resnet_bn", "adam_eps")] if precision == "float64" else [("mlp_bn", "adam_eps3"), ("resnet_bn", "adam")])
+    # Every model and both optimizer families on every path in float64; float32 checks the tolerance of batch norm's
+    # statistics summed over 8 devices. (Dropped to keep the suite's time: MLP + SGD, which MLP + BN + SGD covers;
+    # MLP + BN + default-eps Adam, the same program as adam_eps; the float32 ResNet, which float64 covers on every
+    # path — 40 s of compiling convolutions for 8 devices on each of 4 paths.)
+    cases = ([("mlp", "adam"), ("mlp_bn", "sgd"), ("mlp_bn", "adam_eps"), ("resnet_bn", "adam_eps")]
+             if precision == "float64" else [("mlp_bn", "adam_eps3")])
     results = []
     for model_name, optimizer_name in cases:
         reference, _ = train(dataset, MODELS[model_name], optimizers[optimizer_name](), 1, "jit", "replicated")
