@@ -14,6 +14,7 @@ MSE is ½‖f(x) − onehot(y)‖² averaged over examples (the papers' square l
 from jaxnn's ``HessianCallback`` (Lanczos to 1e-3) during ``fit``; the population's from
 ``population_top_eigenvalues``; Adam's preconditioned sharpness from Lanczos on the operator P^-1/2 H P^-1/2 (same
 eigenvalues as P⁻¹H).
+Data: the embedded digits by default (``data``: "digits", "mnist" or "cifar10" from ``data_dir``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ CLAIM = ("Under full-batch gradient descent the sharpness λmax rises (progressi
          "2022).")
 CONFIG = {"examples": 1000, "hidden": [200, 200], "activations": ["tanh", "relu"], "losses": ["mse", "ce"],
           "lrs": [0.1, 0.2], "steps": 2000, "every": 20, "population": True, "adam_lr": 0.001, "adam_steps": 2000,
-          "adam_eps": 1e-7, "kernel_init": "he", "seed": 0}
+          "adam_eps": 1e-7, "kernel_init": "he", "seed": 0, "data": "digits", "data_dir": "../shared/data/mnist"}
 SMOKE = {"examples": 200, "hidden": [16, 16], "activations": ["tanh"], "losses": ["mse"], "steps": 40, "every": 10,
          "adam_steps": 40}
 TOLERANCE = 0.10  # the verdict's band around λmax·η/2 = 1
@@ -65,11 +66,11 @@ def sharpening(lambda_max, threshold) -> tuple[float, float, float]:
 def run(config: dict, out_dir, progress: bool = True):
     import jax
 
-    from jaxnn import data as data_lib, models
-    from jaxnn.experiment import Result
+    from jaxnn import models
+    from jaxnn.experiment import Result, image_data
 
-    dataset = data_lib.load_dataset("digits", seed=0, limit=round(config["examples"] / 0.7), val_fraction=0.1,
-                                    test_fraction=0.2)
+    dataset = image_data(config, "edge_of_stability", seed=0, limit=round(config["examples"] / 0.7),
+                         val_fraction=0.1, test_fraction=0.2)
     batch = (jax.numpy.asarray(dataset.train.x), jax.numpy.asarray(dataset.train.y))
     runs, checks = [], []
     for activation in config["activations"]:
@@ -124,7 +125,8 @@ def run(config: dict, out_dir, progress: bool = True):
     return Result(
         measured={"runs": runs, "population": population, "adam": adam, "train_examples": len(dataset.train)},
         checks=checks, figures=["edge_of_stability.png"],
-        data=(f"embedded digits, {len(dataset.train)} training examples, full-batch; MLP 64-"
+        data=(f"{config['data']} {dataset.input_shape}, {len(dataset.train)} training examples, full-batch; MLP "
+              f"{int(np.prod(dataset.input_shape))}-"
               f"{'-'.join(map(str, config['hidden']))}-10 ({', '.join(config['activations'])}), "
               f"{config['steps']} steps, λmax every {config['every']}; MSE = ½‖f − onehot(y)‖²; weights "
               f"initialised {config['kernel_init']!r} (jaxnn's default He normal has variance 2/fan_in, 6x PyTorch's "

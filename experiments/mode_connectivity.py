@@ -7,6 +7,7 @@ the embedded digits. The straight line (1−t)θ₀ + tθ₁ between them crosse
 objective, a fresh t and minibatch each step, the endpoints fixed) connects them at (almost) constant loss.
 Barrier: the largest excess of the training loss over the chord between the endpoints' losses
 (``Surface.summary()``'s ``barrier``), measured by jaxnn's ``interpolation_surface`` and ``bezier_surface``.
+Data: the embedded digits by default (``data``: "digits", "mnist" or "cifar10" from ``data_dir``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ CLAIM = ("The straight line between two independently trained networks crosses a
          "Draxler et al. 2018).")
 CONFIG = {"width": 64, "depth": 2, "lr": 0.05, "momentum": 0.9, "epochs": 30, "batch_size": 64, "seeds": [0, 1],
           "curve_steps": 3000, "curve_lr": 0.01, "curve_batch": 128, "ts_per_step": 4, "points": 41,
-          "barrier_floor": 0.1}
+          "barrier_floor": 0.1, "data": "digits", "data_dir": "../shared/data/mnist"}
 SMOKE = {"width": 16, "epochs": 3, "curve_steps": 50, "points": 11}
 
 
@@ -61,13 +62,13 @@ def run(config: dict, out_dir, progress: bool = True):
     import jax.numpy as jnp
     import optax
 
-    from jaxnn import data as data_lib, landscape, losses, models
-    from jaxnn.experiment import Result
+    from jaxnn import landscape, losses, models
+    from jaxnn.experiment import Result, image_data
     from jaxnn.train.population import train_population
 
     if len(config["seeds"]) != 2:
         raise ValueError(f"seeds: mode connectivity needs two members, got {config['seeds']!r}")
-    digits = data_lib.load_dataset("digits", seed=0)
+    digits = image_data(config, "mode_connectivity", seed=0)
     model = models.get_model("mlp", num_classes=10, width=config["width"], depth=config["depth"])
     steps = round(config["epochs"] * len(digits.train) / config["batch_size"])
     population = train_population(model, optax.sgd, digits, members={"seed": list(config["seeds"])}, num_steps=steps,
@@ -107,7 +108,7 @@ def run(config: dict, out_dir, progress: bool = True):
         measured={"ts": ts.tolist(), "line": line, "curve": curve, "curve_objective_first_last": [
             float(objective[:50].mean()), float(objective[-50:].mean())], "endpoint_steps": steps},
         checks=checks, figures=["mode_connectivity.png"],
-        data=(f"embedded digits ({len(digits.train)} training, {len(digits.test)} test examples); MLP width "
+        data=(f"{config['data']} ({len(digits.train)} training, {len(digits.test)} test examples); MLP width "
               f"{config['width']} depth {config['depth']}; endpoints: SGD lr {config['lr']} momentum "
               f"{config['momentum']}, {config['epochs']} epochs, seeds {config['seeds']} (one population); bend: Adam "
               f"lr {config['curve_lr']}, {config['curve_steps']} steps of {config['ts_per_step']} t × "

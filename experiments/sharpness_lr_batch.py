@@ -10,6 +10,7 @@ population; η and the seed can). At the end, λmax of every member on a fixed s
 2. at a fixed η, large batches end in sharper minima (Keskar et al.) ...
 3. ... and generalise worse;
 4. (stability) SGD does not settle where λmax exceeds the gradient-descent limit 2/η.
+Data: the embedded digits by default (``data``: "digits", "mnist" or "cifar10" from ``data_dir``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 CLAIM = ("The sharpness λmax of the minimum SGD reaches falls as η/B grows; at a fixed learning rate large batches "
          "end sharper and generalise worse (Keskar et al. 2017; Jastrzębski et al. 2018); no member ends above 2/η.")
 CONFIG = {"width": 128, "depth": 2, "lrs": [0.01, 0.03, 0.1, 0.3], "batch_sizes": [16, 64, 256], "seeds": 2,
-          "epochs": 40, "analysis_examples": 1024, "split_seed": 0}
+          "epochs": 40, "analysis_examples": 1024, "split_seed": 0, "data": "digits",
+          "data_dir": "../shared/data/mnist"}
 SMOKE = {"width": 16, "lrs": [0.03, 0.3], "batch_sizes": [16, 128], "seeds": 1, "epochs": 2, "analysis_examples": 256}
 
 
@@ -33,11 +35,11 @@ def run(config: dict, out_dir, progress: bool = True):
     import jax.numpy as jnp
     import optax
 
-    from jaxnn import curvature, data as data_lib, models
-    from jaxnn.experiment import Result
+    from jaxnn import curvature, models
+    from jaxnn.experiment import Result, image_data
     from jaxnn.train.population import population_grid, train_population
 
-    digits = data_lib.load_dataset("digits", seed=config["split_seed"])
+    digits = image_data(config, "sharpness_lr_batch", seed=config["split_seed"])
     count = min(config["analysis_examples"], len(digits.train))
     batch = (jnp.asarray(digits.train.x[:count]), jnp.asarray(digits.train.y[:count]))
     model = models.get_model("mlp", num_classes=10, width=config["width"], depth=config["depth"])
@@ -91,7 +93,7 @@ def run(config: dict, out_dir, progress: bool = True):
     largest = [r["train_loss"] for r in trained if r["batch_size"] == large]
     return Result(measured={"rows": rows, "spearman": rho, "diverged": diverged},
                   checks=checks, figures=["sharpness_lr_batch.png"],
-                  data=(f"embedded digits ({len(digits.train)} training examples); MLP width {config['width']} depth "
+                  data=(f"{config['data']} ({len(digits.train)} training examples); MLP width {config['width']} depth "
                         f"{config['depth']}, plain SGD, {config['epochs']} epochs at every batch size, "
                         f"{config['seeds']} seed(s); λmax on {count} training examples; {diverged} member(s) "
                         f"diverged and are left out of the checks. Equal epochs (as Keskar et al.) give the largest "

@@ -51,18 +51,16 @@ class Result:
 MNIST_DEFAULT_DIR = "../shared/data/mnist"
 
 
-def mnist(config: dict, experiment: str, seed: int = 0, limit: int | None = None):
+def mnist(config: dict, experiment: str, seed: int = 0, limit: int | None = None, **split):
     """The MNIST data set of ``config["data_dir"]`` (a relative path is read from the working directory, else from
     the repository root), split by ``seed``, never downloaded: a folder without the IDX files raises
     FileNotFoundError naming the experiment, the folder, the four files and ``--set data_dir=``."""
     from jaxnn import data as data_lib
     from jaxnn.data.idx import IDX_FILE_NAMES
 
-    data_dir = pathlib.Path(config["data_dir"]).expanduser()
-    if not data_dir.is_absolute() and not data_dir.exists():
-        data_dir = EXPERIMENTS_DIR.parent / data_dir
+    data_dir = _data_dir(config)
     try:
-        return data_lib.load_dataset("mnist", data_dir=data_dir, seed=seed, download=False, limit=limit)
+        return data_lib.load_dataset("mnist", data_dir=data_dir, seed=seed, download=False, limit=limit, **split)
     except FileNotFoundError as error:
         problem = (f"{error}" if "incomplete IDX pair" in str(error) else
                    f"{data_dir} {'holds no MNIST IDX files' if data_dir.is_dir() else 'does not exist'}")
@@ -72,28 +70,35 @@ def mnist(config: dict, experiment: str, seed: int = 0, limit: int | None = None
             f"them with --set data_dir=PATH") from None
 
 
+def _data_dir(config: dict) -> pathlib.Path:
+    """``config["data_dir"]``: a relative path is read from the working directory, else from the repository root."""
+    data_dir = pathlib.Path(config["data_dir"]).expanduser()
+    if not data_dir.is_absolute() and not data_dir.exists():
+        data_dir = EXPERIMENTS_DIR.parent / data_dir
+    return data_dir
+
+
 IMAGE_DATA = ("digits", "mnist", "cifar10")
 
 
-def image_data(config: dict, experiment: str, seed: int = 0, limit: int | None = None):
+def image_data(config: dict, experiment: str, seed: int = 0, limit: int | None = None, **split):
     """The image data set an experiment's ``config["data"]`` names: "digits" (embedded), "mnist" (:func:`mnist`) or
     "cifar10" (the python batches in ``config["data_dir"]``: the ``cifar-10-batches-py`` folder or its parent; never
     downloaded). A missing folder or file raises FileNotFoundError naming the experiment, what is missing and
-    ``--set data_dir=``; another name raises ValueError listing the choices."""
+    ``--set data_dir=``; another name raises ValueError listing the choices. ``split``: load_dataset's
+    ``val_fraction``/``test_fraction``."""
     from jaxnn import data as data_lib
 
     name = config.get("data", "digits")
     if name not in IMAGE_DATA:
         raise ValueError(f"experiment {experiment}: data must be one of {', '.join(IMAGE_DATA)}, got {name!r}")
     if name == "digits":
-        return data_lib.load_dataset("digits", seed=seed, limit=limit)
+        return data_lib.load_dataset("digits", seed=seed, limit=limit, **split)
     if name == "mnist":
-        return mnist(config, experiment, seed=seed, limit=limit)
-    data_dir = pathlib.Path(config["data_dir"]).expanduser()
-    if not data_dir.is_absolute() and not data_dir.exists():
-        data_dir = EXPERIMENTS_DIR.parent / data_dir
+        return mnist(config, experiment, seed=seed, limit=limit, **split)
     try:
-        return data_lib.load_dataset("cifar10", data_dir=data_dir, seed=seed, download=False, limit=limit)
+        return data_lib.load_dataset("cifar10", data_dir=_data_dir(config), seed=seed, download=False, limit=limit,
+                                     **split)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"experiment {experiment} needs CIFAR-10: {error}. Point the experiment at the "
                                 f"folder with --set data_dir=PATH") from None

@@ -16,6 +16,46 @@ pytestmark = pytest.mark.experiment
 ROOT = pathlib.Path(__file__).parent.parent
 
 
+def _numpy_lanczos(hvp, flat, steps: int) -> np.ndarray:
+    """Ritz values (ascending) of ``steps`` Lanczos steps written in numpy: full reorthogonalisation (two classical
+    Gram-Schmidt passes), a seeded numpy start vector, products ``hvp(v)`` (jax.jvp of jax.grad in the tests)."""
+    q = np.random.default_rng(0).normal(size=flat.size)
+    basis, alphas, betas = [q / np.linalg.norm(q)], [], []
+    for _ in range(steps):
+        w = np.asarray(hvp(jax.numpy.asarray(basis[-1], flat.dtype)), np.float64)
+        alphas.append(w @ basis[-1])
+        stacked = np.array(basis)
+        for _ in range(2):
+            w = w - stacked.T @ (stacked @ w)
+        betas.append(np.linalg.norm(w))
+        basis.append(w / betas[-1])
+    return np.linalg.eigvalsh(np.diag(alphas) + np.diag(betas[:-1], 1) + np.diag(betas[:-1], -1))
+
+
+def _retrained_resnet(kind, depth, setting, measured):
+    """A ResNet experiment's net ("resnet" or "plain", batch norm) retrained by fit as the experiment says, on the
+    digits: (its loss on the analysis examples, an HVP by jax.jvp of jax.grad there on the flat parameters, the flat
+    parameters)."""
+    import optax
+
+    from jaxnn import data as data_lib, losses, models
+    from jaxnn.train import create_train_state, fit
+
+    digits = data_lib.load_dataset("digits", seed=setting["seed"])
+    model = models.get_model(kind, num_classes=10, depth=depth, norm="batch", base_width=setting["width"])
+    state = create_train_state(model, optax.sgd(setting["lr"], momentum=setting["momentum"]), digits.input_shape,
+                               jax.random.PRNGKey(setting["seed"]))
+    state = fit(state, digits, batch_size=setting["batch_size"], num_steps=measured["steps"],
+                log_every=measured["steps"], eval_every=measured["steps"], progress=False).state
+    count = measured["analysis_examples"]
+    batch = (digits.train.x[:count], digits.train.y[:count])
+    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", state.model_state)
+    flat, unravel = jax.flatten_util.ravel_pytree(state.params)
+    grad = jax.jit(jax.grad(lambda f: loss_fn(unravel(f), batch)))
+    hvp = jax.jit(lambda v: jax.jvp(grad, (flat,), (v,))[1])
+    return float(loss_fn(state.params, batch)), hvp, flat
+
+
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -417,41 +457,15 @@ def test_batchnorm_residual_hessian_smoke_against_an_independent_lanczos(tmp_pat
     """The BN + residual variant retrained by fit: its recorded λmax equals the top Ritz value of a hand-written
     Lanczos (full reorthogonalisation in numpy, products by jax.jvp of jax.grad) on the same examples in eval mode;
     every variant has a row; the verdict follows the checks."""
-    import optax
-
-    from jaxnn import data as data_lib, losses, models
     from jaxnn.experiment import run_experiment
-    from jaxnn.train import create_train_state, fit
 
     record = run_experiment("batchnorm_residual_hessian", smoke=True, out_dir=tmp_path, progress=False)
     setting, measured = record["setting"], record["measured"]
     assert (tmp_path / "batchnorm_residual_hessian.png").stat().st_size > 10_000
     assert len(measured["rows"]) == 4 * len(setting["depths"])
     row = next(r for r in measured["rows"] if r["variant"] == "BN + residual")
-    digits = data_lib.load_dataset("digits", seed=setting["seed"])
-    model = models.get_model("resnet", num_classes=10, depth=row["depth"], norm="batch", base_width=setting["width"])
-    state = create_train_state(model, optax.sgd(setting["lr"], momentum=setting["momentum"]), digits.input_shape,
-                               jax.random.PRNGKey(setting["seed"]))
-    state = fit(state, digits, batch_size=setting["batch_size"], num_steps=measured["steps"],
-                log_every=measured["steps"], eval_every=measured["steps"], progress=False).state
-    count = measured["analysis_examples"]
-    batch = (digits.train.x[:count], digits.train.y[:count])
-    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", state.model_state)
-    flat, unravel = jax.flatten_util.ravel_pytree(state.params)
-    grad = jax.jit(jax.grad(lambda f: loss_fn(unravel(f), batch)))
-    hvp = jax.jit(lambda v: jax.jvp(grad, (flat,), (v,))[1])
-    q = np.random.default_rng(0).normal(size=flat.size)
-    basis, alphas, betas = [q / np.linalg.norm(q)], [], []
-    for _ in range(60):
-        w = np.asarray(hvp(jax.numpy.asarray(basis[-1], flat.dtype)), np.float64)
-        alphas.append(w @ basis[-1])
-        stacked = np.array(basis)
-        for _ in range(2):
-            w = w - stacked.T @ (stacked @ w)
-        betas.append(np.linalg.norm(w))
-        basis.append(w / betas[-1])
-    tridiagonal = np.diag(alphas) + np.diag(betas[:-1], 1) + np.diag(betas[:-1], -1)
-    assert row["lambda_max"] == pytest.approx(np.linalg.eigvalsh(tridiagonal)[-1], rel=2e-3)
+    _, hvp, flat = _retrained_resnet("resnet", row["depth"], setting, measured)
+    assert row["lambda_max"] == pytest.approx(_numpy_lanczos(hvp, flat, 60)[-1], rel=2e-3)
     assert _verdict_follows_checks(record)
 
 
@@ -460,41 +474,15 @@ def test_residual_landscapes_smoke_against_an_independent_lanczos(tmp_path):
     (numpy, full reorthogonalisation, 60 products by jax.jvp of jax.grad, its own random start) on the same examples,
     and λmin lies above that Lanczos's smallest Ritz value (Ritz values interlace: a shorter run cannot go lower);
     the plane's centre is the loss at θ*; local minima counted by brute force."""
-    import optax
-
-    from jaxnn import data as data_lib, losses, models
     from jaxnn.experiment import run_experiment
-    from jaxnn.train import create_train_state, fit
 
     record = run_experiment("residual_landscapes", smoke=True, out_dir=tmp_path, progress=False)
     setting, measured = record["setting"], record["measured"]
     assert (tmp_path / "residual_landscapes.png").stat().st_size > 10_000
     row = next(r for r in measured["rows"] if r["variant"] == "plain")
-    digits = data_lib.load_dataset("digits", seed=setting["seed"])
-    model = models.get_model("plain", num_classes=10, depth=setting["depth"], norm="batch",
-                             base_width=setting["width"])
-    state = create_train_state(model, optax.sgd(setting["lr"], momentum=setting["momentum"]), digits.input_shape,
-                               jax.random.PRNGKey(setting["seed"]))
-    state = fit(state, digits, batch_size=setting["batch_size"], num_steps=measured["steps"],
-                log_every=measured["steps"], eval_every=measured["steps"], progress=False).state
-    count = measured["analysis_examples"]
-    batch = (digits.train.x[:count], digits.train.y[:count])
-    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", state.model_state)
-    assert row["center_loss"] == pytest.approx(float(loss_fn(state.params, batch)), rel=1e-5)
-    flat, unravel = jax.flatten_util.ravel_pytree(state.params)
-    grad = jax.jit(jax.grad(lambda f: loss_fn(unravel(f), batch)))
-    hvp = jax.jit(lambda v: jax.jvp(grad, (flat,), (v,))[1])
-    q = np.random.default_rng(0).normal(size=flat.size)
-    basis, alphas, betas = [q / np.linalg.norm(q)], [], []
-    for _ in range(60):
-        w = np.asarray(hvp(jax.numpy.asarray(basis[-1], flat.dtype)), np.float64)
-        alphas.append(w @ basis[-1])
-        stacked = np.array(basis)
-        for _ in range(2):
-            w = w - stacked.T @ (stacked @ w)
-        betas.append(np.linalg.norm(w))
-        basis.append(w / betas[-1])
-    ritz = np.linalg.eigvalsh(np.diag(alphas) + np.diag(betas[:-1], 1) + np.diag(betas[:-1], -1))
+    center_loss, hvp, flat = _retrained_resnet("plain", setting["depth"], setting, measured)
+    assert row["center_loss"] == pytest.approx(center_loss, rel=1e-5)
+    ritz = _numpy_lanczos(hvp, flat, 60)
     middle = setting["map_grid"] // 2
     assert row["lambda_max"][middle][middle] == pytest.approx(ritz[-1], rel=2e-3)
     assert ritz[0] - 1e-4 * ritz[-1] <= row["lambda_min"][middle][middle] <= row["lambda_max"][middle][middle]
