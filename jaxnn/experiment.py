@@ -100,7 +100,8 @@ def image_data(config: dict, experiment: str, seed: int = 0, limit: int | None =
         return data_lib.load_dataset("cifar10", data_dir=_data_dir(config), seed=seed, download=False, limit=limit,
                                      **split)
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"experiment {experiment} needs CIFAR-10: {error}. Point the experiment at the "
+        reason = str(error).replace("; pass download=True to fetch them", "")  # experiments never download
+        raise FileNotFoundError(f"experiment {experiment} needs CIFAR-10: {reason}. Point the experiment at the "
                                 f"folder with --set data_dir=PATH") from None
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jaxnn.curvature.batches import first_batch, prepare_data
+from jaxnn.curvature.batches import prepare_data
 from jaxnn.curvature.operators import DEFAULT_PRECISION, at_precision, check_precision, precise_jit
 
 
@@ -127,7 +127,7 @@ def _population_ritz_values(loss_fn, params, data, k, num_iters, key, stacked, p
     if not k <= num_iters <= n:
         raise ValueError(f"num_iters={num_iters} must be between k={k} and the {n} parameters of a member")
     key = jax.random.PRNGKey(0) if key is None else key
-    if strategy == "auto" and _convolutional_on_cpu(loss_fn, params, data, stacked, member_axis):
+    if strategy == "auto" and _convolutional_on_cpu(loss_fn, params, groups, member_axis):
         strategy = "loop"
     if strategy == "loop":
         return _looped_ritz_values(loss_fn, params, data, num_iters, key, stacked, precision, member_axis, count)
@@ -142,14 +142,15 @@ def _member(tree: Any, index: int) -> Any:
     return jax.tree.map(lambda leaf: leaf[index], tree)
 
 
-def _convolutional_on_cpu(loss_fn, params, data, stacked, member_axis) -> bool:
-    """A member's loss applies a convolution and the backend is CPU: the "loop" strategy's ground."""
+def _convolutional_on_cpu(loss_fn, params, groups, member_axis) -> bool:
+    """A member's loss applies a convolution and the backend is CPU: the "loop" strategy's ground (``groups``: the
+    prepared data of :func:`_check_population`)."""
     if jax.default_backend() != "cpu":
         return False
     from jaxnn.curvature.operators import _contains_convolution
 
     member_loss = loss_fn if member_axis is None else _member(loss_fn, 0)
-    batch = first_batch(prepare_data(data, stacked=stacked, name="data", check_finite=False))
+    batch = _member(groups[0][0], 0)  # the first batch of the first group
     return _contains_convolution(jax.make_jaxpr(member_loss)(_member(params, 0), batch).jaxpr)
 
 
@@ -164,7 +165,9 @@ def _looped_ritz_values(loss_fn, params, data, num_iters, key, stacked, precisio
     rows = []
     for index, member_key in enumerate(jax.random.split(key, count)):
         member_loss = loss_fn if member_axis is None else _member(loss_fn, index)
-        op = hessian(member_loss, _member(params, index), data, stacked=stacked, precision=precision)
+        # The data were checked once for every member (_check_population); a non-finite product still raises.
+        op = hessian(member_loss, _member(params, index), data, stacked=stacked, precision=precision,
+                     check_finite=False)
         result = lanczos(op, member_key, num_iters, k=1, compute_residuals=False, progress=False)
         rows.append(np.asarray(result.ritz_values)[::-1])
     return np.stack(rows)

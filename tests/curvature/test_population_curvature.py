@@ -194,8 +194,8 @@ def test_loop_strategy_for_convolutional_members_equals_the_dense_hessian(x64):
     n = flat0.size
     from jaxnn.curvature.population import _convolutional_on_cpu, _check_population
 
-    _, _, _, wrapped, axis = _check_population(loss_fn, stacked, (x, y), False)
-    assert _convolutional_on_cpu(wrapped, stacked, (x, y), False, axis)
+    _, _, groups, wrapped, axis = _check_population(loss_fn, stacked, (x, y), False)
+    assert _convolutional_on_cpu(wrapped, stacked, groups, axis)
     top, bottom = curvature.population_extreme_eigenvalues(loss_fn, stacked, (x, y), k=2, num_iters=n)
     mapped = curvature.population_extreme_eigenvalues(loss_fn, stacked, (x, y), k=2, num_iters=n, strategy="map")
     np.testing.assert_allclose(top, mapped[0], rtol=1e-8, atol=1e-10)
