@@ -353,12 +353,19 @@ class LinearFactorization:
                 kinds[o] = out_kind
         self._kinds = kinds
 
+        batch_dependent = set(self._batch_ids)
+        for eqn in self._equations:
+            if any(not isinstance(a, _Literal) and a in batch_dependent for a in eqn.inputs):
+                batch_dependent.update(eqn.outputs)
+
         needed = set()
         for eqn in self._equations:
             if kinds[eqn.outputs[0]] == POINT:
                 needed.update(a for a in eqn.inputs if not isinstance(a, _Literal) and kinds[a] != POINT)
         needed.update(a for a in outputs if not isinstance(a, _Literal) and kinds[a] != POINT)
         self._shared_ids = sorted(needed)
+        # vmap axes of ``shared`` over a stack of batches: only values computed from the batch carry the axis
+        self.shared_batch_axes = {i: 0 if i in batch_dependent else None for i in self._shared_ids}
 
     @staticmethod
     def _kind(kinds: dict, atom: Any) -> str:

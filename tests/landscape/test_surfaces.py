@@ -137,6 +137,32 @@ def test_plane_equals_python_loop_of_single_evaluations(x64, factor_linear_ops):
     assert surface.nonfinite_counts == {"loss": 0, "accuracy": 0}
 
 
+@pytest.mark.parametrize("factor_linear_ops", [True, False])
+def test_small_batches_are_evaluated_together_with_the_same_values(x64, monkeypatch, factor_linear_ops):
+    """The vmapped strategy evaluates several small batches of a group at once (one product per layer over all
+    their rows); values equal the batch-by-batch evaluation, and the merge factor divides the group."""
+    from jaxnn.curvature.batches import prepare_data
+    from jaxnn.landscape import grid_evaluation
+
+    params, loss, accuracy = _mlp()
+    d1, d2 = _directions(params)
+    batches = _batches([4] * 6 + [3])
+    prepared = prepare_data(batches)
+    assert grid_evaluation._merge_factors(prepared, 8) == (6, 1)
+    assert grid_evaluation._merge_factors(prepared, 4) == (3, 1)  # at most chunk_size batches: 3 divides 6
+    monkeypatch.setattr(grid_evaluation, "MERGED_ROWS", 8)
+    assert grid_evaluation._merge_factors(prepared, 8) == (2, 1)  # at most 8 rows of 4
+    grid = np.linspace(-1.0, 1.0, 5)
+    run = lambda: plane_surface(loss, params, d1, d2, grid, grid, batches, accuracy_fn=accuracy, chunk_size=8,
+                                factor_linear_ops=factor_linear_ops, strategy="vmapped", progress=False)
+    monkeypatch.setattr(grid_evaluation, "MERGED_ROWS", 4096)
+    merged = run()
+    monkeypatch.setattr(grid_evaluation, "MERGED_ROWS", 1)  # one batch at a time
+    one_by_one = run()
+    np.testing.assert_allclose(merged.losses, one_by_one.losses, rtol=1e-13)
+    np.testing.assert_allclose(merged.accuracies, one_by_one.accuracies, rtol=1e-13)
+
+
 def test_line_and_interpolation_equal_python_loop(x64):
     params, loss, accuracy = _mlp()
     other, _, _ = _mlp(seed=5)
