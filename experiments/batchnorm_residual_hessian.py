@@ -19,10 +19,11 @@ CONFIG = {"data": "digits", "data_dir": "../shared/data/mnist", "depths": [8, 20
           "batch_size": 128,
           "lr": 0.05, "momentum": 0.9, "analysis_examples": 512, "trace_samples": 30, "density_probes": 2,
           "density_iters": 50, "seed": 0}
-# density_iters 40 = top_eigenvalues' default: the density's Lanczos reuses that program (compiling a ResNet's
-# Lanczos iteration takes several seconds on XLA:CPU, more than running it).
+# density_iters 20 = the first basis size of top_eigenvalues' adaptive Lanczos (krylov.FIRST_STAGE_ITERS): the
+# density's Lanczos reuses that program (compiling a ResNet's Lanczos iteration takes several seconds on XLA:CPU,
+# more than running it).
 SMOKE = {"depths": [8], "width": 4, "epochs": 1, "analysis_examples": 64, "trace_samples": 4, "density_probes": 1,
-         "density_iters": 40}
+         "density_iters": 20}
 VARIANTS = (("batch", False, "BN + residual"), ("batch", True, "BN, plain"), (None, False, "residual, no BN"),
             (None, True, "plain, no BN"))
 

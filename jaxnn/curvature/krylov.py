@@ -316,6 +316,37 @@ def _single_iteration(op, state, controls, block_size):
     return _maybe_check(state, controls, op.num_params, block_size)
 
 
+FIRST_STAGE_ITERS = 20  # an adaptive run starts with a basis for this many iterations (see _stage_iters)
+
+
+def _stage_iters(num_iters: int, k: int, block_size: int, adaptive: bool) -> list[int]:
+    """Basis capacities (in block iterations) an adaptive run grows through: FIRST_STAGE_ITERS (at least 6k
+    vectors), doubling, then ``num_iters``. Every iteration reads the whole basis, written rows or not: a top-1 run
+    that converges in ~10 iterations read a 41-row basis (the default 40 iterations) four times a step, ~2 ms a step
+    for 100k parameters on CPU. Growing copies the basis once (and compiles the loop for the new size)."""
+    if not adaptive:
+        return [num_iters]
+    stages, size = [], max(FIRST_STAGE_ITERS, -(-6 * k // block_size))
+    while size < num_iters:
+        stages.append(size)
+        size *= 2
+    return stages + [num_iters]
+
+
+@quick_jit(static_argnames=("rows",))
+def _grown(state: _LanczosState, rows: int) -> _LanczosState:
+    """``state`` with room for ``rows`` basis vectors (zero rows appended; the analysis padded as unused)."""
+
+    def pad(array: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+        extra = rows - state.basis.shape[0]
+        return jnp.pad(array, [(0, extra if axis in axes else 0) for axis in range(array.ndim)])
+
+    analysis = state.analysis
+    return state._replace(basis=pad(state.basis, (0,)), projected=pad(state.projected, (0, 1)),
+                          analysis=_RitzAnalysis(pad(analysis.values, (0,)), pad(analysis.coordinates, (0, 1)),
+                                                 pad(analysis.bounds, (0,)), pad(analysis.valid, (0,))))
+
+
 def run_lanczos(
     op: CurvatureOperator,
     key: jax.Array,
@@ -334,9 +365,11 @@ def run_lanczos(
 
     ``op.loop_mode == "compiled"``: one compiled program (called once per progress-bar chunk when a bar is shown).
     ``"unrolled"``: one compiled iteration per Python step, dispatched asynchronously. The host synchronises once per
-    chunk (compiled) or once per convergence check (unrolled), never per iteration.
+    chunk (compiled) or once per convergence check (unrolled), never per iteration. With ``tol`` the basis starts
+    small and grows when needed (:func:`_stage_iters`).
     """
-    state = initial_state(op, key, flat_start, num_iters, block_size)
+    stages = _stage_iters(num_iters, k, block_size, tol is not None)
+    state = initial_state(op, key, flat_start, stages[0], block_size)
     dtype = state.basis.dtype
     controls = placed_like_params(op, _Controls(
         jnp.int32(num_iters), jnp.int32(k), jnp.int32(_WHICH_CODE[which]),
@@ -347,7 +380,10 @@ def run_lanczos(
     done = 0
     with tqdm(total=num_iters, desc=description, unit="it", disable=not progress, leave=False) as bar:
         while done < num_iters:
-            stop = min(done + chunk, num_iters)
+            if done >= stages[0]:
+                stages.pop(0)
+                state = placed_like_params(op, _grown(state, rows=(stages[0] + 1) * block_size))
+            stop = min(done + chunk, stages[0])
             if op.loop_mode == "compiled":
                 controls = controls._replace(stop_at=placed_like_params(op, jnp.int32(stop)))
                 state = _run_compiled(op, state, controls, block_size)

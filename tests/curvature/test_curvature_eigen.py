@@ -217,6 +217,30 @@ def test_adaptive_lanczos_on_a_network_matches_the_dense_spectrum(x64, loops):
     np.testing.assert_allclose(np.asarray(values), exact[::-1][:2], rtol=1e-9)
 
 
+def test_adaptive_lanczos_grows_its_basis_as_needed(x64, monkeypatch):
+    """An adaptive run starts with a small basis and grows it (copying what it holds) until the pairs converge:
+    the same iterations and Ritz values as one run in the full-size basis, both ends right against eigh (the
+    compiled loop; the unrolled one goes through the same stages in run_lanczos)."""
+    from jaxnn.curvature import krylov
+
+    assert krylov._stage_iters(40, 1, 1, True) == [20, 40]
+    assert krylov._stage_iters(40, 5, 1, True) == [30, 40]  # at least 6k vectors
+    assert krylov._stage_iters(100, 1, 2, True) == [20, 40, 80, 100]
+    assert krylov._stage_iters(15, 1, 1, True) == [15] and krylov._stage_iters(40, 1, 1, False) == [40]
+    params, batch = mlp_params(0), classification_data(1)
+    exact = np.linalg.eigvalsh(dense_hessian_of(mlp_loss, params, batch))
+    op = curvature.hessian(mlp_loss, params, batch)
+    monkeypatch.setattr(krylov, "FIRST_STAGE_ITERS", 3)  # grows through 3, 6, 12, 24, ...
+    grown = curvature.lanczos(op, KEY, 80, k=2, tol=1e-8, progress=False)
+    monkeypatch.setattr(krylov, "FIRST_STAGE_ITERS", 1000)  # one basis of 81 rows
+    whole = curvature.lanczos(op, KEY, 80, k=2, tol=1e-8, progress=False)
+    assert grown.converged and grown.num_iters == whole.num_iters > 12
+    for name in ("top_eigenvalues", "bottom_eigenvalues"):
+        np.testing.assert_allclose(np.asarray(getattr(grown, name)), np.asarray(getattr(whole, name)), rtol=1e-11)
+    np.testing.assert_allclose(np.asarray(grown.top_eigenvalues), exact[::-1][:2], rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(grown.bottom_eigenvalues), exact[:2], rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_top_eigenvalue_when_it_exceeds_twice_every_projected_entry(x64, seed):
     """Spectrum -8 .. 15 (60 values): the Lanczos T has entries ≲ 7 while λmax = 15. The padding of the projected
