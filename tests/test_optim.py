@@ -119,10 +119,15 @@ def test_lbfgs_solves_a_quadratic(x64):
     value_fn = lambda p: 0.5 * p @ a @ p - b @ p
     tx, _ = optim.build_optimizer(OptimizerConfig(name="lbfgs", lr=1.0), 50)
     params, state = jnp.zeros(3), tx.init(jnp.zeros(3))
-    for _ in range(20):
+
+    @jax.jit  # as the train step runs it (eager, the line search's loops took 24 s for 20 steps)
+    def step(params, state):
         value, grad = jax.value_and_grad(value_fn)(params)
         updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=value_fn)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(20):
+        params, state = step(params, state)
     np.testing.assert_allclose(params, jnp.linalg.solve(a, b), rtol=1e-6)
 
 

@@ -26,13 +26,16 @@ def _equivalence(precision):
 
 
 def test_eight_devices_train_like_one_on_every_path_float64():
-    """20 steps, batch 64, digits: MLP, MLP + batch norm, ResNet-8 with batch norm (global-batch statistics on
-    every path); SGD with momentum and Adam. Oracle: the same training on one device."""
+    """20 steps, batch 64, digits: MLP + batch norm (global-batch statistics on every path) with SGD + momentum and
+    with Adam, ResNet-8 with batch norm on the shard_map and sharded-jit paths. Oracle: the same training on one
+    device."""
     results = _equivalence("float64")
-    assert {(r["mode"], r["layout"]) for r in results} == {("jit", "replicated"), ("shard_map", "replicated"),
-                                                           ("pmap", "replicated"), ("jit", "sharded")}
-    assert {(r["model"], r["optimizer"]) for r in results} == {("mlp", "adam"), ("mlp_bn", "sgd"),
-                                                               ("mlp_bn", "adam_eps"), ("resnet_bn", "adam_eps")}
+    paths = {(r["model"], r["optimizer"]): set() for r in results}
+    for r in results:
+        paths[(r["model"], r["optimizer"])].add((r["mode"], r["layout"]))
+    every_path = {("jit", "replicated"), ("shard_map", "replicated"), ("pmap", "replicated"), ("jit", "sharded")}
+    assert paths == {("mlp_bn", "sgd"): every_path, ("mlp_bn", "adam_eps"): every_path,
+                     ("resnet_bn", "adam_eps"): {("shard_map", "replicated"), ("jit", "sharded")}}
     for r in results:
         # Adam with eps 1e-4 in front of batch norm ("adam_eps"): the default eps turns the rounding noise of
         # exactly-zero gradient coordinates (biases before batch norm) into ~1e-10 updates on any summation order.
