@@ -25,6 +25,8 @@ floating-point reassociation.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -173,7 +175,35 @@ def _inlinable_body(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
     return jaxpr, consts
 
 
+_POOLING = {"reduce_window_max": jax.lax.max, "reduce_window_sum": jax.lax.add}
+MAX_SLICED_WINDOW = 9  # pooling windows of at most this many elements are evaluated as strided slices on CPU
+
+
+def _pool_by_slices(eqn: _Equation, values: Sequence[Any]) -> Any:
+    """Non-overlapping pooling (window = stride, no padding or dilation) on CPU as the elementwise max / sum of one
+    strided slice per window offset, or None when it does not apply. XLA:CPU runs a reduce_window fused with its
+    elementwise producer (a factored layer's combination, the activation) at a fraction of the memory bandwidth:
+    a LeNet's first pooling over 250 images of a landscape point took 3.3 ms, as slices 1.6 ms (measured)."""
+    p = eqn.params
+    window, operand = tuple(p["window_dimensions"]), values[0]
+    if (window != tuple(p["window_strides"]) or math.prod(window) > MAX_SLICED_WINDOW
+            or any(tuple(pad) != (0, 0) for pad in p["padding"]) or set(p["base_dilation"]) != {1}
+            or set(p["window_dilation"]) != {1} or jax.default_backend() != "cpu"):
+        return None
+    out_shape = [(size - w) // w + 1 for size, w in zip(jnp.shape(operand), window)]
+    combine, result = _POOLING[eqn.primitive.name], None
+    for offset in itertools.product(*(range(w) for w in window)):
+        limit = [o + (m - 1) * w + 1 for o, m, w in zip(offset, out_shape, window)]
+        piece = jax.lax.slice(operand, offset, limit, window)
+        result = piece if result is None else combine(result, piece)
+    return result
+
+
 def _bind(eqn: _Equation, values: Sequence[Any]) -> list[Any]:
+    if eqn.primitive.name in _POOLING:
+        pooled = _pool_by_slices(eqn, values)
+        if pooled is not None:
+            return [pooled]
     params = eqn.primitive.get_bind_params(eqn.params)
     out = eqn.primitive.bind(*values, **params)
     return list(out) if eqn.primitive.multiple_results else [out]

@@ -222,3 +222,29 @@ def test_float32_default_matches_to_float32_precision():
     factored = jax.jit(lambda: factorization.at_point(factorization.shared(basis, batch, factorization.consts), c))()
     assert factored.dtype == jnp.float32
     np.testing.assert_allclose(factored, direct, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pool, window, strides, sliced", [
+    ("max", (2, 2), (2, 2), True), ("avg", (2, 2), (2, 2), True), ("max", (3, 3), (3, 3), True),
+    ("max", (3, 3), (2, 2), False), ("max", (4, 4), (4, 4), False)])  # overlapping; 16 > MAX_SLICED_WINDOW
+def test_pooling_by_strided_slices_equals_reduce_window(x64, monkeypatch, pool, window, strides, sliced):
+    """Non-overlapping pooling runs as the max / sum of strided slices on CPU (odd sizes drop their last rows, as
+    VALID pooling does); other windows keep reduce_window. Oracle: flax's pooling on materialised parameters."""
+    import flax.linen as nn
+
+    from jaxnn.landscape import linear_factoring
+
+    calls = []
+    original = linear_factoring._pool_by_slices
+    monkeypatch.setattr(linear_factoring, "_pool_by_slices",
+                        lambda eqn, values: calls.append(original(eqn, values)) or calls[-1])
+    pooling = nn.max_pool if pool == "max" else nn.avg_pool
+    params = {"kernel": jax.random.normal(jax.random.key(0), (3, 3, 2, 4)), "bias": jnp.arange(4.0) / 10}
+
+    def fn(p, batch):
+        h = jax.lax.conv_general_dilated(batch, p["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(pooling(jnp.tanh(h + p["bias"]), window, strides) ** 2, axis=(1, 2, 3))
+
+    batch = jax.random.normal(jax.random.key(3), (5, 11, 13, 2))
+    _check_factored_equals_direct(fn, params, batch)
+    assert calls and all((value is not None) == (sliced and jax.default_backend() == "cpu") for value in calls)
