@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _experiment_command(args) -> int:
+def _experiment_command(args, progress: bool) -> int:
     from jaxnn import experiment
     from jaxnn.config import parse_overrides
 
@@ -229,7 +229,8 @@ def _experiment_command(args) -> int:
     if not args.name:
         raise ValueError(f"name an experiment (or --list): {', '.join(experiment.experiment_names())}")
     overrides = {key.removeprefix("--set "): value for key, value in parse_overrides(args.overrides).items()}
-    record = experiment.run_experiment(args.name, smoke=args.smoke, overrides=overrides, out_dir=args.out)
+    record = experiment.run_experiment(args.name, smoke=args.smoke, overrides=overrides, out_dir=args.out,
+                                       progress=progress)
     for check in record["checks"]:
         print(f"{'agrees   ' if check['agrees'] else 'DISAGREES'}  {check['check']}: {check['measured']}")
     print(f"{args.name}: {record['verdict']} ({record['size']} size, {record['wall_time_s']} s); "
@@ -249,11 +250,15 @@ def _dispatch(args) -> int:
     from jaxnn.parallel import is_primary
 
     primary = is_primary()  # with several processes, only process 0 draws figures (and writes the run folder)
+    # Progress bars only on a terminal: in a log file or a pipe they are carriage-return noise. On a terminal
+    # train.progress (default true) still turns the training bar off.
+    progress = sys.stderr.isatty()
+    quiet = [] if progress else ["train.progress=false"]
     # Figures are drawn by a background process while the next computation runs; all are written before exit.
     with FigureWorker(start=primary) as figures:
         draw = figures.submit if primary else (lambda *args, **kwargs: None)
         if args.command in ("run", "train"):
-            overrides = list(args.overrides) + ([f"parallel.devices={args.devices}"] if args.devices else [])
+            overrides = quiet + list(args.overrides) + ([f"parallel.devices={args.devices}"] if args.devices else [])
             cfg = config_lib.load_config(args.config, overrides=overrides)
             run_dir = pathlib.Path(args.run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
             summary, trained = train_run(cfg, run_dir=run_dir, resume=args.resume, draw=draw)
@@ -265,11 +270,12 @@ def _dispatch(args) -> int:
                 a = cfg.analysis
                 if a.curvature:
                     report = analysis.curvature_for_run(trained, k=a.curvature_k, density=a.density,
-                                                        data_batches=a.curvature_batches, draw=draw)
+                                                        data_batches=a.curvature_batches, draw=draw,
+                                                        progress=progress)
                     print(analysis.describe_curvature(report))
                 if a.landscape:
                     analysis.landscape_for_run(trained, dirs="filter", grid=a.landscape_grid, span=a.landscape_span,
-                                               data_batches=a.landscape_batches, draw=draw)
+                                               data_batches=a.landscape_batches, draw=draw, progress=progress)
             figures.wait()
             print(f"run folder: {run_dir}")
             return 0
@@ -280,7 +286,7 @@ def _dispatch(args) -> int:
             figures.wait()
             return 0
         if args.command == "experiment":
-            return _experiment_command(args)
+            return _experiment_command(args, progress)
         if args.command == "doctor":
             from jaxnn.diagnostics import doctor
 
@@ -295,7 +301,7 @@ def _dispatch(args) -> int:
         if args.command == "sweep":
             from jaxnn.train.sweep import run_sweep
 
-            overrides = list(args.overrides) + ([f"parallel.devices={args.devices}"] if args.devices else [])
+            overrides = quiet + list(args.overrides) + ([f"parallel.devices={args.devices}"] if args.devices else [])
             cfg = config_lib.load_config(args.config, overrides=overrides)
             run_sweep(cfg, args.out, curvature=args.curvature, resume=args.resume, draw=draw)
             figures.wait()
@@ -304,7 +310,7 @@ def _dispatch(args) -> int:
             report = analysis.curvature_for_run(args.run_dir, k=args.k, density=args.density,
                                                 data_batches=args.data_batches, batch_size=args.batch_size,
                                                 step=args.step, mode=args.mode, seed=args.seed, out_dir=args.out,
-                                                draw=draw, devices=args.devices)
+                                                draw=draw, devices=args.devices, progress=progress)
             print(analysis.describe_curvature(report))
             return 0
         if args.command == "landscape":
@@ -313,7 +319,7 @@ def _dispatch(args) -> int:
                                                 data_batches=args.data_batches, batch_size=args.batch_size,
                                                 step=args.step, log_scale=args.log_scale, seed=args.seed,
                                                 out_dir=args.out, draw=draw, devices=args.devices,
-                                                split=args.split)
+                                                split=args.split, progress=progress)
             print(json.dumps(report.get("summary", {}), indent=1, default=str))
             return 0
     raise AssertionError(args.command)

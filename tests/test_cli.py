@@ -134,7 +134,8 @@ def test_x64_flag_does_not_leak_into_the_process(two_runs, tmp_path):
 
 
 def test_run_prints_no_library_warnings(tmp_path):
-    """A fresh `jaxnn run` process (progress bars on, as a user sees it): no WARNING from jax, orbax or absl."""
+    """A fresh `jaxnn run` process, its output captured as a log: no WARNING from jax, orbax or absl, and no
+    progress bars (carriage-return noise in a file; they are drawn on a terminal only)."""
     import os
     import subprocess
     import sys
@@ -145,7 +146,39 @@ def test_run_prints_no_library_warnings(tmp_path):
                           "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "WARNING" not in out.stderr and "Warning" not in out.stderr, out.stderr[-3000:]
+    assert "\r" not in out.stderr and "it/s" not in out.stderr, out.stderr[-3000:]
     assert "lambda_max=" in out.stdout and (tmp_path / "run" / "landscape_2d.png").is_file()
+
+
+def test_progress_bars_are_drawn_on_a_terminal(two_runs, tmp_path):
+    """`jaxnn curvature` with stderr on a pseudo-terminal draws its bars there (and stays quiet when piped, above)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    process = subprocess.Popen([sys.executable, "-m", "jaxnn.cli", "curvature", str(two_runs[0]), "--k", "1",
+                                "--data-batches", "1", "--out", str(tmp_path)], stdout=subprocess.DEVNULL,
+                               stderr=follower, env=env)
+    os.close(follower)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the process closed the terminal
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(leader)
+    assert process.wait(timeout=300) == 0, terminal[-3000:]
+    assert b"lanczos" in terminal and b"\r" in terminal, terminal[-3000:]
 
 
 def test_output_piped_into_a_reader_that_stops_early(two_runs, tmp_path):
