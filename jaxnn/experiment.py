@@ -96,13 +96,18 @@ def image_data(config: dict, experiment: str, seed: int = 0, limit: int | None =
         return data_lib.load_dataset("digits", seed=seed, limit=limit, **split)
     if name == "mnist":
         return mnist(config, experiment, seed=seed, limit=limit, **split)
+    from jaxnn.data.cifar import CIFAR10_FOLDER, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES
+
+    data_dir = _data_dir(config)
     try:
-        return data_lib.load_dataset("cifar10", data_dir=_data_dir(config), seed=seed, download=False, limit=limit,
-                                     **split)
-    except FileNotFoundError as error:
-        reason = str(error).replace("; pass download=True to fetch them", "")  # experiments never download
-        raise FileNotFoundError(f"experiment {experiment} needs CIFAR-10: {reason}. Point the experiment at the "
-                                f"folder with --set data_dir=PATH") from None
+        return data_lib.load_dataset("cifar10", data_dir=data_dir, seed=seed, download=False, limit=limit, **split)
+    except FileNotFoundError:  # the loader's message offers download=True, which experiments do not
+        problem = (f"{data_dir} does not exist" if not data_dir.is_dir() else
+                   f"{data_dir} (or its {CIFAR10_FOLDER} folder) lacks some of the batch files")
+        raise FileNotFoundError(
+            f"experiment {experiment} needs CIFAR-10: {problem}; expected {', '.join(CIFAR10_TRAIN_FILES)}, "
+            f"{CIFAR10_TEST_FILE} (the python version). Point the experiment at them with --set data_dir=PATH"
+        ) from None
 
 
 def experiment_names() -> list[str]:

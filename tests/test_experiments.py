@@ -333,8 +333,8 @@ def test_image_experiments_read_cifar10_from_data_dir(tmp_path):
     dataset = image_data({"data": "cifar10", "data_dir": str(tmp_path)}, "residual_landscapes")
     assert dataset.input_shape == (32, 32, 3) and dataset.num_classes == 10
     assert len(dataset.train) + len(dataset.val) == 30 and len(dataset.test) == 4
-    with pytest.raises(FileNotFoundError, match="residual_landscapes needs CIFAR-10: cifar10: missing batch files "
-                                                ".*--set data_dir=PATH"):
+    with pytest.raises(FileNotFoundError, match="residual_landscapes needs CIFAR-10: .*none does not exist; "
+                                                "expected data_batch_1, .*test_batch .*--set data_dir=PATH"):
         run_experiment("residual_landscapes", smoke=True, overrides={"data": "cifar10",
                                                                      "data_dir": str(tmp_path / "none")},
                        out_dir=tmp_path / "out", progress=False)
