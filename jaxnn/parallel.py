@@ -70,8 +70,21 @@ def cpu_collectives(mesh: Mesh | None) -> bool:
     There, a small program queued on the outputs of a collective program still in flight can take a device's
     in-flight slot before that device joins the collective, and both wait for ever (seen as an aborted rendezvous
     with 8 simulated devices and as a hung gloo all-reduce across 2 processes, mostly on a loaded machine); the
-    curvature product loops wait for each collective product before going on when this is true."""
+    loops that dispatch collective programs wait for each before going on when this is true (:func:`settle`)."""
     return mesh is not None and mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
+
+
+def settle(tree: Any, mesh: Mesh | None) -> Any:
+    """``tree``, once computed when programs on ``mesh`` run XLA:CPU collectives (:func:`cpu_collectives`); at once
+    otherwise (asynchronous dispatch as usual). Loops that dispatch collective programs one after another call it
+    after each dispatch: training steps and evaluation batches in ``fit``, landscape chunks, curvature products.
+    The CLI's simulated devices also turn CPU async dispatch off (:func:`jaxnn.runtime.simulated_device_environment`),
+    but a script that sets ``XLA_FLAGS`` itself keeps it on: notebook 04 (``fit`` on 8 simulated devices), run four
+    at a time beside the CLI tests on 2 cores, aborted in an all-reduce rendezvous in 7 of 16 runs without these
+    waits and in 0 of 12 with them."""
+    if cpu_collectives(mesh):
+        jax.block_until_ready(tree)
+    return tree
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -324,6 +324,7 @@ def _vmapped(metrics_fn, offset, basis, coefficients, prepared, params_like, dty
     arguments = lambda block: (offset, tuple(basis), place_chunks(coefficient_blocks[block]), *metric_inputs,
                                *state_inputs)
     work_per_point = prepared.num_batches + (state_prepared.num_batches if with_state else 0)
+    wait_mesh = points_mesh or parallel.mesh_of((offset, basis))
     start = time.perf_counter()
     compiled = program.lower(*arguments(0)).compile()
     compiled_at = time.perf_counter()
@@ -331,7 +332,7 @@ def _vmapped(metrics_fn, offset, basis, coefficients, prepared, params_like, dty
     with tqdm(total=num_points * work_per_point, desc=description, unit="pt·batch", disable=not progress,
               leave=False) as bar:
         for block in range(blocks):
-            results.append(compiled(*arguments(block)))
+            results.append(parallel.settle(compiled(*arguments(block)), wait_mesh))
             if progress:
                 jax.block_until_ready(results[-1])
                 done = min(num_points, (block + 1) * chunks_per_block * chunk)
@@ -352,6 +353,8 @@ def _per_point(metrics_fn, offset, basis, coefficients, prepared, params_like, o
     block's batches unrolled (no vmap, no loop) and adds their weighted values into the output in place. A block
     holds as many batches as fit in :data:`PER_POINT_BLOCK_BYTES` of shared values (one call per point and block
     ran ~25% faster than one per point and batch for a LeNet on CPU, measured)."""
+    from jaxnn import parallel
+
     num_points, num_basis = coefficients.shape
     plans = _plans(metrics_fn, prepared, params_like, None, num_basis, factor_linear_ops)
 
@@ -393,17 +396,20 @@ def _per_point(metrics_fn, offset, basis, coefficients, prepared, params_like, o
     out_like = jax.eval_shape(metrics_fn, params_like, group_first_batch(prepared.groups[0]))
     totals = jax.tree.map(lambda s: jnp.zeros((num_points,), out_dtype), out_like)
     points = np.asarray(coefficients, dtype=jnp.result_type(*jax.tree.leaves(basis[0])))
+    wait_mesh = parallel.mesh_of((offset, basis))
     start = time.perf_counter()
     compile_seconds = None
     with tqdm(total=num_points * prepared.num_batches, desc=description, unit="pt·batch", disable=not progress,
               leave=False) as bar:
         for block in blocks:
             block_plans = _IdentityTuple(plan for plan, _, _ in block)
-            shared = shared_program(offset, basis, [batch for _, batch, _ in block], block_plans)
+            shared = parallel.settle(shared_program(offset, basis, [batch for _, batch, _ in block], block_plans),
+                                     wait_mesh)
             weights = [weight for _, _, weight in block]
             for p in range(num_points):
                 first = time.perf_counter() if compile_seconds is None else None
-                totals = point_program(shared, offset, basis, points[p], p, weights, totals, block_plans)
+                totals = parallel.settle(point_program(shared, offset, basis, points[p], p, weights, totals,
+                                                       block_plans), wait_mesh)
                 if first is not None:  # the first call compiles: time it apart
                     jax.block_until_ready(totals)
                     compile_seconds = time.perf_counter() - first

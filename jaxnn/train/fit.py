@@ -123,6 +123,7 @@ def evaluate(state: TrainState, split: data_lib.Split, eval_step: Callable, batc
             sums = eval_step(state, batch, parallel.global_array(mask, sharding))
         else:
             sums = eval_step(state, jax.device_put((x, y), sharding), jax.device_put(mask, sharding))
+        parallel.settle(sums, getattr(sharding, "mesh", None))  # before a program is queued on it
         totals = sums if totals is None else _add_sums(totals, sums)
     return {name: float(value) for name, value in mean_metrics(parallel.to_host(totals), classification,
                                                                 prefix).items()}
@@ -348,11 +349,11 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
                 count = min(steps_per_call, boundary - step)
                 if count < steps_per_call and count > 1:
                     count = 1  # the remainder runs one step per call: no compilation per remainder length
-                state, metrics = resident_steps(state, source.data, source.permutations(step), count,
-                                                full and step + count == boundary)
+                state, metrics = parallel.settle(resident_steps(state, source.data, source.permutations(step), count,
+                                                                full and step + count == boundary), mesh)
             else:
                 count = 1
-                state, last = train_step(state, next(batches), full and step + 1 == boundary)
+                state, last = parallel.settle(train_step(state, next(batches), full and step + 1 == boundary), mesh)
                 metrics = (None, last)
             queued.append((step + 1, metrics))
             step += count

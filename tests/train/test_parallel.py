@@ -110,3 +110,43 @@ def test_bad_device_requests_are_one_clear_line(args, words, tmp_path):
     out = _jaxnn("train", "digits_mlp", "--run-dir", str(tmp_path / "r"), "--set", "train.steps=2", *args, env=env)
     assert out.returncode == 2, out.stderr[-3000:]
     assert out.stderr.startswith("jaxnn: error:") and words in out.stderr and "Traceback" not in out.stderr
+
+
+SETTLE = """
+import json, os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # as a user's script does: async dispatch on
+import jax, jax.numpy as jnp, optax
+from jaxnn import data, models, parallel
+from jaxnn.train import create_train_state, fit
+
+slow = jax.jit(lambda x: jax.lax.fori_loop(0, 40, lambda i, y: jnp.tanh(y @ y), x))  # ~0.3 s
+mesh = parallel.make_mesh()
+on_mesh = jax.device_put(jnp.eye(512) * 0.5, parallel.replicated(mesh))
+out = {"devices": int(mesh.devices.size), "mesh_ready": parallel.settle(slow(on_mesh), mesh).is_ready()}
+alone = jnp.eye(512) * 0.5
+slow(alone).block_until_ready()
+out["alone_ready"] = parallel.settle(slow(alone), None).is_ready()
+calls, original = [], parallel.settle
+def recording(tree, mesh):
+    result = original(tree, mesh)
+    calls.append([parallel.mesh_size(mesh), all(a.is_ready() for a in jax.tree.leaves(result) if hasattr(a, "is_ready"))])
+    return result
+parallel.settle = recording
+ds = data.load_dataset("digits", seed=0)
+state = create_train_state(models.get_model("mlp", num_classes=10, width=16, depth=1), optax.sgd(0.1),
+                           ds.input_shape, jax.random.key(0))
+fit(state, ds, batch_size=64, num_steps=6, log_every=3, eval_every=3, eval_batch_size=128, progress=False)
+out["calls"], out["val_batches"] = calls, -(-len(ds.val) // 128)
+print(json.dumps(out))
+"""
+
+
+def test_collective_programs_are_waited_for_on_cpu_devices():
+    """On several CPU devices each collective program is waited for before the next is queued (a queued program
+    could hold a device's slot and abort the all-reduce rendezvous, see jaxnn.parallel.settle); on one device
+    dispatch stays asynchronous. fit on 8 devices waits after each of its 6 steps and each evaluation batch."""
+    out = subprocess.run([sys.executable, "-c", SETTLE], capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8 and result["mesh_ready"] and not result["alone_ready"]
+    assert result["calls"] == [[8, True]] * (6 + 2 * result["val_batches"])
