@@ -82,6 +82,27 @@ def describe_curvature(report: dict) -> str:
             f"{report['num_hvps']} HVPs in {report['timing_seconds']['total']:.1f}s")
 
 
+def describe_landscape(report: dict) -> str:
+    """One line for the terminal; the whole summary is in ``landscape.json``."""
+    s = report["summary"]
+    plane, span = s["plane"], s["config"]["span"]
+    loss, at = plane["metrics"]["loss"], plane["metrics"]["loss"]["argmin"]
+    parts = [f"Landscape at step {s.get('run', {}).get('step', '?')}, {s['config']['dirs']} directions, "
+             f"{plane['shape'][0]}x{plane['shape'][1]} plane over ±{span:.3g} on {plane['num_examples']} examples: "
+             f"loss at the checkpoint {loss['at_origin']:.4g}, plane min {loss['min']:.4g} at "
+             f"(alpha, beta)=({at['alpha']:.3g}, {at['beta']:.3g}), max {loss['max']:.4g}"]
+    if plane["nonfinite_points"]:
+        parts.append(f"{plane['nonfinite_points']} non-finite points")
+    if s.get("interpolation"):
+        line = s["interpolation"]["metrics"]["loss"]
+        parts.append(f"interpolation to the other run: loss {line['min']:.4g} to {line['max']:.4g}")
+    if s.get("trajectory"):
+        t = s["trajectory"]
+        parts.append(f"{t['num_checkpoints']} checkpoints projected (off-plane residual up to "
+                     f"{t['max_relative_residual']:.2g})")
+    return "; ".join(parts) + f"; {s['seconds']:.1f}s"
+
+
 def landscape_for_run(run: str | pathlib.Path | LoadedRun, *, dirs: str = "filter", grid: int = 51,
                       span: float = 1.0, other: str | pathlib.Path | None = None, trajectory: bool = False,
                       data_batches: int = 2, batch_size: int | None = None, step: Any = "latest",

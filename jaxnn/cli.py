@@ -18,7 +18,6 @@ from __future__ import annotations
 # Only the standard library at module level: ``jaxnn --help`` must not wait for jax, and the runtime settings
 # (compilation cache, simulated devices) must be in place before jax is imported.
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -320,7 +319,7 @@ def _dispatch(args) -> int:
                                                 step=args.step, log_scale=args.log_scale, seed=args.seed,
                                                 out_dir=args.out, draw=draw, devices=args.devices,
                                                 split=args.split, progress=progress)
-            print(json.dumps(report.get("summary", {}), indent=1, default=str))
+            print(analysis.describe_landscape(report))
             return 0
     raise AssertionError(args.command)
 

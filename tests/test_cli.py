@@ -103,10 +103,12 @@ def test_curvature_command_writes_report(two_runs, tmp_path, capsys):
     assert "lambda_max=" in capsys.readouterr().out
 
 
-def test_landscape_command_with_trajectory_and_other_run(two_runs, tmp_path):
+def test_landscape_command_with_trajectory_and_other_run(two_runs, tmp_path, capsys):
     out = tmp_path / "land"
+    capsys.readouterr()
     assert main(["landscape", str(two_runs[0]), "--grid", "7", "--span", "0.5", "--trajectory",
                  "--other", str(two_runs[1]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
     for name in ("landscape.npz", "landscape.json", "landscape_1d.png", "landscape_2d.png", "landscape_3d.png",
                  "interpolation.png"):
         assert (out / name).is_file(), name
@@ -116,6 +118,12 @@ def test_landscape_command_with_trajectory_and_other_run(two_runs, tmp_path):
     saved = np.load(out / "landscape.npz")
     plane = [k for k in saved.files if "plane" in k and "loss" in k]
     assert plane and saved[plane[0]].shape == (7, 7)
+    # the terminal gets one line (the summary is in landscape.json), with the plane's numbers as saved
+    losses = saved[plane[0]]
+    assert len(printed) == 1 and printed[0].startswith("Landscape at step 40,"), printed
+    assert f"loss at the checkpoint {losses[3, 3]:.4g}" in printed[0] and f"max {losses.max():.4g}" in printed[0]
+    assert f"plane min {losses.min():.4g}" in printed[0] and "interpolation to the other run" in printed[0]
+    assert f"{summary['trajectory']['num_checkpoints']} checkpoints projected" in printed[0]
 
 
 def test_landscape_trajectory_needs_checkpoints(tmp_path, capsys):
