@@ -253,12 +253,13 @@ def _dispatch(args) -> int:
     # train.progress (default true) still turns the training bar off.
     progress = sys.stderr.isatty()
     quiet = [] if progress else ["train.progress=false"]
+    config_overrides = lambda: quiet + list(args.overrides) + (  # noqa: E731  (run, train, sweep)
+        [f"parallel.devices={args.devices}"] if args.devices else [])
     # Figures are drawn by a background process while the next computation runs; all are written before exit.
     with FigureWorker(start=primary) as figures:
         draw = figures.submit if primary else (lambda *args, **kwargs: None)
         if args.command in ("run", "train"):
-            overrides = quiet + list(args.overrides) + ([f"parallel.devices={args.devices}"] if args.devices else [])
-            cfg = config_lib.load_config(args.config, overrides=overrides)
+            cfg = config_lib.load_config(args.config, overrides=config_overrides())
             run_dir = pathlib.Path(args.run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
             summary, trained = train_run(cfg, run_dir=run_dir, resume=args.resume, draw=draw)
             final = summary["final"]
@@ -300,8 +301,7 @@ def _dispatch(args) -> int:
         if args.command == "sweep":
             from jaxnn.train.sweep import run_sweep
 
-            overrides = quiet + list(args.overrides) + ([f"parallel.devices={args.devices}"] if args.devices else [])
-            cfg = config_lib.load_config(args.config, overrides=overrides)
+            cfg = config_lib.load_config(args.config, overrides=config_overrides())
             run_sweep(cfg, args.out, curvature=args.curvature, resume=args.resume, draw=draw)
             figures.wait()
             return 0
