@@ -166,6 +166,13 @@ class MetricsWriter:
 
 
 RESIDENT_LIMIT_BYTES = 1 << 30  # training splits up to 1 GiB live on the device (auto mode)
+# Runs of at most this many steps compute the full metrics (gradient norm, update ratio) on every step, so one step
+# program is compiled instead of two. The cheap variant saves ~0.16 ms a step (MLP 64-256-256-10, batch 64, CPU;
+# 266 vs 344 ms for 500 steps), and compiling it costs ~0.9 s for that MLP and 2-4 s for a ResNet-8 (measured): below
+# a few thousand steps the second compilation costs more than it saves. 200 keeps the loss under ~40 ms where the
+# persistent compilation cache makes the second program cheap. Both variants give bit-identical states (the norms
+# are outputs only), and the choice depends on ``num_steps`` alone, so a resumed run picks as the original did.
+ALWAYS_FULL_METRICS_STEPS = 200
 
 
 def _resident_default(dataset: data_lib.Dataset) -> bool:
@@ -339,6 +346,7 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
         return rec
 
     periods = [log_every, eval_every] + ([checkpoint_every] if checkpointer is not None else []) + callback_periods
+    always_full = num_steps <= ALWAYS_FULL_METRICS_STEPS
     step = start_step
     try:
         while step < num_steps:
@@ -350,10 +358,12 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
                 if count < steps_per_call and count > 1:
                     count = 1  # the remainder runs one step per call: no compilation per remainder length
                 state, metrics = parallel.settle(resident_steps(state, source.data, source.permutations(step), count,
-                                                                full and step + count == boundary), mesh)
+                                                                always_full or (full and step + count == boundary)),
+                                                 mesh)
             else:
                 count = 1
-                state, last = parallel.settle(train_step(state, next(batches), full and step + 1 == boundary), mesh)
+                state, last = parallel.settle(train_step(state, next(batches),
+                                                           always_full or (full and step + 1 == boundary)), mesh)
                 metrics = (None, last)
             queued.append((step + 1, metrics))
             step += count

@@ -38,7 +38,8 @@ def make_train_step(loss: Callable | str, schedule: Callable | None = None, *, g
     metrics: ``loss``, ``accuracy`` (classification), ``lr``, and when ``full_metrics`` (a static bool: one
     compilation per value) also ``grad_norm`` ‖g‖ and ``update_ratio`` ‖Δθ‖/‖θ‖. The norms are three extra
     passes over the parameters that also keep XLA from fusing the update (~15% of a small MLP's step on CPU,
-    measured), so ``fit`` asks for them only on the steps it logs.
+    measured), so ``fit`` asks for them only on the steps it logs (on every step of a short run, where compiling the
+    second variant costs more than it saves: see ``jaxnn.train.fit.ALWAYS_FULL_METRICS_STEPS``).
     Cached on its arguments, so repeated ``fit`` calls with the same loss and schedule reuse one compilation.
 
     ``mode`` (see :mod:`jaxnn.parallel`): ``"jit"`` follows the arrays' shardings (XLA inserts the all-reduce);

@@ -1,6 +1,7 @@
 """The compiled step and the fit loop: metrics against independent gradients, accumulation, guards, errors."""
 
 import hashlib
+import importlib
 import pathlib
 
 import jax
@@ -174,6 +175,40 @@ def test_several_steps_per_call_are_bit_identical_to_one(digits, tmp_path, steps
     strip = lambda history: [{k: v for k, v in r.items() if k != "time_s"} for r in history]
     assert strip(one.history) == strip(many.history)
     assert [r["step"] for r in one.history] == [10, 19, 20, 30, 38, 40, 50, 57, 60]
+
+
+def test_a_short_run_compiles_one_step_program_with_the_same_bits_and_records(digits, monkeypatch):
+    """Up to ALWAYS_FULL_METRICS_STEPS steps every step computes the norms: one compiled step program where the
+    cheap/full pair (forced here with a threshold of 0) compiles two, and the same states and records."""
+    fit_module = importlib.import_module("jaxnn.train.fit")  # (jaxnn.train.fit is the function)
+    compiled: list[str] = []
+
+    def listener(name, seconds, fun_name="", **kwargs):
+        if name.endswith("backend_compile_duration"):
+            compiled.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    model = models.get_model("mlp", num_classes=10, width=24, depth=2, dropout=0.1)  # shapes no other test uses
+    results, programs, default = {}, {}, fit_module.ALWAYS_FULL_METRICS_STEPS
+    assert default >= 25  # the run below is a short one
+    try:
+        for threshold in (default, 0):
+            monkeypatch.setattr(fit_module, "ALWAYS_FULL_METRICS_STEPS", threshold)
+            compiled.clear()
+            state = create_train_state(model, optax.adam(1e-3), digits.input_shape, jax.random.PRNGKey(0))
+            results[threshold] = fit(state, digits, batch_size=24, num_steps=25, log_every=10, eval_every=25,
+                                     progress=False)
+            programs[threshold] = compiled.count("jit(steps)")
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert programs == {default: 1, 0: 2}  # (a new optimizer object: each run compiles its own programs)
+    short, pair = results[default], results[0]
+    for a, b in zip(jax.tree.leaves((short.state.params, short.state.opt_state)),
+                    jax.tree.leaves((pair.state.params, pair.state.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    strip = lambda history: [{k: v for k, v in r.items() if k != "time_s"} for r in history]  # noqa: E731
+    assert strip(short.history) == strip(pair.history)
+    assert [r["step"] for r in short.history] == [10, 20, 25] and all(r["grad_norm"] > 0 for r in short.history)
 
 
 def test_steps_per_call_needs_the_split_on_the_device(digits):
