@@ -353,17 +353,15 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
             boundary = _event_steps(step, num_steps, periods)
             full = boundary % log_every == 0 or boundary % eval_every == 0 or boundary == num_steps or (
                 checkpointer is not None and boundary % checkpoint_every == 0)
+            count = min(steps_per_call, boundary - step) if resident else 1
+            if 1 < count < steps_per_call:
+                count = 1  # the remainder runs one step per call: no compilation per remainder length
+            full_last = always_full or (full and step + count == boundary)  # the call's last step computes the norms
             if resident:
-                count = min(steps_per_call, boundary - step)
-                if count < steps_per_call and count > 1:
-                    count = 1  # the remainder runs one step per call: no compilation per remainder length
                 state, metrics = parallel.settle(resident_steps(state, source.data, source.permutations(step), count,
-                                                                always_full or (full and step + count == boundary)),
-                                                 mesh)
+                                                                full_last), mesh)
             else:
-                count = 1
-                state, last = parallel.settle(train_step(state, next(batches),
-                                                           always_full or (full and step + 1 == boundary)), mesh)
+                state, last = parallel.settle(train_step(state, next(batches), full_last), mesh)
                 metrics = (None, last)
             queued.append((step + 1, metrics))
             step += count
