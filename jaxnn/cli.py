@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not read or write the persistent compilation cache")
 
-    p = sub.add_parser("experiment", help="run a reproduced result of the notes (experiments/NAME.py)")
+    p = sub.add_parser("experiment", help="run a reproduced result of the notes (jaxnn/experiments/NAME.py)")
     p.add_argument("name", nargs="?", help="the experiment (see --list)")
     p.add_argument("--smoke", action="store_true", help="the small setting the test suite runs (seconds)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", action="store_true",
                    help="regenerate the table in experiments/README.md from results/*/result.json")
     p.add_argument("--results", default="results", help="the results folder --table reads (default: results)")
+    p.add_argument("--readme", default="experiments/README.md",
+                   help="the file --table writes between its markers (default: experiments/README.md)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not read or write the persistent compilation cache")
 
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _experiment_command(args, progress: bool) -> int:
-    from jaxnn import experiment
+    from jaxnn import experiments as experiment
     from jaxnn.config import parse_overrides
 
     if args.list:
@@ -223,7 +225,7 @@ def _experiment_command(args, progress: bool) -> int:
             print(f"{name}: {experiment.load_experiment(name).CLAIM}")
         return 0
     if args.table:
-        print(experiment.write_table(args.results))
+        print(experiment.write_table(args.results, args.readme))
         return 0
     if not args.name:
         raise ValueError(f"name an experiment (or --list): {', '.join(experiment.experiment_names())}")

@@ -1,7 +1,8 @@
 """Experiment scripts in smoke size (`jaxnn experiment NAME` runs them full size): outputs exist and the numbers they
 record agree with an independent computation."""
 
-import importlib.util
+import hashlib
+import importlib
 import json
 import pathlib
 
@@ -57,10 +58,7 @@ def _retrained_resnet(kind, depth, setting, measured):
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"jaxnn.experiments.{name}")
 
 
 def test_edge_of_stability_smoke_against_dense_hessians(tmp_path):
@@ -70,7 +68,7 @@ def test_edge_of_stability_smoke_against_dense_hessians(tmp_path):
     import optax
 
     from jaxnn import data as data_lib, losses, models
-    from jaxnn.experiment import run_experiment
+    from jaxnn.experiments import run_experiment
     from jaxnn.train import create_train_state, fit
 
     eos = _load("edge_of_stability")
@@ -123,7 +121,7 @@ def test_edge_of_stability_smoke_against_dense_hessians(tmp_path):
 def test_conditioning_smoke_numbers_against_closed_forms(tmp_path):
     """Every verdict is computed from measured numbers; the numbers themselves are checked here against numpy and
     closed forms: κ of the construction, GD's one step at κ = 1, the divergence threshold 2/λmax, the trajectories."""
-    from jaxnn.experiment import run_experiment
+    from jaxnn.experiments import run_experiment
 
     record = run_experiment("conditioning", smoke=True, out_dir=tmp_path, progress=False)
     saved = json.loads((tmp_path / "result.json").read_text())
@@ -144,7 +142,7 @@ def test_conditioning_smoke_numbers_against_closed_forms(tmp_path):
 
 
 def test_verdict_rule_and_generated_table(tmp_path):
-    from jaxnn.experiment import Result, write_table
+    from jaxnn.experiments import Result, write_table
 
     assert Result({}, [("a", "1", True), ("b", "2", True)]).verdict == "agrees"
     assert Result({}, [("a", "1", True), ("b", "2", False)]).verdict == "partly"
@@ -159,10 +157,35 @@ def test_verdict_rule_and_generated_table(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Experiments\n\nText before.\n")
     table = write_table(tmp_path / "results", readme)
-    assert "| demo (smoke) | x | 3 vs 4 | **partly** |" in table
+    assert "| demo (smoke) | x | ✗ c: **3 vs 4** | **partly** | ![](results/demo/demo.png) |" in table
     first = readme.read_text()
     write_table(tmp_path / "results", readme)
     assert readme.read_text() == first and first.startswith("# Experiments\n\nText before.")
+
+
+def test_result_records_its_code_and_reads_data_from_jaxnn_data(tmp_path, monkeypatch):
+    """result.json's code record is the sha256 of the imported experiment file, jaxnn's version and the checkout's
+    commit; data_dir unset reads $JAXNN_DATA/<name>, a set data_dir wins, and a missing folder names both ways."""
+    import subprocess
+
+    import jaxnn
+    from jaxnn.experiments import data_folder, run_experiment
+
+    record = run_experiment("losses", smoke=True, out_dir=tmp_path / "out", progress=False)
+    code = record["code"]
+    source = ROOT / "jaxnn" / "experiments" / "losses.py"
+    assert code["experiment_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert code["jaxnn_version"] == jaxnn.__version__
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert code["git_commit"] == head.stdout.strip() and isinstance(code["experiment_file_modified"], bool)
+    assert "experiment source sha256 " + code["experiment_sha256"][:12] in (tmp_path / "out" / "summary.md").read_text()
+    monkeypatch.setenv("JAXNN_DATA", str(tmp_path / "root"))
+    assert data_folder({"data_dir": ""}, "mnist") == tmp_path / "root" / "mnist"
+    assert data_folder({"data_dir": str(tmp_path / "mine")}, "mnist") == tmp_path / "mine"
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'root' / 'mnist'} does not exist.*--set data_dir=PATH, "
+                                                "or set JAXNN_DATA"):
+        run_experiment("label_noise", smoke=True, out_dir=tmp_path / "o2", progress=False)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -180,7 +203,7 @@ def test_experiment_command_bad_input(args, words, capsys):
 
 
 def test_depth_init_batchnorm_smoke_against_closed_forms(tmp_path):
-    from jaxnn.experiment import run_experiment
+    from jaxnn.experiments import run_experiment
 
     record = run_experiment("depth_init_batchnorm", smoke=True, out_dir=tmp_path, progress=False)
     measured, setting = record["measured"], record["setting"]
@@ -219,7 +242,7 @@ def _verdict_follows_checks(record):
 
 
 def test_ridge_smoke_against_numpy(tmp_path):
-    from jaxnn.experiment import run_experiment
+    from jaxnn.experiments import run_experiment
 
     record = run_experiment("ridge", smoke=True, out_dir=tmp_path, progress=False)
     ridge, setting = _load("ridge"), record["setting"]
@@ -233,7 +256,7 @@ def test_ridge_smoke_against_numpy(tmp_path):
 
 
 def test_losses_smoke_worked_values(tmp_path):
-    from jaxnn.experiment import run_experiment
+    from jaxnn.experiments import run_experiment
 
     record = run_experiment("losses", smoke=True, out_dir=tmp_path, progress=False)
     scores = [[3.2, 5.1, -1.7], [1.3, 4.9, 2.0], [2.2, 2.5, -3.1]]
@@ -249,7 +272,7 @@ def test_losses_smoke_worked_values(tmp_path):
 def test_saddle_points_smoke_against_dense_hessians(tmp_path):
     from jax.flatten_util import ravel_pytree
 
-    from jaxnn.experiment import run_experiment
+    from jaxnn.experiments import run_experiment
 
     record = run_experiment("saddle_points", smoke=True, out_dir=tmp_path, progress=False)
     quadratic = record["measured"]["x² − y²"]
@@ -272,7 +295,7 @@ def test_ill_conditioning_smoke_against_the_dense_hessian(tmp_path):
     import optax
 
     from jaxnn import data as data_lib, losses, models
-    from jaxnn.experiment import mnist, run_experiment
+    from jaxnn.experiments import mnist, run_experiment
     from jaxnn.train import create_train_state, fit
 
     record = run_experiment("ill_conditioning", smoke=True, out_dir=tmp_path, progress=False)
@@ -305,7 +328,7 @@ def test_ill_conditioning_smoke_against_the_dense_hessian(tmp_path):
 
 
 def test_an_mnist_folder_without_the_files_is_named(tmp_path):
-    from jaxnn.experiment import run_experiment
+    from jaxnn.experiments import run_experiment
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="ill_conditioning needs MNIST: .*empty holds no MNIST IDX files. "
@@ -327,7 +350,7 @@ def test_image_experiments_read_cifar10_from_data_dir(tmp_path):
     sys.path.insert(0, str(ROOT / "tests" / "data"))
     from test_data_cifar import write_batches
 
-    from jaxnn.experiment import image_data, run_experiment
+    from jaxnn.experiments import image_data, run_experiment
 
     write_batches(tmp_path / "cifar-10-batches-py", per_batch=6, n_test=4)
     dataset = image_data({"data": "cifar10", "data_dir": str(tmp_path)}, "residual_landscapes")
@@ -351,7 +374,7 @@ def test_label_noise_smoke_against_a_member_trained_alone(tmp_path):
     import optax
 
     from jaxnn import data as data_lib, models
-    from jaxnn.experiment import mnist, run_experiment
+    from jaxnn.experiments import mnist, run_experiment
     from jaxnn.train import create_train_state, fit
 
     record = run_experiment("label_noise", smoke=True, out_dir=tmp_path, progress=False)
@@ -387,7 +410,7 @@ def test_sharpness_lr_batch_smoke_against_a_dense_hessian(tmp_path):
     import scipy.stats
 
     from jaxnn import data as data_lib, losses, models
-    from jaxnn.experiment import run_experiment
+    from jaxnn.experiments import run_experiment
     from jaxnn.train import create_train_state, fit
 
     record = run_experiment("sharpness_lr_batch", smoke=True, out_dir=tmp_path, progress=False)
@@ -422,7 +445,7 @@ def test_mode_connectivity_smoke_against_a_python_loop(tmp_path):
     import optax
 
     from jaxnn import data as data_lib, losses, models
-    from jaxnn.experiment import run_experiment
+    from jaxnn.experiments import run_experiment
     from jaxnn.train import create_train_state, fit
 
     record = run_experiment("mode_connectivity", smoke=True, out_dir=tmp_path, progress=False)
@@ -457,7 +480,7 @@ def test_batchnorm_residual_hessian_smoke_against_an_independent_lanczos(tmp_pat
     """The BN + residual variant retrained by fit: its recorded λmax equals the top Ritz value of a hand-written
     Lanczos (full reorthogonalisation in numpy, products by jax.jvp of jax.grad) on the same examples in eval mode;
     every variant has a row; the verdict follows the checks."""
-    from jaxnn.experiment import run_experiment
+    from jaxnn.experiments import run_experiment
 
     record = run_experiment("batchnorm_residual_hessian", smoke=True, out_dir=tmp_path, progress=False)
     setting, measured = record["setting"], record["measured"]
@@ -474,7 +497,7 @@ def test_residual_landscapes_smoke_against_an_independent_lanczos(tmp_path):
     (numpy, full reorthogonalisation, 60 products by jax.jvp of jax.grad, its own random start) on the same examples,
     and λmin lies above that Lanczos's smallest Ritz value (Ritz values interlace: a shorter run cannot go lower);
     the plane's centre is the loss at θ*; local minima counted by brute force."""
-    from jaxnn.experiment import run_experiment
+    from jaxnn.experiments import run_experiment
 
     record = run_experiment("residual_landscapes", smoke=True, out_dir=tmp_path, progress=False)
     setting, measured = record["setting"], record["measured"]

@@ -17,7 +17,8 @@ import numpy as np
 TASKS = ("classification", "regression")
 SPLIT_NAMES = ("train", "val", "test")
 
-DATA_DIR_ENV = "JAXNN_DATA_DIR"
+DATA_DIR_ENV = "JAXNN_DATA"
+DATA_DIR_ENV_ALIAS = "JAXNN_DATA_DIR"  # the name this variable had first; still read
 
 # Rows per chunk when accumulating statistics in float64 (bounds the temporary memory on large image sets).
 _STATISTICS_CHUNK_ROWS = 4096
@@ -270,7 +271,8 @@ class SourceData:
 
 
 def default_data_dir(name: str) -> Path:
-    """Where a dataset's files live when no ``data_dir`` is given: ``$JAXNN_DATA_DIR/<name>``, else
-    ``~/.cache/jaxnn/data/<name>``."""
-    root = os.environ.get(DATA_DIR_ENV) or os.path.join("~", ".cache", "jaxnn", "data")
+    """Where a dataset's files live when no ``data_dir`` is given: ``$JAXNN_DATA/<name>`` (or
+    ``$JAXNN_DATA_DIR/<name>``), else ``~/.cache/jaxnn/data/<name>``."""
+    root = (os.environ.get(DATA_DIR_ENV) or os.environ.get(DATA_DIR_ENV_ALIAS)
+            or os.path.join("~", ".cache", "jaxnn", "data"))
     return Path(root).expanduser() / name

@@ -27,7 +27,7 @@ CLAIM = ("Under full-batch gradient descent the sharpness λmax rises (progressi
          "2022).")
 CONFIG = {"examples": 1000, "hidden": [200, 200], "activations": ["tanh", "relu"], "losses": ["mse", "ce"],
           "lrs": [0.1, 0.2], "steps": 2000, "every": 20, "population": True, "adam_lr": 0.001, "adam_steps": 2000,
-          "adam_eps": 1e-7, "kernel_init": "he", "seed": 0, "data": "digits", "data_dir": "../shared/data/mnist"}
+          "adam_eps": 1e-7, "kernel_init": "he", "seed": 0, "data": "digits", "data_dir": ""}
 SMOKE = {"examples": 200, "hidden": [16, 16], "activations": ["tanh"], "losses": ["mse"], "steps": 40, "every": 10,
          "adam_steps": 40}
 TOLERANCE = 0.10  # the verdict's band around λmax·η/2 = 1
@@ -67,7 +67,7 @@ def run(config: dict, out_dir, progress: bool = True):
     import jax
 
     from jaxnn import models
-    from jaxnn.experiment import Result, image_data
+    from jaxnn.experiments import Result, image_data
 
     dataset = image_data(config, "edge_of_stability", seed=0, limit=round(config["examples"] / 0.7),
                          val_fraction=0.1, test_fraction=0.2)

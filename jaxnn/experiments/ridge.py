@@ -102,7 +102,7 @@ def map_estimate(x, y, noise, prior_std):
 def run(config: dict, out_dir, progress: bool = True):
     import jax
 
-    from jaxnn.experiment import Result
+    from jaxnn.experiments import Result
 
     with jax.enable_x64(True):
         x, y = data(config["examples"], config["features"], config["noise"], config["seed"])

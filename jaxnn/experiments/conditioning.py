@@ -175,7 +175,7 @@ def trajectory_gaps(a: np.ndarray, x0: np.ndarray, lr: float, steps: int) -> tup
 
 
 def run(config: dict, out_dir, progress: bool = True):
-    from jaxnn.experiment import Result
+    from jaxnn.experiments import Result
 
     kappas, dim, tol, max_steps = config["kappas"], config["dim"], config["tolerance"], config["max_steps"]
     rows, curves = [], {}

@@ -63,7 +63,7 @@ def run(config: dict, out_dir, progress: bool = True):
     import jax
 
     from jaxnn import losses
-    from jaxnn.experiment import Result
+    from jaxnn.experiments import Result
 
     with jax.enable_x64(True):
         ce_steps, ce_history = steps_to_accuracy("cross-entropy", config)

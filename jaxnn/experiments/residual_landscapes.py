@@ -26,7 +26,7 @@ import numpy as np
 CLAIM = ("Skip connections keep a deep network's loss landscape smooth and nearly convex around the minimum, where "
          "the plain network's is more non-convex (Li et al. 2018); the optimiser's trajectory lies in a "
          "low-dimensional space: its first two principal components explain most (40-90 %) of its variation.")
-CONFIG = {"data": "digits", "data_dir": "../shared/data/mnist", "depth": 20, "width": 16, "epochs": 20,
+CONFIG = {"data": "digits", "data_dir": "", "depth": 20, "width": 16, "epochs": 20,
           "batch_size": 128, "lr": 0.05, "momentum": 0.9, "analysis_examples": 512, "grid": 25, "span": 1.0,
           "map_grid": 5, "map_iters": 20, "pca_grid": 15, "snapshot_every": 20, "convex_ratio": 0.1, "seed": 0}
 SMOKE = {"depth": 8, "width": 4, "epochs": 2, "analysis_examples": 64, "grid": 5, "map_grid": 3, "map_iters": 20,
@@ -40,7 +40,7 @@ def run(config: dict, out_dir, progress: bool = True):
     import optax
 
     from jaxnn import curvature, landscape, losses, models
-    from jaxnn.experiment import Result, image_data
+    from jaxnn.experiments import Result, image_data
     from jaxnn.train import Callback, create_train_state, fit
 
     class Snapshots(Callback):

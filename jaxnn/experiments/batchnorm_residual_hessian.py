@@ -15,7 +15,7 @@ import numpy as np
 
 CLAIM = ("Batch norm and residual connections give a deep network a smoother, lower-curvature landscape at the end of "
          "training — smaller top eigenvalue and trace (Yao et al. 2020) — and the effect grows with depth.")
-CONFIG = {"data": "digits", "data_dir": "../shared/data/mnist", "depths": [8, 20], "width": 16, "epochs": 20,
+CONFIG = {"data": "digits", "data_dir": "", "depths": [8, 20], "width": 16, "epochs": 20,
           "batch_size": 128,
           "lr": 0.05, "momentum": 0.9, "analysis_examples": 512, "trace_samples": 30, "density_probes": 2,
           "density_iters": 50, "seed": 0}
@@ -34,7 +34,7 @@ def run(config: dict, out_dir, progress: bool = True):
     import optax
 
     from jaxnn import curvature, losses, models
-    from jaxnn.experiment import Result, image_data
+    from jaxnn.experiments import Result, image_data
     from jaxnn.train import NonFiniteLossError, create_train_state, fit
 
     dataset = image_data(config, "batchnorm_residual_hessian", seed=config["seed"])

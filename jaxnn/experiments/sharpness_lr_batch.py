@@ -21,7 +21,7 @@ CLAIM = ("The sharpness λmax of the minimum SGD reaches falls as η/B grows; at
          "end sharper and generalise worse (Keskar et al. 2017; Jastrzębski et al. 2018); no member ends above 2/η.")
 CONFIG = {"width": 128, "depth": 2, "lrs": [0.01, 0.03, 0.1, 0.3], "batch_sizes": [16, 64, 256], "seeds": 2,
           "epochs": 40, "analysis_examples": 1024, "split_seed": 0, "data": "digits",
-          "data_dir": "../shared/data/mnist"}
+          "data_dir": ""}
 SMOKE = {"width": 16, "lrs": [0.03, 0.3], "batch_sizes": [16, 128], "seeds": 1, "epochs": 2, "analysis_examples": 256}
 
 
@@ -36,7 +36,7 @@ def run(config: dict, out_dir, progress: bool = True):
     import optax
 
     from jaxnn import curvature, models
-    from jaxnn.experiment import Result, image_data
+    from jaxnn.experiments import Result, image_data
     from jaxnn.train.population import population_grid, train_population
 
     digits = image_data(config, "sharpness_lr_batch", seed=config["split_seed"])

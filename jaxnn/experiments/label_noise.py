@@ -17,7 +17,7 @@ import numpy as np
 CLAIM = ("Training on MNIST labels of which a fraction p was replaced by random other classes still reaches ~2.3% "
          "clean test error at p = 0.5, and breaks down above p ≈ 0.83 (theory: the true class stops being the most "
          "frequent label at p = (C−1)/C = 0.9).")
-CONFIG = {"data_dir": "../shared/data/mnist", "limit": 0, "noise": [0.0, 0.2, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95],
+CONFIG = {"data_dir": "", "limit": 0, "noise": [0.0, 0.2, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95],
           "seeds": 3, "steps": 1000, "batch_size": 64, "lr": 0.02, "momentum": 0.9, "split_seed": 0}
 SMOKE = {"limit": 1200, "noise": [0.0, 0.5, 0.95], "seeds": 1, "steps": 40}
 POST_ERROR_AT_HALF, POST_BREAKDOWN = 0.023, 0.83
@@ -40,7 +40,7 @@ def run(config: dict, out_dir, progress: bool = True):
     import optax
 
     from jaxnn import models
-    from jaxnn.experiment import Result, mnist
+    from jaxnn.experiments import Result, data_folder, mnist
     from jaxnn.train.population import population_grid, train_population
 
     dataset = mnist(config, "label_noise", seed=config["split_seed"], limit=config["limit"] or None)
@@ -92,7 +92,7 @@ def run(config: dict, out_dir, progress: bool = True):
                   "test_examples": len(dataset.test), "epochs": epochs, "compile_s": result.compile_s,
                   "train_s": result.run_s},
         checks=checks, figures=["label_noise.png"],
-        data=(f"MNIST from {config['data_dir']} ({dataset.info.get('layout', '')}): {len(dataset.train)} training "
+        data=(f"MNIST from {data_folder(config, 'mnist')} ({dataset.info.get('layout', '')}): {len(dataset.train)} training "
               f"images with noisy labels, {len(dataset.test)} clean test images; LeNet (6-16 conv, 120-84 dense), "
               f"SGD lr {config['lr']} momentum {config['momentum']}, batch {config['batch_size']}, {config['steps']} "
               f"steps ({epochs:.1f} epochs), no early stopping; {config['seeds']} seed(s) per p, all in one "

@@ -18,7 +18,7 @@ import numpy as np
 CLAIM = ("During training the second-order model −εgᵀg + ½ε²gᵀHg predicts the loss change of a gradient step; steps "
          "with ε > 2gᵀg/gᵀHg raise the loss; the gradient norm grows while the loss falls (no critical point).")
 CONFIG = {"width": 128, "depth": 2, "lr": 0.1, "steps": 1500, "every": 25, "batch_size": 64, "analysis_examples": 512,
-          "seed": 0, "data_dir": "../shared/data/mnist", "mnist_limit": 0, "lenet_lr": 0.05, "lenet_steps": 1500,
+          "seed": 0, "data_dir": "", "mnist_limit": 0, "lenet_lr": 0.05, "lenet_steps": 1500,
           "lenet_every": 25}
 SMOKE = {"width": 32, "steps": 150, "every": 10, "mnist_limit": 1000, "lenet_steps": 20, "lenet_every": 10}
 
@@ -52,7 +52,7 @@ class QuadraticModelCallback:
 
 def run(config: dict, out_dir, progress: bool = True):
     from jaxnn import data as data_lib, models
-    from jaxnn.experiment import Result, mnist
+    from jaxnn.experiments import Result, data_folder, mnist
 
     digits = data_lib.load_dataset("digits", seed=0)
     images = mnist(config, "ill_conditioning", limit=config["mnist_limit"] or None)
@@ -72,7 +72,7 @@ def run(config: dict, out_dir, progress: bool = True):
     _plot(measured, settings, out_dir / "ill_conditioning.png")
     return Result(measured=measured, checks=checks, figures=["ill_conditioning.png"],
                   data=f"embedded digits: MLP width {config['width']} depth {config['depth']}, SGD lr {config['lr']}, "
-                       f"{config['steps']} steps; MNIST from {config['data_dir']} ({len(images.train)} training "
+                       f"{config['steps']} steps; MNIST from {data_folder(config, 'mnist')} ({len(images.train)} training "
                        f"images): LeNet 6-16 conv 120-84 dense, SGD lr {config['lenet_lr']}, {config['lenet_steps']} "
                        f"steps; batch {config['batch_size']}; curvature on a fixed batch of "
                        f"{config['analysis_examples']} training examples (fewer if the split is smaller)")

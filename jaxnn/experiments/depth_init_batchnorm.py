@@ -102,7 +102,7 @@ def run(config: dict, out_dir, progress: bool = True):
     import optax
 
     from jaxnn import data as data_lib
-    from jaxnn.experiment import Result
+    from jaxnn.experiments import Result
     from jaxnn.train import create_train_state, fit
 
     depth, width, n = config["depth"], config["width"], config["examples"]

@@ -19,7 +19,7 @@ CLAIM = ("The straight line between two independently trained networks crosses a
          "Draxler et al. 2018).")
 CONFIG = {"width": 64, "depth": 2, "lr": 0.05, "momentum": 0.9, "epochs": 30, "batch_size": 64, "seeds": [0, 1],
           "curve_steps": 3000, "curve_lr": 0.01, "curve_batch": 128, "ts_per_step": 4, "points": 41,
-          "barrier_floor": 0.1, "data": "digits", "data_dir": "../shared/data/mnist"}
+          "barrier_floor": 0.1, "data": "digits", "data_dir": ""}
 SMOKE = {"width": 16, "epochs": 3, "curve_steps": 50, "points": 11}
 
 
@@ -63,7 +63,7 @@ def run(config: dict, out_dir, progress: bool = True):
     import optax
 
     from jaxnn import landscape, losses, models
-    from jaxnn.experiment import Result, image_data
+    from jaxnn.experiments import Result, image_data
     from jaxnn.train.population import train_population
 
     if len(config["seeds"]) != 2:

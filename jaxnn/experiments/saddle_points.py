@@ -68,7 +68,7 @@ def run(config: dict, out_dir, progress: bool = True):
     from jax.flatten_util import ravel_pytree
 
     from jaxnn import curvature
-    from jaxnn.experiment import Result
+    from jaxnn.experiments import Result
 
     measured, checks, curves = {}, [], {}
     with jax.enable_x64(True):

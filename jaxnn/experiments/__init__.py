@@ -1,6 +1,6 @@
 """Reproduced results, one command each: ``jaxnn experiment NAME [--smoke] [--set key=value] [--out DIR]``.
 
-An experiment is a script ``experiments/<name>.py`` that defines
+An experiment is a module ``jaxnn/experiments/<name>.py`` (installed with the package) that defines
 
 - ``CLAIM``: the claim of the notes in one sentence;
 - ``CONFIG``: its full-size setting (a flat dict of numbers, strings and lists) and ``SMOKE``: the overrides that make
@@ -9,36 +9,48 @@ An experiment is a script ``experiments/<name>.py`` that defines
   and a verdict computed from them.
 
 :func:`run_experiment` writes ``results/<name>/result.json`` (claim, setting, measured numbers, verdict and why,
-where the notes were wrong), the figures and ``summary.md``; :func:`write_table` regenerates the table in
-``experiments/README.md`` from the result files (``jaxnn experiment --table``).
+where the notes were wrong, and the code that produced it: the sha256 of the experiment's source file, jaxnn's
+version, the git commit where known), the figures and ``summary.md``; :func:`write_table` regenerates the table in
+``experiments/README.md`` from the result files (``jaxnn experiment --table``). Both paths are read from the working
+directory (a source checkout's root keeps them).
+
+Data: an experiment's ``data_dir`` setting (``--set data_dir=PATH``: the data set's folder or its parent), else
+``$JAXNN_DATA/<name>`` (``$JAXNN_DATA_DIR`` is read too), else ``~/.cache/jaxnn/data/<name>``; never downloaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
+import hashlib
+import importlib
 import json
 import os
 import pathlib
+import subprocess
 import time
 from typing import Any
 
-EXPERIMENTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "experiments"
+EXPERIMENTS_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+DEFAULT_RESULTS_DIR = "results"
+DEFAULT_README = "experiments/README.md"
 VERDICTS = ("agrees", "partly", "disagrees")
 
 
 @dataclasses.dataclass
 class Result:
     """What an experiment measured. ``checks``: one entry per sub-claim, (description, measured text, agrees?);
-    ``verdict`` follows from them (all agree: agrees; none: disagrees; else partly). ``measured``: the numbers,
-    JSON-able; ``figures``: file names in the output folder; ``corrections``: where the notes were wrong."""
+    ``verdict`` follows from them (all agree: agrees; none: disagrees; else partly). ``reported``: (label, measured
+    text) pairs shown beside the checks but not counted, for quantities that hold by construction or that the claim
+    does not bound. ``measured``: the numbers, JSON-able; ``figures``: file names in the output folder;
+    ``corrections``: where the notes were wrong."""
 
     measured: dict
     checks: list[tuple[str, str, bool]]
     figures: list[str] = dataclasses.field(default_factory=list)
     corrections: list[str] = dataclasses.field(default_factory=list)
     data: str = ""
+    reported: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -48,17 +60,14 @@ class Result:
         return "agrees" if all(agreed) else "disagrees" if not any(agreed) else "partly"
 
 
-MNIST_DEFAULT_DIR = "../shared/data/mnist"
-
-
 def mnist(config: dict, experiment: str, seed: int = 0, limit: int | None = None, **split):
-    """The MNIST data set of ``config["data_dir"]`` (a relative path is read from the working directory, else from
-    the repository root), split by ``seed``, never downloaded: a folder without the IDX files raises
-    FileNotFoundError naming the experiment, the folder, the four files and ``--set data_dir=``."""
+    """The MNIST data set of :func:`data_folder` (``config["data_dir"]``, ``$JAXNN_DATA/mnist`` or the default),
+    split by ``seed``, never downloaded: a folder without the IDX files raises FileNotFoundError naming the
+    experiment, the folder, the four files, ``--set data_dir=`` and ``$JAXNN_DATA``."""
     from jaxnn import data as data_lib
     from jaxnn.data.idx import IDX_FILE_NAMES
 
-    data_dir = _data_dir(config)
+    data_dir = data_folder(config, "mnist")
     try:
         return data_lib.load_dataset("mnist", data_dir=data_dir, seed=seed, download=False, limit=limit, **split)
     except FileNotFoundError as error:
@@ -67,15 +76,17 @@ def mnist(config: dict, experiment: str, seed: int = 0, limit: int | None = None
         raise FileNotFoundError(
             f"experiment {experiment} needs MNIST: {problem}. Expected there: {', '.join(IDX_FILE_NAMES.values())} "
             f"(raw or .gz; the t10k pair alone is enough, it is split into train/val/test). Point the experiment at "
-            f"them with --set data_dir=PATH") from None
+            f"them with --set data_dir=PATH, or set JAXNN_DATA to the folder holding mnist/") from None
 
 
-def _data_dir(config: dict) -> pathlib.Path:
-    """``config["data_dir"]``: a relative path is read from the working directory, else from the repository root."""
-    data_dir = pathlib.Path(config["data_dir"]).expanduser()
-    if not data_dir.is_absolute() and not data_dir.exists():
-        data_dir = EXPERIMENTS_DIR.parent / data_dir
-    return data_dir
+def data_folder(config: dict, name: str) -> pathlib.Path:
+    """Where an experiment reads data set ``name``: ``config["data_dir"]`` when set (relative to the working
+    directory), else ``$JAXNN_DATA/<name>`` (or ``$JAXNN_DATA_DIR/<name>``), else ``~/.cache/jaxnn/data/<name>``."""
+    from jaxnn.data.dataset import default_data_dir
+
+    if config.get("data_dir"):
+        return pathlib.Path(config["data_dir"]).expanduser()
+    return default_data_dir(name)
 
 
 IMAGE_DATA = ("digits", "mnist", "cifar10")
@@ -98,7 +109,7 @@ def image_data(config: dict, experiment: str, seed: int = 0, limit: int | None =
         return mnist(config, experiment, seed=seed, limit=limit, **split)
     from jaxnn.data.cifar import CIFAR10_FOLDER, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES
 
-    data_dir = _data_dir(config)
+    data_dir = data_folder(config, "cifar10")
     try:
         return data_lib.load_dataset("cifar10", data_dir=data_dir, seed=seed, download=False, limit=limit, **split)
     except FileNotFoundError:  # the loader's message offers download=True, which experiments do not
@@ -106,25 +117,49 @@ def image_data(config: dict, experiment: str, seed: int = 0, limit: int | None =
                    f"{data_dir} (or its {CIFAR10_FOLDER} folder) lacks some of the batch files")
         raise FileNotFoundError(
             f"experiment {experiment} needs CIFAR-10: {problem}; expected {', '.join(CIFAR10_TRAIN_FILES)}, "
-            f"{CIFAR10_TEST_FILE} (the python version). Point the experiment at them with --set data_dir=PATH"
+            f"{CIFAR10_TEST_FILE} (the python version). Point the experiment at them with --set data_dir=PATH, or set "
+            f"JAXNN_DATA to the folder holding cifar10/"
         ) from None
 
 
 def experiment_names() -> list[str]:
-    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in EXPERIMENTS_PACKAGE_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def experiment_source(name: str) -> pathlib.Path:
+    """The source file of experiment ``name`` (ValueError listing the experiments when there is none)."""
+    path = EXPERIMENTS_PACKAGE_DIR / f"{name}.py"
+    if not name.isidentifier() or name.startswith("_") or not path.is_file():
+        raise ValueError(f"unknown experiment {name!r}; experiments: {', '.join(experiment_names())}")
+    return path
 
 
 def load_experiment(name: str):
-    path = EXPERIMENTS_DIR / f"{name}.py"
-    if not path.is_file():
-        raise ValueError(f"unknown experiment {name!r}; experiments: {', '.join(experiment_names())}")
-    spec = importlib.util.spec_from_file_location(f"jaxnn_experiment_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    path = experiment_source(name)
+    module = importlib.import_module(f"{__name__}.{name}")
     for attribute in ("CLAIM", "CONFIG", "SMOKE", "run"):
         if not hasattr(module, attribute):
             raise ValueError(f"experiment {name}: {path} defines no {attribute}")
     return module
+
+
+def code_record(name: str) -> dict:
+    """What ties a result to its code: the sha256 of the experiment's source file, jaxnn's version and, in a git
+    checkout, the commit and whether the experiment file differs from it (``null`` where unknown)."""
+    from jaxnn import __version__
+
+    path = experiment_source(name)
+    record = {"experiment_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "jaxnn_version": __version__,
+              "git_commit": None, "experiment_file_modified": None}
+    try:
+        run = lambda *args: subprocess.run(["git", *args], cwd=path.parent, capture_output=True, text=True, timeout=10)
+        head = run("rev-parse", "HEAD")
+        if head.returncode == 0:
+            record["git_commit"] = head.stdout.strip()
+            record["experiment_file_modified"] = run("diff", "--quiet", "HEAD", "--", path.name).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return record
 
 
 def experiment_config(module: Any, smoke: bool, overrides: dict | None) -> dict:
@@ -144,7 +179,8 @@ def run_experiment(name: str, *, smoke: bool = False, overrides: dict | None = N
     """Run experiment ``name`` and write its result folder (default ``results/<name>``); returns result.json's dict."""
     module = load_experiment(name)
     config = experiment_config(module, smoke, overrides)
-    out = pathlib.Path(out_dir or pathlib.Path("results") / name)
+    code = code_record(name)  # before the run: the file that is imported is the file that is hashed
+    out = pathlib.Path(out_dir or pathlib.Path(DEFAULT_RESULTS_DIR) / name)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result = module.run(config, out, progress)
@@ -152,9 +188,10 @@ def run_experiment(name: str, *, smoke: bool = False, overrides: dict | None = N
         "name": name, "claim": module.CLAIM, "size": "smoke" if smoke else "full", "setting": config,
         "data": result.data, "measured": result.measured,
         "checks": [{"check": text, "measured": measured, "agrees": bool(ok)} for text, measured, ok in result.checks],
+        "reported": [{"quantity": label, "measured": measured} for label, measured in result.reported],
         "verdict": result.verdict, "corrections": result.corrections, "figures": result.figures,
         "wall_time_s": round(time.perf_counter() - started, 2),
-        "date": datetime.date.today().isoformat(),
+        "date": datetime.date.today().isoformat(), "code": code,
     }
     _write(out / "result.json", json.dumps(record, indent=2, default=_json_default) + "\n")
     _write(out / "summary.md", summary_markdown(record))
@@ -183,10 +220,19 @@ def summary_markdown(record: dict) -> str:
              + ", ".join(f"{k}={v}" for k, v in record["setting"].items()), "", "| check | measured | agrees |",
              "| --- | --- | --- |"]
     lines += [f"| {c['check']} | {c['measured']} | {'yes' if c['agrees'] else 'no'} |" for c in record["checks"]]
+    if record.get("reported"):
+        lines += ["", "**Reported, not checked** (holds by construction, or the claim does not bound it).", ""]
+        lines += [f"- {r['quantity']}: {r['measured']}" for r in record["reported"]]
     if record["corrections"]:
         lines += ["", "**Where the notes are wrong.**", ""] + [f"- {c}" for c in record["corrections"]]
     if record["figures"]:
         lines += [""] + [f"![{f}]({f})" for f in record["figures"]]
+    code = record.get("code") or {}
+    if code:
+        lines += ["", f"Produced by jaxnn {code.get('jaxnn_version')}, experiment source sha256 "
+                  f"{code.get('experiment_sha256', '')[:12]}…" + (f", commit {code['git_commit'][:10]}"
+                                                                   if code.get("git_commit") else "")
+                  + (" (experiment file modified)" if code.get("experiment_file_modified") else "") + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -194,20 +240,29 @@ TABLE_BEGIN = "<!-- generated by `jaxnn experiment --table`: do not edit by hand
 TABLE_END = "<!-- end of generated table -->"
 
 
-def write_table(results_dir: str | pathlib.Path = "results", readme: str | pathlib.Path | None = None) -> str:
-    """The table claim | measured | verdict | figure from every ``results/*/result.json``, written between the
-    markers of ``experiments/README.md`` (created if missing); returns the table."""
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def write_table(results_dir: str | pathlib.Path = DEFAULT_RESULTS_DIR,
+                readme: str | pathlib.Path | None = None) -> str:
+    """The table claim | checks (each with its label, measured value and ✓/✗) | verdict | figure from every
+    ``results/*/result.json``, written between the markers of ``experiments/README.md`` (created if missing; both
+    paths relative to the working directory); returns the table."""
     results_dir = pathlib.Path(results_dir)
-    rows = ["| experiment | claim | measured | verdict | figure |", "| --- | --- | --- | --- | --- |"]
+    readme = pathlib.Path(readme or DEFAULT_README)
+    rows = ["| experiment | claim | checks: what was measured, the value, agrees (✓) or not (✗) | verdict | figure |",
+            "| --- | --- | --- | --- | --- |"]
     for path in sorted(results_dir.glob("*/result.json")):
         record = json.loads(path.read_text())
-        measured = "; ".join(f"{c['measured']}" for c in record["checks"])
+        items = [f"{'✓' if c['agrees'] else '✗'} {_cell(c['check'])}: **{_cell(c['measured'])}**"
+                 for c in record["checks"]]
+        items += [f"(reported) {_cell(r['quantity'])}: {_cell(r['measured'])}" for r in record.get("reported", [])]
         figure = record["figures"][0] if record["figures"] else ""
-        link = f"![]({os.path.relpath(path.parent / figure, EXPERIMENTS_DIR)})" if figure else ""
-        rows.append(f"| {record['name']} ({record['size']}) | {record['claim']} | {measured} | "
+        link = f"![]({os.path.relpath(path.parent / figure, readme.parent)})" if figure else ""
+        rows.append(f"| {record['name']} ({record['size']}) | {_cell(record['claim'])} | {'<br>'.join(items)} | "
                     f"**{record['verdict']}** | {link} |")
     table = "\n".join(rows)
-    readme = pathlib.Path(readme or EXPERIMENTS_DIR / "README.md")
     text = readme.read_text() if readme.exists() else "# Experiments\n\n"
     if TABLE_BEGIN in text and TABLE_END in text:
         head, rest = text.split(TABLE_BEGIN, 1)
@@ -215,5 +270,6 @@ def write_table(results_dir: str | pathlib.Path = "results", readme: str | pathl
         text = f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{tail}"
     else:
         text = f"{text.rstrip()}\n\n{TABLE_BEGIN}\n{table}\n{TABLE_END}\n"
+    readme.parent.mkdir(parents=True, exist_ok=True)
     _write(readme, text)
     return table
