@@ -18,6 +18,26 @@ def test_multiclass_hinge_worked_example():
     assert float(losses.multiclass_hinge(SCORES, jnp.array([0]))[0]) == pytest.approx(2.9, abs=1e-5)
 
 
+def test_both_multiclass_hinges_on_the_notes_three_images():
+    """The notes' sum over classes (Weston-Watkins) gives 2.9, 0, 12.9; optax's max (Crammer-Singer) 2.9, 0, 6.6:
+    both against a loop over the classes, in float64, and under their registry names."""
+    scores = np.array([[3.2, 5.1, -1.7], [1.3, 4.9, 2.0], [2.2, 2.5, -3.1]])
+    labels = np.array([0, 1, 2])
+    summed = [sum(max(0.0, s[j] - s[y] + 1.0) for j in range(3) if j != y) for s, y in zip(scores, labels)]
+    worst = [max(s[j] + (j != y) for j in range(3)) - s[y] for s, y in zip(scores, labels)]
+    np.testing.assert_allclose(summed, [2.9, 0.0, 12.9], atol=1e-12)
+    np.testing.assert_allclose(worst, [2.9, 0.0, 6.6], atol=1e-12)
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(losses.get_loss("weston_watkins_hinge")(jnp.asarray(scores), labels), summed,
+                                   atol=1e-12)
+        np.testing.assert_allclose(losses.get_loss("crammer_singer_hinge")(jnp.asarray(scores), labels), worst,
+                                   atol=1e-12)
+        # Δ = 2 adds 1 to each margin that stays violated (cat: one class, frog: two; car none)
+        np.testing.assert_allclose(losses.weston_watkins_hinge(jnp.asarray(scores), labels, delta=2.0),
+                                   [3.9, 0.0, 14.9], atol=1e-12)
+    assert losses.multiclass_hinge is losses.get_loss("crammer_singer_hinge")
+
+
 def test_softmax_cross_entropy_worked_example_natural_log():
     expected = -3.2 + math.log(math.exp(3.2) + math.exp(5.1) + math.exp(-1.7))
     value = float(losses.softmax_cross_entropy(SCORES, jnp.array([0]))[0])
