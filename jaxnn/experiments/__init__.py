@@ -176,14 +176,24 @@ def experiment_config(module: Any, smoke: bool, overrides: dict | None) -> dict:
 
 def run_experiment(name: str, *, smoke: bool = False, overrides: dict | None = None,
                    out_dir: str | pathlib.Path | None = None, progress: bool = True) -> dict:
-    """Run experiment ``name`` and write its result folder (default ``results/<name>``); returns result.json's dict."""
+    """Run experiment ``name`` and write its result folder (default ``results/<name>``); returns result.json's dict.
+
+    The experiment's compiled programs are released when it ends (``jax.clear_caches()``, which empties every jit
+    cache of the process): XLA:CPU keeps each cached program's machine code mapped into the process, and a script or
+    notebook that runs the experiments one after another would otherwise accumulate them towards Linux's limit of
+    65,530 memory mappings, past which the next compilation crashes (JAX issue #27201)."""
     module = load_experiment(name)
     config = experiment_config(module, smoke, overrides)
     code = code_record(name)  # before the run: the file that is imported is the file that is hashed
     out = pathlib.Path(out_dir or pathlib.Path(DEFAULT_RESULTS_DIR) / name)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = module.run(config, out, progress)
+    try:
+        result = module.run(config, out, progress)
+    finally:
+        import jax
+
+        jax.clear_caches()
     record = {
         "name": name, "claim": module.CLAIM, "size": "smoke" if smoke else "full", "setting": config,
         "data": result.data, "measured": result.measured,
