@@ -196,6 +196,35 @@ def test_verdict_rule_and_generated_table(tmp_path):
     assert readme.read_text() == first and first.startswith("# Experiments\n\nText before.")
 
 
+def test_committed_results_come_from_todays_experiment_code():
+    """Every committed results/NAME/result.json is a full-size run of the experiment file that ships: its recorded
+    sha256 is the sha256 of jaxnn/experiments/NAME.py (re-run the experiment after editing it); the generated table
+    in experiments/README.md is the one these results give."""
+    from jaxnn.experiments import experiment_names, experiment_source, write_table
+
+    results = sorted((ROOT / "results").glob("*/result.json"))
+    assert sorted(p.parent.name for p in results) == experiment_names()
+    stale = []
+    for path in results:
+        record = json.loads(path.read_text())
+        source = hashlib.sha256(experiment_source(record["name"]).read_bytes()).hexdigest()
+        assert record["size"] == "full", path
+        if (record.get("code") or {}).get("experiment_sha256") != source:
+            stale.append(record["name"])
+    assert not stale, f"results produced by another version of their experiment file (re-run them): {stale}"
+    readme = ROOT / "experiments" / "README.md"
+    text = readme.read_text()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = pathlib.Path(scratch) / "experiments" / "README.md"
+        copy.parent.mkdir()
+        copy.write_text(text)
+        (pathlib.Path(scratch) / "results").symlink_to(ROOT / "results")
+        write_table(pathlib.Path(scratch) / "results", copy)
+        assert copy.read_text() == text, "experiments/README.md is not the table of results/: jaxnn experiment --table"
+
+
 def test_result_records_its_code_and_reads_data_from_jaxnn_data(tmp_path, monkeypatch):
     """result.json's code record is the sha256 of the imported experiment file, jaxnn's version and the checkout's
     commit; data_dir unset reads $JAXNN_DATA/<name>, a set data_dir wins, and a missing folder names both ways."""
@@ -236,20 +265,78 @@ def test_experiment_command_bad_input(args, words, capsys):
 
 
 def test_depth_init_batchnorm_smoke_against_closed_forms(tmp_path):
+    """Every seed's first layer reads its own Gaussian data; the He and Glorot weight and bias gradient norms and the
+    tanh N(0, 1) activations (variance, saturated fraction, |a| in tenths) equal a hand-written forward pass (jnp
+    matrix products on the same initial weights, jax.grad of its mean cross-entropy); the saturated fraction is near
+    the Gaussian closed form; the hand-derived batch-norm backward equals central differences (numpy)."""
+    import functools
+
+    import optax
+
+    from jaxnn import models
     from jaxnn.experiments import run_experiment
+    from jaxnn.train import create_train_state
 
     record = run_experiment("depth_init_batchnorm", smoke=True, out_dir=tmp_path, progress=False)
     measured, setting = record["measured"], record["setting"]
-    rng = np.random.default_rng(setting["seed"])
-    x = rng.normal(size=(setting["examples"], setting["width"])).astype(np.float32)
-    for name, variances in measured["activation_variance"].items():
-        assert len(variances) == setting["depth"] + 1  # every hidden layer and the head
-        assert variances[0] == pytest.approx(float(np.var(x)), rel=1e-5), name  # the first layer reads the data
-    # tanh with N(0, 1) weights on ±1 inputs: z ~ N(0, width), saturated when |z| > atanh(0.99).
+    assert (tmp_path / "depth_init_batchnorm.png").stat().st_size > 10_000
+    width, inputs = setting["width"], {}
+    for seed in setting["seeds"]:
+        rng = np.random.default_rng(seed)
+        inputs[seed] = (rng.normal(size=(setting["examples"], width)).astype(np.float32),
+                        rng.integers(0, 10, size=setting["examples"]))
+    for name, runs in measured["activation_variance"].items():
+        assert len(runs) == len(setting["seeds"])
+        for seed, variances in zip(setting["seeds"], runs):
+            assert len(variances) == setting["depth"] + 1  # every hidden layer and the head
+            assert variances[0] == pytest.approx(float(np.var(inputs[seed][0])), rel=1e-5), name
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def gradients(params, x, y, activation):
+        """jax.grad of the mean cross-entropy of a forward pass written here, and the activations each layer reads."""
+        def forward(params):
+            h, reads, depth = x, [], len(params) - 1
+            for i, layer in enumerate([f"dense_{i}" for i in range(depth)] + ["head"]):
+                reads.append(h)
+                h = h @ params[layer]["kernel"] + params[layer]["bias"]
+                h = (jax.numpy.tanh(h) if activation == "tanh" else jax.nn.relu(h)) if i < depth else h
+            return -jax.numpy.mean(jax.nn.log_softmax(h)[jax.numpy.arange(len(y)), y]), reads
+
+        return jax.grad(forward, has_aux=True)(params)
+
+    def hand(kernel_init, kernel_init_kwargs, activation, depth, seed):
+        """(activations each layer reads, {layer: (‖∂L/∂W‖, ‖∂L/∂b‖)}) on the model's initial weights."""
+        model = models.get_model("mlp", num_classes=10, width=width, depth=depth, activation=activation,
+                                 kernel_init=kernel_init, kernel_init_kwargs=kernel_init_kwargs)
+        params = create_train_state(model, optax.adam(1e-3), (width,), jax.random.PRNGKey(seed)).params
+        grads, reads = gradients(params, *inputs[seed], activation)
+        norms = {layer: (float(np.linalg.norm(g["kernel"])), float(np.linalg.norm(g["bias"])))
+                 for layer, g in grads.items()}
+        return [np.asarray(r, np.float64) for r in reads], norms
+
+    depth = setting["depth"]
+    for name, init in (("He", "he"), ("Glorot", "glorot_normal")):
+        for index, seed in enumerate(setting["seeds"]):
+            _, norms = hand(init, None, "relu", depth, seed)
+            for layer in (0, depth - 1, depth):
+                key = f"dense_{layer}" if layer < depth else "head"
+                assert measured["weight_grad_norm"][name][index][layer] == pytest.approx(norms[key][0], rel=1e-3)
+                assert measured["bias_grad_norm"][name][index][layer] == pytest.approx(norms[key][1], rel=1e-3)
+            ratio = norms["dense_0"][0] / norms[f"dense_{depth - 1}"][0]
+            assert measured["first_last_ratio"]["weight"][name][index] == pytest.approx(ratio, rel=1e-3)
     from math import atanh, erf, sqrt
 
-    expected = 1 - erf(atanh(0.99) / sqrt(setting["width"]) / sqrt(2))
-    assert all(abs(r["saturated"] - expected) < 0.03 for r in measured["tanh"]["tanh N(0, 1)"][1:])
+    for index, seed in enumerate(setting["seeds"]):
+        reads, _ = hand("small_normal", {"sigma": 1.0}, "tanh", setting["tanh_depth"], seed)
+        rows = measured["tanh"]["tanh N(0, 1)"][index]
+        for row, a, before in zip(rows[1:], reads[1:], reads[:-1]):
+            assert row["activation_variance"] == pytest.approx(float(np.var(a)), rel=1e-4)
+            assert row["saturated"] == pytest.approx(float(np.mean(np.abs(a) > 0.99)), abs=2e-3)
+            assert np.abs(np.asarray(row["abs_tenths"]) - np.histogram(np.abs(a), 10, (0, 1))[0]).sum() <= 20
+            # a unit reading the layer before through N(0, 1) weights: z ~ N(0, width·E[a²]), saturated when |z| >
+            # atanh(0.99)
+            expected = 1 - erf(atanh(0.99) / sqrt(width * float(np.mean(before**2))) / sqrt(2))
+            assert abs(row["saturated"] - expected) < 0.03
     # The hand-derived batch-norm backward against central differences (independent of jax).
     module = _load("depth_init_batchnorm")
     data = np.random.default_rng(1)
@@ -265,8 +352,7 @@ def test_depth_init_batchnorm_smoke_against_closed_forms(tmp_path):
         numeric[index] = (forward(xs + step) - forward(xs - step)) / 2e-6
     np.testing.assert_allclose(module.batchnorm_backward_by_hand(xs, gamma, dy, 1e-5), numeric, rtol=1e-6,
                                atol=1e-8)
-    verdicts = [c["agrees"] for c in record["checks"]]
-    assert record["verdict"] == ("agrees" if all(verdicts) else "disagrees" if not any(verdicts) else "partly")
+    assert _verdict_follows_checks(record)
 
 
 def _verdict_follows_checks(record):
@@ -518,56 +604,110 @@ def test_sharpness_lr_batch_smoke_against_a_dense_hessian(tmp_path):
 
 
 def test_mode_connectivity_smoke_against_a_python_loop(tmp_path):
-    """The endpoints retrained alone by fit, the bend retrained from them with the experiment's train_bend: the
-    recorded training losses along the line and the curve equal a Python loop over t of the loss at
+    """One epoch of the experiment's endpoint trainer equals a Python loop of optax SGD steps on a hand-written
+    regularised loss (same batches); the endpoints retrained by that trainer and pair 1's bend by train_bend: the
+    recorded losses along every pair's line and pair 1's curve equal a Python loop over t of the hand-written loss at
     (1−t)θ₀ + tθ₁ and (1−t)²θ₀ + 2t(1−t)θ_b + t²θ₁, and the barriers the largest excess over the chord."""
     import optax
 
-    from jaxnn import data as data_lib, losses, models
+    from jaxnn import data as data_lib, models
     from jaxnn.experiments import run_experiment
-    from jaxnn.train import create_train_state, fit
 
     record = run_experiment("mode_connectivity", smoke=True, out_dir=tmp_path, progress=False)
     setting, measured = record["setting"], record["measured"]
     assert (tmp_path / "mode_connectivity.png").stat().st_size > 10_000
     digits = data_lib.load_dataset("digits", seed=0)
     model = models.get_model("mlp", num_classes=10, width=setting["width"], depth=setting["depth"])
-    ends = []
-    for seed in setting["seeds"]:
-        state = create_train_state(model, optax.sgd(setting["lr"], momentum=setting["momentum"]), digits.input_shape,
-                                   jax.random.PRNGKey(seed))
-        steps = measured["endpoint_steps"]
-        ends.append(fit(state, digits, batch_size=setting["batch_size"], num_steps=steps, seed=seed, log_every=steps,
-                        eval_every=steps, progress=False).state.params)
-    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy")
     train = (jax.numpy.asarray(digits.train.x), jax.numpy.asarray(digits.train.y))
+
+    def loss(params, batch):  # mean cross-entropy + λ/2 ‖θ‖², written here
+        logits = model.apply({"params": params}, batch[0])
+        ce = -jax.numpy.mean(jax.nn.log_softmax(logits)[jax.numpy.arange(len(batch[1])), batch[1]])
+        return ce + setting["weight_decay"] / 2 * sum(jax.numpy.sum(p**2) for p in jax.tree.leaves(params))
+
     mc = _load("mode_connectivity")
-    bend, _ = mc.train_bend(loss_fn, ends[0], ends[1], train, setting, jax.random.PRNGKey(setting["seeds"][0]))
+    one_epoch = {**setting, "seeds": setting["seeds"][:1], "check_every": 1, "max_epochs": 1}
+    trained, epochs, _ = mc.train_endpoints(model, loss, train, one_epoch)
+    assert epochs == 1
+    key, batch = jax.random.PRNGKey(setting["seeds"][0]), setting["batch_size"]
+    params = models.init_model(model, key, digits.input_shape)[0]
+    tx = optax.sgd(setting["lr"], momentum=setting["momentum"])
+    opt_state, steps = tx.init(params), len(train[0]) // batch
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 0), len(train[0])))
+    step_grad = jax.jit(jax.grad(loss))
+    for i in range(steps):
+        rows = order[i * batch:(i + 1) * batch]
+        updates, opt_state = tx.update(step_grad(params, (train[0][rows], train[1][rows])), opt_state, params)
+        params = optax.apply_updates(params, updates)
+    for mine, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(trained)):
+        np.testing.assert_allclose(theirs[0], mine, rtol=1e-4, atol=1e-6)
+
+    members, epochs, history = mc.train_endpoints(model, loss, train, setting)
+    assert epochs == measured["endpoint_epochs"] and len(history) == len(measured["endpoint_loss_history"])
+    np.testing.assert_allclose(measured["endpoint_loss_history"], history, rtol=1e-4)
+    if epochs < setting["max_epochs"]:  # stopped because every member's loss had converged
+        assert np.all((history[-2] - history[-1]) / history[-2] < setting["converged"])
     ts = np.asarray(measured["ts"])
-    line = [float(loss_fn(jax.tree.map(lambda a, b: (1 - t) * a + t * b, *ends), train)) for t in ts]
-    curve = [float(loss_fn(jax.tree.map(lambda a, m, b: (1 - t) ** 2 * a + 2 * t * (1 - t) * m + t**2 * b,
-                                        ends[0], bend, ends[1]), train)) for t in ts]
-    np.testing.assert_allclose(measured["line"]["train_loss"], line, rtol=2e-4)
-    np.testing.assert_allclose(measured["curve"]["train_loss"], curve, rtol=2e-3)
-    for name, values in (("line", line), ("curve", curve)):
-        chord = (1 - ts) * values[0] + ts * values[-1]
-        assert measured[name]["barrier"] == pytest.approx(np.max(np.asarray(values) - chord), rel=2e-2, abs=1e-3)
+    at = lambda j: jax.tree.map(lambda leaf: leaf[j], members)
+    for i, pair in enumerate(measured["pairs"]):
+        assert pair["seeds"] == setting["seeds"][2 * i:2 * i + 2]
+        ends = at(2 * i), at(2 * i + 1)
+        line = [float(loss(jax.tree.map(lambda a, b: (1 - t) * a + t * b, *ends), train)) for t in ts]
+        np.testing.assert_allclose(pair["line"]["train_loss"], line, rtol=2e-4)
+        curves = {"line": line}
+        if i == 0:
+            bend, _ = mc.train_bend(loss, ends[0], ends[1], train, setting, jax.random.PRNGKey(setting["seeds"][0]))
+            curves["curve"] = [float(loss(jax.tree.map(lambda a, m, b: (1 - t) ** 2 * a + 2 * t * (1 - t) * m
+                                                       + t**2 * b, ends[0], bend, ends[1]), train)) for t in ts]
+            np.testing.assert_allclose(pair["curve"]["train_loss"], curves["curve"], rtol=2e-3)
+        for name, values in curves.items():
+            chord = (1 - ts) * values[0] + ts * values[-1]
+            assert pair[name]["barrier"] == pytest.approx(np.max(np.asarray(values) - chord), rel=2e-2, abs=1e-3)
     assert _verdict_follows_checks(record)
 
 
 def test_batchnorm_residual_hessian_smoke_against_an_independent_lanczos(tmp_path):
-    """The BN + residual variant retrained by fit: its recorded λmax equals the top Ritz value of a hand-written
-    Lanczos (full reorthogonalisation in numpy, products by jax.jvp of jax.grad) on the same examples in eval mode;
-    every variant has a row; the verdict follows the checks."""
+    """A member of the BN + residual population (seed 1) retrained by fit with the experiment's warm-up schedule: its
+    recorded training loss is that net's loss, its λmax the top Ritz value of a hand-written Lanczos (full
+    reorthogonalisation in numpy, products by jax.jvp of jax.grad) on the same examples in eval mode; every variant
+    has a row with one value per seed; the rank-sum p-value agrees with scipy's exact Mann-Whitney test; the verdict
+    follows the checks."""
+    import optax
+    from scipy import stats
+
+    from jaxnn import data as data_lib, losses, models
     from jaxnn.experiments import run_experiment
+    from jaxnn.train import create_train_state, fit
 
     record = run_experiment("batchnorm_residual_hessian", smoke=True, out_dir=tmp_path, progress=False)
     setting, measured = record["setting"], record["measured"]
+    module = _load("batchnorm_residual_hessian")
     assert (tmp_path / "batchnorm_residual_hessian.png").stat().st_size > 10_000
     assert len(measured["rows"]) == 4 * len(setting["depths"])
+    assert all(len(r[field]) == len(setting["seeds"]) for r in measured["rows"]
+               for field in ("train_loss", "lambda_max", "trace"))
     row = next(r for r in measured["rows"] if r["variant"] == "BN + residual")
-    _, hvp, flat = _retrained_resnet("resnet", row["depth"], setting, measured)
-    assert row["lambda_max"] == pytest.approx(_numpy_lanczos(hvp, flat, 60)[-1], rel=2e-3)
+    seed = setting["seeds"][1]
+    digits = data_lib.load_dataset("digits", seed=setting["split_seed"])
+    model = models.get_model("resnet", num_classes=10, depth=row["depth"], norm="batch", base_width=setting["width"])
+    state = create_train_state(model, optax.sgd(module.schedule(setting), momentum=setting["momentum"]),
+                               digits.input_shape, jax.random.PRNGKey(seed))
+    state = fit(state, digits, batch_size=setting["batch_size"], num_steps=measured["steps"], seed=seed,
+                log_every=measured["steps"], eval_every=measured["steps"], progress=False).state
+    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", state.model_state)
+    assert row["train_loss"][1] == pytest.approx(float(loss_fn(state.params, (digits.train.x, digits.train.y))),
+                                                 rel=1e-3)
+    count = measured["analysis_examples"]
+    batch = (digits.train.x[:count], digits.train.y[:count])
+    flat, unravel = jax.flatten_util.ravel_pytree(state.params)
+    grad = jax.jit(jax.grad(lambda f: loss_fn(unravel(f), batch)))
+    hvp = jax.jit(lambda v: jax.jvp(grad, (flat,), (v,))[1])
+    assert row["lambda_max"][1] == pytest.approx(_numpy_lanczos(hvp, flat, 60)[-1], rel=2e-3)
+    low, high = [0.3, 1.1, 0.9], [1.0, 2.0, 1.5]
+    assert module.rank_sum_p(low, high) == pytest.approx(
+        stats.mannwhitneyu(low, high, alternative="less", method="exact").pvalue)
+    assert module.lower([1.0, 1.1, 1.2], [2.0, 2.1, 2.2], 1.2)[0]
+    assert not module.lower([1.0, 1.1, 1.2], [1.3, 1.31, 1.32], 1.2)[0]  # separated, but within the margin
     assert _verdict_follows_checks(record)
 
 
