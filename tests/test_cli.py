@@ -54,7 +54,7 @@ def test_bad_input_is_one_clear_line(args, words, capsys, tmp_path):
 def test_nan_loss_reports_step_and_exits_2(tmp_path, capsys):
     code = main(["train", "digits_mlp", "--run-dir", str(tmp_path / "r"), "--set", "optimizer.name=sgd",
                  "--set", "optimizer.lr=1e12", "--set", "train.steps=30", "--set", "train.progress=false",
-                 "--set", "optimizer.schedule=constant"])
+                 "--set", "optimizer.schedule=constant", "--set", "model.kwargs={width: 16, depth: 1}"])
     err = capsys.readouterr().err
     assert code == 2 and "non-finite loss" in err and "at step" in err
     assert "non-finite hunt at step" in err and "Traceback" not in err  # replayed to name the layer / operation

@@ -74,7 +74,8 @@ def test_edge_of_stability_smoke_against_dense_hessians(tmp_path):
     from jaxnn.models import init_model
 
     eos = _load("edge_of_stability")
-    record = run_experiment("edge_of_stability", smoke=True, out_dir=tmp_path, progress=False)
+    record = run_experiment("edge_of_stability", smoke=True, overrides={"he_seeds": 1}, out_dir=tmp_path,
+                            progress=False)
     setting, measured = record["setting"], record["measured"]
     assert (tmp_path / "edge_of_stability.png").stat().st_size > 10_000
     dataset = data_lib.load_dataset("digits", seed=0, limit=round(setting["examples"] / 0.7), val_fraction=0.1,
@@ -431,7 +432,8 @@ def test_ill_conditioning_smoke_against_the_dense_hessian(tmp_path):
     from jaxnn.experiments import mnist, run_experiment
     from jaxnn.train import create_train_state, fit
 
-    record = run_experiment("ill_conditioning", smoke=True, out_dir=tmp_path, progress=False)
+    record = run_experiment("ill_conditioning", smoke=True, overrides={"width": 16}, out_dir=tmp_path,
+                            progress=False)  # a 1.5k-parameter MLP: its dense Hessian below stays cheap
     setting = record["setting"]
     images = mnist(setting, "ill_conditioning", limit=setting["mnist_limit"])
     cases = [("digits_mlp", data_lib.load_dataset("digits", seed=0),
@@ -679,7 +681,8 @@ def test_batchnorm_residual_hessian_smoke_against_an_independent_lanczos(tmp_pat
     from jaxnn.experiments import run_experiment
     from jaxnn.train import create_train_state, fit
 
-    record = run_experiment("batchnorm_residual_hessian", smoke=True, out_dir=tmp_path, progress=False)
+    record = run_experiment("batchnorm_residual_hessian", smoke=True, overrides={"seeds": [0, 1]}, out_dir=tmp_path,
+                            progress=False)
     setting, measured = record["setting"], record["measured"]
     module = _load("batchnorm_residual_hessian")
     assert (tmp_path / "batchnorm_residual_hessian.png").stat().st_size > 10_000
@@ -718,7 +721,8 @@ def test_residual_landscapes_smoke_against_an_independent_lanczos(tmp_path):
     the plane's centre is the loss at θ*; local minima counted by brute force."""
     from jaxnn.experiments import run_experiment
 
-    record = run_experiment("residual_landscapes", smoke=True, out_dir=tmp_path, progress=False)
+    record = run_experiment("residual_landscapes", smoke=True, overrides={"seeds": 1}, out_dir=tmp_path,
+                            progress=False)  # one seed: the margins over seeds are exercised by the other smokes
     setting, measured = record["setting"], record["measured"]
     assert (tmp_path / "residual_landscapes.png").stat().st_size > 10_000
     row = next(r for r in measured["rows"] if r["variant"] == "plain")

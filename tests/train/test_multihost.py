@@ -32,18 +32,21 @@ def _jaxnn(*args, env=None, timeout=300):
     return out
 
 
-def _checkpoint(run_dir, step, tmp_path):
-    path = tmp_path / f"{run_dir.name}-{step}.npy"
-    out = subprocess.run([sys.executable, str(READER), str(run_dir), str(step), str(path)], capture_output=True,
-                         text=True, env=ENV, timeout=120)
+def _checkpoints(tmp_path, *wanted):
+    """The checkpoint trees of ``wanted`` (run_dir, step) pairs, restored onto one device, read in one process."""
+    paths = [tmp_path / f"{run_dir.name}-{step}.npy" for run_dir, step in wanted]
+    triples = [str(item) for (run_dir, step), path in zip(wanted, paths) for item in (run_dir, step, path)]
+    out = subprocess.run([sys.executable, str(READER), *triples], capture_output=True, text=True, env=ENV,
+                         timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    return np.load(path)
+    return [np.load(path) for path in paths]
 
 
 def test_two_processes_train_like_one_process_and_checkpoints_move_between_topologies(tmp_path):
     """1 process x 8 devices vs 2 processes x 4 devices (same global mesh size): the same training to 1e-5
     (float32; the cross-process all-reduce sums in another order). A checkpoint saved on 8 devices restores on 1
-    device and on 2 processes bit for bit; resuming on the topology that wrote it continues bit-identically."""
+    device bit for bit; resuming on the topology that wrote it continues bit-identically; a 1-device checkpoint
+    resumes on 2x4 to 1e-5."""
     eight, two, halfway = tmp_path / "eight", tmp_path / "two", tmp_path / "halfway"
     _jaxnn(*TRAIN, "--devices", 8, "--run-dir", eight, "--set", "train.steps=40")
     _jaxnn("launch", "--processes", 2, "--devices-per-process", 4, "--timeout", 240, "--",
@@ -51,20 +54,20 @@ def test_two_processes_train_like_one_process_and_checkpoints_move_between_topol
     assert json.loads((two / "summary.json").read_text())["processes"] == 2
     records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == sorted({r["step"] for r in records})  # written once, by process 0
-    final_eight, final_two = _checkpoint(eight, 40, tmp_path), _checkpoint(two, 40, tmp_path)
-    np.testing.assert_allclose(final_two, final_eight, rtol=0, atol=1e-5)
-    # 8 -> 1: the 8-device checkpoint read on one device is the one read on 8 (the reader restores on 1)
-    step20 = _checkpoint(eight, 20, tmp_path)
-    # 8 -> 2x4 -> resume: stop an 8-device run at 20, continue it on 8 devices and, separately, on 2 processes
+    # stop an 8-device run at 20 and continue it on 8 devices
     _jaxnn(*TRAIN, "--devices", 8, "--run-dir", halfway, "--set", "train.steps=20")
-    np.testing.assert_array_equal(_checkpoint(halfway, 20, tmp_path), step20)
     _jaxnn(*TRAIN, "--devices", 8, "--run-dir", halfway, "--set", "train.steps=40", "--resume")
-    np.testing.assert_array_equal(_checkpoint(halfway, 40, tmp_path), final_eight)  # bit-identical
     moved = tmp_path / "moved"
     _jaxnn(*TRAIN, "--devices", 1, "--run-dir", moved, "--set", "train.steps=20")  # written on 1 device
     _jaxnn("launch", "--processes", 2, "--devices-per-process", 4, "--timeout", 240, "--",
            *TRAIN, "--run-dir", moved, "--set", "train.steps=40", "--resume")  # 1 -> 2x4
-    np.testing.assert_allclose(_checkpoint(moved, 40, tmp_path), final_eight, rtol=0, atol=1e-5)
+    # every checkpoint is read on one device (8 -> 1 and 2x4 -> 1), all in one reader process
+    final_eight, final_two, step20, halfway20, halfway40, moved40 = _checkpoints(
+        tmp_path, (eight, 40), (two, 40), (eight, 20), (halfway, 20), (halfway, 40), (moved, 40))
+    np.testing.assert_allclose(final_two, final_eight, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(halfway20, step20)
+    np.testing.assert_array_equal(halfway40, final_eight)  # resumed on 8 devices: bit-identical
+    np.testing.assert_allclose(moved40, final_eight, rtol=0, atol=1e-5)
 
 
 def test_curvature_and_landscape_on_two_processes_equal_one_device(tmp_path):
@@ -133,7 +136,6 @@ def test_a_killed_process_stops_the_job_and_both_resume_bit_identically(tmp_path
     assert job.returncode != 0 and time.monotonic() - killed_at < 60
     assert "process 1 of 2 exited with status -9" in err
     last = max(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
-    _checkpoint(killed, last, tmp_path)  # restorable
     # resume with both processes to a fixed end, and compare with an uninterrupted 2-process run to the same end
     end = ["--set", f"train.steps={last + 40}"]
     _jaxnn("launch", "--processes", 2, "--devices-per-process", 2, "--timeout", 240, "--", *TRAIN, *steps[2:], *end,
@@ -141,7 +143,10 @@ def test_a_killed_process_stops_the_job_and_both_resume_bit_identically(tmp_path
     whole = tmp_path / "whole"
     _jaxnn("launch", "--processes", 2, "--devices-per-process", 2, "--timeout", 300, "--", *TRAIN, *steps[2:], *end,
            "--run-dir", whole, env=env)
-    np.testing.assert_array_equal(_checkpoint(killed, last + 40, tmp_path), _checkpoint(whole, last + 40, tmp_path))
+    # the last checkpoint before the kill restores (checkpoint.keep_last=3 keeps it through the 2 saves since)
+    at_kill, resumed, uninterrupted = _checkpoints(tmp_path, (killed, last), (killed, last + 40), (whole, last + 40))
+    assert at_kill.size == resumed.size and np.all(np.isfinite(at_kill))
+    np.testing.assert_array_equal(resumed, uninterrupted)
 
 
 def _process_one_of(launcher_pid: int) -> int:
