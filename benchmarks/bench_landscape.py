@@ -207,7 +207,7 @@ def run_model(name, x, y, grid, subset, batch_size, chunk_size, repeats, torch, 
                 best = elapsed if best is None else min(best, elapsed)
             torch_runs.append(best)
     run = min(jaxnn_runs, key=lambda t: t["run_seconds"])
-    strategy = "per_point" if run.get("per_point") else "vmapped"
+    strategy = "python" if run.get("python_loop") else "vmap"
     scale = len(all_points) / len(subset_index)
     loop_total = min(loop_runs) * scale
     losses_on_subset = surface.losses.ravel()[subset_index]

@@ -183,3 +183,58 @@ def quick_jit(fun=None, **jit_options):
         return compiled[quick](*args, **kwargs)
 
     return call
+
+
+# --------------------------------------------------------------------------------------------------------------
+# How repeated work is laid out: one rule, one set of names for every engine (curvature operators and estimators,
+# population curvature, landscape grids, population training).
+
+#: ``"vmap"``: the items (members, grid points) batched into one program. ``"scan"``: one item after another inside
+#: one compiled program (``lax.scan``/``lax.map``/``while_loop``). ``"python"``: a Python loop dispatching one
+#: compiled step per item or iteration (asynchronously: no host synchronisation per step). ``"auto"``: see
+#: :func:`prefers_python_loops` and each engine's docstring.
+STRATEGIES = ("auto", "vmap", "scan", "python")
+# The names each engine used before they were unified; accepted, with a DeprecationWarning.
+_FORMER_NAMES = {"vmapped": "vmap", "map": "scan", "compiled": "scan", "per_point": "python", "loop": "python",
+                 "unrolled": "python"}
+
+
+def resolve_strategy(strategy: str, allowed: tuple[str, ...], name: str = "strategy") -> str:
+    """``strategy`` as one of ``allowed`` (a subset of :data:`STRATEGIES`); a former name is translated with a
+    DeprecationWarning; anything else raises naming the argument and the valid names."""
+    if isinstance(strategy, str) and strategy in _FORMER_NAMES and _FORMER_NAMES[strategy] in allowed:
+        import warnings
+
+        warnings.warn(f"{name}={strategy!r} is now {name}={_FORMER_NAMES[strategy]!r}", DeprecationWarning,
+                      stacklevel=3)
+        return _FORMER_NAMES[strategy]
+    if strategy not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {strategy!r}")
+    return strategy
+
+
+def applies_convolution(jaxpr) -> bool:
+    """Whether a jaxpr (or any sub-jaxpr: pjit, custom_jvp, scan, ...) applies ``conv_general_dilated``."""
+    for equation in jaxpr.eqns:
+        if equation.primitive.name.startswith("conv_general_dilated"):
+            return True
+        for value in equation.params.values():
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                if hasattr(inner, "eqns") and applies_convolution(inner):
+                    return True
+    return False
+
+
+def prefers_python_loops(fn, *example_args) -> bool:
+    """The one rule behind every ``"auto"`` strategy: on CPU, a function that applies a convolution runs its loops
+    from Python (``"python"``), since XLA:CPU runs the backward convolutions of a gradient or Hessian product 10-30x
+    slower inside a compiled loop (``lax.scan``/``while_loop``) or batched by ``vmap`` than at the top level of a
+    program (https://github.com/jax-ml/jax/issues/12868; measured here: a LeNet population step 119 ms per member
+    vmapped, 17 ms looped). Elsewhere (accelerators, dense models) loops stay compiled. ``example_args``: arrays or
+    shape-dtype structs ``fn`` is traced with (nothing is computed)."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return False
+    return applies_convolution(jax.make_jaxpr(fn)(*example_args).jaxpr)

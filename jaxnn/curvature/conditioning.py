@@ -114,13 +114,14 @@ def condition_number(
     num_iters: int | None = None,
     zero_tolerance: float | None = None,
     progress: bool = True,
+    like: Any = None,
 ) -> ConditionNumber:
     """κ = λmax/λmin, |λmin|/|λmax| and the definiteness verdict of ``op``.
 
     Uses ``lanczos_result`` when given (no products); otherwise runs Lanczos from ``key`` (default key(0)) for
     ``num_iters`` steps (default max(40, 4), capped by the parameter count) — that many products.
     """
-    op = require_operator(op)
+    op = require_operator(op, like=like)
     result = _extremes(op, key, lanczos_result, num_iters, progress)
     lambda_max = float(result.top_eigenvalues[0])
     lambda_min = float(result.bottom_eigenvalues[0])
@@ -137,6 +138,7 @@ def classify_critical_point(
     lanczos_result: LanczosResult | None = None,
     num_iters: int | None = None,
     progress: bool = True,
+    like: Any = None,
 ) -> CriticalPoint:
     """Second-order test at θ: ||∇L|| <= gradient_tolerance, then λmin > 0 → minimum, λmax < 0 → maximum,
     λmin < 0 < λmax → saddle (escape along the λmin eigenvector), otherwise degenerate (a zero eigenvalue at an end:
@@ -145,7 +147,7 @@ def classify_critical_point(
     ``gradient`` defaults to ``op.loss_and_gradient()`` (one gradient pass). Cost as :func:`condition_number`
     (the eigenvector of λmin comes from the same Lanczos run).
     """
-    op = require_operator(op)
+    op = require_operator(op, like=like)
     gradient_tolerance = check_positive_float(gradient_tolerance, "gradient_tolerance", allow_zero=True)
     if gradient is None:
         _, gradient = op.loss_and_gradient()

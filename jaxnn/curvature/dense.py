@@ -56,12 +56,13 @@ def dense_hessian(
     return _dense_hessian_jit(arrays, skeleton, params, batch)
 
 
-def dense_matrix(op: CurvatureOperator, *, max_params: int = DEFAULT_MAX_PARAMS, chunk_size: int = 128) -> jax.Array:
+def dense_matrix(op: CurvatureOperator, *, max_params: int = DEFAULT_MAX_PARAMS, chunk_size: int = 128,
+                 like: Any = None) -> jax.Array:
     """The operator as an (n, n) array, column i = M e_i, in ``ravel_pytree(params)`` order.
 
     Cost: n products (vmapped ``chunk_size`` at a time); refused above ``max_params`` parameters.
     """
-    op = require_operator(op)
+    op = require_operator(op, like=like)
     _check_size(op.num_params, max_params, "the dense operator")
     flat = ravel_pytree(op.params)[0]
     return chunked_products(op, jnp.eye(flat.size, dtype=flat.dtype), chunk_size).T

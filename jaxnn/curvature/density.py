@@ -66,6 +66,7 @@ def spectral_density(
     *,
     probes: Any = None,
     progress: bool = True,
+    like: Any = None,
 ) -> SpectralDensity:
     """SLQ estimate of the eigenvalue density of ``op``: nodes/weights per probe and the Gaussian-broadened density.
 
@@ -74,7 +75,7 @@ def spectral_density(
     probe vectors (pytree like params with a leading probe axis; they are normalised), replacing ``num_probes``
     Rademacher probes drawn from ``key``. Cost: num_probes · num_iters products.
     """
-    op = require_operator(op)
+    op = require_operator(op, like=like)
     key = check_key(key)
     num_probes = check_int(num_probes, "num_probes")
     num_iters = min(check_int(num_iters, "num_iters"), op.num_params)

@@ -21,7 +21,15 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxnn.curvature.dense import DEFAULT_MAX_PARAMS, dense_matrix
-from jaxnn.curvature.operators import CurvatureOperator, apply_operator, chunked_products, require_operator, tree_vdot, precise_jit
+from jaxnn.curvature.operators import (
+    CurvatureOperator,
+    apply_operator,
+    chunked_products,
+    flat_operator,
+    precise_jit,
+    require_operator,
+    tree_vdot,
+)
 from jaxnn.curvature.validation import check_choice, check_int, check_like_params, check_positive_float
 
 NEWTON_METHODS = ("cg", "gmres", "dense")
@@ -60,9 +68,9 @@ def _curvature_along(op, gradient):
     return _squared_norm_and_form(row, chunked_products(op, row, 1))
 
 
-def gradient_curvature(op: CurvatureOperator, *, gradient: Any = None) -> GradientCurvature:
+def gradient_curvature(op: CurvatureOperator, *, gradient: Any = None, like: Any = None) -> GradientCurvature:
     """gᵀMg, gᵀMg/gᵀg and the step sizes ε* = gᵀg/gᵀMg, 2gᵀg/gᵀMg. Cost: 1 gradient (unless given) + 1 product."""
-    op = require_operator(op)
+    op = require_operator(op, like=like)
     loss = None
     if gradient is None:
         loss, gradient = op.loss_and_gradient()
@@ -116,12 +124,13 @@ def newton_step(
     tol: float = 1e-6,
     max_iters: int | None = None,
     max_params: int = DEFAULT_MAX_PARAMS,
+    like: Any = None,
 ) -> NewtonStep:
     """s = −(M + δI)⁻¹ g. ``method``: "cg" (M + δI positive definite; ≤ max_iters products, default n),
     "gmres" (indefinite M), "dense" (n products to build M, then a least-squares solve: the minimum-norm step if
     M + δI is singular; refused above ``max_params``). ``gradient`` defaults to the operator's loss gradient.
     """
-    op = require_operator(op)
+    op = require_operator(op, like=like)
     check_choice(method, "method", NEWTON_METHODS)
     damping = check_positive_float(damping, "damping", allow_zero=True)
     tol = check_positive_float(tol, "tol")
@@ -141,3 +150,12 @@ def newton_step(
     max_iters = op.num_params if max_iters is None else check_int(max_iters, "max_iters")
     step, residual = _iterative_newton(op, gradient, jnp.asarray(damping), jnp.asarray(tol), method, max_iters)
     return NewtonStep(step, float(residual) / gradient_norm, method, damping)
+
+
+def curvature_along_gradient(op: CurvatureOperator) -> tuple[jax.Array, jax.Array]:
+    """(gᵀMg, gᵀg) along the data-set gradient g of the operator's loss at its parameters. Traceable (vmapped over
+    a population's members). Cost: 1 gradient + 1 product."""
+    from jaxnn.curvature.operators import _loss_and_gradient
+
+    gradient = ravel_pytree(_loss_and_gradient(op, op.params)[1])[0]
+    return jnp.vdot(gradient, flat_operator(op)[0](gradient)), jnp.vdot(gradient, gradient)

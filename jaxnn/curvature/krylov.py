@@ -17,7 +17,7 @@ runs on the device inside the loop every ``check_every`` iterations: no host syn
 Cost: at most ``num_iters * block_size`` operator products (+ 2k for computed residuals), and per iteration two
 passes over the basis (O(m n) flops, O(m n) memory, m the basis size, n the number of parameters). The iterations
 run inside one compiled ``lax.while_loop`` (in a few chunks only to advance a progress bar), or, for operators with
-``loop_mode="unrolled"`` (convolutional models on CPU, see :func:`jaxnn.curvature.hessian`), as one compiled
+``loop_mode="python"`` (convolutional models on CPU, see :func:`jaxnn.curvature.hessian`), as one compiled
 iteration per Python step with a convergence check every ``check_every`` steps. The compiled loop, its convergence
 test and the extraction of the Ritz values are one program per (operator, basis size, block size): top-k, bottom-k,
 k, the tolerance and the spectral-density runs reuse it.
@@ -64,6 +64,7 @@ class LanczosResult(NamedTuple):
     num_iters: int  # block iterations run (fewer than asked for when ``tol`` stopped the iteration)
     num_matvecs: int
     converged: bool = False  # the wanted pairs met the tolerance (always False without ``tol``)
+    ritz_residual_bounds: Any = None  # (m,): the Lanczos bound ||B s_last|| of every Ritz value, as ``ritz_values``
 
 
 class Eigenpairs(tuple):
@@ -176,17 +177,7 @@ def _initial_state(flat_start, key, rows, num_params, dtype, block_size):
     else:
         columns = jnp.stack([_hashed_vector(start_seed + c, like) for c in range(block_size)], axis=1)
         block = jnp.linalg.qr(columns)[0].T
-    return _LanczosState(
-        basis=jnp.zeros((rows, num_params), dtype),
-        pending=block,
-        projected=jnp.zeros((rows, rows), dtype),
-        step=jnp.int32(0),
-        nonfinite_step=jnp.int32(-1),
-        converged=jnp.asarray(False),
-        seed=seed,
-        analysis=_RitzAnalysis(jnp.zeros((rows,), dtype), jnp.zeros((rows, rows), dtype), jnp.zeros((rows,), dtype),
-                               jnp.zeros((rows,), bool)),
-    )
+    return _fresh_state(block, seed, rows // block_size - 1)
 
 
 def initial_state(op: CurvatureOperator, key: jax.Array, flat_start: jax.Array | None, num_iters: int,
@@ -235,6 +226,50 @@ def _lanczos_iteration(flat_matvec: Any, s: _LanczosState, block_size: int) -> _
     nonfinite = jnp.where((s.nonfinite_step < 0) & ~finite, j, s.nonfinite_step)
     return s._replace(basis=basis, pending=pending, projected=projected, step=j + 1,
                       nonfinite_step=nonfinite.astype(jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pure core: a fixed number of iterations on any flat matvec, vmappable (populations, layer blocks).
+
+
+def _fresh_state(block: jax.Array, seed: jax.Array, num_iters: int) -> _LanczosState:
+    """A zero basis for ``num_iters`` block iterations and ``block`` (orthonormal rows) as the next block."""
+    b, n = block.shape
+    rows, dtype = (num_iters + 1) * b, block.dtype
+    return _LanczosState(
+        basis=jnp.zeros((rows, n), dtype),
+        pending=block,
+        projected=jnp.zeros((rows, rows), dtype),
+        step=jnp.int32(0),
+        nonfinite_step=jnp.int32(-1),
+        converged=jnp.asarray(False),
+        seed=jnp.asarray(seed, jnp.uint32),
+        analysis=_RitzAnalysis(jnp.zeros((rows,), dtype), jnp.zeros((rows, rows), dtype), jnp.zeros((rows,), dtype),
+                               jnp.zeros((rows,), bool)),
+    )
+
+
+def lanczos_decomposition(matvec: Any, start: jax.Array, num_iters: int, *, seed: Any = 0) -> _LanczosState:
+    """``num_iters`` (block) Lanczos iterations with full re-orthogonalisation on ``matvec`` (flat vectors ↦ flat
+    vectors), from ``start``: a vector (normalised here) or a (b, n) block with orthonormal rows. Pure and traceable:
+    ``jax.vmap`` it over members, layer blocks or start vectors. ``seed`` seeds the restart vectors of an invariant
+    Krylov space. The state holds the basis Q, the projected matrix T = QᵀMQ (with the coupling to the next block)
+    and ``nonfinite_step`` (the first iteration whose product was not finite, −1 if none); :func:`ritz_values`
+    reads the Ritz values and residual bounds from it. This is the iteration the adaptive driver
+    (:func:`run_lanczos`) runs, stopping on residuals. Cost: ``num_iters · b`` products."""
+    block = _safe_normalize(start)[0][None] if start.ndim == 1 else start
+    state = _fresh_state(block, seed, num_iters)
+    b = block.shape[0]
+    return jax.lax.fori_loop(0, num_iters, lambda _, s: _lanczos_iteration(matvec, s, b), state)
+
+
+def ritz_values(state: _LanczosState) -> tuple[jax.Array, jax.Array]:
+    """(values ascending, residual bounds ‖M y − θ y‖ = ‖B s_last‖) of every Ritz pair of a
+    :func:`lanczos_decomposition` (m = iterations · block size of them). Traceable."""
+    b = state.pending.shape[0]
+    size = state.basis.shape[0] - b  # a decomposition runs all its iterations: every row but the spare block
+    analysis = _analyze(state, state.basis.shape[1], b)
+    return analysis.values[:size], analysis.bounds[:size]
 
 
 def projected_matrix(state: _LanczosState, size: Any) -> jax.Array:
@@ -311,7 +346,7 @@ def _run_compiled(op, state, controls, block_size):
 
 @precise_jit(static_argnames=("block_size",), donate_argnums=(1,))
 def _single_iteration(op, state, controls, block_size):
-    """One compiled block iteration and, when due, the convergence check (``loop_mode="unrolled"`` operators)."""
+    """One compiled block iteration and, when due, the convergence check (``loop_mode="python"`` operators)."""
     state = _lanczos_iteration(flat_operator(op)[0], state, block_size)
     return _maybe_check(state, controls, op.num_params, block_size)
 
@@ -363,8 +398,8 @@ def run_lanczos(
 ) -> tuple[_LanczosState, _RitzAnalysis]:
     """Run Lanczos (until ``num_iters`` or, with ``tol``, convergence); raise on a non-finite product.
 
-    ``op.loop_mode == "compiled"``: one compiled program (called once per progress-bar chunk when a bar is shown).
-    ``"unrolled"``: one compiled iteration per Python step, dispatched asynchronously. The host synchronises once per
+    ``op.loop_mode == "scan"``: one compiled program (called once per progress-bar chunk when a bar is shown).
+    ``"python"``: one compiled iteration per Python step, dispatched asynchronously. The host synchronises once per
     chunk (compiled) or once per convergence check (unrolled), never per iteration. With ``tol`` the basis starts
     small and grows when needed (:func:`_stage_iters`).
     """
@@ -375,7 +410,7 @@ def run_lanczos(
         jnp.int32(num_iters), jnp.int32(k), jnp.int32(_WHICH_CODE[which]),
         jnp.asarray(-1.0 if tol is None else tol, dtype), jnp.int32(check_every)))
     chunk = max(1, math.ceil(num_iters / 20)) if progress else num_iters
-    if op.loop_mode != "compiled":
+    if op.loop_mode != "scan":
         chunk = min(chunk, check_every) if tol is not None else chunk
     done = 0
     with tqdm(total=num_iters, desc=description, unit="it", disable=not progress, leave=False) as bar:
@@ -384,7 +419,7 @@ def run_lanczos(
                 stages.pop(0)
                 state = placed_like_params(op, _grown(state, rows=(stages[0] + 1) * block_size))
             stop = min(done + chunk, stages[0])
-            if op.loop_mode == "compiled":
+            if op.loop_mode == "scan":
                 controls = controls._replace(stop_at=placed_like_params(op, jnp.int32(stop)))
                 state = _run_compiled(op, state, controls, block_size)
             else:
@@ -420,12 +455,14 @@ def _residual_norms(products, values, vectors):
     return jnp.linalg.norm(products - values[:, None] * vectors, axis=1)
 
 
-def _pick(analysis: _RitzAnalysis, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices of the top-k (descending) and bottom-k (ascending) valid Ritz values, and all valid values ascending."""
-    values, valid = (np.asarray(v) for v in jax.device_get((analysis.values, analysis.valid)))
+def _pick(analysis: _RitzAnalysis, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the top-k (descending) and bottom-k (ascending) valid Ritz values, all valid values ascending and
+    their residual bounds."""
+    values, valid, bounds = (np.asarray(v) for v in jax.device_get((analysis.values, analysis.valid,
+                                                                     analysis.bounds)))
     index = np.flatnonzero(valid)
     index = index[np.argsort(values[index], kind="stable")]
-    return index[::-1][:k], index[:k], values[index]
+    return index[::-1][:k], index[:k], values[index], bounds[index]
 
 
 def default_num_iters(num_params: int, k: int, block_size: int = 1) -> int:
@@ -433,8 +470,8 @@ def default_num_iters(num_params: int, k: int, block_size: int = 1) -> int:
     return max(1, min(num_params // block_size, max(40, 4 * k)))
 
 
-def _check_common(op, k, block_size):
-    op = require_operator(op)
+def _check_common(op, k, block_size, like=None):
+    op = require_operator(op, like=like)
     k = check_int(k, "k", maximum=op.num_params, maximum_name="num_params")
     block_size = check_int(block_size, "block_size", maximum=op.num_params, maximum_name="num_params")
     return op, k, block_size
@@ -453,6 +490,7 @@ def lanczos(
     tol: float | None = None,
     which: str = "both",
     check_every: int = 1,
+    like: Any = None,
 ) -> LanczosResult:
     """Top-k and bottom-k eigenpairs of ``op`` by (block) Lanczos with full re-orthogonalisation.
 
@@ -465,7 +503,7 @@ def lanczos(
     iterations run. Cost: m products (+ 2k). Raises ``FloatingPointError`` naming the iteration if a product is not
     finite.
     """
-    op, k, block_size = _check_common(op, k, block_size)
+    op, k, block_size = _check_common(op, k, block_size, like)
     key = check_key(key)
     num_iters = check_int(num_iters, "num_iters")
     num_iters = min(num_iters, op.num_params // block_size)
@@ -484,7 +522,7 @@ def lanczos(
     state, analysis = run_lanczos(op, key, num_iters, block_size, flat_start, progress, k=k, which=which, tol=tol,
                                   check_every=check_every)
     iterations = int(state.step)
-    top, bottom, ritz_values = _pick(analysis, k)
+    top, bottom, ritz_values, ritz_bounds = _pick(analysis, k)
     if top.size < k:
         raise ValueError(f"k: expected at most {top.size} (the Ritz values of {iterations} iterations), got {k}")
     values, vectors, (top_vectors, bottom_vectors), residuals = _ritz_pairs(
@@ -503,6 +541,7 @@ def lanczos(
         num_iters=iterations,
         num_matvecs=iterations * block_size + (2 * k if compute_residuals else 0),
         converged=bool(state.converged),
+        ritz_residual_bounds=jnp.asarray(ritz_bounds),
     )
 
 
@@ -527,6 +566,7 @@ def top_eigenvalues(
     block_size: int = 1,
     progress: bool = True,
     tol: float | None = DEFAULT_TOL,
+    like: Any = None,
 ) -> Eigenpairs:
     """(λ₁ ≥ … ≥ λ_k, eigenvectors with leading axis k) of ``op`` by Lanczos; ``key`` defaults to key(0).
 
@@ -535,7 +575,7 @@ def top_eigenvalues(
     ``values, vectors`` and also carries ``num_iters`` (iterations used) and ``converged``.
     Cost: that many products (times block_size).
     """
-    return _eigenpairs(op, k, key, num_iters, block_size, progress, "top", tol)
+    return _eigenpairs(require_operator(op, like=like), k, key, num_iters, block_size, progress, "top", tol)
 
 
 def bottom_eigenvalues(
@@ -547,10 +587,11 @@ def bottom_eigenvalues(
     block_size: int = 1,
     progress: bool = True,
     tol: float | None = DEFAULT_TOL,
+    like: Any = None,
 ) -> Eigenpairs:
     """(λ_n ≤ … ≤ λ_{n−k+1}, eigenvectors with leading axis k): the most negative / smallest first.
 
     Stopping and cost as :func:`top_eigenvalues` (the tolerance is relative to |λ|: eigenvalues near zero need
     many iterations, or a ``tol`` of None with a fixed ``num_iters``).
     """
-    return _eigenpairs(op, k, key, num_iters, block_size, progress, "bottom", tol)
+    return _eigenpairs(require_operator(op, like=like), k, key, num_iters, block_size, progress, "bottom", tol)

@@ -34,7 +34,7 @@ from jaxnn.curvature.validation import (
 )
 
 HESSIAN_MODES = ("forward-over-reverse", "reverse-over-reverse", "reverse-over-forward")
-LOOP_MODES = ("auto", "compiled", "unrolled")
+LOOP_MODES = ("auto", "scan", "python")  # the names of jaxnn.runtime.STRATEGIES that apply to loops
 FISHER_KINDS = ("empirical", "true")
 # Matrix-product precision. JAX's default for float32 products on NVIDIA GPUs since Ampere is TensorFloat-32 (10-bit
 # mantissa): there Hessian products came out 8% off float64 in small entries (an H200), and Lanczos would
@@ -269,7 +269,7 @@ class CurvatureOperator:
     num_params: int
     num_batches: int
     num_examples: int
-    loop_mode: str = "compiled"
+    loop_mode: str = "scan"
     precision: str = DEFAULT_PRECISION
 
     @property
@@ -297,7 +297,7 @@ class CurvatureOperator:
         if chunk_size is None:
             return _apply_block_jit(self, vectors)
         chunk_size = check_int(chunk_size, "chunk_size")
-        if self.loop_mode == "compiled":
+        if self.loop_mode == "scan":
             return _apply_block_chunked_jit(self, vectors, chunk_size)
         count = jax.tree.leaves(vectors)[0].shape[0]
         chunks = [
@@ -331,13 +331,13 @@ def accumulate_over_batches(op: CurvatureOperator, per_batch: Callable[[Any], An
     """initial + Σ_b w_b per_batch(batch_b), traceable.
 
     One batch: a direct call. Otherwise, per group of equal-shape batches, a ``lax.scan`` (one compiled loop, working
-    memory independent of the number of batches) when ``op.loop_mode == "compiled"``, or a loop unrolled into the
-    program when ``"unrolled"`` (see :func:`hessian`'s ``loops``).
+    memory independent of the number of batches) when ``op.loop_mode == "scan"``, or a loop unrolled into the
+    program when ``"python"`` (see :func:`hessian`'s ``loops``).
     """
     total = initial
     for group in op.data:
         count = group.weights.shape[0]
-        if count == 1 or op.loop_mode == "unrolled":
+        if count == 1 or op.loop_mode == "python":
             for index in range(count):
                 batch = jax.tree.map(lambda leaf: leaf[index], group.batches)
                 total = _add_weighted(total, per_batch(batch), group.weights[index])
@@ -425,32 +425,16 @@ def _make_operator(kind, functions, product, loss, params, prepared: PreparedDat
     )
 
 
-def _contains_convolution(jaxpr: Any) -> bool:
-    """Whether a jaxpr (or any sub-jaxpr: pjit, custom_jvp, scan, ...) applies ``conv_general_dilated``."""
-    for equation in jaxpr.eqns:
-        if equation.primitive.name.startswith("conv_general_dilated"):
-            return True
-        for value in equation.params.values():
-            for item in value if isinstance(value, (list, tuple)) else (value,):
-                inner = getattr(item, "jaxpr", item)
-                if hasattr(inner, "eqns") and _contains_convolution(inner):
-                    return True
-    return False
-
-
 def _with_loop_mode(op: CurvatureOperator, prepared: PreparedData, loops: str) -> CurvatureOperator:
-    """Resolve ``loops="auto"``: "unrolled" on CPU when the loss applies a convolution, else "compiled".
+    """Resolve ``loops="auto"`` by the one rule of :func:`jaxnn.runtime.prefers_python_loops`: "python" on CPU when
+    the loss applies a convolution (XLA:CPU runs backward convolutions 10-30x slower inside loops,
+    https://github.com/jax-ml/jax/issues/12868), else "scan"."""
+    from jaxnn.runtime import prefers_python_loops, resolve_strategy
 
-    XLA:CPU runs the weight-gradient convolutions of a backward pass 10-30x slower inside a while loop than at the
-    top level of a program (https://github.com/jax-ml/jax/issues/12868), and every HVP contains them.
-    """
-    check_choice(loops, "loops", LOOP_MODES)
+    loops = resolve_strategy(loops, LOOP_MODES, "loops")
     if loops == "auto":
-        loops = "compiled"
-        if jax.default_backend() == "cpu":
-            jaxpr = jax.make_jaxpr(lambda p, b: op.loss(op.functions, p, b))(op.params, first_batch(prepared))
-            if _contains_convolution(jaxpr.jaxpr):
-                loops = "unrolled"
+        loss = lambda p, b: op.loss(op.functions, p, b)  # noqa: E731
+        loops = "python" if prefers_python_loops(loss, op.params, first_batch(prepared)) else "scan"
     return dataclasses.replace(op, loop_mode=loops)
 
 
@@ -498,12 +482,14 @@ def hessian(
     batch) or, with ``stacked=True``, batches stacked on a leading axis. ``check_finite`` evaluates the loss once
     per batch (one forward pass over the data) and raises ``FloatingPointError`` naming the batch if it is not
     finite. Cost of one product: one HVP per batch (≈ 2-3 gradient evaluations).
-    ``loops``: how loops over batches and estimator iterations run. ``"compiled"``: inside the compiled program
+    ``loops`` (names of :data:`jaxnn.runtime.STRATEGIES`): how loops over batches and estimator iterations run.
+    ``"scan"``: inside the compiled program
     (``lax.scan`` over batches, ``lax.while_loop`` in Lanczos / power iteration: one program, constant memory).
-    ``"unrolled"``: batches unrolled into the program (its size grows with the number of batches) and estimator
+    ``"python"``: batches unrolled into the program (its size grows with the number of batches) and estimator
     iterations driven from Python, one compiled step each (no host synchronisation per step in Lanczos). ``"auto"``
-    (default) picks "unrolled" on CPU when the loss contains a convolution — XLA:CPU runs backward convolutions
-    10-30x slower inside loops (jax-ml/jax#12868) — and "compiled" otherwise.
+    (default) picks "python" on CPU when the loss contains a convolution — XLA:CPU runs backward convolutions
+    10-30x slower inside loops (jax-ml/jax#12868) — and "scan" otherwise (:func:`jaxnn.runtime.prefers_python_loops`).
+    The former names "compiled" and "unrolled" are accepted with a DeprecationWarning.
     ``precision``: the matrix-product precision ``loss_fn`` is traced at inside every product, loss and gradient:
     ``"highest"`` (default: full float32 products, also on GPUs whose default is TensorFloat-32), ``"high"`` or
     ``"default"`` (the platform's fastest, e.g. TensorFloat-32). CPUs compute float32 products in full precision
@@ -645,26 +631,41 @@ def linear_operator(matvec: Callable[[Any], Any], params: Any) -> CurvatureOpera
     return op
 
 
-def require_operator(op: Any, name: str = "op") -> CurvatureOperator:
-    """Return ``op`` if it is a :class:`CurvatureOperator`, else raise naming what was passed."""
-    if not isinstance(op, CurvatureOperator):
-        raise TypeError(
-            f"{name}: expected a CurvatureOperator (from hessian/ggn/fisher/linear_operator), got {type(op).__name__}"
-        )
-    return op
+def require_operator(op: Any, name: str = "op", *, like: Any = None) -> CurvatureOperator:
+    """``op`` if it is a :class:`CurvatureOperator`; a plain ``matvec(v)`` with ``like`` (a pytree or array shaped
+    like its input) wrapped by :func:`linear_operator` — every estimator accepts either; else raise naming what was
+    passed."""
+    if isinstance(op, CurvatureOperator):
+        if like is not None:
+            raise ValueError(f"{name}: like= is for a plain matvec; a CurvatureOperator already knows its parameters")
+        return op
+    if callable(op):
+        if like is None:
+            raise TypeError(f"{name}: a plain matvec needs like= (a pytree or array shaped like the vectors it takes), "
+                            "e.g. top_eigenvalues(lambda v: A @ v, like=jnp.zeros(n))")
+        return linear_operator(op, like)
+    raise TypeError(f"{name}: expected a CurvatureOperator (from hessian/ggn/fisher/linear_operator) or a matvec "
+                    f"callable with like=, got {type(op).__name__}")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Flat views used by the estimators (inside their jit).
 
 
-def flat_operator(op: CurvatureOperator) -> tuple[Callable, jax.Array, Callable]:
+def flat_operator(op: CurvatureOperator, *, linearize_batches: bool = False) -> tuple[Callable, jax.Array, Callable]:
     """(matvec on flat vectors, flat params, unravel). Traceable; the flat order is ``ravel_pytree``'s.
 
     For a single-batch operator whose product can be linearised, the forward/backward passes at θ are traced here,
     once: call this outside a loop and apply the matvec inside it, and each product costs only the tangent pass.
+    ``linearize_batches``: the same over many batches — the passes at θ of every batch run once and their
+    residuals are kept (memory grows with the data, as a population's Lanczos has always used); without it a
+    product over many batches recomputes them in constant memory.
     """
     flat_params, unravel = ravel_pytree(op.params)
+    if linearize_batches and op.num_batches > 1:
+        zeros = jax.tree.map(jnp.zeros_like, op.params)
+        linear = jax.linearize(lambda v: apply_operator(op, v), zeros)[1]
+        return (lambda x: ravel_pytree(linear(unravel(x)))[0]), flat_params, unravel
     linearize = _LINEARIZERS.get(op.product)
     if linearize is not None and op.num_batches == 1:
         group = op.data[0]

@@ -1,19 +1,22 @@
-"""Curvature of a whole population in one compiled program: Lanczos vmapped over members.
+"""Curvature of a whole population in one compiled program: the Krylov core vmapped over members.
 
     loss_fns = losses.make_loss_fn(state.apply_fn, "softmax_cross_entropy", state.model_state)  # stacked state
     values = population_top_eigenvalues(loss_fns, state.params, batches, k=1)    # (N, k)
 
 ``params`` carries a leading member axis on every leaf (``PopulationResult.state.params``); ``loss_fn`` is either
 one function for every member or a ``jax.tree_util.Partial`` whose array arguments carry the member axis too (what
-``make_loss_fn`` returns for a stacked ``model_state``). Every member runs the same ``num_iters`` Lanczos steps
-with full reorthogonalisation, each step one data-set Hessian-vector product per member, all members batched into
-one product by ``vmap``; the top ``k`` Ritz values of each member's tridiagonal matrix are returned. Members share
-the data (every batch in ``data``, weighted by its size like :func:`jaxnn.curvature.hessian`).
+``make_loss_fn`` returns for a stacked ``model_state``). Each member's Hessian is the single-model operator
+(:func:`jaxnn.curvature.hessian`: the same products, batch accumulation and precision) with the member's parameters
+and function arrays swapped in, and its Lanczos is the single-model core (:func:`jaxnn.curvature.krylov.
+lanczos_decomposition`: the same re-orthogonalisation and restarts), run for ``num_iters`` steps under ``vmap``
+(or ``lax.map``, or a Python loop: ``strategy``). Members share the data (every batch in ``data``, weighted by its
+size like :func:`jaxnn.curvature.hessian`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,70 +24,85 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxnn.curvature.batches import prepare_data
-from jaxnn.curvature.operators import DEFAULT_PRECISION, at_precision, check_precision, precise_jit
+from jaxnn.curvature.operators import (
+    DEFAULT_PRECISION,
+    CurvatureOperator,
+    check_precision,
+    flat_operator,
+    precise_jit,
+    split_functions,
+)
+from jaxnn.runtime import STRATEGIES, resolve_strategy
 
 
-def _lanczos_ritz_values(loss_of_flat: Callable, flat_params: jax.Array, start: jax.Array, num_iters: int):
-    """Every Ritz value (descending) after ``num_iters`` steps of Lanczos with full reorthogonalisation on the Hessian of
-    ``loss_of_flat`` at ``flat_params``. A breakdown (the Krylov space is invariant) continues from a fresh vector
-    orthogonal to the basis with a zero coupling, so every Ritz value stays an eigenvalue estimate of the operator."""
-    # Linearised once: every product afterwards costs only the tangent pass (the forward and backward passes at θ
-    # and their residuals are computed before the loop).
-    hvp = jax.linearize(jax.grad(loss_of_flat), flat_params)[1]
-    n, dtype = flat_params.size, flat_params.dtype
-    # One spare row, so step i always writes row i + 1 in place (the last write is never read).
-    basis = jnp.zeros((num_iters + 1, n), dtype).at[0].set(start / jnp.linalg.norm(start))
-    alphas, betas = jnp.zeros(num_iters, dtype), jnp.zeros(num_iters, dtype)
-    seed = jax.random.PRNGKey(1)
+class PopulationSpectrum(NamedTuple):
+    """Every member's Ritz values after ``num_iters`` Lanczos steps, descending, with their residual bounds."""
 
-    def body(i, carry):
-        basis, alphas, betas = carry
-
-        def orthogonalise(x):
-            # Classical Gram-Schmidt against every earlier vector (rows past i are zero); a second pass only when
-            # the first removed most of x ("twice is enough"): each pass reads the basis twice.
-            first = x - (basis @ x) @ basis
-            return jax.lax.cond(jnp.linalg.norm(first) < 0.7 * jnp.linalg.norm(x),
-                                lambda f: f - (basis @ f) @ basis, lambda f: f, first)
-
-        v = basis[i]
-        w = hvp(v)
-        alpha = jnp.vdot(v, w)
-        w = orthogonalise(w)
-        beta = jnp.linalg.norm(w)
-        broke = beta <= 1e3 * jnp.finfo(dtype).eps * jnp.maximum(jnp.abs(alpha), jnp.max(jnp.abs(alphas)))
-
-        def restart():  # a fresh direction orthogonal to the basis, coupled by zero
-            fresh = orthogonalise(orthogonalise(jax.random.normal(jax.random.fold_in(seed, i), (n,), dtype)))
-            return fresh / jnp.linalg.norm(fresh)
-
-        following = jax.lax.cond(broke, restart, lambda: w / jnp.where(broke, 1, beta))
-        return basis.at[i + 1].set(following), alphas.at[i].set(alpha), betas.at[i].set(jnp.where(broke, 0, beta))
-
-    _, alphas, betas = jax.lax.fori_loop(0, num_iters, body, (basis, alphas, betas))
-    off_diagonal = betas[:-1]
-    tridiagonal = jnp.diag(alphas) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
-    return jnp.linalg.eigvalsh(tridiagonal)[::-1]
+    values: np.ndarray  # (N, m), descending
+    residual_bounds: np.ndarray  # (N, m): ‖M y − θ y‖ bound of each Ritz pair (the Lanczos estimate ‖β s_last‖)
 
 
-def _check_population(loss_fn: Callable, params: Any, data: Any, stacked: bool):
-    """(member count, one member's flat parameters, prepared data, loss_fn as a Partial, member axis of its arrays)."""
+def _member(tree: Any, index: int) -> Any:
+    return jax.tree.map(lambda leaf: leaf[index], tree)
+
+
+class _Population(NamedTuple):
+    count: int
+    template: CurvatureOperator  # member 0's Hessian operator: structure, data, product, precision
+    params: Any  # stacked
+    function_arrays: list  # the loss's arrays, stacked on the member axis (None entries: not arrays)
+    member_axis: Any  # 0 when the loss's arrays carry the member axis, else None
+
+
+def _check_population(loss_fn: Callable, params: Any, data: Any, stacked: bool,
+                      precision: str = DEFAULT_PRECISION) -> _Population:
+    """The members, member 0's Hessian operator (the template every member's operator is built from), the stacked
+    arrays of the loss and their member axis. The data are checked for NaN/inf once for every member."""
+    from jaxnn.curvature.operators import hessian
+
     leaves = jax.tree.leaves(params)
     if not leaves or any(np.ndim(leaf) < 1 for leaf in leaves):
         raise ValueError("params: expected a pytree whose every leaf has a leading member axis")
     count = leaves[0].shape[0]
     if any(leaf.shape[0] != count for leaf in leaves):
         raise ValueError(f"params: every leaf needs the same member axis; got {[leaf.shape[0] for leaf in leaves]}")
-    flat0, _ = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], params))
-    prepared = prepare_data(data, stacked=stacked, name="data", check_finite=True)
+    prepare_data(data, stacked=stacked, name="data", check_finite=True)
     if not isinstance(loss_fn, jax.tree_util.Partial):
         loss_fn = jax.tree_util.Partial(loss_fn)  # a pytree without leaves: the function goes into the cache key
     loss_leaves = jax.tree.leaves(loss_fn)
     if loss_leaves and any(np.ndim(leaf) < 1 or leaf.shape[0] != count for leaf in loss_leaves):
         raise ValueError(f"loss_fn: its array arguments need the member axis ({count}) too, e.g. make_loss_fn with "
                          "the population's stacked model_state")
-    groups = tuple((group.batches, group.weights) for group in prepared.groups)
-    return count, flat0, groups, loss_fn, 0 if loss_leaves else None
+    member_axis = 0 if loss_leaves else None
+    first_loss = loss_fn if member_axis is None else _member(loss_fn, 0)
+    # Loops compiled into the program (scan over batches): the members run inside one program ("vmap", "scan");
+    # the "python" strategy builds its own operators, with the loops the single-model engine picks.
+    template = hessian(first_loss, _member(params, 0), data, stacked=stacked, precision=precision,
+                       check_finite=False, loops="scan")
+    arrays = split_functions(loss_fn)[0]
+    return _Population(count, template, params, arrays, member_axis)
+
+
+def _member_operator(template: CurvatureOperator, params: Any, function_arrays: list) -> CurvatureOperator:
+    """The template operator with one member's parameters and function arrays (traceable)."""
+    arrays = [t if a is None else a for a, t in zip(function_arrays, template.function_arrays)]
+    return dataclasses.replace(template, params=params, function_arrays=arrays)
+
+
+def _over_members(member: Callable, template: CurvatureOperator, params: Any, function_arrays: list, member_axis,
+                  strategy: str, *per_member):
+    """``member(op, *per_member_slices)`` for every member's operator: vmapped ("vmap") or one member after another
+    inside the program ("scan"). Traceable."""
+    axes = [None if member_axis is None or array is None else 0 for array in function_arrays]
+
+    def one(member_params, member_arrays, *rest):
+        return member(_member_operator(template, member_params, member_arrays), *rest)
+
+    if strategy == "vmap":
+        return jax.vmap(one, in_axes=(0, axes) + (0,) * len(per_member))(params, function_arrays, *per_member)
+    if member_axis is None:
+        return jax.lax.map(lambda args: one(args[0], function_arrays, *args[1:]), (params, *per_member))
+    return jax.lax.map(lambda args: one(*args), (params, function_arrays, *per_member))
 
 
 def population_top_eigenvalues(loss_fn: Callable, params: Any, data: Any, *, k: int = 1, num_iters: int | None = None,
@@ -94,12 +112,15 @@ def population_top_eigenvalues(loss_fn: Callable, params: Any, data: Any, *, k: 
 
     ``num_iters`` (default max(40, 4k), capped by the parameter count): Lanczos steps, i.e. data-set HVPs per
     member. ``key`` (default key(0)) draws each member's start vector. ``precision``: as in
-    :func:`jaxnn.curvature.hessian`. ``strategy``: "vmap" (all members' products batched), "map" (one member after
-    another, inside the same program), "loop" (one member after another through the single-model engine, dispatched
-    from Python) or "auto": "loop" for convolutional members on CPU, else see :func:`_member_strategy`. Cost:
-    N·num_iters products, in one program (vmap, map).
+    :func:`jaxnn.curvature.hessian`. ``strategy`` (:data:`jaxnn.runtime.STRATEGIES`): "vmap" (all members' products
+    batched), "scan" (one member after another, inside the same program), "python" (one member after another
+    through the single-model driver, dispatched from Python) or "auto": "python" for convolutional members on CPU
+    (:func:`jaxnn.runtime.prefers_python_loops`), else see :func:`_member_strategy`. Cost: N·num_iters products, in
+    one program (vmap, scan). Residual bounds of every value: :func:`population_spectrum`.
     """
-    return _population_ritz_values(loss_fn, params, data, k, num_iters, key, stacked, precision, strategy)[:, :k]
+    spectrum = population_spectrum(loss_fn, params, data, k=k, num_iters=num_iters, key=key, stacked=stacked,
+                                   precision=precision, strategy=strategy)
+    return spectrum.values[:, :k]
 
 
 def population_extreme_eigenvalues(loss_fn: Callable, params: Any, data: Any, *, k: int = 1,
@@ -109,68 +130,75 @@ def population_extreme_eigenvalues(loss_fn: Callable, params: Any, data: Any, *,
     """``(top, bottom)``: every member's k largest (N, k; descending) and k smallest (N, k; ascending: λmin first)
     Hessian eigenvalues, both ends from the same Lanczos run (the program of :func:`population_top_eigenvalues`;
     arguments as there). The smallest eigenvalues of a network's Hessian sit in a dense bulk near zero and converge
-    more slowly than the outliers at the top: check them against more ``num_iters``."""
-    values = _population_ritz_values(loss_fn, params, data, k, num_iters, key, stacked, precision, strategy)
+    more slowly than the outliers at the top: check their residual bounds (:func:`population_spectrum`)."""
+    values = population_spectrum(loss_fn, params, data, k=k, num_iters=num_iters, key=key, stacked=stacked,
+                                 precision=precision, strategy=strategy).values
     return values[:, :k], values[:, ::-1][:, :k]
 
 
-def _population_ritz_values(loss_fn, params, data, k, num_iters, key, stacked, precision, strategy) -> np.ndarray:
-    """(N, num_iters) Ritz values of every member, descending."""
+def population_spectrum(loss_fn: Callable, params: Any, data: Any, *, k: int = 1, num_iters: int | None = None,
+                        key: Any = None, stacked: bool = False, precision: str = DEFAULT_PRECISION,
+                        strategy: str = "auto") -> PopulationSpectrum:
+    """Every member's ``num_iters`` Ritz values (descending) and their residual bounds ‖M y − θ y‖ (the Lanczos
+    estimate, free): a value whose bound is small against |θ| is converged, one whose bound is of its own order is
+    not yet an eigenvalue. Arguments as :func:`population_top_eigenvalues` (``k`` only bounds ``num_iters`` from
+    below)."""
     precision = check_precision(precision)
+    strategy = resolve_strategy(strategy, STRATEGIES)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    count, flat0, groups, loss_fn, member_axis = _check_population(loss_fn, params, data, stacked)
-    n = flat0.size
+        raise ValueError(f"k must be an integer >= 1, got {k}")
+    population = _check_population(loss_fn, params, data, stacked, precision)
+    n = population.template.num_params
     if k > n:
         raise ValueError(f"k={k} exceeds the {n} parameters of a member")
     num_iters = min(n, max(40, 4 * k)) if num_iters is None else int(num_iters)
     if not k <= num_iters <= n:
         raise ValueError(f"num_iters={num_iters} must be between k={k} and the {n} parameters of a member")
     key = jax.random.PRNGKey(0) if key is None else key
-    if strategy == "auto" and _convolutional_on_cpu(loss_fn, params, groups, member_axis):
-        strategy = "loop"
-    if strategy == "loop":
-        return _looped_ritz_values(loss_fn, params, data, num_iters, key, stacked, precision, member_axis, count)
-    starts = jax.random.normal(key, (count, n), flat0.dtype)
-    strategy = _member_strategy(strategy, count, num_iters, n, flat0.dtype)
-    values = _population_program(loss_fn, params, starts, groups, num_iters=num_iters, member_axis=member_axis,
-                                 precision=precision, strategy=strategy)
-    return np.asarray(values)
+    if strategy == "auto" and _convolutional_on_cpu(population):
+        strategy = "python"
+    if strategy == "python":
+        return _looped_spectrum(loss_fn, params, data, num_iters, key, stacked, precision, population)
+    dtype = population.template.dtype
+    starts = jax.random.normal(key, (population.count, n), dtype)
+    strategy = _member_strategy(strategy, population.count, num_iters, n, dtype)
+    values, bounds = _population_program(population.template, population.params, population.function_arrays,
+                                         starts, num_iters=num_iters, member_axis=population.member_axis,
+                                         strategy=strategy)
+    return PopulationSpectrum(np.asarray(values), np.asarray(bounds))
 
 
-def _member(tree: Any, index: int) -> Any:
-    return jax.tree.map(lambda leaf: leaf[index], tree)
+def _convolutional_on_cpu(population: _Population) -> bool:
+    """A member's loss applies a convolution and the backend is CPU: the "python" strategy's ground."""
+    from jaxnn.runtime import prefers_python_loops
+
+    op = population.template
+    return prefers_python_loops(lambda p, b: op.loss(op.functions, p, b), op.params, _first_batch(op))
 
 
-def _convolutional_on_cpu(loss_fn, params, groups, member_axis) -> bool:
-    """A member's loss applies a convolution and the backend is CPU: the "loop" strategy's ground (``groups``: the
-    prepared data of :func:`_check_population`)."""
-    if jax.default_backend() != "cpu":
-        return False
-    from jaxnn.curvature.operators import _contains_convolution
-
-    member_loss = loss_fn if member_axis is None else _member(loss_fn, 0)
-    batch = _member(groups[0][0], 0)  # the first batch of the first group
-    return _contains_convolution(jax.make_jaxpr(member_loss)(_member(params, 0), batch).jaxpr)
+def _first_batch(op: CurvatureOperator) -> Any:
+    group = op.data[0]
+    return None if group.batches is None else jax.tree.map(lambda leaf: leaf[0], group.batches)
 
 
-def _looped_ritz_values(loss_fn, params, data, num_iters, key, stacked, precision, member_axis, count):
-    """The "loop" strategy: each member's Lanczos through the single-model engine (:func:`jaxnn.curvature.lanczos`,
-    all ``num_iters`` steps), whose convolutional operators run their loops unrolled on CPU: XLA:CPU runs the
-    backward convolutions of an HVP several times slower inside a loop program (``map``) or batched over members
-    (``vmap``). Members run one after another, dispatched from Python."""
+def _looped_spectrum(loss_fn, params, data, num_iters, key, stacked, precision, population) -> PopulationSpectrum:
+    """The "python" strategy: each member's Lanczos through the single-model driver (:func:`jaxnn.curvature.
+    lanczos`, all ``num_iters`` steps), whose convolutional operators run their loops from Python on CPU: XLA:CPU
+    runs the backward convolutions of an HVP several times slower inside a loop program ("scan") or batched over
+    members ("vmap"). Members run one after another, dispatched from Python."""
     from jaxnn.curvature.krylov import lanczos
     from jaxnn.curvature.operators import hessian
 
-    rows = []
-    for index, member_key in enumerate(jax.random.split(key, count)):
-        member_loss = loss_fn if member_axis is None else _member(loss_fn, index)
+    values, bounds = [], []
+    for index, member_key in enumerate(jax.random.split(key, population.count)):
+        member_loss = loss_fn if population.member_axis is None else _member(loss_fn, index)
         # The data were checked once for every member (_check_population); a non-finite product still raises.
         op = hessian(member_loss, _member(params, index), data, stacked=stacked, precision=precision,
                      check_finite=False)
         result = lanczos(op, member_key, num_iters, k=1, compute_residuals=False, progress=False)
-        rows.append(np.asarray(result.ritz_values)[::-1])
-    return np.stack(rows)
+        values.append(np.asarray(result.ritz_values)[::-1])
+        bounds.append(np.asarray(result.ritz_residual_bounds)[::-1])
+    return PopulationSpectrum(np.stack(values), np.stack(bounds))
 
 
 def population_probes(key: Any, num_samples: int, num_params: int, dtype: Any) -> jax.Array:
@@ -186,11 +214,11 @@ def population_trace(loss_fn: Callable, params: Any, data: Any, *, num_samples: 
     precision = check_precision(precision)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    _, flat0, groups, loss_fn, member_axis = _check_population(loss_fn, params, data, stacked)
+    population = _check_population(loss_fn, params, data, stacked, precision)
     key = jax.random.PRNGKey(0) if key is None else key
-    probes = population_probes(key, num_samples, flat0.size, flat0.dtype)
-    return np.asarray(_population_trace_program(loss_fn, params, probes, groups, member_axis=member_axis,
-                                                precision=precision))
+    probes = population_probes(key, num_samples, population.template.num_params, population.template.dtype)
+    return np.asarray(_population_trace_program(population.template, population.params, population.function_arrays,
+                                                probes, member_axis=population.member_axis))
 
 
 def population_gradient_curvature(loss_fn: Callable, params: Any, data: Any, *, stacked: bool = False,
@@ -198,97 +226,62 @@ def population_gradient_curvature(loss_fn: Callable, params: Any, data: Any, *, 
     """Every member's (gᵀHg, gᵀHg / gᵀg) along its own data-set gradient g: the curvature the next gradient step
     sees (see :func:`jaxnn.curvature.gradient_curvature`). Cost: N gradients and N HVPs, in one program."""
     precision = check_precision(precision)
-    _, _, groups, loss_fn, member_axis = _check_population(loss_fn, params, data, stacked)
+    population = _check_population(loss_fn, params, data, stacked, precision)
     product, squared_norm = (np.asarray(a) for a in _population_gradient_program(
-        loss_fn, params, groups, member_axis=member_axis, precision=precision))
+        population.template, population.params, population.function_arrays, member_axis=population.member_axis))
     with np.errstate(divide="ignore", invalid="ignore"):
         return product, np.where(squared_norm > 0, product / squared_norm, np.nan)
 
 
-def _loss_of_flat(member_loss_fn: Callable, unravel: Callable, groups) -> Callable:
-    """A member's data-averaged loss of its flat parameter vector (batches of one shape scanned; weights B_b / N)."""
-
-    def loss(vector):
-        member_value = unravel(vector)
-        total = jnp.zeros((), vector.dtype)
-        for batches, weights in groups:
-            def one(carry, inputs):
-                batch, weight = inputs
-                return carry + weight * member_loss_fn(member_value, batch), None
-
-            total = total + jax.lax.scan(one, jnp.zeros((), vector.dtype), (batches, weights))[0]
-        return total
-
-    return loss
-
-
-MEMBER_STRATEGIES = ("auto", "vmap", "map", "loop")
 CPU_VMAP_BASIS_BYTES = 32 * 2**20  # on CPU, members are vmapped while all their Lanczos bases fit in this
 
 
 def _member_strategy(strategy: str, count: int, num_iters: int, n: int, dtype: Any) -> str:
-    """"vmap" (every member at once: batched products) or "map" (one member after another inside the program).
+    """"vmap" (every member at once: batched products) or "scan" (one member after another inside the program).
     "auto": vmap on accelerators; on CPU vmap only while the members' Lanczos bases together stay small — with 16
     members of the main job's MLP (85k parameters, 41 vectors each: 223 MB) the vmapped program ran 2.2x slower
     than one member at a time, whose 14 MB basis stays in cache (a member's HVP already fills the cores)."""
-    if strategy not in MEMBER_STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(MEMBER_STRATEGIES)}, got {strategy!r}")
+    strategy = resolve_strategy(strategy, STRATEGIES)
     if strategy != "auto":
         return strategy
     if jax.default_backend() != "cpu":
         return "vmap"
     basis_bytes = count * (num_iters + 1) * n * np.dtype(dtype).itemsize
-    return "vmap" if basis_bytes <= CPU_VMAP_BASIS_BYTES else "map"
+    return "vmap" if basis_bytes <= CPU_VMAP_BASIS_BYTES else "scan"
 
 
-def _over_members(member: Callable, member_axis, strategy: str, loss_fn, params, *per_member):
-    """``member(loss_fn, params, *per_member)`` for every member: vmapped, or lax.map'ed one after another."""
-    if strategy == "vmap":
-        return jax.vmap(member, in_axes=(member_axis, 0) + (0,) * len(per_member))(loss_fn, params, *per_member)
-    if member_axis is None:
-        return jax.lax.map(lambda args: member(loss_fn, *args), (params, *per_member))
-    return jax.lax.map(lambda args: member(*args), (loss_fn, params, *per_member))
+@precise_jit(static_argnames=("num_iters", "member_axis", "strategy"))
+def _population_program(template, params, function_arrays, starts, *, num_iters: int, member_axis, strategy: str):
+    """Every member's Ritz values (descending) and residual bounds from ``num_iters`` steps of the single-model
+    Lanczos core on its Hessian operator (vmapped, or one after another): one compiled program per (loss, shapes,
+    num_iters, strategy), reused for any k and for either end of the spectrum."""
+    from jaxnn.curvature.krylov import lanczos_decomposition, ritz_values
+
+    def member(op, start):
+        matvec = flat_operator(op, linearize_batches=True)[0]
+        values, bounds = ritz_values(lanczos_decomposition(matvec, start, num_iters))
+        return values[::-1], bounds[::-1]
+
+    return _over_members(member, template, params, function_arrays, member_axis, strategy, starts)
 
 
-@precise_jit(static_argnames=("num_iters", "member_axis", "precision", "strategy"))
-def _population_program(loss_fn, params, starts, groups, *, num_iters: int, member_axis, precision, strategy: str):
-    """The Lanczos of every member (vmapped, or one after another), all its Ritz values: one compiled program per
-    (loss, shapes, num_iters, strategy), reused for any k and for either end of the spectrum."""
-    unravel = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], params))[1]
-
-    def member(member_loss_fn, member_params, start):
-        loss = _loss_of_flat(at_precision(member_loss_fn, precision), unravel, groups)
-        return _lanczos_ritz_values(loss, ravel_pytree(member_params)[0], start, num_iters)
-
-    return _over_members(member, member_axis, strategy, loss_fn, params, starts)
-
-
-@precise_jit(static_argnames=("member_axis", "precision"))
-def _population_trace_program(loss_fn, params, probes, groups, *, member_axis, precision):
+@precise_jit(static_argnames=("member_axis",))
+def _population_trace_program(template, params, function_arrays, probes, *, member_axis):
     """Every member's mean vᵀHv over the probes (one HVP per probe, scanned), vmapped over members."""
-    unravel = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], params))[1]
+    from jaxnn.curvature.trace_estimators import quadratic_forms
 
-    def member(member_loss_fn, member_params):
-        grad = jax.grad(_loss_of_flat(at_precision(member_loss_fn, precision), unravel, groups))
-        flat = ravel_pytree(member_params)[0]
-        quadratic = lambda _, v: (None, jnp.vdot(v, jax.jvp(grad, (flat,), (v,))[1]))  # noqa: E731
-        return jnp.mean(jax.lax.scan(quadratic, None, probes)[1])
+    def member(op):
+        return jnp.mean(quadratic_forms(flat_operator(op, linearize_batches=True)[0], probes))
 
-    return jax.vmap(member, in_axes=(member_axis, 0))(loss_fn, params)
+    return _over_members(member, template, params, function_arrays, member_axis, "vmap")
 
 
-@precise_jit(static_argnames=("member_axis", "precision"))
-def _population_gradient_program(loss_fn, params, groups, *, member_axis, precision):
+@precise_jit(static_argnames=("member_axis",))
+def _population_gradient_program(template, params, function_arrays, *, member_axis):
     """Every member's (gᵀHg, gᵀg), vmapped over members."""
-    unravel = ravel_pytree(jax.tree.map(lambda leaf: leaf[0], params))[1]
+    from jaxnn.curvature.gradient_direction import curvature_along_gradient
 
-    def member(member_loss_fn, member_params):
-        grad = jax.grad(_loss_of_flat(at_precision(member_loss_fn, precision), unravel, groups))
-        flat = ravel_pytree(member_params)[0]
-        gradient, curvature = jax.jvp(grad, (flat,), (grad(flat),))
-        return jnp.vdot(gradient, curvature), jnp.vdot(gradient, gradient)
-
-    return jax.vmap(member, in_axes=(member_axis, 0))(loss_fn, params)
+    return _over_members(curvature_along_gradient, template, params, function_arrays, member_axis, "vmap")
 
 
 def population_sharpness(state: Any, data: Any, *, loss: str | Callable = "softmax_cross_entropy", k: int = 1,

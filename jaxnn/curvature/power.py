@@ -1,7 +1,7 @@
 """Power iteration with deflation: dominant (largest-magnitude) eigenpairs of a curvature operator.
 
 This is PyHessian's estimator, compiled: each eigenpair is one ``lax.while_loop`` (or, for operators with
-``loop_mode="unrolled"``, one compiled step per Python iteration with a host check of the stopping rule); pairs
+``loop_mode="python"``, one compiled step per Python iteration with a host check of the stopping rule); pairs
 after the first iterate
 orthogonally to those already found (deflation by projection), so repeated eigenvalues are found with their
 multiplicity. Power iteration converges to the eigenvalue of largest |λ| at a rate |λ₂/λ₁| per iteration; prefer
@@ -120,7 +120,7 @@ _record_jit = precise_jit(_record)
 
 
 def _dominant_pair_from_python(op, key, index, found, num_iters, tol):
-    """The same iteration driven from Python (``loop_mode="unrolled"``): one compiled step and one host read of the
+    """The same iteration driven from Python (``loop_mode="python"``): one compiled step and one host read of the
     stopping flags per iteration."""
     state = _start_jit(op, key, index, found.vectors)
     for _ in range(num_iters):
@@ -143,13 +143,14 @@ def power_iteration(
     k: int = 1,
     *,
     progress: bool = True,
+    like: Any = None,
 ) -> PowerIterationResult:
     """k dominant eigenpairs: v ← Mv/||Mv|| (deflated), λ = vᵀMv, stopping when |λ_t − λ_{t−1}| <= tol·|λ_t|.
 
     Cost: at most ``num_iters`` products per eigenpair (k · num_iters in all). Raises ``FloatingPointError``
     naming the eigenpair and iteration if a product is not finite.
     """
-    op = require_operator(op)
+    op = require_operator(op, like=like)
     key = check_key(key)
     num_iters = check_int(num_iters, "num_iters")
     tol = check_positive_float(tol, "tol")
@@ -162,7 +163,7 @@ def power_iteration(
         iterations=jnp.zeros((k,), jnp.int32),
         converged=jnp.zeros((k,), bool),
     )
-    pair = _dominant_pair if op.loop_mode == "compiled" else _dominant_pair_from_python
+    pair = _dominant_pair if op.loop_mode == "scan" else _dominant_pair_from_python
     for index in tqdm(range(k), desc="power iteration", unit="eigenpair", disable=not progress, leave=False):
         found, nonfinite = pair(op, key, index, found, num_iters, tol)
         if bool(nonfinite):

@@ -119,11 +119,12 @@ def trace(
     *,
     chunk_size: int | None = None,
     progress: bool = True,
+    like: Any = None,
 ) -> TraceEstimate:
     """tr(M) ± standard error. Cost: ``num_samples`` products (Hutch++: ⌊s/3⌋ sketch + ⌊s/3⌋ for tr(QᵀMQ) + the
     rest Hutchinson on the complement), at most ``chunk_size`` (default 16) vmapped per compiled call.
     """
-    op = require_operator(op)
+    op = require_operator(op, like=like)
     key = check_key(key)
     check_choice(method, "method", TRACE_METHODS)
     minimum = 4 if method == "hutch++" else 2
@@ -156,6 +157,7 @@ def hessian_diagonal(
     chunk_size: int | None = None,
     max_params: int = 10_000,
     progress: bool = True,
+    like: Any = None,
 ) -> DiagonalEstimate:
     """diag(M) as a pytree like params.
 
@@ -163,7 +165,7 @@ def hessian_diagonal(
     (``num_samples`` products). ``method="exact"``: (M e_i)_i for every unit vector e_i: ``num_params`` products,
     refused above ``max_params`` parameters.
     """
-    op = require_operator(op)
+    op = require_operator(op, like=like)
     check_choice(method, "method", DIAGONAL_METHODS)
     flat_params, unravel = ravel_pytree(op.params)
     n, dtype = flat_params.size, flat_params.dtype
@@ -197,3 +199,9 @@ def hessian_diagonal(
     mean = total / num_samples
     variance = jnp.maximum(total_squares - num_samples * mean**2, 0) / (num_samples - 1)
     return DiagonalEstimate(unravel(mean), unravel(jnp.sqrt(variance / num_samples)), chunk * num_chunks, method)
+
+
+def quadratic_forms(matvec: Any, probes: jax.Array) -> jax.Array:
+    """(zᵀMz for every row z of ``probes``), one product at a time in a ``lax.scan`` (the memory of one product):
+    the Hutchinson samples of any flat ``matvec``. Pure and traceable (vmapped over a population's members)."""
+    return jax.lax.scan(lambda _, z: (None, jnp.vdot(z, matvec(z))), None, probes)[1]

@@ -1,15 +1,16 @@
 """The compiled engine behind every surface: metrics at many points ``θ(c) = Σ_j c_j T_j`` over a data set.
 
-Two strategies, picked per platform and model (``strategy="auto"``), as the curvature engine picks its loops:
+Two strategies (names of :data:`jaxnn.runtime.STRATEGIES`), picked per platform and model (``strategy="auto"``) by
+the rule every engine uses, :func:`jaxnn.runtime.prefers_python_loops`:
 
-* ``"vmapped"`` (accelerators; dense networks on CPU): one compiled program evaluates a block of points:
+* ``"vmap"`` (accelerators; dense networks on CPU): one compiled program evaluates a block of points:
   ``lax.scan`` over the batches of each stacked batch group (weighted by the batch's share of examples), and inside
   it ``lax.map`` over chunks of ``chunk_size`` points, each chunk evaluated with ``vmap`` (the chunk size bounds
   memory: about ``chunk_size`` forward passes are live at once). Small batches of a group are evaluated several at
   a time (up to :data:`MERGED_ROWS` examples, with correspondingly fewer points per chunk), so each layer is one
   long matrix product per point. The grid is split into a few blocks (one call each) only to advance the progress
   bar.
-* ``"per_point"`` (convolutions on CPU, where XLA runs vmapped and looped convolutions several times slower than a
+* ``"python"`` (convolutions on CPU, where XLA runs vmapped and looped convolutions several times slower than a
   plain one): per batch, the parameter-linear part is computed once by one program, then one compiled call per
   point evaluates the rest and adds its weighted value into an output buffer in place (no loops, no vmap).
 
@@ -163,37 +164,38 @@ def _plans(fn: Callable, prepared: PreparedData, params_like: Any, state_like: A
             for group in prepared.groups]
 
 
-STRATEGIES = ("auto", "vmapped", "per_point")
+STRATEGIES = ("auto", "vmap", "python")
 SPLITS = ("data", "points")
 PROGRESS_BLOCKS = 8  # calls a vmapped grid is split into when a progress bar is shown
 
 
 def choose_strategy(strategy: str, fn: Callable, params_like: Any, batch_like: Any, with_state: bool) -> str:
-    """``"auto"``: ``"per_point"`` on CPU when ``fn`` applies a convolution (and no per-point state is
-    recomputed), else ``"vmapped"``."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: expected one of {list(STRATEGIES)}, got {strategy!r}")
-    if strategy == "per_point" and with_state:
-        raise ValueError("strategy: 'per_point' does not recompute per-point state; use 'vmapped' with "
-                         "recompute_state_fn")
+    """``"auto"``: ``"python"`` (one point per compiled call) where :func:`jaxnn.runtime.prefers_python_loops` says
+    so and no per-point state is recomputed, else ``"vmap"``. Former names: "vmapped", "per_point"."""
+    from jaxnn.runtime import prefers_python_loops, resolve_strategy
+
+    strategy = resolve_strategy(strategy, STRATEGIES)
+    if strategy == "python" and with_state:
+        raise ValueError("strategy: 'python' (one point per call) does not recompute per-point state; use 'vmap' "
+                         "with recompute_state_fn")
     if strategy != "auto":
         return strategy
-    if with_state or jax.default_backend() != "cpu":
-        return "vmapped"
-    from jaxnn.curvature.operators import _contains_convolution
-
-    return "per_point" if _contains_convolution(jax.make_jaxpr(fn)(params_like, batch_like).jaxpr) else "vmapped"
+    if with_state:
+        return "vmap"
+    return "python" if prefers_python_loops(fn, params_like, batch_like) else "vmap"
 
 
 def check_split(split: str, strategy: str, mesh: Any) -> str:
     """The split in effect: ``"points"`` only on a mesh of several devices (one device: nothing to split)."""
     from jaxnn.parallel import mesh_size
+    from jaxnn.runtime import resolve_strategy
 
+    strategy = resolve_strategy(strategy, STRATEGIES)
     if split not in SPLITS:
         raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
-    if split == "points" and strategy == "per_point":
-        raise ValueError("split: 'points' needs the vmapped strategy (per_point evaluates one point per call); "
-                         "use strategy='vmapped' or split='data'")
+    if split == "points" and strategy == "python":
+        raise ValueError("split: 'points' needs the 'vmap' strategy ('python' evaluates one point per call); "
+                         "use strategy='vmap' or split='data'")
     return split if mesh_size(mesh) > 1 else "data"
 
 
@@ -203,7 +205,7 @@ def evaluate_at_points(metric_fns: Mapping[str, Callable], basis: Sequence[Any],
                        progress: bool = True, description: str = "landscape", strategy: str = "auto",
                        split: str = "data", mesh: Any = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Every metric at every point ``θ(c_p) = Σ_j coefficients[p, j] basis[j]``, as host arrays of shape ``(P,)``,
-    and the compile / run wall-clock seconds (``per_point``: 1.0 when that strategy was used).
+    and the compile / run wall-clock seconds (``python_loop``: 1.0 when the "python" strategy was used).
     ``split="points"`` (with ``mesh``, the mesh the parameters and the replicated data are on) shares the points
     out over the mesh's devices; see the module docstring.
 
@@ -226,16 +228,16 @@ def evaluate_at_points(metric_fns: Mapping[str, Callable], basis: Sequence[Any],
 
     split = check_split(split, strategy, mesh)
     if split == "points" and strategy == "auto":
-        strategy = "vmapped"
+        strategy = "vmap"
     strategy = choose_strategy(strategy, metrics_fn, params_like, group_first_batch(prepared.groups[0]), with_state)
-    if strategy == "per_point":
+    if strategy == "python":
         values, timing = _per_point(metrics_fn, offset, tuple(basis), coefficients, prepared, params_like,
                                     out_dtype, factor_linear_ops, progress, description)
     else:
         values, timing = _vmapped(metrics_fn, offset, tuple(basis), coefficients, prepared, params_like, dtype,
                                   out_dtype, chunk_size, state_fn, state_prepared, factor_linear_ops, progress,
                                   description, mesh if split == "points" else None)
-    timing["per_point"] = float(strategy == "per_point")
+    timing["python_loop"] = float(strategy == "python")
     return {name: np.asarray(values[name]).reshape(-1)[:num_points] for name in names}, timing
 
 

@@ -11,7 +11,8 @@ that is where the speed-up over a per-point loop comes from (benchmarks/bench_la
 layer dominates the FLOPs, as in 784-512-10). ``chunk_size`` points are evaluated at once (memory ≈ ``chunk_size``
 forward passes of one batch; 8 suits CPUs, accelerators like larger). ``strategy``: ``"auto"`` (default) evaluates
 one point per compiled call for convolutional losses on CPU (XLA:CPU runs vmapped or looped convolutions several
-times slower) and vmapped chunks otherwise; ``"vmapped"`` or ``"per_point"`` force one.
+times slower; :func:`jaxnn.runtime.prefers_python_loops`) and vmapped chunks otherwise; ``"vmap"`` or
+``"python"`` force one (the former names "vmapped" and "per_point" still work, with a DeprecationWarning).
 
 Devices: with the parameters on a mesh (:func:`jaxnn.parallel.place_state`) the work is shared out over its
 devices: ``split="data"`` (default) gives each device its slice of every batch, ``split="points"`` gives each

@@ -220,32 +220,33 @@ def _dropout_layers(model, input_shape) -> int:
 
 
 def _has_convolution(model, input_shape) -> bool:
-    """Whether a forward pass of ``model`` runs a convolution (traced on one example, shapes only)."""
+    """Whether :func:`jaxnn.runtime.prefers_python_loops` asks for Python loops for a forward pass of ``model``
+    (traced on one example, shapes only): the one rule every engine uses."""
     from jaxnn.models import init_model
+    from jaxnn.runtime import prefers_python_loops
 
     params, model_state = init_model(model, jax.random.PRNGKey(0), tuple(input_shape))
-    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))({"params": params, **model_state},
-                                                          jnp.zeros((1, *input_shape)))
-    return "conv_general_dilated" in str(jaxpr)
+    return prefers_python_loops(lambda v, x: model.apply(v, x), {"params": params, **model_state},
+                                jnp.zeros((1, *input_shape)))
 
 
-POPULATION_STRATEGIES = ("auto", "vmap", "loop")
+POPULATION_STRATEGIES = ("auto", "vmap", "python")  # names of jaxnn.runtime.STRATEGIES
 
 
 def _population_strategy(strategy: str, model, input_shape, mesh) -> str:
-    """"vmap": the members' steps batched, ``steps_per_call`` of them scanned in one program; "loop": one compiled
-    single-member step dispatched per member and step (:class:`_LoopedSteps`). "auto": "loop" for convolutional
+    """"vmap": the members' steps batched, ``steps_per_call`` of them scanned in one program; "python": one compiled
+    single-member step dispatched per member and step (:class:`_LoopedSteps`). "auto": "python" for convolutional
     models on CPU without a device mesh, else "vmap". On this 2-core CPU a LeNet population (batch 64) took 119 ms
     per member-step vmapped and 17 looped."""
-    if strategy not in POPULATION_STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(POPULATION_STRATEGIES)}, got {strategy!r}")
-    if strategy == "loop" and mesh is not None:
-        raise ValueError("strategy='loop' runs the members one after another on one device; with devices= use "
+    from jaxnn.runtime import resolve_strategy
+
+    strategy = resolve_strategy(strategy, POPULATION_STRATEGIES)
+    if strategy == "python" and mesh is not None:
+        raise ValueError("strategy='python' runs the members one after another on one device; with devices= use "
                          "'vmap' (or 'auto')")
     if strategy != "auto":
         return strategy
-    on_cpu = jax.default_backend() == "cpu"
-    return "loop" if on_cpu and mesh is None and _has_convolution(model, input_shape) else "vmap"
+    return "python" if mesh is None and _has_convolution(model, input_shape) else "vmap"
 
 
 def _make_steps(loss, classification: bool, shared_batches: bool, dropout: bool, member_labels: bool,
@@ -254,7 +255,7 @@ def _make_steps(loss, classification: bool, shared_batches: bool, dropout: bool,
     (``rates``: each member's dropout rate when ``dropout``; ``labels``: (members, N) training labels when
     ``member_labels``, else None; ``rows``: (steps, B), or (steps, members, B) unless ``shared_batches``); a member
     with a non-finite loss keeps its previous state from then on. "vmap": one jitted program, a ``lax.scan`` over
-    the steps of the vmapped member step. "loop": a :class:`_LoopedSteps` (same call)."""
+    the steps of the vmapped member step. "python": a :class:`_LoopedSteps` (same call)."""
     step = _step_function(loss, None, 1, classification, False)
 
     def member_step(state, alive, rate, batch):
@@ -268,7 +269,7 @@ def _make_steps(loss, classification: bool, shared_batches: bool, dropout: bool,
         accuracy = metrics.get("accuracy", jnp.zeros_like(metrics["loss"]))
         return new_state, ok, jnp.where(ok, metrics["loss"], jnp.nan), jnp.where(ok, accuracy, jnp.nan)
 
-    if strategy == "loop":
+    if strategy == "python":
         def gathered_step(state, alive, rate, data, labels, step_rows):
             x, y = jax.tree.map(lambda a: jnp.take(a, step_rows, axis=0), data)
             if member_labels:
@@ -296,7 +297,7 @@ def _make_steps(loss, classification: bool, shared_batches: bool, dropout: bool,
 
 
 class _LoopedSteps:
-    """The "loop" strategy: each member's steps dispatched one by one from the host, every step one compiled
+    """The "python" strategy: each member's steps dispatched one by one from the host, every step one compiled
     single-member program (batch gathered on the device). No compiled loop anywhere: on XLA:CPU a convolution inside
     a ``lax.scan``/``lax.map`` body, or vmapped over members, ran 3.7-4x slower than the same step on its own (LeNet,
     batch 64, 2 cores: 62-66 vs 17 ms). Dispatch is asynchronous, so the host runs ahead of the device."""
@@ -351,10 +352,10 @@ def _evaluate_members(state, split, loss, classification, size: int, prefix: str
                       strategy: str = "vmap") -> dict[str, np.ndarray]:
     """Mean loss (and accuracy) of every member over a split (eval mode): arrays of shape (N,). Every batch has
     ``size`` rows (the last zero-padded and masked), so all splits share one compiled program (vmapped over the
-    members, or one member at a time for the "loop" strategy)."""
+    members, or one member at a time for the "python" strategy)."""
     if len(split) == 0:
         return {}
-    if strategy == "loop":
+    if strategy == "python":
         single = _member_eval_step(loss, classification, False)
         count = len(jax.tree.leaves(state.params)[0])
         eval_step = lambda state, batch, mask: jax.tree.map(  # noqa: E731
@@ -453,9 +454,10 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
     evaluations is frozen (status "early-stopped at step s") while the others go on. ``label_noise`` (a member
     column, classification only): member ``i`` trains on ``noisy_labels(train.y, p_i, C, seed_i)`` — each training
     label replaced with probability p_i by a random other class — and is evaluated on the clean labels of every split
-    (its per-step ``losses``/``accuracies`` are on the labels it trains on). ``strategy``: "vmap", "loop"
-    (dispatched member by member and step from the host: fastest for convolutions on CPU) or "auto" (see
-    :func:`_population_strategy`). ``devices``: shard the members over that many devices (-1: all; a ``members`` mesh axis; chunks are padded to a multiple of it). A chunk whose
+    (its per-step ``losses``/``accuracies`` are on the labels it trains on). ``strategy``: "vmap", "python"
+    (dispatched member by member and step from the host: fastest for convolutions on CPU; the former name "loop"
+    still works) or "auto" (see :func:`_population_strategy`). ``devices``: shard the members over that many devices
+    (-1: all; a ``members`` mesh axis; chunks are padded to a multiple of it). A chunk whose
     compiled program needs more memory than the device has free raises :class:`PopulationMemoryError` naming a
     chunk size that fits."""
     count, columns = check_members(members, optimizer)
@@ -555,7 +557,7 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
                 rows = _batch_rows(len(dataset.train), batch_size, int(data_seeds[0]), done, length)
             if length not in programs:  # compiled on its own, so compile and training times are reported apart
                 started = time.perf_counter()
-                if strategy == "loop":
+                if strategy == "python":
                     programs[length] = steps.compile_for(state, alive, rates, train_data, labels, rows)
                 else:
                     programs[length] = steps.lower(state, alive, rates, train_data, labels, rows).compile()

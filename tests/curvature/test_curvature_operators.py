@@ -359,13 +359,16 @@ def test_other_invalid_arguments_are_rejected():
 
 
 def test_loop_modes_give_the_same_operator_and_estimates(x64):
-    """"unrolled" (Python-driven / unrolled loops) and "compiled" (lax.scan / while_loop) compute the same things."""
+    """"python" (Python-driven / unrolled loops) and "scan" (lax.scan / while_loop) compute the same things; the
+    former names still work."""
     params = mlp_params(0)
     x, y = classification_data(1, num_examples=40)
     batches = [(x[i : i + 10], y[i : i + 10]) for i in range(0, 40, 10)]
-    compiled = curvature.hessian(mlp_loss, params, batches, loops="compiled")
-    unrolled = curvature.hessian(mlp_loss, params, batches, loops="unrolled")
-    assert (compiled.loop_mode, unrolled.loop_mode) == ("compiled", "unrolled")
+    compiled = curvature.hessian(mlp_loss, params, batches, loops="scan")
+    unrolled = curvature.hessian(mlp_loss, params, batches, loops="python")
+    assert (compiled.loop_mode, unrolled.loop_mode) == ("scan", "python")
+    with pytest.warns(DeprecationWarning, match="loops='unrolled' is now loops='python'"):
+        assert curvature.hessian(mlp_loss, params, batches, loops="unrolled").loop_mode == "python"
     v = random_like(4, params)
     np.testing.assert_allclose(flat(unrolled(v)), flat(compiled(v)), atol=1e-14)
     vectors = jax.tree.map(lambda *leaves: np.stack(leaves), *[random_like(seed, params) for seed in range(3)])
@@ -386,10 +389,10 @@ def test_loop_modes_give_the_same_operator_and_estimates(x64):
 def test_auto_loop_mode_unrolls_convolutions_on_cpu():
     cnn = curvature.hessian(cnn_loss, cnn_params(0), image_data(1))
     mlp = curvature.hessian(mlp_loss, mlp_params(0), classification_data(1))
-    expected = "unrolled" if jax.default_backend() == "cpu" else "compiled"
-    assert cnn.loop_mode == expected and mlp.loop_mode == "compiled"
-    with pytest.raises(ValueError, match=r"loops: expected one of \['auto', 'compiled', 'unrolled'\], got 'python'"):
-        curvature.hessian(mlp_loss, mlp_params(0), classification_data(1), loops="python")
+    expected = "python" if jax.default_backend() == "cpu" else "scan"
+    assert cnn.loop_mode == expected and mlp.loop_mode == "scan"
+    with pytest.raises(ValueError, match=r"loops must be one of auto, scan, python, got 'vmap'"):
+        curvature.hessian(mlp_loss, mlp_params(0), classification_data(1), loops="vmap")
 
 
 def test_nonfinite_counts_host_and_device_paths_agree():

@@ -14,7 +14,7 @@ from jaxnn.curvature.population import population_sharpness, population_top_eige
 from jaxnn.train.population import train_population
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map"])
+@pytest.mark.parametrize("strategy", ["vmap", "scan"])
 def test_quadratics_with_repeated_eigenvalues(x64, strategy):
     """Member m: L(θ) = ½ Σ s_m,i θ_i², spectrum s_m (4 distinct values in 8): the Krylov space breaks down after 4
     steps and restarts orthogonally, so num_iters = 8 finds the whole spectrum, multiplicities included."""
@@ -43,7 +43,7 @@ def trained():
         yield result, [(x[i], y[i]) for i in range(2)]
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map"])
+@pytest.mark.parametrize("strategy", ["vmap", "scan"])
 def test_population_equals_dense_hessian_and_single_engine(trained, x64, strategy):
     result, batches = trained
     values = population_sharpness(result.state, batches, k=3, num_iters=60, strategy=strategy)
@@ -69,7 +69,7 @@ def test_bad_requests(trained):
         population_sharpness(result.state, batches, k=3, num_iters=2)
     with pytest.raises(ValueError, match="leading member axis"):
         population_top_eigenvalues(lambda p, b: 0.0, {"w": jnp.float32(1)}, batches)
-    with pytest.raises(ValueError, match="strategy must be one of auto, vmap, map, loop"):
+    with pytest.raises(ValueError, match="strategy must be one of auto, vmap, scan, python"):
         population_sharpness(result.state, batches, strategy="pmap")
 
 
@@ -79,22 +79,22 @@ def test_auto_strategy_vmaps_small_members_and_maps_large_ones_on_cpu():
     if jax.default_backend() != "cpu":
         pytest.skip("the CPU rule; accelerators always vmap")
     assert _member_strategy("auto", 16, 40, 3_400, np.float32) == "vmap"      # width-32 MLPs: 9 MB of bases
-    assert _member_strategy("auto", 16, 40, 85_002, np.float32) == "map"      # the main job's MLP: 223 MB
+    assert _member_strategy("auto", 16, 40, 85_002, np.float32) == "scan"     # the main job's MLP: 223 MB
     assert _member_strategy("vmap", 16, 40, 85_002, np.float32) == "vmap"
 
 
 def test_population_products_run_at_highest_precision():
     """As the single-model engine: the Lanczos arithmetic always, and every member's loss by default, at HIGHEST
     (TensorFloat-32 is JAX's default for float32 products on recent NVIDIA GPUs)."""
-    from jaxnn.curvature.population import _population_program
+    from jaxnn.curvature.population import _check_population, _population_program
 
     def products(precision):
         params = {"w": jnp.ones((2, 4, 3), jnp.float32)}
         loss = jax.tree_util.Partial(lambda p, batch: jnp.sum((batch @ p["w"]) ** 2))
-        groups = ((jnp.ones((1, 5, 4), jnp.float32), jnp.ones((1,), jnp.float32)),)
-        program = lambda *args: _population_program(*args, num_iters=3, member_axis=None, precision=precision,
-                                                    strategy="vmap")
-        jaxpr = jax.make_jaxpr(program)(loss, params, jnp.ones((2, 12), jnp.float32), groups).jaxpr
+        population = _check_population(loss, params, jnp.ones((5, 4), jnp.float32), False, precision)
+        program = lambda *args: _population_program(*args, num_iters=3, member_axis=None, strategy="vmap")
+        jaxpr = jax.make_jaxpr(program)(population.template, params, population.function_arrays,
+                                        jnp.ones((2, 12), jnp.float32)).jaxpr
         found, stack = set(), [jaxpr]
         while stack:
             for eqn in stack.pop().eqns:
@@ -151,7 +151,7 @@ def test_population_gradient_curvature_equals_the_single_engine(trained, x64):
         np.testing.assert_allclose(directional[index], single.directional_curvature, rtol=1e-10)
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map"])
+@pytest.mark.parametrize("strategy", ["vmap", "scan"])
 def test_extreme_eigenvalues_equal_both_ends_of_the_dense_spectrum(trained, x64, strategy):
     """Top and bottom eigenvalues of every member from one Lanczos run against jax.hessian + eigh (indefinite
     Hessians after 20 steps: the bottom end is negative); the top end equals population_top_eigenvalues."""
@@ -176,7 +176,7 @@ def test_extreme_eigenvalues_equal_both_ends_of_the_dense_spectrum(trained, x64,
 
 def test_loop_strategy_for_convolutional_members_equals_the_dense_hessian(x64):
     """Convolutional members on CPU: "auto" runs each member through the single-model engine (convolutions unrolled);
-    both ends of every member's spectrum equal jax.hessian + eigh with a full Krylov space; "loop" = "map"."""
+    both ends of every member's spectrum equal jax.hessian + eigh with a full Krylov space; "python" = "scan"."""
     import flax.linen as nn
 
     class Tiny(nn.Module):
@@ -194,10 +194,9 @@ def test_loop_strategy_for_convolutional_members_equals_the_dense_hessian(x64):
     n = flat0.size
     from jaxnn.curvature.population import _convolutional_on_cpu, _check_population
 
-    _, _, groups, wrapped, axis = _check_population(loss_fn, stacked, (x, y), False)
-    assert _convolutional_on_cpu(wrapped, stacked, groups, axis)
+    assert _convolutional_on_cpu(_check_population(loss_fn, stacked, (x, y), False))
     top, bottom = curvature.population_extreme_eigenvalues(loss_fn, stacked, (x, y), k=2, num_iters=n)
-    mapped = curvature.population_extreme_eigenvalues(loss_fn, stacked, (x, y), k=2, num_iters=n, strategy="map")
+    mapped = curvature.population_extreme_eigenvalues(loss_fn, stacked, (x, y), k=2, num_iters=n, strategy="scan")
     np.testing.assert_allclose(top, mapped[0], rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(bottom, mapped[1], rtol=1e-8, atol=1e-10)
     for index in range(2):

@@ -154,7 +154,7 @@ def test_small_batches_are_evaluated_together_with_the_same_values(x64, monkeypa
     assert grid_evaluation._merge_factors(prepared, 8) == (2, 1)  # at most 8 rows of 4
     grid = np.linspace(-1.0, 1.0, 5)
     run = lambda: plane_surface(loss, params, d1, d2, grid, grid, batches, accuracy_fn=accuracy, chunk_size=8,
-                                factor_linear_ops=factor_linear_ops, strategy="vmapped", progress=False)
+                                factor_linear_ops=factor_linear_ops, strategy="vmap", progress=False)
     monkeypatch.setattr(grid_evaluation, "MERGED_ROWS", 4096)
     merged = run()
     monkeypatch.setattr(grid_evaluation, "MERGED_ROWS", 1)  # one batch at a time
@@ -437,7 +437,7 @@ def _cnn():
     return params, loss, accuracy, batches
 
 
-@pytest.mark.parametrize("strategy", ["per_point", "vmapped", "auto"])
+@pytest.mark.parametrize("strategy", ["python", "vmap", "auto"])
 @pytest.mark.parametrize("factor_linear_ops", [True, False])
 def test_convolutional_plane_is_the_same_with_every_strategy(x64, strategy, factor_linear_ops):
     """Oracle: loss and accuracy at each point on the concatenated data, one jitted evaluation at a time."""
@@ -446,9 +446,9 @@ def test_convolutional_plane_is_the_same_with_every_strategy(x64, strategy, fact
     alphas, betas = np.linspace(-1, 1, 5), np.linspace(-0.5, 0.5, 3)
     surface = plane_surface(loss, params, d1, d2, alphas, betas, batches, accuracy_fn=accuracy, chunk_size=4,
                             factor_linear_ops=factor_linear_ops, strategy=strategy, progress=False)
-    expected_strategy = "per_point" if strategy == "per_point" or (strategy == "auto" and jax.default_backend() == "cpu") \
-        else "vmapped"
-    assert surface.timing["per_point"] == float(expected_strategy == "per_point")
+    expected_strategy = "python" if strategy == "python" or (strategy == "auto" and jax.default_backend() == "cpu") \
+        else "vmap"
+    assert surface.timing["python_loop"] == float(expected_strategy == "python")
     x = jnp.concatenate([b[0] for b in batches])
     y = jnp.concatenate([b[1] for b in batches])
     single_loss, single_accuracy = jax.jit(loss), jax.jit(accuracy)
@@ -462,15 +462,16 @@ def test_convolutional_plane_is_the_same_with_every_strategy(x64, strategy, fact
 def test_unknown_or_unsupported_strategy_is_refused(x64):
     params, loss, _, batches = _cnn()
     d1, _ = _directions(params)
-    with pytest.raises(ValueError, match="strategy: expected one of"):
+    with pytest.raises(ValueError, match="strategy must be one of auto, vmap, python, got 'fast'"):
         line_surface(loss, params, d1, [0.0, 1.0], batches, strategy="fast", progress=False)
-    with pytest.raises(ValueError, match="strategy: 'per_point' does not recompute per-point state"):
-        line_surface(lambda p, b, s: loss(p, b), params, d1, [0.0, 1.0], batches, strategy="per_point",
-                     recompute_state_fn=lambda p, b: {"m": jnp.mean(b[0])}, progress=False)
+    with pytest.raises(ValueError, match="strategy: 'python' .one point per call. does not recompute per-point state"):
+        with pytest.warns(DeprecationWarning, match="strategy='per_point' is now strategy='python'"):
+            line_surface(lambda p, b, s: loss(p, b), params, d1, [0.0, 1.0], batches, strategy="per_point",
+                         recompute_state_fn=lambda p, b: {"m": jnp.mean(b[0])}, progress=False)
     with pytest.raises(ValueError, match="split: expected one of"):
         line_surface(loss, params, d1, [0.0, 1.0], batches, split="hosts", progress=False)
-    with pytest.raises(ValueError, match="split: 'points' needs the vmapped strategy"):
-        line_surface(loss, params, d1, [0.0, 1.0], batches, split="points", strategy="per_point", progress=False)
+    with pytest.raises(ValueError, match="split: 'points' needs the 'vmap' strategy"):
+        line_surface(loss, params, d1, [0.0, 1.0], batches, split="points", strategy="python", progress=False)
 
 
 def test_points_split_on_one_device_is_the_data_path(x64):

@@ -243,7 +243,7 @@ def _with_train_labels(dataset, labels):
     return dataclasses.replace(dataset, train=data_lib.Split(dataset.train.x, labels))
 
 
-@pytest.mark.parametrize("strategy, own_streams", [("vmap", False), ("loop", True)])
+@pytest.mark.parametrize("strategy, own_streams", [("vmap", False), ("python", True)])
 def test_label_noise_members_equal_fit_on_their_noisy_labels(digits, x64, strategy, own_streams):
     """Member i trains on noisy_labels(train.y, p_i, 10, seed_i) and equals fit on a copy of the data set with those
     training labels (1e-12); its metrics are on the clean labels (p = 1: every training label wrong)."""
@@ -284,12 +284,12 @@ def test_noisy_labels_replace_with_a_uniform_other_class():
 
 
 def test_looped_members_of_a_conv_net_equal_fit_and_auto_picks_the_loop_on_cpu(digits, x64):
-    """The "loop" strategy (what "auto" picks for convolutions on CPU) gives each member fit's parameters (1e-12),
+    """The "python" strategy (what "auto" picks for convolutions on CPU) gives each member fit's parameters (1e-12),
     including a diverging member frozen before its first non-finite step; dense models keep "vmap"."""
     from jaxnn.train.population import _population_strategy
 
     conv = models.get_model("lenet", num_classes=10, conv_features=(2, 3), dense_features=(8,))
-    assert _population_strategy("auto", conv, digits.input_shape, None) == "loop"
+    assert _population_strategy("auto", conv, digits.input_shape, None) == "python"
     assert _population_strategy("auto", _model(), digits.input_shape, None) == "vmap"
     lrs = [0.05, 1e200]  # the second member's weights overflow (a smaller step only kills every ReLU)
     result = train_population(conv, optax.sgd, digits, members={"learning_rate": lrs, "seed": [5, 6]},
@@ -303,6 +303,8 @@ def test_looped_members_of_a_conv_net_equal_fit_and_auto_picks_the_loop_on_cpu(d
     vmapped = train_population(conv, optax.sgd, digits, members={"learning_rate": lrs[:1], "seed": [5]},
                                num_steps=STEPS, batch_size=BATCH, strategy="vmap", progress=False)
     assert _max_difference(vmapped.member_state(0).params, alone.state.params) < 1e-12
-    with pytest.raises(ValueError, match="strategy must be one of auto, vmap, loop"):
-        train_population(conv, optax.sgd, digits, members={"learning_rate": [0.1]}, num_steps=2, strategy="map",
+    with pytest.raises(ValueError, match="strategy must be one of auto, vmap, python, got 'scan'"):
+        train_population(conv, optax.sgd, digits, members={"learning_rate": [0.1]}, num_steps=2, strategy="scan",
                          progress=False)
+    with pytest.warns(DeprecationWarning, match="strategy='loop' is now strategy='python'"):
+        assert _population_strategy("loop", conv, digits.input_shape, None) == "python"
