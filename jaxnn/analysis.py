@@ -53,8 +53,10 @@ def analysis_batches(loaded: LoadedRun, num_batches: int, batch_size: int | None
 def curvature_for_run(run: str | pathlib.Path | LoadedRun, *, k: int = 5, density: bool = False,
                       data_batches: int = 4, batch_size: int | None = None, step: Any = "latest",
                       mode: str = "eval", seed: int = 0, out_dir: str | pathlib.Path | None = None,
-                      progress: bool = True, draw: Any = None, devices: int | None = None) -> dict:
-    """Hessian report of a run's checkpoint over ``data_batches`` training batches -> curvature.json, spectrum.png.
+                      progress: bool = True, draw: Any = None, devices: int | None = None,
+                      blocks: str | None = None) -> dict:
+    """Hessian report of a run's checkpoint over ``data_batches`` training batches -> curvature.json, spectrum.png
+    (and, with ``blocks="layer"``, every layer's block in curvature.json's "blocks" section and blocks.png).
 
     ``devices``: the data of every product is split over that many devices (default: all of them, or the mesh
     the run was loaded onto); the numbers are those of one device."""
@@ -63,7 +65,7 @@ def curvature_for_run(run: str | pathlib.Path | LoadedRun, *, k: int = 5, densit
     loaded = _loaded(run, step, devices)
     batches, described = analysis_batches(loaded, data_batches, batch_size, mode)
     report = curvature.curvature_report(loaded.loss_fn(mode), loaded.state.params, batches, k=k, density=density,
-                                        key=jax.random.PRNGKey(seed), progress=progress)
+                                        key=jax.random.PRNGKey(seed), progress=progress, blocks=blocks)
     report["run"] = {"run_dir": str(loaded.run_dir), "step": loaded.step, "batch_norm_mode": mode, **described}
     if is_primary():  # with several processes, process 0 alone writes files
         curvature.write_curvature_report(report, out_dir or loaded.run_dir, draw=draw)
@@ -74,12 +76,26 @@ def describe_curvature(report: dict) -> str:
     c = report["conditioning"]
     t = report["trace"]
     g = report["gradient_direction"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"
-    return (f"Hessian at step {report.get('run', {}).get('step', '?')}: lambda_max={fmt(c['lambda_max'])} "
-            f"lambda_min={fmt(c['lambda_min'])} kappa={fmt(c['condition_number'])} "
+    e = report["eigenvalues"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+
+    def honest(value, residuals, converged):
+        """A value whose residual is not small against it is printed as an estimate with its residual."""
+        if converged is None or converged[0]:
+            return fmt(value)
+        return f"{fmt(value)} (NOT converged: residual {fmt(residuals[0])})"
+
+    line = (f"Hessian at step {report.get('run', {}).get('step', '?')}: "
+            f"lambda_max={honest(c['lambda_max'], e['top_residuals'], e.get('top_converged'))} "
+            f"lambda_min={honest(c['lambda_min'], e['bottom_residuals'], e.get('bottom_converged'))} "
+            f"kappa={fmt(c['condition_number'])} "
             f"|lambda_min|/lambda_max={fmt(c['nonconvexity_ratio'])} ({c['verdict']}); "
             f"trace={fmt(t['estimate'])}±{fmt(t['standard_error'])}; 2/lambda_max={fmt(g['sharpness_threshold'])}; "
             f"{report['num_hvps']} HVPs in {report['timing_seconds']['total']:.1f}s")
+    if report.get("blocks"):
+        parts = [f"{name} {honest(b['top'][0], b['residuals'], b['converged'])}" for name, b in report["blocks"].items()]
+        line += "\nlambda_max per layer: " + ", ".join(parts)
+    return line
 
 
 def describe_landscape(report: dict) -> str:

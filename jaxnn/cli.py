@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--k", type=int, default=5, help="top-k and bottom-k eigenvalues (default 5)")
     p.add_argument("--density", action="store_true", help="also estimate the spectral density (SLQ)")
+    p.add_argument("--blocks", choices=["layer"], default=None,
+                   help="also every layer's Hessian block: top-k with residuals, trace, density -> blocks.png")
     p.add_argument("--data-batches", type=int, default=4, help="training batches the Hessian averages over")
     p.add_argument("--batch-size", type=int, default=None, help="analysis batch size (default: the run's)")
     p.add_argument("--step", default="latest", help="checkpoint: latest, best or a step number")
@@ -311,7 +313,8 @@ def _dispatch(args) -> int:
             report = analysis.curvature_for_run(args.run_dir, k=args.k, density=args.density,
                                                 data_batches=args.data_batches, batch_size=args.batch_size,
                                                 step=args.step, mode=args.mode, seed=args.seed, out_dir=args.out,
-                                                draw=draw, devices=args.devices, progress=progress)
+                                                draw=draw, devices=args.devices, progress=progress,
+                                                blocks=args.blocks)
             print(analysis.describe_curvature(report))
             return 0
         if args.command == "landscape":

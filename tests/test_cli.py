@@ -94,13 +94,31 @@ def two_runs(tmp_path_factory):
 def test_curvature_command_writes_report(two_runs, tmp_path, capsys):
     out = tmp_path / "curv"
     assert main(["curvature", str(two_runs[0]), "--k", "3", "--density", "--data-batches", "2", "--out", str(out),
-                 "--x64"]) == 0
+                 "--x64", "--blocks", "layer"]) == 0
     report = json.loads((out / "curvature.json").read_text())
     assert (out / "spectrum.png").stat().st_size > 5_000
-    assert len(report["eigenvalues"]["top"]) == 3 and len(report["eigenvalues"]["bottom"]) == 3
+    eigen = report["eigenvalues"]
+    assert len(eigen["top"]) == 3 and len(eigen["bottom"]) == 3
     assert report["run"]["step"] == 40 and report["run"]["data_batches"] == 2
     assert report["dtype"] == "float64" and "density" in report
-    assert "lambda_max=" in capsys.readouterr().out
+    # every value carries its residual and a converged flag that is what the residual says
+    for end in ("top", "bottom"):
+        assert eigen[f"{end}_converged"] == [r <= eigen["convergence_tol"] * abs(v)
+                                             for v, r in zip(eigen[end], eigen[f"{end}_residuals"])]
+    printed = capsys.readouterr().out
+    assert "lambda_max=" in printed
+    assert ("lambda_min=" + f"{report['conditioning']['lambda_min']:.4g} (NOT converged" in printed) == (
+        not eigen["bottom_converged"][0])
+    # every layer's block: top-k with residuals and converged flags, trace; blocks.png
+    from jaxnn.curvature import layer_names
+    from jaxnn.train import load_run
+
+    layers = layer_names(load_run(two_runs[0]).state.params)
+    assert list(report["blocks"]) == layers and (out / "blocks.png").stat().st_size > 10_000
+    for name, block in report["blocks"].items():
+        assert len(block["top"]) == len(block["residuals"]) == len(block["converged"]) == 3
+        assert block["top"] == sorted(block["top"], reverse=True) and block["trace"] > 0, name
+    assert "lambda_max per layer: " + layers[0] in printed
 
 
 def test_landscape_command_with_trajectory_and_other_run(two_runs, tmp_path, capsys):

@@ -8,9 +8,20 @@ Works on any pure ``loss_fn(params, batch) -> scalar`` (no Flax dependency)::
     curvature.condition_number(H, lanczos_result=result)
     curvature.trace(H, key, num_samples=100, method="hutch++")
     curvature.spectral_density(H, key, num_probes=4, num_iters=80)
+    curvature.block_spectra(H, key=key)                    # every layer's block: top-k, residuals, trace, density
+    curvature.top_eigenvalues(curvature.restrict(H, "Dense_0"), k=3)   # one layer's block
 """
 
 from jaxnn.curvature.batches import BatchGroup, prepare_data
+from jaxnn.curvature.blocks import (
+    BlockSpectra,
+    BlockSpectrum,
+    block_spectra,
+    layer_blocks,
+    layer_names,
+    parameter_paths,
+    restrict,
+)
 from jaxnn.curvature.callback import HessianCallback
 from jaxnn.curvature.conditioning import (
     ConditionNumber,
@@ -43,7 +54,7 @@ from jaxnn.curvature.power import PowerIterationResult, power_iteration
 from jaxnn.curvature.report import curvature_report, write_curvature_report
 from jaxnn.curvature.trace_estimators import DiagonalEstimate, TraceEstimate, hessian_diagonal, trace
 
-_PLOTS = ("plot_spectral_density", "plot_spectrum")
+_PLOTS = ("plot_blocks", "plot_spectral_density", "plot_spectrum")
 
 
 def __getattr__(name):
@@ -57,6 +68,8 @@ def __getattr__(name):
 
 __all__ = [
     "BatchGroup",
+    "BlockSpectra",
+    "BlockSpectrum",
     "ConditionNumber",
     "CriticalPoint",
     "CurvatureOperator",
@@ -74,6 +87,7 @@ __all__ = [
     "population_top_eigenvalues",
     "population_trace",
     "TraceEstimate",
+    "block_spectra",
     "bottom_eigenvalues",
     "classify_critical_point",
     "condition_from_extremes",
@@ -89,13 +103,17 @@ __all__ = [
     "hessian",
     "hessian_diagonal",
     "lanczos",
+    "layer_blocks",
+    "layer_names",
     "linear_operator",
     "newton_step",
+    "parameter_paths",
     "plot_spectral_density",
     "plot_spectrum",
     "power_iteration",
     "predicted_loss_change",
     "prepare_data",
+    "restrict",
     "spectral_density",
     "spectrum_verdict",
     "top_eigenvalues",

@@ -473,6 +473,7 @@ def hessian(
     check_finite: bool = True,
     loops: str = "auto",
     precision: str = DEFAULT_PRECISION,
+    wrt: Any = None,
 ) -> CurvatureOperator:
     """Hessian operator of the data-averaged loss: Hv = ∂/∂ε ∇L(θ+εv)|ε=0, L = Σ_b (B_b/N) loss_fn(θ, batch_b).
 
@@ -494,6 +495,8 @@ def hessian(
     ``"highest"`` (default: full float32 products, also on GPUs whose default is TensorFloat-32), ``"high"`` or
     ``"default"`` (the platform's fastest, e.g. TensorFloat-32). CPUs compute float32 products in full precision
     whatever is asked. The estimators' own arithmetic (re-orthogonalisation, projections) is always "highest".
+    ``wrt``: a layer name, path pattern or list of them: the block of those parameters (:func:`jaxnn.curvature.
+    restrict`), whose vectors are dicts ``{path: array}``.
     """
     check_choice(mode, "mode", HESSIAN_MODES)
     if not callable(loss_fn):
@@ -505,7 +508,15 @@ def hessian(
     op = _with_loop_mode(op, prepared, loops)
     if check_finite:
         _check_finite_loss(op, prepared, "loss_fn")
-    return op
+    return _restricted(op, wrt)
+
+
+def _restricted(op: CurvatureOperator, wrt: Any) -> CurvatureOperator:
+    if wrt is None:
+        return op
+    from jaxnn.curvature.blocks import restrict
+
+    return restrict(op, wrt)
 
 
 def _check_output_functions(predict_fn, output_loss, prepared: PreparedData) -> None:
@@ -528,13 +539,14 @@ def ggn(
     check_finite: bool = True,
     loops: str = "auto",
     precision: str = DEFAULT_PRECISION,
+    wrt: Any = None,
 ) -> CurvatureOperator:
     """Generalised Gauss-Newton operator Gv = Σ_b w_b J_bᵀ H_out,b J_b v (positive semi-definite for convex losses).
 
     ``predict_fn(params, x)`` gives the model outputs (e.g. logits), ``output_loss(outputs, y)`` the batch-mean
     loss on them; J is the Jacobian of the outputs in θ and H_out the Hessian of ``output_loss`` in the outputs.
     Cost of one product: one forward-mode + one reverse-mode pass of the model per batch (≈ one HVP).
-    ``loops``, ``precision``: as in :func:`hessian`.
+    ``loops``, ``precision``, ``wrt``: as in :func:`hessian`.
     """
     params = check_params(params)
     prepared = _prepared(data, stacked, params)
@@ -544,7 +556,7 @@ def ggn(
     op = _with_loop_mode(op, prepared, loops)
     if check_finite:
         _check_finite_loss(op, prepared, "output_loss")
-    return op
+    return _restricted(op, wrt)
 
 
 def fisher(
@@ -560,6 +572,7 @@ def fisher(
     check_finite: bool = True,
     loops: str = "auto",
     precision: str = DEFAULT_PRECISION,
+    wrt: Any = None,
 ) -> CurvatureOperator:
     """Fisher operator Fv = (1/N) Σ_i g_i (g_iᵀ v) with per-example gradients g_i = ∇_θ ℓ(f(θ, x_i), y_i).
 
@@ -568,7 +581,8 @@ def fisher(
     ``key`` (once, when the operator is built, so it stays a fixed linear operator); ``output_loss`` must then be
     the negative log-likelihood of integer labels (softmax cross-entropy). Per-example losses are ``output_loss``
     applied to one row of outputs and targets. Cost of one product: one forward-mode + one reverse-mode pass of
-    the model per batch (no per-example gradients are materialised). ``loops``, ``precision``: as in :func:`hessian`.
+    the model per batch (no per-example gradients are materialised). ``loops``, ``precision``, ``wrt``: as in
+    :func:`hessian`.
     """
     check_choice(kind, "kind", FISHER_KINDS)
     params = check_params(params)
@@ -596,7 +610,7 @@ def fisher(
     op = _with_loop_mode(op, prepared, loops)
     if check_finite:
         _check_finite_loss(op, prepared, "output_loss")
-    return op
+    return _restricted(op, wrt)
 
 
 @precise_jit(static_argnames=("skeleton", "num_samples"))

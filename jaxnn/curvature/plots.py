@@ -22,12 +22,25 @@ def _new_figure(num_axes: int, width_per_axis: float = 5.0, height: float = 4.0)
     return figure, axes
 
 
-def draw_eigenvalues(ax, top: Sequence[float], bottom: Sequence[float], residuals_top=None, residuals_bottom=None):
-    """Top-k (descending) and bottom-k (ascending) eigenvalues against their rank, on a symmetric-log axis."""
+def draw_eigenvalues(ax, top: Sequence[float], bottom: Sequence[float], residuals_top=None, residuals_bottom=None,
+                     converged_top=None, converged_bottom=None):
+    """Top-k (descending) and bottom-k (ascending) eigenvalues against their rank, on a symmetric-log axis, with their
+    residuals as error bars; unconverged values (``converged_*`` False) are drawn hollow and named in the legend."""
     top, bottom = _floats(top), _floats(bottom)
     ax.axhline(0.0, color="0.7", linewidth=0.8)
     ax.plot(np.arange(1, top.size + 1), top, "o-", color="C3", label="top-k (λ₁ ≥ λ₂ ≥ …)")
     ax.plot(np.arange(1, bottom.size + 1), bottom, "s-", color="C0", label="bottom-k (λ_n ≤ λ_{n−1} ≤ …)")
+    hollow = False
+    for values, flags, marker in ((top, converged_top, "o"), (bottom, converged_bottom, "s")):
+        if flags is None:
+            continue
+        loose = ~np.asarray(flags, bool)
+        if loose.any():
+            hollow = True
+            ax.plot(np.arange(1, values.size + 1)[loose], values[loose], marker, markersize=11, markerfacecolor="white",
+                    markeredgecolor="k", linestyle="none")
+    if hollow:
+        ax.plot([], [], "o", markerfacecolor="white", markeredgecolor="k", label="not converged (residual > tol·|λ|)")
     if residuals_top is not None:
         ax.errorbar(np.arange(1, top.size + 1), top, yerr=_floats(residuals_top), fmt="none", ecolor="C3")
     if residuals_bottom is not None:
@@ -74,8 +87,50 @@ def plot_spectrum(report: dict, path: str | os.PathLike) -> str:
     eigen = report["eigenvalues"]
     density = report.get("density")
     figure, axes = _new_figure(2 if density else 1)
-    draw_eigenvalues(axes[0], eigen["top"], eigen["bottom"], eigen.get("top_residuals"), eigen.get("bottom_residuals"))
+    draw_eigenvalues(axes[0], eigen["top"], eigen["bottom"], eigen.get("top_residuals"), eigen.get("bottom_residuals"),
+                     eigen.get("top_converged"), eigen.get("bottom_converged"))
     if density:
         draw_spectral_density(axes[1], density["grid"], density["density"], sigma=density.get("sigma"))
+    figure.savefig(path, dpi=120)
+    return os.fspath(path)
+
+
+def plot_blocks(blocks: dict, path: str | os.PathLike) -> str:
+    """Write the per-block figure of a curvature report's ``"blocks"`` section: each block's SLQ density (Gaussian
+    broadening of its probes' nodes and weights, log scale) on one axis, its top eigenvalue marked (hollow when not
+    converged), and a bar chart of the blocks' λmax and traces."""
+    from jaxnn.curvature.density import gaussian_broadening
+
+    names = list(blocks)
+    figure, (density_ax, bars_ax) = _new_figure(2, width_per_axis=6.0)
+    nodes_all = np.concatenate([_floats(row) for name in names for row in blocks[name]["nodes"]])
+    low, high = np.nanmin(nodes_all), np.nanmax(nodes_all)
+    sigma = 0.01 * (high - low if high > low else max(abs(high), 1.0))
+    grid = np.linspace(low - 5 * sigma, high + 5 * sigma, 600)
+    for index, name in enumerate(names):
+        entry = blocks[name]
+        nodes = np.stack([_floats(row) for row in entry["nodes"]])
+        weights = np.stack([_floats(row) for row in entry["weights"]])
+        density = gaussian_broadening(nodes, weights, grid, sigma)
+        color = f"C{index % 10}"
+        density_ax.semilogy(grid, np.maximum(density, density.max() * 1e-8), color=color,
+                            label=f"{name} ({entry['num_params']:,} params)")
+        top, converged = _floats(entry["top"])[0], bool(entry["converged"][0])
+        density_ax.axvline(top, color=color, linestyle="-" if converged else ":", linewidth=1)
+    density_ax.set_xlabel("eigenvalue of the layer's Hessian block")
+    density_ax.set_ylabel("density (SLQ, per block)")
+    density_ax.set_title(f"spectral density per layer (σ = {sigma:.3g}; lines: λmax, dotted if not converged)")
+    density_ax.legend(fontsize="small")
+    positions = np.arange(len(names))
+    lambda_max = [_floats(blocks[name]["top"])[0] for name in names]
+    traces = [_floats([blocks[name]["trace"]])[0] for name in names]
+    bars_ax.bar(positions - 0.2, lambda_max, width=0.4, color="C3", label="λmax of the block")
+    bars_ax.bar(positions + 0.2, traces, width=0.4, color="C0", label="trace of the block (Hutchinson)")
+    bars_ax.set_xticks(positions, names, rotation=45, ha="right", fontsize="small")
+    bars_ax.set_yscale("symlog", linthresh=max(1e-6, 1e-4 * max(np.abs(lambda_max + traces))))
+    bars_ax.set_xlabel("layer")
+    bars_ax.set_ylabel("curvature")
+    bars_ax.set_title("which layer is sharp")
+    bars_ax.legend(fontsize="small")
     figure.savefig(path, dpi=120)
     return os.fspath(path)

@@ -29,6 +29,7 @@ from jaxnn.curvature.validation import check_choice, check_int, check_key
 
 REPORT_FILE = "curvature.json"
 FIGURE_FILE = "spectrum.png"
+BLOCKS_FIGURE_FILE = "blocks.png"
 
 
 def _json_number(value: Any) -> float | None:
@@ -62,12 +63,18 @@ def curvature_report(
     density_iters: int | None = None,
     gradient_tolerance: float = 1e-3,
     stacked: bool = False,
+    blocks: str | None = None,
+    block_iters: int = 30,
+    convergence_tol: float = 1e-3,
 ) -> dict:
     """Curvature summary of ``loss_fn`` at ``params`` over ``data`` (one batch, a list of batches, or stacked).
 
     Cost in HVPs: num_iters (default max(40, 4k)) + 2k residuals + trace_samples + 1 (gᵀHg)
     [+ density_probes · density_iters (default num_iters)], plus 2 gradient/loss passes. The count is in
-    ``report["num_hvps"]``.
+    ``report["num_hvps"]``. Every eigenvalue carries its computed residual ‖Hv − λv‖ and ``converged`` (residual ≤
+    ``convergence_tol``·|λ|): an unconverged value is an estimate, not an eigenvalue. ``blocks="layer"`` adds every
+    layer's block (:func:`jaxnn.curvature.block_spectra`: top-k with residual bounds and converged flags, trace,
+    SLQ nodes and weights; ``density_probes`` runs of ``block_iters`` steps per block) under ``report["blocks"]``.
 
     Compiled programs are shared: the Lanczos run and the density's Lanczos runs are one program (same basis size
     when ``density_iters`` is left at ``num_iters``), and the residuals, the trace probes and gᵀHg go through one
@@ -130,6 +137,9 @@ def curvature_report(
             "top_residuals": _json_numbers(result.top_residuals),
             "bottom": _json_numbers(result.bottom_eigenvalues),
             "bottom_residuals": _json_numbers(result.bottom_residuals),
+            "convergence_tol": convergence_tol,
+            "top_converged": _converged(result.top_eigenvalues, result.top_residuals, convergence_tol),
+            "bottom_converged": _converged(result.bottom_eigenvalues, result.bottom_residuals, convergence_tol),
         },
         "conditioning": {
             "lambda_max": _json_number(conditioning.lambda_max),
@@ -174,10 +184,28 @@ def curvature_report(
             "num_probes": density_probes,
             "num_iters": int(slq.nodes.shape[1]),
         }
+    if blocks is not None:
+        if blocks != "layer":
+            raise ValueError(f"blocks: expected None or 'layer', got {blocks!r}")
+        from jaxnn.curvature.blocks import block_spectra, layer_blocks
+
+        smallest = min(block.num_params for block in layer_blocks(op).values())
+        spectra = timed("blocks", lambda: block_spectra(
+            op, "layer", k=min(k, smallest, block_iters), key=jax.random.fold_in(key, 7), num_iters=block_iters,
+            num_probes=density_probes, tol=convergence_tol))
+        report["blocks"] = {name: {**entry, "nodes": [_json_numbers(row) for row in block.nodes],
+                                   "weights": [_json_numbers(row) for row in block.weights]}
+                            for (name, entry), block in zip(spectra.as_dict().items(), spectra.blocks)}
+        num_hvps += sum(spectra.num_probes * min(block_iters, b.num_params) for b in spectra.blocks)
     timing["total"] = time.perf_counter() - total_start
     report["num_hvps"] = int(num_hvps)
     report["timing_seconds"] = {name: round(seconds, 6) for name, seconds in timing.items()}
     return report
+
+
+def _converged(values: Any, residuals: Any, tol: float) -> list[bool]:
+    values, residuals = np.asarray(values, np.float64), np.asarray(residuals, np.float64)
+    return [bool(r <= tol * abs(v)) for v, r in zip(values, residuals)]
 
 
 def write_curvature_report(report: dict, out_dir: str | os.PathLike, *, draw: Any = None) -> dict[str, str]:
@@ -197,4 +225,8 @@ def write_curvature_report(report: dict, out_dir: str | os.PathLike, *, draw: An
 
     draw = draw or (lambda function, *args: function(*args))
     draw(FigureFunction("jaxnn.curvature.plots", "plot_spectrum"), report, figure_path)
-    return {"json": str(json_path), "figure": str(figure_path)}
+    paths = {"json": str(json_path), "figure": str(figure_path)}
+    if report.get("blocks"):
+        paths["blocks_figure"] = str(out_dir / BLOCKS_FIGURE_FILE)
+        draw(FigureFunction("jaxnn.curvature.plots", "plot_blocks"), report["blocks"], paths["blocks_figure"])
+    return paths
