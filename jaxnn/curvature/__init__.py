@@ -10,6 +10,7 @@ Works on any pure ``loss_fn(params, batch) -> scalar`` (no Flax dependency)::
     curvature.spectral_density(H, key, num_probes=4, num_iters=80)
     curvature.block_spectra(H, key=key)                    # every layer's block: top-k, residuals, trace, density
     curvature.top_eigenvalues(curvature.restrict(H, "Dense_0"), k=3)   # one layer's block
+    curvature.solve(H, b, damping=1e-3, method="minres")    # (H + δI)⁻¹ b, with its residual and converged flag
 """
 
 from jaxnn.curvature.batches import BatchGroup, prepare_data
@@ -48,10 +49,12 @@ from jaxnn.curvature.gradient_direction import (
     newton_step,
     predicted_loss_change,
 )
+from jaxnn.curvature.influence import InfluenceResult, influence
 from jaxnn.curvature.krylov import LanczosResult, bottom_eigenvalues, lanczos, top_eigenvalues
 from jaxnn.curvature.operators import CurvatureOperator, fisher, ggn, hessian, linear_operator, tree_vdot
 from jaxnn.curvature.power import PowerIterationResult, power_iteration
 from jaxnn.curvature.report import curvature_report, write_curvature_report
+from jaxnn.curvature.solve import SolveResult, solve
 from jaxnn.curvature.trace_estimators import DiagonalEstimate, TraceEstimate, hessian_diagonal, trace
 
 _PLOTS = ("plot_blocks", "plot_spectral_density", "plot_spectrum")
@@ -76,9 +79,11 @@ __all__ = [
     "DiagonalEstimate",
     "GradientCurvature",
     "HessianCallback",
+    "InfluenceResult",
     "LanczosResult",
     "NewtonStep",
     "PowerIterationResult",
+    "SolveResult",
     "SpectralDensity",
     "population_gradient_curvature",
     "population_hessian_trace",
@@ -102,6 +107,7 @@ __all__ = [
     "gradient_curvature",
     "hessian",
     "hessian_diagonal",
+    "influence",
     "lanczos",
     "layer_blocks",
     "layer_names",
@@ -114,6 +120,7 @@ __all__ = [
     "predicted_loss_change",
     "prepare_data",
     "restrict",
+    "solve",
     "spectral_density",
     "spectrum_verdict",
     "top_eigenvalues",
