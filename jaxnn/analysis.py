@@ -72,6 +72,80 @@ def curvature_for_run(run: str | pathlib.Path | LoadedRun, *, k: int = 5, densit
     return report
 
 
+def influence_for_run(run: str | pathlib.Path | LoadedRun, *, test_indices: tuple[int, ...] = (0,), top: int = 5,
+                      damping: float = 0.01, method: str = "minres", tol: float = 1e-3, train_limit: int | None = None,
+                      data_batches: int = 4, batch_size: int | None = None, step: Any = "latest",
+                      out_dir: str | pathlib.Path | None = None, draw: Any = None) -> dict:
+    """Influence of every training example on the loss of each test example ``test_indices`` (Koh & Liang, through
+    :func:`jaxnn.curvature.influence`) -> influence.json (+ influence.png for image data): per test example the
+    ``top`` most helpful training examples (removing them raises its loss most) and the most harmful ones, with the
+    solve's residual and converged flag. The Hessian is the eval-mode loss's over the run's first ``data_batches``
+    training batches (as ``jaxnn curvature``), damped by ``damping`` (a network's Hessian is indefinite: MINRES by
+    default). ``train_limit``: the first that many training examples are scored (default all)."""
+    from jaxnn import curvature
+
+    loaded = _loaded(run, step)
+    train = loaded.dataset.train
+    count = len(train) if train_limit is None else min(int(train_limit), len(train))
+    test = loaded.dataset.test
+    bad = [i for i in test_indices if not 0 <= int(i) < len(test)]
+    if bad:
+        raise ValueError(f"--test-index: {bad} outside the test split's {len(test)} examples (0..{len(test) - 1})")
+    top = max(1, min(int(top), count))
+    batches, described = analysis_batches(loaded, data_batches, batch_size)
+    loss_fn = loaded.loss_fn()
+    train_batch = (np.asarray(train.x[:count]), np.asarray(train.y[:count]))
+    entries = []
+    for index in test_indices:
+        index = int(index)
+        example = (np.asarray(test.x[index:index + 1]), np.asarray(test.y[index:index + 1]))
+        result = curvature.influence(loss_fn, loaded.state.params, train_batch, example, damping=damping,
+                                     method=method, tol=tol, hessian_data=batches)
+        effect = result.removal_effect
+        order = np.argsort(effect)
+        entries.append({
+            "test_index": index, "label": int(np.asarray(example[1])[0]),
+            "test_loss": float(loss_fn(loaded.state.params, example)),
+            "solve": {"method": method, "damping": damping, "relative_residual": result.solve.relative_residual,
+                      "converged": result.solve.converged, "message": result.solve.message},
+            "helpful": [{"train_index": int(i), "label": int(train_batch[1][i]), "removal_effect": float(effect[i])}
+                        for i in order[::-1][:top]],
+            "harmful": [{"train_index": int(i), "label": int(train_batch[1][i]), "removal_effect": float(effect[i])}
+                        for i in order[:top]],
+        })
+    report = {"run": {"run_dir": str(loaded.run_dir), "step": loaded.step, **described},
+              "num_train_scored": count, "hessian": "eval-mode loss over the run's first training batches",
+              "removal_effect": "first-order change of the test example's loss if the training example were removed "
+                                "(Koh & Liang 2017): > 0 it helped, < 0 it hurt",
+              "tests": entries}
+    if is_primary():
+        import json
+
+        out = pathlib.Path(out_dir or loaded.run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "influence.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+        if np.ndim(train.x) >= 3:
+            from jaxnn.plotting import FigureFunction
+
+            draw = draw or (lambda function, *args: function(*args))
+            draw(FigureFunction("jaxnn.curvature.plots", "plot_influence"), report, np.asarray(test.x),
+                 np.asarray(train.x[:count]), str(out / "influence.png"))
+    return report
+
+
+def describe_influence(report: dict) -> str:
+    lines = []
+    for entry in report["tests"]:
+        helpful, harmful = entry["helpful"][0], entry["harmful"][0]
+        solve = entry["solve"]
+        status = "" if solve["converged"] else f" (solve NOT converged: residual {solve['relative_residual']:.2g})"
+        lines.append(f"test {entry['test_index']} (label {entry['label']}, loss {entry['test_loss']:.4g}): most helpful "
+                     f"train {helpful['train_index']} (label {helpful['label']}, {helpful['removal_effect']:+.3g}), "
+                     f"most harmful train {harmful['train_index']} (label {harmful['label']}, "
+                     f"{harmful['removal_effect']:+.3g}){status}")
+    return "\n".join(lines)
+
+
 def describe_curvature(report: dict) -> str:
     c = report["conditioning"]
     t = report["trace"]

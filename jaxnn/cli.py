@@ -2,7 +2,8 @@
 
     jaxnn run                                  # the main job: digits MLP + curvature + landscape report
     jaxnn train CONFIG.yaml --set optimizer.lr=0.05 [--resume]
-    jaxnn curvature RUN_DIR [--k 5] [--density] [--data-batches N]
+    jaxnn curvature RUN_DIR [--k 5] [--density] [--blocks layer] [--data-batches N]
+    jaxnn influence RUN_DIR --test-index 0 3 [--top 5]  # training examples that drive each test prediction
     jaxnn landscape RUN_DIR --dirs filter --grid 51 --span 1.0 [--other RUN_DIR2] [--trajectory]
     jaxnn sweep CONFIG [--curvature] [--resume] # a population of the config's sweep section, best member exported
     jaxnn diagnose RUN_DIR                     # per-layer activations, dead/saturated units, gradients, updates
@@ -85,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["data", "points"], default="data",
                    help="with several devices: give each device a slice of the data (default) or of the grid points")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default: the run folder)")
+    _add_runtime_args(p)
+
+    p = sub.add_parser("influence", help="which training examples drive a test prediction (influence functions): "
+                                         "influence.json + influence.png")
+    p.add_argument("run_dir")
+    p.add_argument("--test-index", type=int, nargs="+", default=[0], help="test-split examples to explain (default 0)")
+    p.add_argument("--top", type=int, default=5, help="most helpful and most harmful training examples to list")
+    p.add_argument("--damping", type=float, default=0.01, help="added to the Hessian (default 0.01)")
+    p.add_argument("--method", choices=["minres", "cg", "lissa"], default="minres",
+                   help="inverse-product solver (default minres: a network's Hessian is indefinite)")
+    p.add_argument("--tol", type=float, default=1e-3, help="relative residual of the solve (default 1e-3)")
+    p.add_argument("--train-limit", type=int, default=None, help="score only the first N training examples")
+    p.add_argument("--data-batches", type=int, default=4, help="training batches the Hessian averages over")
+    p.add_argument("--step", default="latest", help="checkpoint: latest, best or a step number")
     p.add_argument("--out", help="output folder (default: the run folder)")
     _add_runtime_args(p)
 
@@ -316,6 +332,14 @@ def _dispatch(args) -> int:
                                                 draw=draw, devices=args.devices, progress=progress,
                                                 blocks=args.blocks)
             print(analysis.describe_curvature(report))
+            return 0
+        if args.command == "influence":
+            report = analysis.influence_for_run(args.run_dir, test_indices=tuple(args.test_index), top=args.top,
+                                                damping=args.damping, method=args.method, tol=args.tol,
+                                                train_limit=args.train_limit,
+                                                data_batches=args.data_batches, step=args.step, out_dir=args.out,
+                                                draw=draw)
+            print(analysis.describe_influence(report))
             return 0
         if args.command == "landscape":
             report = analysis.landscape_for_run(args.run_dir, dirs=args.dirs, grid=args.grid, span=args.span,

@@ -57,7 +57,7 @@ from jaxnn.curvature.report import curvature_report, write_curvature_report
 from jaxnn.curvature.solve import SolveResult, solve
 from jaxnn.curvature.trace_estimators import DiagonalEstimate, TraceEstimate, hessian_diagonal, trace
 
-_PLOTS = ("plot_blocks", "plot_spectral_density", "plot_spectrum")
+_PLOTS = ("plot_blocks", "plot_influence", "plot_spectral_density", "plot_spectrum")
 
 
 def __getattr__(name):

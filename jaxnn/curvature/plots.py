@@ -134,3 +134,33 @@ def plot_blocks(blocks: dict, path: str | os.PathLike) -> str:
     bars_ax.legend(fontsize="small")
     figure.savefig(path, dpi=120)
     return os.fspath(path)
+
+
+def plot_influence(report: dict, test_images: np.ndarray, train_images: np.ndarray, path: str | os.PathLike) -> str:
+    """One row per test example of an influence report: the test image, its most helpful and its most harmful
+    training images, each titled with its label and removal effect."""
+    tests = report["tests"]
+    top = len(tests[0]["helpful"])
+    columns = 1 + 2 * top
+    figure = Figure(figsize=(1.3 * columns, 1.5 * len(tests) + 0.4), layout="constrained")
+    FigureCanvasAgg(figure)
+
+    def show(ax, image, title, color="black"):
+        image = np.asarray(image, float)
+        ax.imshow(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image, cmap="gray")
+        ax.set_title(title, fontsize=7, color=color)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for row, entry in enumerate(tests):
+        show(figure.add_subplot(len(tests), columns, row * columns + 1), test_images[entry["test_index"]],
+             f"test {entry['test_index']}\nlabel {entry['label']}")
+        for kind, offset, color in (("helpful", 1, "C2"), ("harmful", 1 + top, "C3")):
+            for j, item in enumerate(entry[kind]):
+                show(figure.add_subplot(len(tests), columns, row * columns + offset + j + 1),
+                     train_images[item["train_index"]],
+                     f"{kind} {item['train_index']}\nlabel {item['label']}, {item['removal_effect']:+.2g}", color)
+    figure.suptitle("influence on each test example's loss: most helpful (green) and most harmful (red) training "
+                    "examples", fontsize=9)
+    figure.savefig(path, dpi=120)
+    return os.fspath(path)
