@@ -119,3 +119,17 @@ def _dense_hessian(loss_fn, params, batch):
 def dense_hessian_of(loss_fn, params, batch):
     """Oracle: jax.hessian of the loss over the flattened parameters (numpy); compiled once per loss and shapes."""
     return np.asarray(_dense_hessian(loss_fn, jax.tree.map(jnp.asarray, params), batch))
+
+
+def tiny_conv_net():
+    """A Flax conv(3x3, 1->2, tanh) - dense(3) classifier in float64 (layers Conv_0, Dense_0) for 4x4x1 images."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class TinyConvNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.tanh(nn.Conv(2, (3, 3), padding="SAME", param_dtype=jnp.float64)(x))
+            return nn.Dense(3, param_dtype=jnp.float64)(x.reshape((x.shape[0], -1)))
+
+    return TinyConvNet()

@@ -125,13 +125,9 @@ def test_ggn_and_plain_matvec_blocks(x64):
 
 
 def test_a_convolutional_layer_block(x64):
-    class Tiny(nn.Module):
-        @nn.compact
-        def __call__(self, x, train=False):
-            x = nn.tanh(nn.Conv(2, (3, 3), padding="SAME", param_dtype=jnp.float64)(x))
-            return nn.Dense(3, param_dtype=jnp.float64)(x.reshape((x.shape[0], -1)))
+    from _curvature_models import tiny_conv_net
 
-    model = Tiny()
+    model = tiny_conv_net()
     x = jax.random.normal(jax.random.PRNGKey(5), (6, 4, 4, 1), jnp.float64)
     batch = (x, jnp.arange(6) % 3)
     params = model.init(jax.random.PRNGKey(6), x)["params"]

@@ -177,15 +177,9 @@ def test_extreme_eigenvalues_equal_both_ends_of_the_dense_spectrum(trained, x64,
 def test_loop_strategy_for_convolutional_members_equals_the_dense_hessian(x64):
     """Convolutional members on CPU: "auto" runs each member through the single-model engine (convolutions unrolled);
     both ends of every member's spectrum equal jax.hessian + eigh with a full Krylov space; "python" = "scan"."""
-    import flax.linen as nn
+    from _curvature_models import tiny_conv_net
 
-    class Tiny(nn.Module):
-        @nn.compact
-        def __call__(self, x, train=False):
-            x = nn.tanh(nn.Conv(2, (3, 3), padding="SAME", param_dtype=jnp.float64)(x))
-            return nn.Dense(3, param_dtype=jnp.float64)(x.reshape((x.shape[0], -1)))
-
-    model = Tiny()
+    model = tiny_conv_net()
     x = jax.random.normal(jax.random.PRNGKey(0), (6, 4, 4, 1), jnp.float64)
     y = jnp.arange(6) % 3
     stacked = jax.vmap(lambda key: model.init(key, x)["params"])(jax.random.split(jax.random.PRNGKey(1), 2))
