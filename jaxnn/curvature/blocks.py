@@ -186,6 +186,21 @@ def _block_program(blocks: tuple, probes: tuple, num_iters: int):
     return out
 
 
+def _block_from_python(op: CurvatureOperator, probes: jax.Array, num_iters: int, key: Any) -> tuple:
+    """:func:`_block_program`'s numbers for one block, each probe's Lanczos run driven from Python (one compiled
+    iteration per step; :func:`jaxnn.curvature.krylov.run_lanczos`)."""
+    from jaxnn.curvature.krylov import run_lanczos
+
+    size = min(num_iters, op.num_params)
+    rows = []
+    for probe in probes:
+        state, analysis = run_lanczos(op, key, size, 1, probe, False, "block_spectra")
+        values, bounds, first = jax.device_get((analysis.values[:size], analysis.bounds[:size],
+                                                analysis.coordinates[0, :size]))
+        rows.append((values, bounds, first**2, float(jnp.vdot(probe, probe) * state.projected[0, 0])))
+    return tuple(np.stack([row[i] for row in rows]) for i in range(4))
+
+
 def block_spectra(op: CurvatureOperator, blocks: str | Sequence[str] | dict = "layer", *, k: int = 1,
                   key: Any = None, num_iters: int = 30, num_probes: int = 4, tol: float = 1e-3,
                   like: Any = None) -> BlockSpectra:
@@ -194,7 +209,8 @@ def block_spectra(op: CurvatureOperator, blocks: str | Sequence[str] | dict = "l
     ``{name: pattern(s)}``. Each block runs ``num_probes`` Lanczos runs of ``num_iters`` steps (capped by its size)
     from Rademacher probes drawn from ``key`` (default key(0)); the top-k come from the first probe's run, the trace
     is the mean of zᵀM_BBz over the probes (its standard error beside it), the density's nodes and weights are every
-    probe's Gauss quadrature (:func:`jaxnn.curvature.spectral_density`'s estimator). A value is ``converged`` when
+    probe's Gauss quadrature (:func:`jaxnn.curvature.spectral_density`'s estimator). Operators whose loops run from
+    Python (convolutions on CPU) run each block's iterations from Python instead. A value is ``converged`` when
     its residual bound is ≤ ``tol``·|θ|: the others are reported, not claimed. Cost: Σ_B num_probes · num_iters
     block products."""
     op = require_operator(op, like=like)
@@ -220,7 +236,11 @@ def block_spectra(op: CurvatureOperator, blocks: str | Sequence[str] | dict = "l
     dtype = op.dtype
     probes = tuple(jax.random.rademacher(jax.random.fold_in(key, index), (num_probes, block.num_params), dtype)
                    for index, block in enumerate(operators))
-    results = jax.device_get(_block_program(operators, probes, num_iters=num_iters))
+    if op.loop_mode == "scan":
+        results = jax.device_get(_block_program(operators, probes, num_iters=num_iters))
+    else:  # convolutions on CPU: the driver runs each block's iterations from Python (jaxnn.runtime.STRATEGIES)
+        results = [_block_from_python(block, block_probes, num_iters, key)
+                   for block, block_probes in zip(operators, probes)]
     spectra = []
     for name, block, (values, bounds, weights, forms) in zip(named, operators, results):
         values, bounds, weights, forms = (np.asarray(a, np.float64) for a in (values, bounds, weights, forms))

@@ -134,10 +134,16 @@ def test_a_convolutional_layer_block(x64):
     loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy")
     dense = dense_hessian(loss_fn, params, batch)
     index = block_indices(params, ["Conv_0/bias", "Conv_0/kernel"])
-    spectra = curvature.block_spectra(curvature.hessian(loss_fn, params, batch), ["Conv_0"], k=1, num_iters=20,
-                                      num_probes=1)
+    H = curvature.hessian(loss_fn, params, batch)
+    spectra = curvature.block_spectra(H, ["Conv_0"], k=1, num_iters=20, num_probes=2, key=jax.random.key(7))
     np.testing.assert_allclose(spectra.blocks[0].top, np.linalg.eigvalsh(dense[np.ix_(index, index)])[-1:],
                                rtol=1e-9)
+    # on CPU the iterations run from Python (the convolution rule), else compiled: the same numbers either way
+    compiled = curvature.block_spectra(curvature.hessian(loss_fn, params, batch, loops="scan"), ["Conv_0"], k=1,
+                                       num_iters=20, num_probes=2, key=jax.random.key(7))
+    assert H.loop_mode == ("python" if jax.default_backend() == "cpu" else "scan")
+    np.testing.assert_allclose(spectra.blocks[0].trace, compiled.blocks[0].trace, rtol=1e-10)
+    np.testing.assert_allclose(spectra.blocks[0].nodes, compiled.blocks[0].nodes, rtol=1e-8, atol=1e-12)
 
 
 def test_bad_blocks_name_the_layers(x64):
