@@ -19,8 +19,9 @@ What Li et al. report (§5-§7, CIFAR-10): ResNet-20-noshort "has a fairly benig
 with convex contours in the center, and no dramatic non-convexity", but as depth grows the landscape without
 shortcuts "spontaneously transitions from (nearly) convex to chaotic": "ResNet-56-noshort has dramatic
 non-convexities and large regions where the gradient directions ... do not point towards the minimizer at the
-center", while the ResNets' stay smooth. The |λmin/λmax| maps show the same. Of the optimisation paths: "in many
-cases, 40% to 90% of the variation in the descent paths lies in a space of only 2 dimensions".
+center", while the ResNets' stay smooth. The |λmin/λmax| maps show the same. Of the optimisation paths they report
+that 40% to 90% of the variation in the descent paths lies in a space of only 2 dimensions (their numbers; the
+sentence around them is paraphrased here, not quoted).
 
 The residual-vs-plain comparison ("the plain net is more chaotic and non-convex") is a check only at the depth
 where the paper shows the effect (``PAPER_DEPTH``, 56); at depth ≤ 20 it is reported as not tested, and what the
@@ -39,8 +40,8 @@ import numpy as np
 
 CLAIM = ("Skip connections keep a deep network's loss landscape smooth and nearly convex around the minimum, where "
          "the plain network's turns chaotic and non-convex (Li et al. 2018: ResNet-56 vs ResNet-56-noshort; at depth "
-         "20 both are benign); \"in many cases, 40% to 90% of the variation in the descent paths lies in a space of "
-         "only 2 dimensions\".")
+         "20 both are benign); 40% to 90% of the variation in the descent paths lies in a space of only 2 dimensions "
+         "(Li et al.'s numbers, paraphrased).")
 PAPER_DEPTH = 56  # the depth at which Li et al. show the plain net's landscape turning chaotic
 SHALLOW_DEPTH = 20  # the depth at which they find both landscapes benign
 CONFIG = {"data": "digits", "data_dir": "", "depth": 20, "width": 16, "epochs": 20,
