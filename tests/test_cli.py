@@ -134,8 +134,8 @@ def test_influence_command_against_a_dense_hessian(two_runs, tmp_path, capsys, x
 
     out = tmp_path / "infl"
     # damping 1 > |λmin| ≈ 0.4 of this briefly trained net: H + δI is positive definite, CG applies
-    assert main(["influence", str(two_runs[0]), "--test-index", "0", "3", "--top", "3", "--tol", "1e-10",
-                 "--damping", "1.0", "--method", "cg", "--train-limit", "300", "--out", str(out), "--x64"]) == 0
+    assert main(["influence", str(two_runs[0]), "--test-index", "0", "3", "--top", "2", "--tol", "1e-10",
+                 "--damping", "1.0", "--method", "cg", "--train-limit", "120", "--out", str(out), "--x64"]) == 0
     report = json.loads((out / "influence.json").read_text())
     assert (out / "influence.png").stat().st_size > 10_000
     printed = capsys.readouterr().out.strip().splitlines()
@@ -157,7 +157,7 @@ def test_influence_command_against_a_dense_hessian(two_runs, tmp_path, capsys, x
             assert effects == sorted(effects, reverse=kind == "helpful")
             for item in entry[kind]:
                 j = item["train_index"]
-                expected = gradient(train.x[j:j + 1], train.y[j:j + 1]) @ s_test / 300
+                expected = gradient(train.x[j:j + 1], train.y[j:j + 1]) @ s_test / 120
                 assert item["removal_effect"] == pytest.approx(expected, rel=1e-6, abs=1e-12)
         assert entry["helpful"][0]["removal_effect"] > 0 > entry["harmful"][0]["removal_effect"]
     assert main(["influence", str(two_runs[0]), "--test-index", "100000"]) == 2
