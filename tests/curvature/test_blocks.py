@@ -65,8 +65,9 @@ def test_one_layer_block_equals_the_dense_sub_block(x64):
         v = jax.random.normal(jax.random.PRNGKey(2), (index.size,), jnp.float64)
         unravel = ravel_pytree(block.params)[1]
         np.testing.assert_allclose(ravel_pytree(block(unravel(v)))[0], sub @ np.asarray(v), rtol=1e-10, atol=1e-12)
-        values = curvature.top_eigenvalues(block, k=2, num_iters=index.size, tol=None, progress=False).values
-        np.testing.assert_allclose(values, np.linalg.eigvalsh(sub)[::-1][:2], rtol=1e-9)
+        if wrt == "Dense_1":  # an estimator on a block (the others: products and gradients)
+            values = curvature.top_eigenvalues(block, k=2, num_iters=index.size, tol=None, progress=False).values
+            np.testing.assert_allclose(values, np.linalg.eigvalsh(sub)[::-1][:2], rtol=1e-9)
         # the block's gradient is the full gradient's block
         _, gradient = block.loss_and_gradient()
         full = ravel_pytree(jax.grad(loss_fn)(params, batch))[0]
