@@ -34,7 +34,6 @@ def _timed(fn, repeats: int = 3) -> tuple[float, float]:
 
 
 def compare(label, loss_fn, params, batch, iters: int) -> None:
-    import jax
     import numpy as np
     from jax.flatten_util import ravel_pytree
 
@@ -57,13 +56,12 @@ def compare(label, loss_fn, params, batch, iters: int) -> None:
     def product(op, v):
         return flat_operator(op)[0](v)
 
-    full_first, full = _timed(lambda: product(H, ravel_pytree(H.params)[0]), repeats=5)
+    _, full = _timed(lambda: product(H, ravel_pytree(H.params)[0]), repeats=5)
     for layer in layers:
         block = curvature.restrict(H, layer)
         vector = ravel_pytree(block.params)[0]
         _, block_time = _timed(lambda: product(block, vector), repeats=5)
         print(f"  product of block {layer:28s} {block.num_params:>9,} params  {block_time / full:5.2f} x a full HVP")
-    del full_first, jax
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from jaxnn.curvature.operators import (
     CurvatureOperator,

@@ -21,7 +21,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from jaxnn.curvature.batches import prepare_data
 from jaxnn.curvature.operators import (
@@ -85,8 +84,7 @@ def _check_population(loss_fn: Callable, params: Any, data: Any, stacked: bool,
 
 def _member_operator(template: CurvatureOperator, params: Any, function_arrays: list) -> CurvatureOperator:
     """The template operator with one member's parameters and function arrays (traceable)."""
-    arrays = [t if a is None else a for a, t in zip(function_arrays, template.function_arrays)]
-    return dataclasses.replace(template, params=params, function_arrays=arrays)
+    return dataclasses.replace(template, params=params, function_arrays=list(function_arrays))
 
 
 def _over_members(member: Callable, template: CurvatureOperator, params: Any, function_arrays: list, member_axis,

@@ -19,7 +19,6 @@ of iterations, and ``converged`` (that residual ≤ tol). Cost: one product per 
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -30,7 +29,6 @@ from jax.flatten_util import ravel_pytree
 from jaxnn.curvature.operators import (
     CurvatureOperator,
     flat_operator,
-    join_functions,
     precise_jit,
     require_operator,
 )
