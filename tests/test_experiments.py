@@ -739,3 +739,35 @@ def test_residual_landscapes_smoke_against_an_independent_lanczos(tmp_path):
                 for i in range(6) for j in range(7))
     assert module._local_minima(values) == brute
     assert _verdict_follows_checks(record)
+
+
+def test_influence_noisy_labels_smoke_and_its_rankings_against_sklearn(tmp_path):
+    """The AUC against sklearn's roc_auc_score (with ties), the found curve against a hand count, flipped labels
+    that never keep their class; a smoke run's records (L-BFGS reached the convex model's minimum; the fraction found at m is the
+    curve's; the verdict follows the checks). The self-influence scores themselves are tested against dense solves in
+    tests/curvature/test_solve.py."""
+    from sklearn.metrics import roc_auc_score
+
+    from jaxnn.experiments import run_experiment
+
+    module = _load("influence_noisy_labels")
+    rng = np.random.default_rng(0)
+    scores, flipped = rng.integers(0, 5, 200).astype(float), rng.random(200) < 0.2  # many ties
+    assert module.auc(scores, flipped) == pytest.approx(roc_auc_score(flipped, scores), abs=1e-12)
+    curve = module.found_curve([0.9, 0.1, 0.8, 0.5], [True, False, False, True])
+    np.testing.assert_allclose(curve, [0, 0.5, 0.5, 1.0, 1.0])
+    labels = np.arange(100) % 10
+    noisy, mask = module.flip_labels(labels, 0.1, 10, seed=3)
+    assert mask.sum() == 10 and np.all(noisy[mask] != labels[mask]) and np.all(noisy[~mask] == labels[~mask])
+
+    record = run_experiment("influence_noisy_labels", smoke=True, overrides={"seeds": 1, "limit": 250, "mlp_width": 4,
+                                                                            "lbfgs_steps": 100},
+                            out_dir=tmp_path, progress=False)
+    measured = record["measured"]
+    assert len(measured["rows"]) == 2 and (tmp_path / "influence_noisy_labels.png").exists()
+    for row in measured["rows"]:
+        assert row["gradient_norm_at_end"] < (1e-6 if row["model"] == "logistic" else 0.5)  # convex: a minimum
+        for score in ("self_influence", "loss", "gradient_norm"):
+            assert row["found_at_m"][score] == row["curve"][score][measured["flipped"]]
+            assert 0.5 < row["auc"][score] <= 1.0
+    assert _verdict_follows_checks(record)

@@ -11,6 +11,8 @@ Works on any pure ``loss_fn(params, batch) -> scalar`` (no Flax dependency)::
     curvature.block_spectra(H, key=key)                    # every layer's block: top-k, residuals, trace, density
     curvature.top_eigenvalues(curvature.restrict(H, "Dense_0"), k=3)   # one layer's block
     curvature.solve(H, b, damping=1e-3, method="minres")    # (H + δI)⁻¹ b, with its residual and converged flag
+    curvature.influence(loss_fn, params, train, test)       # each training example's effect on a test loss
+    curvature.self_influence(loss_fn, params, train)         # ∇ℓ_iᵀH⁻¹∇ℓ_i: ranks mislabeled examples first
 """
 
 from jaxnn.curvature.batches import BatchGroup, prepare_data
@@ -49,7 +51,7 @@ from jaxnn.curvature.gradient_direction import (
     newton_step,
     predicted_loss_change,
 )
-from jaxnn.curvature.influence import InfluenceResult, influence
+from jaxnn.curvature.influence import InfluenceResult, SelfInfluenceResult, influence, self_influence
 from jaxnn.curvature.krylov import LanczosResult, bottom_eigenvalues, lanczos, top_eigenvalues
 from jaxnn.curvature.operators import CurvatureOperator, fisher, ggn, hessian, linear_operator, tree_vdot
 from jaxnn.curvature.power import PowerIterationResult, power_iteration
@@ -83,6 +85,7 @@ __all__ = [
     "LanczosResult",
     "NewtonStep",
     "PowerIterationResult",
+    "SelfInfluenceResult",
     "SolveResult",
     "SpectralDensity",
     "population_gradient_curvature",
@@ -120,6 +123,7 @@ __all__ = [
     "predicted_loss_change",
     "prepare_data",
     "restrict",
+    "self_influence",
     "solve",
     "spectral_density",
     "spectrum_verdict",
