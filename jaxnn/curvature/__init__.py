@@ -13,6 +13,7 @@ Works on any pure ``loss_fn(params, batch) -> scalar`` (no Flax dependency)::
     curvature.solve(H, b, damping=1e-3, method="minres")    # (H + δI)⁻¹ b, with its residual and converged flag
     curvature.influence(loss_fn, params, train, test)       # each training example's effect on a test loss
     curvature.self_influence(loss_fn, params, train)         # ∇ℓ_iᵀH⁻¹∇ℓ_i: ranks mislabeled examples first
+    K = curvature.kfac(predict_fn, output_loss, params, data, ekfac=True)   # Kronecker factors, no layer tagging
 """
 
 from jaxnn.curvature.batches import BatchGroup, prepare_data
@@ -52,6 +53,7 @@ from jaxnn.curvature.gradient_direction import (
     predicted_loss_change,
 )
 from jaxnn.curvature.influence import InfluenceResult, SelfInfluenceResult, influence, self_influence
+from jaxnn.curvature.kfac import KFAC, kfac
 from jaxnn.curvature.krylov import LanczosResult, bottom_eigenvalues, lanczos, top_eigenvalues
 from jaxnn.curvature.operators import CurvatureOperator, fisher, ggn, hessian, linear_operator, tree_vdot
 from jaxnn.curvature.power import PowerIterationResult, power_iteration
@@ -82,6 +84,7 @@ __all__ = [
     "GradientCurvature",
     "HessianCallback",
     "InfluenceResult",
+    "KFAC",
     "LanczosResult",
     "NewtonStep",
     "PowerIterationResult",
@@ -111,6 +114,7 @@ __all__ = [
     "hessian",
     "hessian_diagonal",
     "influence",
+    "kfac",
     "lanczos",
     "layer_blocks",
     "layer_names",

@@ -1,0 +1,377 @@
+"""K-FAC and EKFAC: Kronecker-factored curvature of any Flax Linen model, with no layer tagging.
+
+Every ``nn.Dense`` and 2-D ``nn.Conv`` the model calls is found by intercepting its modules while it runs
+(``flax.linen.intercept_methods``, as :mod:`jaxnn.diagnostics.layers` does). For such a layer, with inputs a (a 1
+appended when it has a bias; for a convolution the input patches, Grosse & Martens 2016's KFC) and backpropagated
+output gradients g, the curvature block of its parameters is approximated by A ⊗ G with
+
+    A = (1/N) Σ_n (1/T) Σ_t a_nt a_ntᵀ,       G = (1/N) Σ_n Σ_c Σ_t g_nct g_nctᵀ
+
+(T: the positions sharing the weight — 1 for a Dense layer on vectors, the output pixels of a convolution: K-FAC
+"expand"). Which g (``kind``): ``"ggn"`` (type-2: one backward pass per column c of the square root of each example's
+output-loss Hessian, so that for one example and one Dense layer A ⊗ G *is* the exact GGN block), ``"fisher"`` (one
+label per example sampled from the model's predictive distribution with ``key``: the true Fisher's Monte Carlo
+estimate) or ``"empirical"`` (the data labels). EKFAC (George et al. 2018) keeps K-FAC's eigenbasis U_A ⊗ U_G and
+replaces the eigenvalues s_A ⊗ s_G by the second moments of the per-example gradients in that basis — the best
+diagonal in that basis in Frobenius norm, so EKFAC's block error never exceeds K-FAC's.
+
+Parameters of the layers it cannot factor (normalisation, embeddings, other convolutions, a layer called twice) get
+the exact diagonal of the same curvature; ``KFAC.fallback`` names them. Kronecker layout: a Dense kernel (d_in, d_out)
+and a Conv kernel (kh, kw, c_in, c_out) are read as a (d_in, d_out) matrix W (rows in the kernel's own order), the bias
+as one more row, so that the product is A W G.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnn.curvature.validation import check_choice, check_params
+
+KFAC_KINDS = ("ggn", "fisher", "empirical")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    path: tuple  # module path = the parameters' path
+    kind: str  # "dense" or "conv"
+    has_bias: bool
+    conv: tuple = ()  # (kernel_size, strides, padding, input_dilation, kernel_dilation) for "conv"
+
+
+@dataclasses.dataclass
+class KFAC:
+    """Kronecker-factored curvature. ``factors``: {layer name: (A, G)}; ``eigen``: {layer name: (s_A, U_A, s_G, U_G)};
+    ``corrected``: {layer name: EKFAC eigenvalues (d_in(+1), d_out)} when built with ``ekfac=True``; ``diagonal``: the
+    exact diagonal for the parameters of ``fallback`` layers (a pytree like ``params`` with zeros elsewhere)."""
+
+    params: Any
+    layers: tuple
+    factors: dict
+    eigen: dict
+    corrected: dict | None
+    diagonal: Any
+    fallback: tuple
+    kind: str
+    num_examples: int
+
+    @property
+    def names(self) -> list[str]:
+        return ["/".join(layer.path) for layer in self.layers]
+
+    def _block_values(self, name: str) -> jax.Array:
+        if self.corrected is not None:
+            return self.corrected[name]
+        s_a, _, s_g, _ = self.eigen[name]
+        return s_a[:, None] * s_g[None, :]
+
+    def matvec(self, v: Any) -> Any:
+        """(K-FAC or EKFAC) v, v a pytree like the parameters."""
+        out = jax.tree.map(lambda d, x: d * x, self.diagonal, v)
+        for layer, name in zip(self.layers, self.names):
+            w = _joint(v, layer)
+            if self.corrected is None:
+                a, g = self.factors[name]
+                product = a @ w @ g
+            else:
+                _, u_a, _, u_g = self.eigen[name]
+                product = u_a @ ((u_a.T @ w @ u_g) * self.corrected[name]) @ u_g.T
+            out = _set_joint(out, layer, product)
+        return out
+
+    def inverse_matvec(self, v: Any, damping: float) -> Any:
+        """(K + δI)⁻¹ v: per block in its Kronecker eigenbasis, (s + δ)⁻¹ elementwise; the fallback diagonal's
+        (d + δ)⁻¹. ``damping`` must be > 0 unless every eigenvalue is positive."""
+        if not damping > 0 and min(float(jnp.min(self._block_values(n))) for n in self.names) <= 0:
+            raise ValueError(f"damping: K-FAC has zero eigenvalues; expected damping > 0, got {damping}")
+        out = jax.tree.map(lambda d, x: x / (d + damping), self.diagonal, v)
+        for layer, name in zip(self.layers, self.names):
+            _, u_a, _, u_g = self.eigen[name]
+            w = _joint(v, layer)
+            out = _set_joint(out, layer, u_a @ ((u_a.T @ w @ u_g) / (self._block_values(name) + damping)) @ u_g.T)
+        return out
+
+    def eigenvalues(self) -> dict:
+        """{layer name: all eigenvalues of its block, descending}, the fallback parameters' diagonal entries under
+        "fallback"."""
+        out = {name: np.sort(np.asarray(self._block_values(name)).ravel())[::-1] for name in self.names}
+        if self.fallback:
+            out["fallback"] = np.sort(np.concatenate([np.ravel(d) for d in jax.tree.leaves(self.diagonal)]))[::-1]
+        return out
+
+    def trace(self) -> float:
+        """tr K: Σ_blocks tr(A) tr(G) (EKFAC: Σ of the corrected eigenvalues) + the fallback diagonal's sum."""
+        total = sum(float(jnp.sum(self._block_values(name))) for name in self.names)
+        return total + sum(float(jnp.sum(d)) for d in jax.tree.leaves(self.diagonal))
+
+    def operator(self, damping: float | None = None):
+        """As a :class:`~jaxnn.curvature.CurvatureOperator` for every estimator (Lanczos, trace, density, solve);
+        with ``damping``, the damped inverse (K + δI)⁻¹ instead."""
+        from jaxnn.curvature.operators import linear_operator
+
+        if damping is None:
+            return linear_operator(self.matvec, self.params)
+        return linear_operator(lambda v: self.inverse_matvec(v, damping), self.params)
+
+    def report(self) -> dict:
+        """Which layers were factored (with their factor sizes) and which fell back to the exact diagonal."""
+        return {"kind": self.kind, "ekfac": self.corrected is not None, "num_examples": self.num_examples,
+                "factored": {name: {"type": layer.kind, "A": int(self.factors[name][0].shape[0]),
+                                    "G": int(self.factors[name][1].shape[0])}
+                             for layer, name in zip(self.layers, self.names)},
+                "fallback_diagonal": list(self.fallback)}
+
+
+def _subtree(tree: Any, path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _replace(tree: Any, path: tuple, value: Any) -> Any:
+    if not path:
+        return value
+    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
+
+
+def _joint(tree: Any, layer: _Layer) -> jax.Array:
+    """The layer's parameters in ``tree`` as one (d_in(+1), d_out) matrix: the kernel's rows, then the bias."""
+    leaf = _subtree(tree, layer.path)
+    kernel = leaf["kernel"].reshape(-1, leaf["kernel"].shape[-1])
+    return jnp.concatenate([kernel, leaf["bias"][None]], axis=0) if layer.has_bias else kernel
+
+
+def _set_joint(tree: Any, layer: _Layer, matrix: jax.Array) -> Any:
+    leaf = dict(_subtree(tree, layer.path))
+    shape = leaf["kernel"].shape
+    if layer.has_bias:
+        leaf["bias"] = matrix[-1]
+        matrix = matrix[:-1]
+    leaf["kernel"] = matrix.reshape(shape)
+    return _replace(tree, layer.path, leaf)
+
+
+def _factorable(module: nn.Module, args: tuple) -> _Layer | str:
+    """The layer description when K-FAC can factor this call, else the reason it cannot."""
+    path = tuple(module.path)
+    has_bias = bool(getattr(module, "use_bias", False))
+    if type(module) is nn.Dense:
+        return _Layer(path, "dense", has_bias)
+    if type(module) is nn.Conv and len(module.kernel_size) == 2 and args and args[0].ndim == 4:
+        if module.feature_group_count != 1 or isinstance(module.padding, str) and module.padding not in ("SAME",
+                                                                                                          "VALID"):
+            return "grouped or circular convolution"
+        strides = module.strides or (1, 1)
+        strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+        padding = module.padding
+        if isinstance(padding, int):
+            padding = ((padding, padding),) * 2
+        elif not isinstance(padding, str):
+            padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+        dilation = lambda d: (1, 1) if d is None else (d,) * 2 if isinstance(d, int) else tuple(d)  # noqa: E731
+        return _Layer(path, "conv", has_bias, (tuple(module.kernel_size), strides, padding,
+                                               dilation(module.input_dilation), dilation(module.kernel_dilation)))
+    return f"{type(module).__name__} is not a Dense or 2-D Conv layer"
+
+
+def _patches(x: jax.Array, layer: _Layer) -> jax.Array:
+    """(B, T, kh·kw·c_in) input patches of a 2-D convolution, features in the kernel's (kh, kw, c_in) order."""
+    kernel_size, strides, padding, input_dilation, kernel_dilation = layer.conv
+    patches = jax.lax.conv_general_dilated_patches(
+        x, kernel_size, strides, padding, lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))  # features ordered (c_in, kh, kw)
+    b, h, w, _ = patches.shape
+    patches = patches.reshape(b, h, w, x.shape[-1], *kernel_size).transpose(0, 1, 2, 4, 5, 3)
+    return patches.reshape(b, h * w, -1)
+
+
+def _inputs(x: jax.Array, layer: _Layer) -> jax.Array:
+    """(B, T, d_in(+1)): the layer's inputs per example and weight-sharing position."""
+    rows = _patches(x, layer) if layer.kind == "conv" else x.reshape(x.shape[0], -1, x.shape[-1])
+    if layer.has_bias:
+        rows = jnp.concatenate([rows, jnp.ones((*rows.shape[:-1], 1), rows.dtype)], axis=-1)
+    return rows
+
+
+def _discover(predict_fn: Callable, params: Any, x: Any) -> tuple[tuple, tuple, dict]:
+    """(factorable layers in call order, {name: why not} for the other parameterised modules, {name: output shape})."""
+    calls: list = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.path and _has_params(params, context.module.path):
+            calls.append((tuple(context.module.path), _factorable(context.module, args), out.shape
+                          if hasattr(out, "shape") else None))
+        return out
+
+    with nn.intercept_methods(interceptor):  # a fresh function: a cached trace would skip the interceptor
+        jax.eval_shape(lambda p, inputs: predict_fn(p, inputs), params, x)
+    counts: dict = {}
+    for path, _, _ in calls:
+        counts[path] = counts.get(path, 0) + 1
+    layers, skipped, shapes = [], {}, {}
+    for path, found, shape in calls:
+        name = "/".join(path)
+        if name in shapes or name in skipped:
+            continue
+        if counts[path] > 1:
+            skipped[name] = f"called {counts[path]} times (shared weights)"
+        elif isinstance(found, str):
+            skipped[name] = found
+        else:
+            layers.append(found)
+            shapes[name] = shape
+    inner = {"/".join(layer.path) for layer in layers}
+    skipped = {name: why for name, why in skipped.items() if not any(name.startswith(f + "/") for f in inner)}
+    return tuple(layers), tuple(skipped.items()), shapes
+
+
+def _has_params(params: Any, path: tuple) -> bool:
+    try:
+        leaf = _subtree(params, path)
+    except (KeyError, TypeError):
+        return False
+    return isinstance(leaf, dict) and any(not isinstance(v, dict) for v in leaf.values())
+
+
+def _output_cotangents(output_loss, outputs, y, kind, key):
+    """(columns, B, *output shape): per example, the vectors whose backward passes give the curvature's gradients."""
+    def per_example(f, t):
+        return output_loss(f[None], t[None])
+
+    if kind == "ggn":
+        flat = outputs.reshape(outputs.shape[0], -1)
+        hessians = jax.vmap(jax.hessian(lambda f, t: per_example(f.reshape(outputs.shape[1:]), t)))(flat, y)
+        values, vectors = jnp.linalg.eigh((hessians + jnp.swapaxes(hessians, 1, 2)) / 2)
+        roots = vectors * jnp.sqrt(jnp.clip(values, 0.0))[:, None, :]  # (B, C, C): H = L Lᵀ, columns last
+        return jnp.moveaxis(roots, 2, 0).reshape(flat.shape[1], *outputs.shape)
+    if kind == "fisher":
+        labels = jax.random.categorical(key, outputs.reshape(outputs.shape[0], -1))
+        return jax.vmap(jax.grad(per_example))(outputs, labels)[None]
+    return jax.vmap(jax.grad(per_example))(outputs, y)[None]
+
+
+def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, kind, key, fallback_paths):
+    """Σ over the batch of every layer's (A, G) sums, the per-example gradients' columns needed by EKFAC, and the
+    fallback parameters' exact diagonal sum."""
+    x, y = batch
+    names = ["/".join(layer.path) for layer in layers]
+    zeros = {name: jnp.zeros(shape, jax.tree.leaves(params)[0].dtype) for name, shape in shapes}
+
+    def forward(perturbations):
+        inputs = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            name = "/".join(context.module.path)
+            if context.method_name == "__call__" and name in perturbations:
+                inputs[name] = args[0]
+                out = out + perturbations[name]
+            return out
+
+        with nn.intercept_methods(interceptor):
+            outputs = predict_fn(params, x)
+        return outputs, inputs
+
+    outputs, pullback, inputs = jax.vjp(forward, zeros, has_aux=True)
+    cotangents = _output_cotangents(output_loss, outputs, y, kind, key)
+    gradients = jax.vmap(lambda c: pullback(c)[0])(cotangents)  # {name: (columns, B, *out shape)}
+    a_sums, g_sums, per_example = {}, {}, {}
+    for layer, name in zip(layers, names):
+        a = _inputs(inputs[name], layer)  # (B, T, d_in+1)
+        g = gradients[name].reshape(cotangents.shape[0], a.shape[0], -1, gradients[name].shape[-1])  # (C, B, T, o)
+        a_sums[name] = jnp.einsum("bti,btj->ij", a, a) / a.shape[1]
+        g_sums[name] = jnp.einsum("cbto,cbtp->op", g, g)
+        per_example[name] = (a, g)
+    diagonal = None
+    if fallback_paths:
+        def example_outputs(p, xi):
+            return predict_fn(p, jax.tree.map(lambda leaf: leaf[None], xi))[0]
+
+        def squared(xi, ci):
+            _, pull = jax.vjp(lambda p: example_outputs(p, xi), params)
+            grads = jax.vmap(lambda c: pull(c)[0])(ci)  # (columns, ...) per parameter
+            return jax.tree.map(lambda leaf: jnp.sum(leaf**2, axis=0), grads)
+
+        diagonal = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0),
+                                jax.lax.map(lambda args: squared(*args), (x, jnp.moveaxis(cotangents, 0, 1)),
+                                            batch_size=16))
+    return a_sums, g_sums, per_example, diagonal
+
+
+def kfac(predict_fn: Callable, output_loss: Callable, params: Any, data: Any, *, kind: str = "ggn",
+         ekfac: bool = False, key: Any = None) -> KFAC:
+    """Kronecker-factored curvature of ``predict_fn(params, x)`` (it must run Flax Linen modules; their Dense and
+    2-D Conv layers are found by interception) under ``output_loss(outputs, y)`` (the batch-mean loss, as for
+    :func:`jaxnn.curvature.ggn`), over ``data``: one batch (x, y) or a list of batches. ``kind``: "ggn" (type-2,
+    exact output-Hessian square roots), "fisher" (labels sampled with ``key``) or "empirical". ``ekfac``: also the
+    eigenvalue correction (one more pass over the data). Raises ValueError naming the modules it found when the
+    model has no Dense or 2-D Conv layer."""
+    kind = check_choice(kind, "kind", KFAC_KINDS)
+    params = check_params(params)
+    batches = [data] if isinstance(data, tuple) else list(data)
+    if not batches or any(not isinstance(b, tuple) or len(b) != 2 for b in batches):
+        raise ValueError("data: expected one batch (x, y) or a list of (x, y) batches")
+    if kind == "fisher" and key is None:
+        raise ValueError("kind='fisher' samples labels from the model: pass key=jax.random.key(...)")
+    layers, skipped, shapes_one = _discover(predict_fn, params, batches[0][0])
+    if not layers:
+        found = ", ".join(f"{name} ({why})" for name, why in skipped) or "no parameterised module"
+        raise ValueError(f"K-FAC found no Dense or 2-D Conv layer to factor; the model calls: {found}")
+    names = ["/".join(layer.path) for layer in layers]
+    fallback_paths = tuple(name for name, _ in skipped)
+    count = sum(int(np.shape(jax.tree.leaves(b[0])[0])[0]) for b in batches)
+    keys = jax.random.split(key, len(batches)) if key is not None else [None] * len(batches)
+    statistics = jax.jit(_batch_statistics, static_argnums=(0, 1, 4, 5, 6, 8))  # compiled once per batch shape
+    a_total, g_total, diagonal_total, per_batch = {}, {}, None, []
+    for batch, batch_key in zip(batches, keys):
+        size = int(np.shape(jax.tree.leaves(batch[0])[0])[0])
+        shapes = tuple((name, (size, *shapes_one[name][1:])) for name in names)
+        a_sums, g_sums, per_example, diagonal = statistics(predict_fn, output_loss, params, batch, layers, shapes,
+                                                           kind, batch_key, fallback_paths)
+        for name in names:
+            a_total[name] = a_total.get(name, 0) + a_sums[name]
+            g_total[name] = g_total.get(name, 0) + g_sums[name]
+        if diagonal is not None:
+            diagonal_total = diagonal if diagonal_total is None else jax.tree.map(jnp.add, diagonal_total, diagonal)
+        per_batch.append(per_example)
+    factors = {name: (a_total[name] / count, g_total[name] / count) for name in names}
+    eigen = {}
+    for name in names:
+        s_a, u_a = jnp.linalg.eigh(factors[name][0])
+        s_g, u_g = jnp.linalg.eigh(factors[name][1])
+        eigen[name] = (jnp.clip(s_a, 0.0), u_a, jnp.clip(s_g, 0.0), u_g)
+    corrected = None
+    if ekfac:
+        corrected = {}
+        for name in names:
+            _, u_a, _, u_g = eigen[name]
+            total = 0
+            for per_example in per_batch:
+                a, g = per_example[name]
+                # per-example, per-column gradient Σ_t a_t g_tᵀ in the Kronecker eigenbasis, squared
+                projected = jnp.einsum("bti,cbto,ij,op->cbjp", a, g, u_a, u_g)
+                total = total + jnp.sum(projected**2, axis=(0, 1))
+            corrected[name] = total / count
+    if diagonal_total is None:
+        diagonal = jax.tree.map(jnp.zeros_like, params)
+    else:
+        diagonal = _keep_paths(jax.tree.map(lambda d: d / count, diagonal_total), fallback_paths, set(names))
+    return KFAC(params, layers, factors, eigen, corrected, diagonal, fallback_paths, kind, count)
+
+
+def _keep_paths(tree: Any, keep: tuple, drop: set) -> Any:
+    """``tree`` with every leaf outside the modules named in ``keep`` set to zero."""
+    def visit(prefix, node):
+        if isinstance(node, dict):
+            return {k: visit(prefix + (k,), v) for k, v in node.items()}
+        name = "/".join(prefix[:-1])
+        inside = any(name == k or name.startswith(k + "/") for k in keep)
+        return node if inside and name not in drop else jnp.zeros_like(node)
+
+    return visit((), tree)
