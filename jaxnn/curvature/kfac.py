@@ -231,6 +231,26 @@ def _discover(predict_fn: Callable, params: Any, x: Any) -> tuple[tuple, tuple, 
     return tuple(layers), tuple(skipped.items()), shapes
 
 
+def _uncovered(params: Any, covered: set) -> tuple:
+    """Modules holding parameters that no intercepted call reached (they get the fallback diagonal too)."""
+    found: list = []
+
+    def visit(prefix, node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                visit(prefix + (key,), value)
+            return
+        module = "/".join(prefix[:-1])
+        if not module:
+            raise ValueError(f"K-FAC: parameter {prefix[-1]!r} sits at the model's root, outside any layer; wrap it "
+                             "in a submodule")
+        if not any(module == c or module.startswith(c + "/") for c in covered) and module not in found:
+            found.append(module)
+
+    visit((), params)
+    return tuple(found)
+
+
 def _has_params(params: Any, path: tuple) -> bool:
     try:
         leaf = _subtree(params, path)
@@ -289,18 +309,26 @@ def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, ki
         g_sums[name] = jnp.einsum("cbto,cbtp->op", g, g)
         per_example[name] = (a, g)
     diagonal = None
-    if fallback_paths:
-        def example_outputs(p, xi):
-            return predict_fn(p, jax.tree.map(lambda leaf: leaf[None], xi))[0]
+    if fallback_paths:  # exact diagonal: per example, one backward pass per column, in the fallback parameters only
+        paths = [tuple(name.split("/")) for name in fallback_paths]
+
+        def example_outputs(subtrees, xi):
+            full = params
+            for path, subtree in zip(paths, subtrees):
+                full = _replace(full, path, subtree)
+            return predict_fn(full, jax.tree.map(lambda leaf: leaf[None], xi))[0]
 
         def squared(xi, ci):
-            _, pull = jax.vjp(lambda p: example_outputs(p, xi), params)
+            _, pull = jax.vjp(lambda subtrees: example_outputs(subtrees, xi), [_subtree(params, p) for p in paths])
             grads = jax.vmap(lambda c: pull(c)[0])(ci)  # (columns, ...) per parameter
             return jax.tree.map(lambda leaf: jnp.sum(leaf**2, axis=0), grads)
 
-        diagonal = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0),
-                                jax.lax.map(lambda args: squared(*args), (x, jnp.moveaxis(cotangents, 0, 1)),
-                                            batch_size=16))
+        sums = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0),
+                            jax.lax.map(lambda args: squared(*args), (x, jnp.moveaxis(cotangents, 0, 1)),
+                                        batch_size=16))
+        diagonal = jax.tree.map(jnp.zeros_like, params)
+        for path, subtree in zip(paths, sums):
+            diagonal = _replace(diagonal, path, subtree)
     return a_sums, g_sums, per_example, diagonal
 
 
@@ -324,7 +352,7 @@ def kfac(predict_fn: Callable, output_loss: Callable, params: Any, data: Any, *,
         found = ", ".join(f"{name} ({why})" for name, why in skipped) or "no parameterised module"
         raise ValueError(f"K-FAC found no Dense or 2-D Conv layer to factor; the model calls: {found}")
     names = ["/".join(layer.path) for layer in layers]
-    fallback_paths = tuple(name for name, _ in skipped)
+    fallback_paths = tuple(name for name, _ in skipped) + _uncovered(params, set(names) | {n for n, _ in skipped})
     count = sum(int(np.shape(jax.tree.leaves(b[0])[0])[0]) for b in batches)
     keys = jax.random.split(key, len(batches)) if key is not None else [None] * len(batches)
     statistics = jax.jit(_batch_statistics, static_argnums=(0, 1, 4, 5, 6, 8))  # compiled once per batch shape
@@ -361,17 +389,9 @@ def kfac(predict_fn: Callable, output_loss: Callable, params: Any, data: Any, *,
     if diagonal_total is None:
         diagonal = jax.tree.map(jnp.zeros_like, params)
     else:
-        diagonal = _keep_paths(jax.tree.map(lambda d: d / count, diagonal_total), fallback_paths, set(names))
+        diagonal = jax.tree.map(lambda d: d / count, diagonal_total)
+        for layer in layers:  # a fallback module may hold a factored layer: its parameters are in its block only
+            diagonal = _replace(diagonal, layer.path, jax.tree.map(jnp.zeros_like, _subtree(diagonal, layer.path)))
     return KFAC(params, layers, factors, eigen, corrected, diagonal, fallback_paths, kind, count)
 
 
-def _keep_paths(tree: Any, keep: tuple, drop: set) -> Any:
-    """``tree`` with every leaf outside the modules named in ``keep`` set to zero."""
-    def visit(prefix, node):
-        if isinstance(node, dict):
-            return {k: visit(prefix + (k,), v) for k, v in node.items()}
-        name = "/".join(prefix[:-1])
-        inside = any(name == k or name.startswith(k + "/") for k in keep)
-        return node if inside and name not in drop else jnp.zeros_like(node)
-
-    return visit((), tree)
