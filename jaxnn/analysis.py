@@ -230,19 +230,24 @@ def landscape_for_run(run: str | pathlib.Path | LoadedRun, *, dirs: str = "filte
 def diagnose_run(run: str | pathlib.Path | LoadedRun, *, batch_size: int = 256, layers: Any = None,
                  step: Any = "latest", out_dir: str | pathlib.Path | None = None, draw: Any = None):
     """Per-layer statistics of a run's checkpoint on one training batch -> diagnostics.json + diagnostics.png
-    (histograms of every layer's activations, pre-activations and weight gradients). Returns the statistics."""
-    from jaxnn import plotting
+    (histograms of every layer's activations, pre-activations and weight gradients), with the gradient noise of that
+    batch (``stats.gradient_noise``: the noise scale and per-layer signal-to-noise). Returns the statistics."""
+    from jaxnn import losses, plotting
+    from jaxnn.diagnostics.gradient_noise import gradient_noise
     from jaxnn.diagnostics.layers import layer_statistics
     from jaxnn.train.run import write_json
 
     loaded = _loaded(run, step)
     (x, y), = loaded.batches("train", 1, batch_size)
     stats = layer_statistics(loaded.state, (x, y), loss=loaded.config.train.loss, layers=layers)
+    loss_fn = losses.make_loss_fn(loaded.state.apply_fn, loaded.config.train.loss, loaded.state.model_state)
+    stats.gradient_noise = gradient_noise(loss_fn, loaded.state.params, (x, y))
     if is_primary():
         out = pathlib.Path(out_dir or loaded.run_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "diagnostics.json", {"run_dir": str(loaded.run_dir), "step": loaded.step,
-                                              "batch_size": int(len(y)), **stats.to_json()})
+                                              "batch_size": int(len(y)), **stats.to_json(),
+                                              "gradient_noise": stats.gradient_noise.to_json()})
         (draw or plotting.draw_now)(plotting.plot_layer_statistics, out / "diagnostics.json", out / "diagnostics.png",
                                     f"{loaded.config.name} at step {loaded.step}: one batch of {len(y)}")
     return stats

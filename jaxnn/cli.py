@@ -303,6 +303,7 @@ def _dispatch(args) -> int:
             stats = analysis.diagnose_run(args.run_dir, batch_size=args.batch_size, step=args.step, out_dir=args.out,
                                           layers=args.layers.split(",") if args.layers else None, draw=draw)
             print(stats.table())
+            print(stats.gradient_noise.describe())
             figures.wait()
             return 0
         if args.command == "experiment":

@@ -284,9 +284,11 @@ def test_diagnose_command_writes_statistics_and_names_unknown_layers(two_runs, t
     assert [json.loads(line)["step"] for line in logged] == [20, 40]  # analysis.diagnostics_every=20
     assert main(["diagnose", str(two_runs[0]), "--batch-size", "64", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "dense_0" in printed and "update/param" in printed
+    assert "dense_0" in printed and "update/param" in printed and "gradient noise over 64 examples: B_noise" in printed
     report = json.loads((tmp_path / "diagnostics.json").read_text())
     assert [row["name"] for row in report["activations"]][-1] == "head" and report["batch_size"] == 64
+    assert report["gradient_noise"]["num_examples"] == 64 and set(report["gradient_noise"]["layers"]) == {"dense_0",
+                                                                                                         "head"}
     assert (tmp_path / "diagnostics.png").is_file()
     assert main(["diagnose", str(two_runs[0]), "--layers", "dense_7", "--out", str(tmp_path)]) == 2
     assert "no layer named 'dense_7'; this model's layers: dense_0, head" in capsys.readouterr().err
