@@ -101,7 +101,9 @@ class KFAC:
         "fallback"."""
         out = {name: np.sort(np.asarray(self._block_values(name)).ravel())[::-1] for name in self.names}
         if self.fallback:
-            out["fallback"] = np.sort(np.concatenate([np.ravel(d) for d in jax.tree.leaves(self.diagonal)]))[::-1]
+            leaves = [np.ravel(d) for name in self.fallback
+                      for d in jax.tree.leaves(_subtree(self.diagonal, tuple(name.split("/"))))]
+            out["fallback"] = np.sort(np.concatenate(leaves))[::-1]
         return out
 
     def trace(self) -> float:
