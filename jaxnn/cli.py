@@ -4,6 +4,7 @@
     jaxnn train CONFIG.yaml --set optimizer.lr=0.05 [--resume]
     jaxnn curvature RUN_DIR [--k 5] [--density] [--blocks layer] [--data-batches N]
     jaxnn influence RUN_DIR --test-index 0 3 [--top 5]  # training examples that drive each test prediction
+    jaxnn laplace RUN_DIR [--structure kfac]        # Laplace posterior: marginal likelihood, calibration (NLL, ECE)
     jaxnn landscape RUN_DIR --dirs filter --grid 51 --span 1.0 [--other RUN_DIR2] [--trajectory]
     jaxnn sweep CONFIG [--curvature] [--resume] # a population of the config's sweep section, best member exported
     jaxnn diagnose RUN_DIR                     # per-layer activations, dead/saturated units, gradients, updates
@@ -86,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["data", "points"], default="data",
                    help="with several devices: give each device a slice of the data (default) or of the grid points")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default: the run folder)")
+    _add_runtime_args(p)
+
+    p = sub.add_parser("laplace", help="Laplace approximation of a classification run: tuned prior precision, log "
+                                       "marginal likelihood, test NLL / accuracy / ECE of MAP vs Laplace: laplace.json "
+                                       "+ laplace.png")
+    p.add_argument("run_dir")
+    p.add_argument("--structure", choices=["kfac", "diag", "last_layer", "full"], default="kfac",
+                   help="posterior precision: K-FAC blocks (default), exact diagonal, the last layer's dense GGN, or "
+                        "the full dense GGN (small models)")
+    p.add_argument("--prior-precision", type=float, default=None,
+                   help="fixed prior precision (default: maximise the marginal likelihood)")
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--step", default="latest", help="checkpoint: latest, best or a step number")
     p.add_argument("--out", help="output folder (default: the run folder)")
     _add_runtime_args(p)
 
@@ -333,6 +348,12 @@ def _dispatch(args) -> int:
                                                 draw=draw, devices=args.devices, progress=progress,
                                                 blocks=args.blocks)
             print(analysis.describe_curvature(report))
+            return 0
+        if args.command == "laplace":
+            report = analysis.laplace_for_run(args.run_dir, structure=args.structure, train_limit=args.train_limit,
+                                              prior_precision=args.prior_precision, step=args.step, out_dir=args.out,
+                                              draw=draw)
+            print(analysis.describe_laplace(report))
             return 0
         if args.command == "influence":
             report = analysis.influence_for_run(args.run_dir, test_indices=tuple(args.test_index), top=args.top,

@@ -265,3 +265,4 @@ def calibration(probabilities: Any, labels: Any, bins: int = 15) -> dict:
                          "accuracy": accuracy_b, "confidence": confidence_b})
     nll = float(-np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], 1e-300, None))))
     return {"nll": nll, "accuracy": float(correct.mean()), "ece": float(ece), "bins": rows}
+

@@ -173,6 +173,27 @@ def plot_layer_statistics(statistics_path: str | pathlib.Path, out_path: str | p
     return _save(fig, out_path, title, dpi=100)
 
 
+def plot_reliability(report: dict, path: str) -> str:
+    """Reliability diagram of a laplace.json report: accuracy against confidence per bin for the MAP network and the
+    Laplace predictive, the diagonal being perfect calibration; ECE and NLL in the legend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.5, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], color="0.6", linewidth=1, label="perfect calibration")
+    for key, label, style in (("map", "MAP", "o-"), ("laplace", f"Laplace ({report['structure']})", "s-")):
+        rows = report[key]["bins"]
+        ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], style, markersize=4,
+                label=f"{label}: ECE {report[key]['ece']:.3f}, NLL {report[key]['nll']:.3f}")
+    ax.set_xlabel("confidence (top probability, per bin)"), ax.set_ylabel("accuracy in the bin")
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1), ax.grid(alpha=0.3), ax.legend(fontsize="small", loc="upper left")
+    ax.set_title(f"reliability on {report['num_test']} test examples")
+    figure.savefig(path, dpi=110)
+    return str(path)
+
+
 class FigureFunction:
     """A figure function named by module and attribute, imported only when called: passing one to a background
     :class:`FigureWorker` does not import matplotlib in the calling process. Picklable."""
