@@ -101,3 +101,35 @@ def test_calibration_by_hand_and_bad_input():
         laplace(predict, params, data, structure="block")
     with pytest.raises(ValueError, match="likelihood"):
         laplace(predict, params, data, likelihood="poisson")
+
+
+def test_marginal_likelihood_and_predictive_equal_laplace_torch(x64):
+    """laplace-torch 0.3 (full GGN, classification) on identical float64 weights of a tanh MLP: the log marginal
+    likelihood at two prior precisions and the probit GLM predictive equal jaxnn's. Needs torch and laplace-torch
+    (../shared/PEERS.md: pip install --no-deps)."""
+    torch = pytest.importorskip("torch")
+    laplace_torch = pytest.importorskip("laplace")
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], (50, 4), jnp.float64)
+    y = jax.random.randint(keys[1], (50,), 0, 3)
+    model = MLP()
+    params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(keys[2], x)["params"])
+    predict = lambda p, inputs: model.apply({"params": p}, inputs)  # noqa: E731
+    ours = laplace(predict, params, (x, y), structure="full", prior_precision=0.7)
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    with torch.no_grad():  # Flax named the outer (5 -> 3) call Dense_0; kernels are (in, out)
+        for layer, name in ((net[0], "Dense_1"), (net[2], "Dense_0")):
+            layer.weight.copy_(torch.from_numpy(np.asarray(params[name]["kernel"]).T.copy()))
+            layer.bias.copy_(torch.from_numpy(np.asarray(params[name]["bias"])))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y)).long()), batch_size=50)
+    theirs = laplace_torch.Laplace(net, "classification", subset_of_weights="all", hessian_structure="full",
+                                   prior_precision=0.7)
+    theirs.fit(loader)
+    for delta in (0.7, 3.0):
+        expected = float(theirs.log_marginal_likelihood(prior_precision=torch.tensor([delta], dtype=torch.float64)))
+        assert ours.log_marginal_likelihood(delta) == pytest.approx(expected, rel=1e-8)
+    theirs.prior_precision = torch.tensor([0.7], dtype=torch.float64)
+    expected = theirs(torch.from_numpy(np.asarray(x[:6])), pred_type="glm", link_approx="probit").detach().numpy()
+    np.testing.assert_allclose(np.asarray(ours.predictive(x[:6])), expected, rtol=1e-6)  # measured: 2e-8
