@@ -771,3 +771,46 @@ def test_influence_noisy_labels_smoke_and_its_rankings_against_sklearn(tmp_path)
             assert row["found_at_m"][score] == row["curve"][score][measured["flipped"]]
             assert 0.5 < row["auc"][score] <= 1.0
     assert _verdict_follows_checks(record)
+
+
+def test_layer_sharpness_smoke_against_dense_blocks(tmp_path):
+    """A smoke run on the MLP, retrained here by fit with the experiment's setting (deterministic on CPU): at every
+    measured epoch the head block's λmax is the dense eigh of jax.hessian over the head's parameters alone (within the
+    reported residual bound), and the whole network's λmax agrees with a numpy Lanczos (60 steps, 1e-3); the whole
+    trace is the sum of the block traces; the verdict follows the checks."""
+    import optax
+
+    from jaxnn import data as data_lib, losses, models
+    from jaxnn.experiments import run_experiment
+    from jaxnn.train import create_train_state, fit
+
+    record = run_experiment("layer_sharpness", smoke=True, overrides={"models": ["mlp"]}, out_dir=tmp_path,
+                            progress=False)
+    setting, measured = record["setting"], record["measured"]
+    digits = data_lib.load_dataset("digits", seed=0)
+    count = measured["analysis_examples"]
+    batch = (jax.numpy.asarray(digits.train.x[:count]), jax.numpy.asarray(digits.train.y[:count]))
+    model = models.get_model("mlp", num_classes=10, width=64, depth=2, activation="tanh")
+    state = create_train_state(model, optax.sgd(setting["lr"], momentum=setting["momentum"]), digits.input_shape,
+                               jax.random.PRNGKey(0))
+    per_epoch = data_lib.steps_per_epoch(len(digits.train), setting["batch_size"], True)
+    step = 0
+    for row in measured["runs"]["mlp"][0]:
+        if row["step"] > step:
+            state = fit(state, digits, batch_size=setting["batch_size"], num_steps=row["step"], start_step=step,
+                        seed=0, log_every=row["step"], eval_every=row["step"], progress=False).state
+            step = row["step"]
+        assert row["step"] == row["epoch"] * per_epoch
+        loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", state.model_state)
+        head, rest = state.params["head"], {k: v for k, v in state.params.items() if k != "head"}
+        flat_head, unravel = jax.flatten_util.ravel_pytree(head)
+        dense = jax.hessian(lambda f: loss_fn({**rest, "head": unravel(f)}, batch))(flat_head)
+        top = float(np.linalg.eigvalsh(np.asarray(dense, np.float64))[-1])
+        assert abs(row["layers"]["head"]["lambda_max"] - top) <= row["layers"]["head"]["bound"] + 1e-4 * top
+        flat, unravel_all = jax.flatten_util.ravel_pytree(state.params)
+        grad = jax.jit(jax.grad(lambda f: loss_fn(unravel_all(f), batch)))
+        ritz = _numpy_lanczos(jax.jit(lambda v: jax.jvp(grad, (flat,), (v,))[1]), flat, 60)
+        assert row["lambda_max"] == pytest.approx(ritz[-1], rel=1e-3)
+        assert row["trace"] == pytest.approx(sum(v["trace"] for v in row["layers"].values()), rel=1e-12)
+    assert (tmp_path / "layer_sharpness.png").exists() and (tmp_path / "blocks_mlp.png").exists()
+    assert _verdict_follows_checks(record)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -95,6 +96,9 @@ def plot_spectrum(report: dict, path: str | os.PathLike) -> str:
     return os.fspath(path)
 
 
+MAX_LABELLED_BLOCKS = 12
+
+
 def plot_blocks(blocks: dict, path: str | os.PathLike) -> str:
     """Write the per-block figure of a curvature report's ``"blocks"`` section: each block's SLQ density (Gaussian
     broadening of its probes' nodes and weights, log scale) on one axis, its top eigenvalue marked (hollow when not
@@ -102,31 +106,38 @@ def plot_blocks(blocks: dict, path: str | os.PathLike) -> str:
     from jaxnn.curvature.density import gaussian_broadening
 
     names = list(blocks)
-    figure, (density_ax, bars_ax) = _new_figure(2, width_per_axis=6.0)
+    many = len(names) > MAX_LABELLED_BLOCKS  # then colours follow layer order and only the sharpest are named
+    figure = Figure(figsize=(6.0 + max(6.0, 0.22 * len(names)), 4.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    density_ax, bars_ax = figure.subplots(1, 2, width_ratios=[6.0, max(6.0, 0.22 * len(names))])
     nodes_all = np.concatenate([_floats(row) for name in names for row in blocks[name]["nodes"]])
     low, high = np.nanmin(nodes_all), np.nanmax(nodes_all)
     sigma = 0.01 * (high - low if high > low else max(abs(high), 1.0))
     grid = np.linspace(low - 5 * sigma, high + 5 * sigma, 600)
+    lambda_max = [_floats(blocks[name]["top"])[0] for name in names]
+    named = set(np.argsort(lambda_max)[::-1][:MAX_LABELLED_BLOCKS // 2]) if many else set(range(len(names)))
     for index, name in enumerate(names):
         entry = blocks[name]
         nodes = np.stack([_floats(row) for row in entry["nodes"]])
         weights = np.stack([_floats(row) for row in entry["weights"]])
         density = gaussian_broadening(nodes, weights, grid, sigma)
-        color = f"C{index % 10}"
-        density_ax.semilogy(grid, np.maximum(density, density.max() * 1e-8), color=color,
-                            label=f"{name} ({entry['num_params']:,} params)")
+        color = matplotlib.colormaps["viridis"](index / max(len(names) - 1, 1)) if many else f"C{index % 10}"
+        density_ax.semilogy(grid, np.maximum(density, density.max() * 1e-8), color=color, linewidth=1,
+                            label=f"{name} ({entry['num_params']:,} params)" if index in named else None)
         top, converged = _floats(entry["top"])[0], bool(entry["converged"][0])
-        density_ax.axvline(top, color=color, linestyle="-" if converged else ":", linewidth=1)
+        density_ax.axvline(top, color=color, linestyle="-" if converged else ":", linewidth=0.8)
     density_ax.set_xlabel("eigenvalue of the layer's Hessian block")
     density_ax.set_ylabel("density (SLQ, per block)")
-    density_ax.set_title(f"spectral density per layer (σ = {sigma:.3g}; lines: λmax, dotted if not converged)")
-    density_ax.legend(fontsize="small")
+    density_ax.set_title(f"density per layer (σ = {sigma:.3g}); lines: λmax, dotted if not converged"
+                         + ("\ncolour: layer order (viridis, first to last); named: the sharpest" if many else ""),
+                         fontsize="medium")
+    density_ax.legend(fontsize="x-small" if many else "small")
     positions = np.arange(len(names))
-    lambda_max = [_floats(blocks[name]["top"])[0] for name in names]
     traces = [_floats([blocks[name]["trace"]])[0] for name in names]
     bars_ax.bar(positions - 0.2, lambda_max, width=0.4, color="C3", label="λmax of the block")
     bars_ax.bar(positions + 0.2, traces, width=0.4, color="C0", label="trace of the block (Hutchinson)")
-    bars_ax.set_xticks(positions, names, rotation=45, ha="right", fontsize="small")
+    bars_ax.set_xticks(positions, names, rotation=60 if many else 45, ha="right",
+                       fontsize="x-small" if many else "small")
     bars_ax.set_yscale("symlog", linthresh=max(1e-6, 1e-4 * max(np.abs(lambda_max + traces))))
     bars_ax.set_xlabel("layer")
     bars_ax.set_ylabel("curvature")
