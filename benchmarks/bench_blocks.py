@@ -15,22 +15,9 @@ shape, random images, batch 32). Timings are warm medians (11 calls on the MLP, 
 from __future__ import annotations
 
 import argparse
-import time
 
+from _timing import timed  # benchmarks/_timing.py: the scripts run from this folder
 
-def _timed(fn, repeats: int = 3) -> tuple[float, float]:
-    """(first call incl. compile, median of ``repeats`` warm calls) in seconds."""
-    import jax
-
-    started = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - started
-    warm = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        jax.block_until_ready(fn())
-        warm.append(time.perf_counter() - started)
-    return first, sorted(warm)[len(warm) // 2]
 
 
 def compare(label, loss_fn, params, batch, iters: int, repeats: int = 3) -> None:
@@ -42,9 +29,9 @@ def compare(label, loss_fn, params, batch, iters: int, repeats: int = 3) -> None
 
     H = curvature.hessian(loss_fn, params, batch)
     layers = curvature.layer_names(params)
-    whole_first, whole = _timed(lambda: curvature.top_eigenvalues(H, k=1, num_iters=iters, tol=None,
+    whole_first, whole, _ = timed(lambda: curvature.top_eigenvalues(H, k=1, num_iters=iters, tol=None,
                                                                    progress=False).values, repeats)
-    blocks_first, blocks = _timed(lambda: np.asarray([b.top for b in curvature.block_spectra(
+    blocks_first, blocks, _ = timed(lambda: np.asarray([b.top for b in curvature.block_spectra(
         H, k=1, num_iters=iters, num_probes=1).blocks]), repeats)
     print(f"{label}: {H.num_params:,} parameters, {len(layers)} layer blocks, {iters} Lanczos steps each, "
           f"loop mode {H.loop_mode}")
@@ -56,11 +43,11 @@ def compare(label, loss_fn, params, batch, iters: int, repeats: int = 3) -> None
     def product(op, v):
         return flat_operator(op)[0](v)
 
-    _, full = _timed(lambda: product(H, ravel_pytree(H.params)[0]), repeats=5)
+    _, full, _ = timed(lambda: product(H, ravel_pytree(H.params)[0]), repeats=5)
     for layer in layers:
         block = curvature.restrict(H, layer)
         vector = ravel_pytree(block.params)[0]
-        _, block_time = _timed(lambda: product(block, vector), repeats=5)
+        _, block_time, _ = timed(lambda: product(block, vector), repeats=5)
         print(f"  product of block {layer:28s} {block.num_params:>9,} params  {block_time / full:5.2f} x a full HVP")
 
 

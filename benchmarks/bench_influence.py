@@ -37,6 +37,8 @@ import warnings
 
 import numpy as np
 
+from _timing import timed  # benchmarks/_timing.py: the scripts run from this folder
+
 try:
     import torch
     from kronfluence import Analyzer, FactorArguments, ScoreArguments, Task, prepare_model
@@ -46,20 +48,6 @@ except ImportError:
              "the pinned torch stays: pip install --no-deps kronfluence==1.0.1 einconv einops accelerate safetensors "
              "(../shared/PEERS.md)")
 
-
-def _timed(fn, repeats: int):
-    """(first call incl. compile, median of ``repeats`` warm calls in seconds, the last call's value)."""
-    import jax
-
-    started = time.perf_counter()
-    value = jax.block_until_ready(fn())
-    first = time.perf_counter() - started
-    warm = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        value = jax.block_until_ready(fn())
-        warm.append(time.perf_counter() - started)
-    return first, float(np.median(warm)), value
 
 
 def _spearman(a, b) -> float:
@@ -134,9 +122,9 @@ def kronfluence_side(params, x, y, x_test, y_test, flax_logits, damping, repeats
                                      overwrite_output_dir=True)
         return analyzer.load_self_scores("self")["all_modules"].numpy()
 
-    fit_times = _timed(fit, repeats)[:2]
-    *pair_times, pair_scores = _timed(pairwise, repeats)
-    *self_times, self_values = _timed(self_scores, repeats)
+    fit_times = timed(fit, repeats)[:2]
+    *pair_times, pair_scores = timed(pairwise, repeats)
+    *self_times, self_values = timed(self_scores, repeats)
     return difference, fit_times, pair_times, pair_scores, self_times, self_values
 
 
@@ -181,7 +169,7 @@ def main() -> None:
               f"lambda_max = {lam_max:.4g}, delta = {damping_fraction:g} lambda_max = {damping:.3g}")
 
         # 1a. jaxnn: solve + one jvp pass over the training set.
-        inf_first, inf_warm, result = _timed(lambda: curvature.influence(
+        inf_first, inf_warm, result = timed(lambda: curvature.influence(
             loss_fn, params, (x, y), test, example_loss_fn=example_loss, damping=damping, method="cg", tol=1e-6),
             args.repeats)
         reference = result.removal_effect * n  # ∇L_testᵀ (H + δI)⁻¹ ∇ℓ_i
@@ -189,7 +177,7 @@ def main() -> None:
         # 1b. The loop a user would write: the same solve (timed alone here, as the loop's first step), then one
         # jitted per-example gradient (flattened) and a dot product each.
         test_gradient = jax.grad(lambda p: example_loss(p, test))(params)
-        solve_first, solve_warm, _ = _timed(lambda: curvature.solve(
+        solve_first, solve_warm, _ = timed(lambda: curvature.solve(
             curvature.hessian(loss_fn, params, (x, y)), test_gradient, damping=damping, method="cg", tol=1e-6),
             args.repeats)
         flat_gradient = jax.jit(lambda p, batch: ravel_pytree(jax.grad(example_loss)(p, batch))[0])
@@ -199,11 +187,11 @@ def main() -> None:
             return np.array([np.dot(np.asarray(flat_gradient(params, (x_np[i:i + 1], y_np[i:i + 1]))), s_test)
                              for i in range(n)])
 
-        loop_first, loop_warm, looped = _timed(loop, args.repeats)
+        loop_first, loop_warm, looped = timed(loop, args.repeats)
         loop_error = np.max(np.abs(looped - reference)) / np.max(np.abs(reference))
 
         # 2. jaxnn self-influence, exact (dense H and eigh): seconds per call, so one warm call.
-        self_first, self_warm, exact_self = _timed(lambda: curvature.self_influence(
+        self_first, self_warm, exact_self = timed(lambda: curvature.self_influence(
             loss_fn, params, (x, y), example_loss_fn=example_loss, damping=damping), 1)
         flax_logits = np.asarray(model.apply({"params": params}, x))
 

@@ -30,7 +30,37 @@ from jaxnn.curvature.trace_estimators import TRACE_METHODS, trace
 from jaxnn.curvature.validation import check_choice, check_int, check_key
 
 
-class HessianCallback:
+class PeriodicMeasurement:
+    """The shape shared by the analysis callbacks (this one, the diagnostics' layer statistics and gradient noise):
+    every ``every_k_steps`` steps, ``self.measure_step(ctx, batch) -> dict of floats`` on ``batch`` (default: the fit's
+    analysis batch), merged into that step's metrics.jsonl record and appended to ``history``."""
+
+    def __init__(self, every_k_steps: int, batch: Any = None):
+        if isinstance(every_k_steps, bool) or not isinstance(every_k_steps, int) or every_k_steps < 1:
+            raise ValueError(f"every_k_steps must be an integer >= 1, got {every_k_steps!r}")
+        self.every_k_steps, self.batch = every_k_steps, batch
+        self.history: list[dict] = []
+
+    def measure_step(self, ctx: Any, batch: Any) -> dict:
+        raise NotImplementedError
+
+    def on_train_begin(self, ctx: Any) -> None:
+        self.history = []
+
+    def on_step_end(self, ctx: Any) -> None:
+        step = int(ctx.step)
+        if step % self.every_k_steps:
+            return
+        batch = self.batch if self.batch is not None else getattr(ctx, "analysis_batch", None)
+        if batch is None:
+            raise ValueError(f"batch: {type(self).__name__} needs data; pass batch=... or run fit with an analysis "
+                             "batch (ctx.analysis_batch is None)")
+        values = self.measure_step(ctx, batch)
+        ctx.log(values)
+        self.history.append({"step": step, **values})
+
+
+class HessianCallback(PeriodicMeasurement):
     """Log the top-k Hessian eigenvalues (and optionally the trace) every ``every_k_steps`` training steps.
 
     ``batch``: the data to measure on (default: ``ctx.analysis_batch``); any form accepted by
@@ -51,9 +81,8 @@ class HessianCallback:
         block_size: int = 1,
         tol: float | None = 1e-3,
     ):
-        self.every_k_steps = check_int(every_k_steps, "every_k_steps")
+        super().__init__(check_int(every_k_steps, "every_k_steps"), batch)
         self.k = check_int(k, "k")
-        self.batch = batch
         self.trace_samples = check_int(trace_samples, "trace_samples", minimum=0)
         if self.trace_samples == 1:
             raise ValueError("trace_samples: expected 0 (no trace) or >= 2 (a standard error needs 2), got 1")
@@ -62,7 +91,6 @@ class HessianCallback:
         self.trace_method = check_choice(trace_method, "trace_method", TRACE_METHODS)
         self.block_size = check_int(block_size, "block_size")
         self.tol = tol
-        self.history: list[dict[str, float]] = []
 
     def measure(self, loss_fn: Any, params: Any, batch: Any, step: int) -> dict[str, float]:
         """The metrics this callback logs, for ``loss_fn`` at ``params`` on ``batch`` (step folds into the key)."""
@@ -87,24 +115,9 @@ class HessianCallback:
         metrics["hessian_seconds"] = time.perf_counter() - start
         return metrics
 
-    def on_train_begin(self, ctx: Any) -> None:
-        """Start a fresh history for this run."""
-        self.history = []
-
-    def on_step_end(self, ctx: Any) -> None:
-        """Every ``every_k_steps`` steps: measure at ``ctx.state.params`` and ``ctx.log`` the metrics."""
-        step = int(ctx.step)
-        if step % self.every_k_steps:
-            return
-        batch = self.batch if self.batch is not None else getattr(ctx, "analysis_batch", None)
-        if batch is None:
-            raise ValueError(
-                "batch: HessianCallback needs data; pass batch=... or run fit with an analysis batch "
-                "(ctx.analysis_batch is None)"
-            )
-        metrics = self.measure(ctx.loss_fn(), ctx.state.params, batch, step)
-        ctx.log(metrics)
-        self.history.append({"step": step, **metrics})
+    def measure_step(self, ctx: Any, batch: Any) -> dict[str, float]:
+        """:meth:`measure` at the training state's parameters (called every ``every_k_steps`` steps)."""
+        return self.measure(ctx.loss_fn(), ctx.state.params, batch, int(ctx.step))
 
     def on_train_end(self, ctx: Any) -> None:
         """Nothing to flush: every measurement was logged through ``ctx.log`` when it was made."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,8 +157,10 @@ def _set_joint(tree: Any, layer: _Layer, matrix: jax.Array) -> Any:
     return _replace(tree, layer.path, leaf)
 
 
-def _factorable(module: nn.Module, args: tuple) -> _Layer | str:
+def _factorable(module: Any, args: tuple) -> _Layer | str:
     """The layer description when K-FAC can factor this call, else the reason it cannot."""
+    import flax.linen as nn  # here, not at import: the curvature engine runs without Flax
+
     path = tuple(module.path)
     has_bias = bool(getattr(module, "use_bias", False))
     if type(module) is nn.Dense:
@@ -202,6 +203,8 @@ def _inputs(x: jax.Array, layer: _Layer) -> jax.Array:
 
 def _discover(predict_fn: Callable, params: Any, x: Any) -> tuple[tuple, tuple, dict]:
     """(factorable layers in call order, {name: why not} for the other parameterised modules, {name: output shape})."""
+    import flax.linen as nn
+
     calls: list = []
 
     def interceptor(next_fun, args, kwargs, context):
@@ -281,6 +284,8 @@ def _output_cotangents(output_loss, outputs, y, kind, key):
 def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, kind, key, fallback_paths):
     """Σ over the batch of every layer's (A, G) sums, the per-example gradients' columns needed by EKFAC, and the
     fallback parameters' exact diagonal sum."""
+    import flax.linen as nn
+
     x, y = batch
     names = ["/".join(layer.path) for layer in layers]
     zeros = {name: jnp.zeros(shape, jax.tree.leaves(params)[0].dtype) for name, shape in shapes}

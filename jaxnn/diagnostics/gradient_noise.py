@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnn.curvature.operators import join_functions, precise_jit, split_functions
+from jaxnn.curvature.callback import PeriodicMeasurement
 
 
 @dataclasses.dataclass
@@ -121,25 +122,14 @@ def gradient_noise(loss_fn: Callable, params: Any, batch: Any, *, example_loss_f
     return GradientNoise(count, whole["gradient_norm_sq"], whole["trace_covariance"], whole["noise_scale"], layers)
 
 
-class GradientNoiseCallback:
+class GradientNoiseCallback(PeriodicMeasurement):
     """A ``fit`` callback: every ``every_k_steps`` steps, :func:`gradient_noise` of the eval-mode loss on ``batch``
     (default: the fit's analysis batch) into metrics.jsonl (``grad_noise/scale``, ``grad_noise/trace_cov``,
     ``grad_noise/norm_sq``, ``grad_snr/LAYER``); ``history`` keeps every measurement."""
 
     def __init__(self, every_k_steps: int, batch: Any = None, *, chunk_size: int = 256):
-        if isinstance(every_k_steps, bool) or not isinstance(every_k_steps, int) or every_k_steps < 1:
-            raise ValueError(f"every_k_steps must be an integer >= 1, got {every_k_steps!r}")
-        self.every_k_steps, self.batch, self.chunk_size = every_k_steps, batch, chunk_size
-        self.history: list[dict] = []
+        super().__init__(every_k_steps, batch)
+        self.chunk_size = chunk_size
 
-    def on_train_begin(self, ctx: Any) -> None:
-        self.history = []
-
-    def on_step_end(self, ctx: Any) -> None:
-        step = int(ctx.step)
-        if step % self.every_k_steps:
-            return
-        batch = self.batch if self.batch is not None else ctx.analysis_batch
-        scalars = gradient_noise(ctx.loss_fn(), ctx.state.params, batch, chunk_size=self.chunk_size).scalars()
-        ctx.log(scalars)
-        self.history.append({"step": step, **scalars})
+    def measure_step(self, ctx: Any, batch: Any) -> dict:
+        return gradient_noise(ctx.loss_fn(), ctx.state.params, batch, chunk_size=self.chunk_size).scalars()

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnn.curvature.callback import PeriodicMeasurement
+
 LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.ConvLocal, nn.Embed)
 UPDATE_RATIO_BAND = (1e-4, 1e-2)  # a decade either side of the ~1e-3 rule of thumb
 SATURATION = {"tanh": "tanh", "sigmoid": "sigmoid", "hard_tanh": "tanh", "soft_sign": "tanh"}
@@ -245,26 +247,15 @@ def _flags(activations: list[dict], gradients: list[dict], saturation: str | Non
     return flags
 
 
-class LayerStatisticsCallback:
+class LayerStatisticsCallback(PeriodicMeasurement):
     """A ``fit`` callback: every ``every_k_steps`` steps, :func:`layer_statistics` on ``batch`` (default: the fit's
     analysis batch) into metrics.jsonl as ``act_std/LAYER``, ``dead/LAYER``, ``grad_norm/PARAM``,
     ``update_ratio/PARAM``; ``history`` keeps every measurement."""
 
     def __init__(self, every_k_steps: int, batch: Any = None, *, loss: Any = "softmax_cross_entropy",
                  layers: Any = None):
-        if isinstance(every_k_steps, bool) or not isinstance(every_k_steps, int) or every_k_steps < 1:
-            raise ValueError(f"every_k_steps must be an integer >= 1, got {every_k_steps!r}")
-        self.every_k_steps, self.batch, self.loss, self.layers = every_k_steps, batch, loss, layers
-        self.history: list[dict] = []
+        super().__init__(every_k_steps, batch)
+        self.loss, self.layers = loss, layers
 
-    def on_train_begin(self, ctx: Any) -> None:
-        self.history = []
-
-    def on_step_end(self, ctx: Any) -> None:
-        step = int(ctx.step)
-        if step % self.every_k_steps:
-            return
-        batch = self.batch if self.batch is not None else ctx.analysis_batch
-        scalars = layer_statistics(ctx.state, batch, loss=self.loss, layers=self.layers).scalars()
-        ctx.log(scalars)
-        self.history.append({"step": step, **scalars})
+    def measure_step(self, ctx: Any, batch: Any) -> dict:
+        return layer_statistics(ctx.state, batch, loss=self.loss, layers=self.layers).scalars()
