@@ -62,6 +62,9 @@ class OptimizerConfig:
     boundaries: tuple = ()                # step schedule: fractions of total steps (<1) or step numbers
     restart_period: int | None = None     # warm restarts: steps per cycle
     end_lr_fraction: float = 0.0          # cosine schedules decay to lr * end_lr_fraction
+    kfac_damping: float = 0.1             # kfac: added to the Kronecker eigenvalues (fixed: no adaptive damping yet)
+    kfac_decay: float = 0.95              # kfac: running average of the factors
+    kfac_inverse_every: int = 10          # kfac: steps between eigendecompositions of the factors
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,12 +45,23 @@ def _lbfgs(o, lr):
     return optax.lbfgs(learning_rate=lr)
 
 
+def _kfac(o, lr):
+    # K-FAC preconditioning (its update receives the batch and the model from the train step), then momentum SGD.
+    from jaxnn.curvature.kfac import kfac_preconditioner
+
+    return optax.chain(kfac_preconditioner(damping=o.kfac_damping, decay=o.kfac_decay,
+                                           inverse_every=o.kfac_inverse_every),
+                       optax.sgd(lr, momentum=o.momentum))
+
+
 OPTIMIZERS: dict[str, Callable] = {
     "sgd": _sgd, "momentum": _momentum, "nesterov": _nesterov, "adagrad": _adagrad,
-    "rmsprop": _rmsprop, "adam": _adam, "adamw": _adamw, "lbfgs": _lbfgs,
+    "rmsprop": _rmsprop, "adam": _adam, "adamw": _adamw, "lbfgs": _lbfgs, "kfac": _kfac,
 }
 # Optimizers whose update needs the loss value and a value_fn (line search).
 NEEDS_VALUE_FN = ("lbfgs",)
+# Optimizers whose update needs the batch, the model and the loss (curvature statistics).
+NEEDS_BATCH = ("kfac",)
 
 
 def _resolve_boundary(b: float, total_steps: int) -> int:

@@ -53,7 +53,7 @@ from jaxnn.curvature.gradient_direction import (
     predicted_loss_change,
 )
 from jaxnn.curvature.influence import InfluenceResult, SelfInfluenceResult, influence, self_influence
-from jaxnn.curvature.kfac import KFAC, kfac
+from jaxnn.curvature.kfac import KFAC, kfac, kfac_preconditioner
 from jaxnn.curvature.krylov import LanczosResult, bottom_eigenvalues, lanczos, top_eigenvalues
 from jaxnn.curvature.operators import CurvatureOperator, fisher, ggn, hessian, linear_operator, tree_vdot
 from jaxnn.curvature.power import PowerIterationResult, power_iteration
@@ -115,6 +115,7 @@ __all__ = [
     "hessian_diagonal",
     "influence",
     "kfac",
+    "kfac_preconditioner",
     "lanczos",
     "layer_blocks",
     "layer_names",

@@ -24,7 +24,7 @@ as one more row, so that the product is A W G.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -402,3 +402,97 @@ def kfac(predict_fn: Callable, output_loss: Callable, params: Any, data: Any, *,
     return KFAC(params, layers, factors, eigen, corrected, diagonal, fallback_paths, kind, count)
 
 
+
+
+class KfacPreconditionerState(NamedTuple):
+    count: jax.Array  # int32: updates done
+    factors: dict  # {layer: (A, G)}: running averages of the statistics
+    eigen: dict  # {layer: (s_A, U_A, s_G, U_G)} of the factors at the last inversion
+    key: jax.Array  # for the sampled labels of kind "fisher"
+
+
+def _slots(params: Any) -> dict:
+    """{layer name: (rows of A, rows of G)} for every parameter dict holding a 2-D (Dense) or 4-D (2-D Conv) kernel:
+    the layers K-FAC may factor, known from the parameters alone (the model is only seen at the first update)."""
+    slots: dict = {}
+
+    def visit(prefix, node):
+        if not isinstance(node, dict):
+            return
+        kernel = node.get("kernel")
+        if kernel is not None and not isinstance(kernel, dict) and np.ndim(kernel) in (2, 4):
+            slots["/".join(prefix)] = (int(np.prod(np.shape(kernel)[:-1])) + ("bias" in node), int(np.shape(kernel)[-1]))
+        for key, value in node.items():
+            visit(prefix + (key,), value)
+
+    visit((), params)
+    return slots
+
+
+def kfac_preconditioner(*, damping: float = 1e-3, decay: float = 0.95, statistics_every: int = 1,
+                        inverse_every: int = 10, kind: str = "fisher", seed: int = 0):
+    """K-FAC as an optax transformation: every factored layer's gradient W becomes (A ⊗ G + δI)⁻¹W (in the Kronecker
+    eigenbasis), the other parameters' gradients pass unchanged; chain it before the step, e.g.
+    ``optax.chain(kfac_preconditioner(), optax.sgd(lr, momentum=0.9))``. Its ``update`` needs the batch and the model:
+    ``tx.update(grads, state, params, batch=(x, y), predict_fn=..., output_loss=...)`` (``jaxnn train`` passes them
+    for ``optimizer.name: kfac``). The factors are running averages (``decay``) of one batch's statistics, refreshed
+    every ``statistics_every`` updates; their eigendecompositions every ``inverse_every`` (Martens & Grosse 2015).
+    ``kind``: "fisher" (labels sampled from the model: the true Fisher, K-FAC's own choice), "empirical" or "ggn"."""
+    import optax
+
+    kind = check_choice(kind, "kind", KFAC_KINDS)
+    for value, name in ((statistics_every, "statistics_every"), (inverse_every, "inverse_every")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    if not (damping > 0 and 0 <= decay < 1):
+        raise ValueError(f"damping must be > 0 and decay in [0, 1); got damping={damping}, decay={decay}")
+
+    def init(params):
+        dtype = jax.tree.leaves(params)[0].dtype
+        slots = _slots(params)
+        factors = {name: (jnp.eye(a, dtype=dtype), jnp.eye(g, dtype=dtype)) for name, (a, g) in slots.items()}
+        eigen = {name: (jnp.ones(a, dtype), jnp.eye(a, dtype=dtype), jnp.ones(g, dtype), jnp.eye(g, dtype=dtype))
+                 for name, (a, g) in slots.items()}
+        return KfacPreconditionerState(jnp.zeros((), jnp.int32), factors, eigen, jax.random.PRNGKey(seed))
+
+    def update(updates, state, params=None, *, batch=None, predict_fn=None, output_loss=None, **extra):
+        del extra
+        if params is None or batch is None or predict_fn is None or output_loss is None:
+            raise ValueError("kfac_preconditioner: update needs params, batch=(x, y), predict_fn=(params, x) -> outputs "
+                             "and output_loss=(outputs, y) -> mean loss")
+        layers, _, shapes = _discover(predict_fn, params, batch[0])
+        layers = tuple(layer for layer in layers if "/".join(layer.path) in state.factors)
+        names = ["/".join(layer.path) for layer in layers]
+        key, sample_key = jax.random.split(state.key)
+
+        def refreshed(factors):
+            a_sums, g_sums, _, _ = _batch_statistics(predict_fn, output_loss, params, batch, layers,
+                                                     tuple((n, shapes[n]) for n in names), kind, sample_key, ())
+            count = jax.tree.leaves(batch[0])[0].shape[0]
+            weight = jnp.where(state.count == 0, 0.0, decay)  # the first statistics replace the identity start
+            new = dict(factors)
+            for name in names:
+                a, g = factors[name]
+                new[name] = (weight * a + (1 - weight) * a_sums[name] / count,
+                             weight * g + (1 - weight) * g_sums[name] / count)
+            return new
+
+        factors = jax.lax.cond(state.count % statistics_every == 0, refreshed, lambda f: dict(f), state.factors)
+
+        def inverted(factors):
+            out = dict(state.eigen)
+            for name in names:
+                s_a, u_a = jnp.linalg.eigh(factors[name][0])
+                s_g, u_g = jnp.linalg.eigh(factors[name][1])
+                out[name] = (jnp.clip(s_a, 0.0), u_a, jnp.clip(s_g, 0.0), u_g)
+            return out
+
+        eigen = jax.lax.cond(state.count % inverse_every == 0, inverted, lambda f: dict(state.eigen), factors)
+        for layer, name in zip(layers, names):
+            s_a, u_a, s_g, u_g = eigen[name]
+            w = _joint(updates, layer)
+            preconditioned = u_a @ ((u_a.T @ w @ u_g) / (s_a[:, None] * s_g[None, :] + damping)) @ u_g.T
+            updates = _set_joint(updates, layer, preconditioned)
+        return updates, KfacPreconditionerState(state.count + 1, factors, eigen, key)
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -220,6 +220,7 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
         eval_batch_size: int = 512, callbacks: Sequence[Callback] = (), checkpointer: Checkpointer | None = None,
         checkpoint_every: int | None = None, run_dir: str | pathlib.Path | None = None, start_step: int = 0,
         nan_guard: bool = True, progress: bool = True, mesh=None, needs_value_fn: bool = False,
+        needs_batch: bool = False,
         steps_per_call: int = 1, device_resident: bool | None = None, mode: str = "jit") -> FitResult:
     """Train ``state`` for ``num_steps`` optimizer steps on ``dataset.train``; evaluate on ``dataset.val``.
 
@@ -268,7 +269,8 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     checkpoint_every = checkpoint_every or eval_every
 
     train_step = make_train_step(loss, schedule, grad_accum_steps=grad_accum_steps, classification=classification,
-                                 needs_value_fn=needs_value_fn, mode=mode, mesh=None if mode == "jit" else mesh)
+                                 needs_value_fn=needs_value_fn, needs_batch=needs_batch, mode=mode,
+                                 mesh=None if mode == "jit" else mesh)
     eval_step = make_eval_step(loss, classification=classification)
     eval_size = eval_batch_size_for(dataset, eval_batch_size, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
@@ -282,7 +284,7 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
         source = _ResidentData(dataset.train, batch_size, seed, steps_per_call, mesh)
         resident_steps = make_resident_train_steps(
             loss, schedule, grad_accum_steps=grad_accum_steps, classification=classification,
-            needs_value_fn=needs_value_fn, batch_size=batch_size, steps_per_epoch=source.steps_per_epoch,
+            needs_value_fn=needs_value_fn, needs_batch=needs_batch, batch_size=batch_size, steps_per_epoch=source.steps_per_epoch,
             batch_sharding=batch_sharding if mesh.devices.size > 1 else None, mode=mode,
             mesh=None if mode == "jit" else mesh)
     else:

@@ -180,7 +180,8 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
                      eval_every=t.eval_every, callbacks=callbacks, checkpointer=checkpointer,
                      checkpoint_every=cfg.checkpoint.every_steps, run_dir=run_dir, start_step=start_step,
                      nan_guard=t.nan_guard, progress=t.progress, mesh=mesh,
-                     needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN, steps_per_call=t.steps_per_call,
+                     needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN,
+                     needs_batch=cfg.optimizer.name in optim.NEEDS_BATCH, steps_per_call=t.steps_per_call,
                      mode=cfg.parallel.mode)
     except NonFiniteLossError as error:
         if checkpointer is not None:
@@ -228,7 +229,8 @@ def hunt_nonfinite(cfg: config_lib.Config, dataset: data_lib.Dataset, run_dir: p
         state = fit(state, dataset, loss=t.loss, batch_size=t.batch_size, num_steps=step - 1, schedule=schedule,
                     seed=_data_seed(cfg), grad_accum_steps=t.grad_accum_steps, log_every=step, eval_every=step,
                     start_step=start, nan_guard=False, progress=False,
-                    needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN).state
+                    needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN,
+                    needs_batch=cfg.optimizer.name in optim.NEEDS_BATCH).state
     rows = _batch_rows(len(dataset.train), t.batch_size, _data_seed(cfg), step - 1, 1)[0]
     return find_nonfinite(state, (dataset.train.x[rows], dataset.train.y[rows]), loss=t.loss, step=step)
 

@@ -31,7 +31,7 @@ def _tree_norm(tree):
 
 @functools.lru_cache(maxsize=32)
 def make_train_step(loss: Callable | str, schedule: Callable | None = None, *, grad_accum_steps: int = 1,
-                    classification: bool = True, needs_value_fn: bool = False, donate: bool = True,
+                    classification: bool = True, needs_value_fn: bool = False, needs_batch: bool = False, donate: bool = True,
                     mode: str = "jit", mesh=None) -> Callable:
     """``train_step(state, batch, full_metrics=True) -> (state, metrics)``, jitted.
 
@@ -48,9 +48,10 @@ def make_train_step(loss: Callable | str, schedule: Callable | None = None, *, g
     """
     donated = (0,) if donate else ()
     if mode == "jit":
-        step = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn)
+        step = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, needs_batch=needs_batch)
         return jax.jit(step, donate_argnums=donated, static_argnums=(2,))
-    per_device = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, DATA_AXIS)
+    per_device = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, DATA_AXIS,
+                                    needs_batch=needs_batch)
     if mode == "shard_map":
         def step(state, batch, full_metrics=True):
             return _shard_mapped(per_device, mesh, full_metrics)(state, batch)
@@ -96,7 +97,7 @@ def _resident_batch(state: TrainState, data, permutations, first_epoch, batch_si
 
 @functools.lru_cache(maxsize=32)
 def make_resident_train_steps(loss: Callable | str, schedule: Callable | None = None, *, grad_accum_steps: int = 1,
-                              classification: bool = True, needs_value_fn: bool = False, batch_size: int,
+                              classification: bool = True, needs_value_fn: bool = False, needs_batch: bool = False, batch_size: int,
                               steps_per_epoch: int, batch_sharding=None, mode: str = "jit",
                               mesh=None) -> Callable:
     """``train_steps(state, data, permutations, num_steps, full_last) -> (state, metrics)``, jitted, state donated.
@@ -109,9 +110,10 @@ def make_resident_train_steps(loss: Callable | str, schedule: Callable | None = 
     batch is gathered globally, then each device steps on its slice); pmap takes host batches (``make_train_step``).
     """
     if mode == "jit":
-        step = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn)
+        step = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, needs_batch=needs_batch)
     elif mode == "shard_map":
-        per_device = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, DATA_AXIS)
+        per_device = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, DATA_AXIS,
+                                    needs_batch=needs_batch)
         step = lambda state, batch, full: _shard_mapped(per_device, mesh, full)(state, batch)  # noqa: E731
     else:
         raise ValueError(f"device-resident training runs with parallel.mode 'jit' or 'shard_map', got {mode!r}")
@@ -134,7 +136,7 @@ def make_resident_train_steps(loss: Callable | str, schedule: Callable | None = 
 
 
 def _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn,
-                   axis_name: str | None = None) -> Callable:
+                   axis_name: str | None = None, *, needs_batch: bool = False) -> Callable:
     """The un-jitted ``step(state, batch, full_metrics)`` shared by every compiled form.
 
     With ``axis_name`` it is the per-device step of explicit SPMD (``shard_map``/``pmap``): ``batch`` is this
@@ -189,7 +191,20 @@ def _step_function(loss, schedule, grad_accum_steps, classification, needs_value
         if axis_name is not None:
             grads, value, acc = jax.lax.pmean((grads, value, acc), axis_name)
 
-        if needs_value_fn:
+        if needs_batch:  # K-FAC: its statistics come from this batch through the eval-mode model
+            if axis_name is not None:
+                raise ValueError("optimizer kfac: its statistics are not all-reduced over devices yet; use "
+                                 "parallel.mode jit on one device")
+
+            def predict_fn(params, x):
+                return state.apply_fn({"params": params, **state.model_state}, x)
+
+            def output_loss(outputs, y):
+                return jnp.mean(per_example(outputs, y))
+
+            updates, opt_state = state.tx.update(grads, state.opt_state, state.params, batch=batch,
+                                                 predict_fn=predict_fn, output_loss=output_loss)
+        elif needs_value_fn:
             def value_fn(params):
                 local = micro_loss(params, state.model_state, batch, dropout_rng)[0]
                 return local if axis_name is None else jax.lax.pmean(local, axis_name)
