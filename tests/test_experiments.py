@@ -760,7 +760,7 @@ def test_influence_noisy_labels_smoke_and_its_rankings_against_sklearn(tmp_path)
     noisy, mask = module.flip_labels(labels, 0.1, 10, seed=3)
     assert mask.sum() == 10 and np.all(noisy[mask] != labels[mask]) and np.all(noisy[~mask] == labels[~mask])
 
-    record = run_experiment("influence_noisy_labels", smoke=True, overrides={"seeds": 1, "limit": 250, "mlp_width": 4,
+    record = run_experiment("influence_noisy_labels", smoke=True, overrides={"seeds": 1, "limit": 150, "mlp_width": 4,
                                                                             "lbfgs_steps": 100},
                             out_dir=tmp_path, progress=False)
     measured = record["measured"]
