@@ -435,7 +435,8 @@ def kfac_preconditioner(*, damping: float = 1e-3, decay: float = 0.95, statistic
     eigenbasis), the other parameters' gradients pass unchanged; chain it before the step, e.g.
     ``optax.chain(kfac_preconditioner(), optax.sgd(lr, momentum=0.9))``. Its ``update`` needs the batch and the model:
     ``tx.update(grads, state, params, batch=(x, y), predict_fn=..., output_loss=...)`` (``jaxnn train`` passes them
-    for ``optimizer.name: kfac``). The factors are running averages (``decay``) of one batch's statistics, refreshed
+    for ``optimizer.name: kfac``; in a per-device step, ``axis_name=`` all-reduces the statistics over the devices).
+    The factors are running averages (``decay``) of one batch's statistics, refreshed
     every ``statistics_every`` updates; their eigendecompositions every ``inverse_every`` (Martens & Grosse 2015).
     ``kind``: "fisher" (labels sampled from the model: the true Fisher, K-FAC's own choice), "empirical" or "ggn"."""
     import optax
@@ -455,7 +456,8 @@ def kfac_preconditioner(*, damping: float = 1e-3, decay: float = 0.95, statistic
                  for name, (a, g) in slots.items()}
         return KfacPreconditionerState(jnp.zeros((), jnp.int32), factors, eigen, jax.random.PRNGKey(seed))
 
-    def update(updates, state, params=None, *, batch=None, predict_fn=None, output_loss=None, **extra):
+    def update(updates, state, params=None, *, batch=None, predict_fn=None, output_loss=None, axis_name=None,
+               **extra):
         del extra
         if params is None or batch is None or predict_fn is None or output_loss is None:
             raise ValueError("kfac_preconditioner: update needs params, batch=(x, y), predict_fn=(params, x) -> outputs "
@@ -469,6 +471,8 @@ def kfac_preconditioner(*, damping: float = 1e-3, decay: float = 0.95, statistic
             a_sums, g_sums, _, _ = _batch_statistics(predict_fn, output_loss, params, batch, layers,
                                                      tuple((n, shapes[n]) for n in names), kind, sample_key, ())
             count = jax.tree.leaves(batch[0])[0].shape[0]
+            if axis_name is not None:  # a per-device step: the statistics of the whole batch are the devices' sums
+                a_sums, g_sums, count = jax.lax.psum((a_sums, g_sums, count), axis_name)
             weight = jnp.where(state.count == 0, 0.0, decay)  # the first statistics replace the identity start
             new = dict(factors)
             for name in names:

@@ -191,11 +191,7 @@ def _step_function(loss, schedule, grad_accum_steps, classification, needs_value
         if axis_name is not None:
             grads, value, acc = jax.lax.pmean((grads, value, acc), axis_name)
 
-        if needs_batch:  # K-FAC: its statistics come from this batch through the eval-mode model
-            if axis_name is not None:
-                raise ValueError("optimizer kfac: its statistics are not all-reduced over devices yet; use "
-                                 "parallel.mode jit on one device")
-
+        if needs_batch:  # K-FAC: its statistics come from this batch (all devices') through the eval-mode model
             def predict_fn(params, x):
                 return state.apply_fn({"params": params, **state.model_state}, x)
 
@@ -203,7 +199,7 @@ def _step_function(loss, schedule, grad_accum_steps, classification, needs_value
                 return jnp.mean(per_example(outputs, y))
 
             updates, opt_state = state.tx.update(grads, state.opt_state, state.params, batch=batch,
-                                                 predict_fn=predict_fn, output_loss=output_loss)
+                                                 predict_fn=predict_fn, output_loss=output_loss, axis_name=axis_name)
         elif needs_value_fn:
             def value_fn(params):
                 local = micro_loss(params, state.model_state, batch, dropout_rng)[0]
