@@ -125,10 +125,11 @@ def test_curvature_command_writes_report(two_runs, tmp_path, capsys):
 
 
 def test_laplace_command_against_an_explicit_gauss_newton(two_runs, tmp_path, capsys, x64):
-    """jaxnn laplace --structure full (float64, 200 training examples): the log marginal likelihood at the tuned prior
-    precision equals log p(D|θ*) − ½δ‖θ*‖² + (d/2) log δ − ½ log det(n JᵀH_outJ/n + δI) built here from jax.jacrev of
-    the logits and the softmax Hessian diag(p) − ppᵀ, and δ is a maximum (1.1x either side is lower); the MAP
-    numbers equal the test split's cross-entropy and accuracy; the figure."""
+    """jaxnn laplace --structure last_layer (float64, 200 training examples): the log marginal likelihood at the tuned
+    prior precision equals log p(D|θ*) − ½δ‖θ_head‖² + (d/2) log δ − ½ log det(JᵀH_outJ + δI) built here from
+    jax.jacrev of the logits in the head's parameters and the softmax Hessian diag(p) − ppᵀ, and δ is a maximum (1.1x
+    either side is lower); the MAP numbers equal the test split's cross-entropy and accuracy; the figure. (The full
+    and K-FAC structures: tests/test_laplace.py, against closed forms and laplace-torch.)"""
     import jax
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
@@ -136,34 +137,34 @@ def test_laplace_command_against_an_explicit_gauss_newton(two_runs, tmp_path, ca
     from jaxnn.train import load_run
 
     out = tmp_path / "laplace"
-    assert main(["laplace", str(two_runs[0]), "--structure", "full", "--train-limit", "200", "--out", str(out),
+    assert main(["laplace", str(two_runs[0]), "--structure", "last_layer", "--train-limit", "200", "--out", str(out),
                  "--x64"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "laplace.json").read_text())
-    assert "Laplace (full, 1,210 parameters, 200 training examples)" in printed and report["prior_precision_tuned"]
-    assert (out / "laplace.png").stat().st_size > 10_000
+    assert "Laplace (last_layer, 170 parameters, 200 training examples)" in printed and report["subset"] == "head"
+    assert report["prior_precision_tuned"] and (out / "laplace.png").stat().st_size > 10_000
     with jax.enable_x64(True):
         loaded = load_run(two_runs[0])
         state = loaded.state
-        flat, unravel = ravel_pytree(jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), state.params))
-        logits_of = lambda f, x: state.apply_fn({"params": unravel(f)}, x)  # noqa: E731
+        params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), state.params)
+        head, unravel = ravel_pytree(params["head"])
+        logits_of = lambda f, x: state.apply_fn({"params": {**params, "head": unravel(f)}}, x)  # noqa: E731
         x = jnp.asarray(loaded.dataset.train.x[:200], jnp.float64)
         y = np.asarray(loaded.dataset.train.y[:200])
-        logits = logits_of(flat, x)
-        p = np.asarray(jax.nn.softmax(logits))
-        jacobian = np.asarray(jax.jacrev(lambda f: logits_of(f, x))(flat))  # (200, 10, d)
+        p = np.asarray(jax.nn.softmax(logits_of(head, x)))
+        jacobian = np.asarray(jax.jacrev(lambda f: logits_of(f, x))(head))  # (200, 10, 170)
         output_hessians = np.einsum("nc,cd->ncd", p, np.eye(10)) - np.einsum("nc,nd->ncd", p, p)
         gauss_newton = np.einsum("nci,ncd,ndj->ij", jacobian, output_hessians, jacobian)  # n × the mean loss's GGN
         log_likelihood = float(np.sum(np.log(p[np.arange(200), y])))
 
         def evidence(delta):
-            return (log_likelihood - 0.5 * delta * float(flat @ flat) + 0.5 * flat.size * np.log(delta)
-                    - 0.5 * np.linalg.slogdet(gauss_newton + delta * np.eye(flat.size))[1])
+            return (log_likelihood - 0.5 * delta * float(head @ head) + 0.5 * head.size * np.log(delta)
+                    - 0.5 * np.linalg.slogdet(gauss_newton + delta * np.eye(head.size))[1])
 
         delta = report["prior_precision"]
         assert report["log_marginal_likelihood"] == pytest.approx(evidence(delta), rel=1e-8)
         assert evidence(delta) > max(evidence(1.1 * delta), evidence(delta / 1.1))
-        test_logits = state.apply_fn({"params": unravel(flat)}, jnp.asarray(loaded.dataset.test.x, jnp.float64))
+        test_logits = state.apply_fn({"params": params}, jnp.asarray(loaded.dataset.test.x, jnp.float64))
         test_y = np.asarray(loaded.dataset.test.y)
         log_p = np.asarray(jax.nn.log_softmax(test_logits))
         assert report["map"]["nll"] == pytest.approx(-np.mean(log_p[np.arange(len(test_y)), test_y]), rel=1e-10)
