@@ -281,27 +281,33 @@ def _output_cotangents(output_loss, outputs, y, kind, key):
     return jax.vmap(jax.grad(per_example))(outputs, y)[None]
 
 
+def perturbed_layers(perturbations: dict, inputs: dict):
+    """A context in which every layer named in ``perturbations`` (module path joined by "/") has
+    ``perturbations[name]`` added to its output and its input recorded in ``inputs[name]``: differentiating in a zero
+    perturbation gives the layer's output gradients (K-FAC's statistics, per-example gradient norms)."""
+    import flax.linen as nn
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        name = "/".join(context.module.path)
+        if context.method_name == "__call__" and name in perturbations:
+            inputs[name] = args[0]
+            out = out + perturbations[name]
+        return out
+
+    return nn.intercept_methods(interceptor)
+
+
 def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, kind, key, fallback_paths):
     """Σ over the batch of every layer's (A, G) sums, the per-example gradients' columns needed by EKFAC, and the
     fallback parameters' exact diagonal sum."""
-    import flax.linen as nn
-
     x, y = batch
     names = ["/".join(layer.path) for layer in layers]
     zeros = {name: jnp.zeros(shape, jax.tree.leaves(params)[0].dtype) for name, shape in shapes}
 
     def forward(perturbations):
         inputs = {}
-
-        def interceptor(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            name = "/".join(context.module.path)
-            if context.method_name == "__call__" and name in perturbations:
-                inputs[name] = args[0]
-                out = out + perturbations[name]
-            return out
-
-        with nn.intercept_methods(interceptor):
+        with perturbed_layers(perturbations, inputs):
             outputs = predict_fn(params, x)
         return outputs, inputs
 

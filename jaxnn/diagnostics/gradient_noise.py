@@ -90,9 +90,7 @@ def _ghost_sums(arrays, skeleton, params, batch, layers, shapes):
     parameters all sit in Dense layers: one backward pass of Σ_i ℓ_i also gives each layer's per-example
     output gradients (a zero perturbation added to its output), and a layer's per-example weight gradient is
     Σ_t a_t g_tᵀ, whose squared norm is Σ_{t,t'} (a_t·a_t')(g_t·g_t') (‖a‖²‖g‖² for one position; Goodfellow 2015)."""
-    import flax.linen as nn
-
-    from jaxnn.curvature.kfac import _inputs
+    from jaxnn.curvature.kfac import _inputs, perturbed_layers
 
     example_loss_fn = join_functions(arrays, skeleton)
     count = jax.tree.leaves(batch)[0].shape[0]
@@ -101,16 +99,7 @@ def _ghost_sums(arrays, skeleton, params, batch, layers, shapes):
 
     def total(p, perturbations):
         inputs = {}
-
-        def interceptor(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            name = "/".join(context.module.path)
-            if context.method_name == "__call__" and name in perturbations:
-                inputs[name] = args[0]
-                out = out + perturbations[name]
-            return out
-
-        with nn.intercept_methods(interceptor):
+        with perturbed_layers(perturbations, inputs):
             return example_loss_fn(p, batch) * count, inputs  # the mean over the batch, times n: Σ_i ℓ_i
 
     (param_grads, output_grads), inputs = jax.grad(total, argnums=(0, 1), has_aux=True)(params, zeros)
