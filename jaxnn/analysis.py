@@ -134,20 +134,27 @@ def influence_for_run(run: str | pathlib.Path | LoadedRun, *, test_indices: tupl
 
 
 def laplace_for_run(run: str | pathlib.Path | LoadedRun, *, structure: str = "kfac", train_limit: int | None = None,
-                    prior_precision: float | None = None, step: Any = "latest",
+                    prior_precision: float | None = None, tune: str = "marglik", step: Any = "latest",
                     out_dir: str | pathlib.Path | None = None, draw: Any = None) -> dict:
     """The Laplace approximation of a classification run (:func:`jaxnn.laplace.laplace`, GGN of the eval-mode model
     on its training split, the first ``train_limit`` examples) -> laplace.json + laplace.png: the structure, the prior
-    precision (tuned by the marginal likelihood unless given), the log marginal likelihood, and on the test split
-    the NLL, accuracy and expected calibration error of the MAP network and of the Laplace (probit) predictive, with
-    a reliability diagram of both."""
+    precision (given, or tuned: ``tune="marglik"`` maximises the marginal likelihood, ``"val_nll"`` minimises the
+    predictive's NLL on the run's validation split), the log marginal likelihood, and on the test split the NLL,
+    accuracy and expected calibration error of the MAP network and of the Laplace (probit) predictive, with a
+    reliability diagram of both. The run's weight decay is recorded: without it the weights are no posterior mode
+    under a Gaussian prior and the marginal likelihood's δ tends to give underconfident predictions."""
     from jaxnn import laplace as laplace_lib
 
     loaded = _loaded(run, step)
     if loaded.config.train.loss != "softmax_cross_entropy":
         raise ValueError(f"jaxnn laplace: needs a classification run trained with softmax_cross_entropy; this run's "
                          f"loss is {loaded.config.train.loss!r}")
-    train, test = loaded.dataset.train, loaded.dataset.test
+    train, test, val = loaded.dataset.train, loaded.dataset.test, loaded.dataset.val
+    if tune not in laplace_lib.PRIOR_METHODS:
+        raise ValueError(f"tune: expected one of {', '.join(laplace_lib.PRIOR_METHODS)}, got {tune!r}")
+    if prior_precision is None and tune == "val_nll" and len(val) == 0:
+        raise ValueError("jaxnn laplace --tune val_nll: this run has no validation split (data.val_fraction = 0); "
+                         "use --tune marglik or --prior-precision")
     count = len(train) if train_limit is None else min(int(train_limit), len(train))
     state = loaded.state
 
@@ -157,13 +164,16 @@ def laplace_for_run(run: str | pathlib.Path | LoadedRun, *, structure: str = "kf
     fitted = laplace_lib.laplace(predict, state.params, (np.asarray(train.x[:count]), np.asarray(train.y[:count])),
                                  structure=structure, prior_precision=prior_precision or 1.0)
     if prior_precision is None:
-        fitted.optimize_prior_precision()
+        fitted.optimize_prior_precision(method=tune, val=(np.asarray(val.x), np.asarray(val.y)) if tune == "val_nll"
+                                        else None)
     x_test, y_test = np.asarray(test.x), np.asarray(test.y)
     map_probabilities = np.asarray(jax.nn.softmax(predict(state.params, x_test), axis=-1))
     laplace_probabilities = np.asarray(fitted.predictive(x_test))
     report = {"run": {"run_dir": str(loaded.run_dir), "step": loaded.step}, "structure": structure,
               "num_train": count, "num_params": fitted.num_params, "subset": fitted.subset,
               "prior_precision": fitted.prior_precision, "prior_precision_tuned": prior_precision is None,
+              "tune": None if prior_precision is not None else tune,
+              "weight_decay": float(loaded.config.optimizer.weight_decay),
               "log_marginal_likelihood": fitted.log_marginal_likelihood(), "num_test": int(len(y_test)),
               "map": laplace_lib.calibration(map_probabilities, y_test),
               "laplace": laplace_lib.calibration(laplace_probabilities, y_test)}
@@ -184,12 +194,20 @@ def laplace_for_run(run: str | pathlib.Path | LoadedRun, *, structure: str = "kf
 
 def describe_laplace(report: dict) -> str:
     m, la = report["map"], report["laplace"]
-    tuned = "tuned by the marginal likelihood" if report["prior_precision_tuned"] else "given"
-    return (f"Laplace ({report['structure']}, {report['num_params']:,} parameters, {report['num_train']} training "
+    tuned = {"marglik": "tuned by the marginal likelihood", "val_nll": "tuned by validation NLL",
+             None: "given"}[report.get("tune")]
+    text = (f"Laplace ({report['structure']}, {report['num_params']:,} parameters, {report['num_train']} training "
             f"examples): prior precision {report['prior_precision']:.4g} ({tuned}), log marginal likelihood "
             f"{report['log_marginal_likelihood']:.6g}\n"
             f"test ({report['num_test']}): MAP     NLL {m['nll']:.4f}  accuracy {m['accuracy']:.4f}  ECE {m['ece']:.4f}\n"
             f"            Laplace NLL {la['nll']:.4f}  accuracy {la['accuracy']:.4f}  ECE {la['ece']:.4f}")
+    if report.get("tune") == "marglik" and la["nll"] > m["nll"]:
+        cause = (" The run was trained without weight decay, so its weights are no posterior mode under a Gaussian "
+                 "prior and the marginal likelihood's δ is known to make the predictive underconfident."
+                 if not report.get("weight_decay") else "")
+        text += (f"\nnote: the Laplace predictive's test NLL is worse than the MAP's.{cause} Try --tune val_nll (δ "
+                 f"by validation NLL), or train with weight decay.")
+    return text
 
 
 def describe_influence(report: dict) -> str:

@@ -98,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="posterior precision: K-FAC blocks (default), exact diagonal, the last layer's dense GGN, or "
                         "the full dense GGN (small models)")
     p.add_argument("--prior-precision", type=float, default=None,
-                   help="fixed prior precision (default: maximise the marginal likelihood)")
+                   help="fixed prior precision (default: tuned, see --tune)")
+    p.add_argument("--tune", choices=["marglik", "val_nll"], default="marglik",
+                   help="how the prior precision is tuned: maximise the marginal likelihood (default), or minimise "
+                        "the predictive's NLL on the run's validation split (for a run trained without weight decay)")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--step", default="latest", help="checkpoint: latest, best or a step number")
     p.add_argument("--out", help="output folder (default: the run folder)")
@@ -351,8 +354,8 @@ def _dispatch(args) -> int:
             return 0
         if args.command == "laplace":
             report = analysis.laplace_for_run(args.run_dir, structure=args.structure, train_limit=args.train_limit,
-                                              prior_precision=args.prior_precision, step=args.step, out_dir=args.out,
-                                              draw=draw)
+                                              prior_precision=args.prior_precision, tune=args.tune, step=args.step,
+                                              out_dir=args.out, draw=draw)
             print(analysis.describe_laplace(report))
             return 0
         if args.command == "influence":

@@ -171,6 +171,14 @@ def test_laplace_command_against_an_explicit_gauss_newton(two_runs, tmp_path, ca
         assert report["map"]["accuracy"] == pytest.approx(np.mean(log_p.argmax(1) == test_y))
     assert 0 <= report["laplace"]["ece"] < 1  # probit only rescales logits: the predicted classes barely move
     assert abs(report["laplace"]["accuracy"] - report["map"]["accuracy"]) < 0.05
+    assert report["tune"] == "marglik" and report["weight_decay"] == 0.0
+    if report["laplace"]["nll"] > report["map"]["nll"]:  # this run has no weight decay: the note says so
+        assert "trained without weight decay" in printed and "--tune val_nll" in printed
+    # δ by validation NLL instead: the run's validation split, the printed line says which
+    assert main(["laplace", str(two_runs[0]), "--structure", "last_layer", "--train-limit", "200", "--out", str(out),
+                 "--tune", "val_nll", "--x64"]) == 0
+    assert "tuned by validation NLL" in capsys.readouterr().out
+    assert json.loads((out / "laplace.json").read_text())["tune"] == "val_nll"
 
 
 def test_influence_command_against_a_dense_hessian(two_runs, tmp_path, capsys, x64):

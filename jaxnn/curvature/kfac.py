@@ -27,6 +27,7 @@ import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,6 +44,7 @@ class _Layer:
     conv: tuple = ()  # (kernel_size, strides, padding, input_dilation, kernel_dilation) for "conv"
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KFAC:
     """Kronecker-factored curvature. ``factors``: {layer name: (A, G)}; ``eigen``: {layer name: (s_A, U_A, s_G, U_G)};
@@ -50,14 +52,14 @@ class KFAC:
     exact diagonal for the parameters of ``fallback`` layers (a pytree like ``params`` with zeros elsewhere)."""
 
     params: Any
-    layers: tuple
+    layers: tuple = dataclasses.field(metadata=dict(static=True))
     factors: dict
     eigen: dict
     corrected: dict | None
     diagonal: Any
-    fallback: tuple
-    kind: str
-    num_examples: int
+    fallback: tuple = dataclasses.field(metadata=dict(static=True))
+    kind: str = dataclasses.field(metadata=dict(static=True))
+    num_examples: int = dataclasses.field(metadata=dict(static=True))
 
     @property
     def names(self) -> list[str]:
@@ -83,10 +85,12 @@ class KFAC:
             out = _set_joint(out, layer, product)
         return out
 
-    def inverse_matvec(self, v: Any, damping: float) -> Any:
+    def inverse_matvec(self, v: Any, damping: Any) -> Any:
         """(K + δI)⁻¹ v: per block in its Kronecker eigenbasis, (s + δ)⁻¹ elementwise; the fallback diagonal's
-        (d + δ)⁻¹. ``damping`` must be > 0 unless every eigenvalue is positive."""
-        if not damping > 0 and min(float(jnp.min(self._block_values(n))) for n in self.names) <= 0:
+        (d + δ)⁻¹. ``damping`` must be > 0 unless every eigenvalue is positive (checked when it is a number; it may be
+        traced, and the operator itself is a pytree, so both can be jit arguments or vmapped)."""
+        if (isinstance(damping, (int, float)) and not damping > 0
+                and min(float(jnp.min(self._block_values(n))) for n in self.names) <= 0):
             raise ValueError(f"damping: K-FAC has zero eigenvalues; expected damping > 0, got {damping}")
         out = jax.tree.map(lambda d, x: x / (d + damping), self.diagonal, v)
         for layer, name in zip(self.layers, self.names):
@@ -94,6 +98,61 @@ class KFAC:
             w = _joint(v, layer)
             out = _set_joint(out, layer, u_a @ ((u_a.T @ w @ u_g) / (self._block_values(name) + damping)) @ u_g.T)
         return out
+
+    def output_gram(self, predict_fn: Callable, x: Any, damping: Any) -> jax.Array:
+        """(B, C, C): J_b (K + δI)⁻¹ J_bᵀ for every example b of ``x``, J_b the Jacobian of its C (flattened) outputs
+        of ``predict_fn(params, x)`` in the parameters -- the Laplace predictive's covariance -- without forming J:
+        a factored layer's rows are Σ_t a_t g_ctᵀ (inputs a, output gradients g of output c, from one forward pass
+        and C backward passes of the batch), so in the Kronecker eigenbasis a Dense layer costs O(d_in² + C d_out²)
+        per example instead of O(C d_in d_out (d_in + d_out)); the fallback parameters by their per-example
+        Jacobian and diagonal. Examples must not interact in ``predict_fn`` (eval-mode normalisation)."""
+        layers, _, shapes = _discover(predict_fn, self.params, x)
+        if tuple(layers) != tuple(self.layers):
+            raise ValueError("output_gram: predict_fn calls other layers than the ones this K-FAC was built on")
+        dtype = jax.tree.leaves(self.params)[0].dtype
+        zeros = {name: jnp.zeros(shapes[name], dtype) for name in self.names}
+
+        def forward(perturbations):
+            inputs: dict = {}
+            with perturbed_layers(perturbations, inputs):
+                outputs = predict_fn(self.params, x)
+            return outputs.reshape(outputs.shape[0], -1), inputs
+
+        outputs, pullback, inputs = jax.vjp(forward, zeros, has_aux=True)
+        count, classes = outputs.shape
+        cotangents = jnp.broadcast_to(jnp.eye(classes, dtype=outputs.dtype)[:, None, :], (classes, count, classes))
+        gradients = jax.vmap(lambda c: pullback(c)[0])(cotangents)  # {name: (C, B, *layer output)}
+        gram = jnp.zeros((count, classes, classes), outputs.dtype)
+        for layer, name in zip(self.layers, self.names):
+            _, u_a, _, u_g = self.eigen[name]
+            a = _inputs(inputs[name], layer) @ u_a  # (B, T, i) in the eigenbasis
+            g = gradients[name].reshape(classes, count, a.shape[1], -1) @ u_g  # (C, B, T, o)
+            inverse = 1 / (self._block_values(name) + damping)  # (i, o)
+            if a.shape[1] == 1:  # rank one per example: Σ_ij a_i² g_cj g_dj / (s_ij + δ)
+                weights = (a[:, 0] ** 2) @ inverse  # (B, o)
+                gram = gram + jnp.einsum("cbo,bo,dbo->bcd", g[:, :, 0], weights, g[:, :, 0])
+            else:
+                rows = jnp.einsum("bti,cbto->cbio", a, g)
+                gram = gram + jnp.einsum("cbio,io,dbio->bcd", rows, inverse, rows)
+        if self.fallback:
+            paths = [tuple(name.split("/")) for name in self.fallback]
+            held = {name: _subtree(self.params, path) for name, path in zip(self.fallback, paths)}
+            diagonal = jax.flatten_util.ravel_pytree(
+                {name: _subtree(self.diagonal, path) for name, path in zip(self.fallback, paths)})[0]
+
+            def example_outputs(sub, xi):
+                full = self.params
+                for name, path in zip(self.fallback, paths):
+                    full = _replace(full, path, sub[name])
+                return predict_fn(full, jax.tree.map(lambda leaf: leaf[None], xi)).reshape(-1)
+
+            def rows_of(xi):
+                jacobian = jax.jacrev(example_outputs)(held, xi)
+                return jax.vmap(lambda tree: jax.flatten_util.ravel_pytree(tree)[0])(jacobian)
+
+            rows = jax.lax.map(rows_of, x, batch_size=32)  # (B, C, d_fallback)
+            gram = gram + jnp.einsum("bci,i,bdi->bcd", rows, 1 / (diagonal + damping), rows)
+        return gram
 
     def eigenvalues(self) -> dict:
         """{layer name: all eigenvalues of its block, descending}, the fallback parameters' diagonal entries under

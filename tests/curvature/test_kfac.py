@@ -73,6 +73,15 @@ def exact_ggn(predict, params, batch):
     return dense(curvature.ggn(predict, cross_entropy, params, batch))
 
 
+def check_output_gram(operator, matrix, predict, params, x, damping=0.01):
+    """K-FAC's output Gram J_b (K + δI)⁻¹ J_bᵀ (the Laplace predictive's covariance) against the dense K-FAC matrix
+    and jax.jacrev's per-example Jacobians."""
+    flat, unravel = ravel_pytree(params)
+    jacobians = jax.vmap(lambda xi: jax.jacrev(lambda t: predict(unravel(t), xi[None])[0].reshape(-1))(flat))(x)
+    expected = np.einsum("bci,ij,bdj->bcd", jacobians, np.linalg.inv(matrix + damping * np.eye(flat.size)), jacobians)
+    np.testing.assert_allclose(operator.output_gram(predict, x, damping), expected, rtol=1e-8, atol=1e-12)
+
+
 def test_one_example_through_one_dense_layer_is_the_exact_ggn(x64):
     params, predict, batch = setup(OneDense(), (5,), 1, 4)
     factored = curvature.kfac(predict, cross_entropy, params, batch)
@@ -93,6 +102,9 @@ def test_one_example_through_a_convolution_covering_its_input_is_the_exact_ggn(x
     assert order.size == conv_size + ravel_pytree(params["Dense_0"])[0].size
     np.testing.assert_allclose(kfac_dense[:conv_size, :conv_size], exact[:conv_size, :conv_size], atol=1e-12)
     np.testing.assert_allclose(kfac_dense[conv_size:, conv_size:], exact[conv_size:, conv_size:], atol=1e-12)
+    strided = setup(ConvNet(strides=2), (6, 5, 2), 5, 4)  # a convolution over many positions (T > 1)
+    operator = curvature.kfac(strided[1], cross_entropy, strided[0], strided[2])
+    check_output_gram(operator, dense(operator.operator()), strided[1], strided[0], strided[2][0][:3])
 
 
 @pytest.mark.parametrize("strides, padding", [(1, "SAME"), (2, "SAME")])  # VALID: the exact-GGN test above
@@ -135,11 +147,31 @@ def test_ekfac_never_worse_than_kfac_and_inverse_products_equal_dense_solves(x64
         unravel = ravel_pytree(params)[1]
         solved = ravel_pytree(operator.inverse_matvec(unravel(v), 0.01))[0]
         np.testing.assert_allclose(solved, np.linalg.solve(matrix + 0.01 * np.eye(matrix.shape[0]), v), rtol=1e-8)
+        check_output_gram(operator, matrix, predict, params, batch[0][:4])
         assert operator.trace() == pytest.approx(np.trace(matrix), rel=1e-10)
         values = np.sort(np.concatenate(list(operator.eigenvalues().values())))
         np.testing.assert_allclose(values, np.linalg.eigvalsh(matrix), atol=1e-10)
     top = curvature.top_eigenvalues(kfac_op.operator(), k=1, progress=False)[0][0]  # an operator for every estimator
     assert float(top) == pytest.approx(np.linalg.eigvalsh(kfac_dense)[-1], rel=1e-6)
+
+
+def test_a_population_of_kfac_operators_vmaps(x64):
+    """K-FAC is a pytree: the operators of three members (different weights) stack into one, and one vmapped, jitted
+    damped inverse product with a per-member (traced) damping equals each member's dense solve."""
+    members = [setup(MLP(), (5,), 30, 3, seed=seed) for seed in range(3)]
+    predict, batch = members[0][1], members[0][2]
+    operators = [curvature.kfac(predict, cross_entropy, params, batch) for params, _, _ in members]
+    population = jax.tree.map(lambda *leaves: jnp.stack(leaves), *operators)
+    unravel = ravel_pytree(members[0][0])[1]
+    size = ravel_pytree(members[0][0])[0].size
+    v = jax.random.normal(jax.random.PRNGKey(4), (3, size), jnp.float64)
+    damping = jnp.asarray([0.01, 0.1, 1.0])
+    solve = jax.jit(jax.vmap(lambda op, w, d: ravel_pytree(op.inverse_matvec(unravel(w), d))[0]))
+    solved = solve(population, v, damping)
+    for i, operator in enumerate(operators):
+        matrix = dense(operator.operator())
+        np.testing.assert_allclose(solved[i], np.linalg.solve(matrix + float(damping[i]) * np.eye(size), v[i]),
+                                   rtol=1e-8)
 
 
 def test_layers_it_cannot_factor_get_the_exact_diagonal(x64):
@@ -152,6 +184,7 @@ def test_layers_it_cannot_factor_get_the_exact_diagonal(x64):
         "BatchNorm_0": jax.tree.map(jnp.ones_like, params["BatchNorm_0"])})[0] > 0
     np.testing.assert_allclose(flat_diagonal[mask], np.diag(exact)[mask], rtol=1e-10)
     assert not np.any(np.asarray(flat_diagonal[~mask]))
+    check_output_gram(factored, dense(factored.operator()), predict, params, batch[0][:3])  # + fallback diagonal
 
 
 def test_fisher_kinds_and_bad_input(x64):
