@@ -71,6 +71,8 @@ class Laplace:
     scale: float  # s: n or n/σ²
     curvature: Any  # full / last_layer: (eigenvalues of the GGN, eigenvectors); diag: the diagonal; kfac: a KFAC
     subset: str | None  # last_layer: the layer's name
+    layers: tuple = ()  # diag: the Dense / Conv layers whose predictive rows come from inputs and output gradients
+    fallback: tuple = ()  # diag: the other modules holding parameters (per-example Jacobians)
 
     # -- the posterior precision -------------------------------------------------------------------------------------
     def _theta(self) -> jax.Array:
@@ -162,6 +164,13 @@ class Laplace:
         outputs = self.predict_fn(params, x)
         if self.structure == "kfac":  # from the layers' inputs and output gradients, no Jacobian formed
             return outputs, curvature.output_gram(self.predict_fn, x, prior / self.scale) / self.scale
+        if self.structure == "diag" and self.layers:  # the same, in each layer's own basis
+            from jaxnn.curvature.kfac import _joint, layer_output_gram
+
+            scaled = jax.tree.map(lambda d: self.scale * d, curvature)
+            blocks = {"/".join(layer.path): (None, None, _joint(scaled, layer)) for layer in self.layers}
+            return outputs, layer_output_gram(self.predict_fn, params, x, self.layers, blocks, self.fallback, scaled,
+                                              prior)
 
         def per_example(xi):
             def f(sub):
@@ -244,6 +253,37 @@ def _ggn_diagonal(predict_fn, output_loss, params, x, y, chunk: int = 32):
     return jax.tree.map(lambda s: jnp.sum(s, axis=0) / x.shape[0], sums)
 
 
+def _head_ggn(predict_fn, output_loss, params, x, y, layer) -> np.ndarray | None:
+    """The exact GGN block of the last Dense layer when its outputs are the network's: f_i = Wᵀφ_i + b, so the block
+    is (1/n) Σ_i φ̃_iφ̃_iᵀ ⊗ H_i (φ̃ = [1, φ] with a bias, H_i the output loss's Hessian), one pass over the data
+    instead of one GGN product per parameter. None when something follows the layer (the caller takes the general
+    route)."""
+    from jaxnn.curvature.kfac import _output_cotangents, perturbed_layers
+
+    name = "/".join(layer.path)
+    inputs: dict = {}
+    with perturbed_layers({name: 0.0}, inputs):
+        outputs = predict_fn(params, x)
+    features = inputs[name]
+    head = _subtree(params, name)
+    if set(head) != ({"kernel", "bias"} if layer.has_bias else {"kernel"}) or features.ndim != 2 or outputs.ndim != 2:
+        return None
+    own = features @ head["kernel"] + (head["bias"] if layer.has_bias else 0)
+    if not np.allclose(np.asarray(own), np.asarray(outputs), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(outputs)))):
+        return None
+    if layer.has_bias:  # ravel order: bias, then the kernel's rows
+        features = jnp.concatenate([jnp.ones((features.shape[0], 1), features.dtype), features], axis=1)
+    roots = _output_cotangents(output_loss, outputs, y, "ggn", None)  # (C, B, C): H_i = Σ_k r_ki r_kiᵀ
+    hessians = jnp.einsum("kbc,kbd->bcd", roots, roots)
+    features, hessians = np.asarray(features, np.float64), np.asarray(hessians, np.float64)
+    width, classes = features.shape[1], outputs.shape[1]
+    block = np.zeros((width, classes, width, classes))
+    for c in range(classes):  # one (width x width) product per pair of outputs, no (B, width, C, C) intermediate
+        for d in range(c, classes):
+            block[:, c, :, d] = block[:, d, :, c] = (features * hessians[:, c, d, None]).T @ features
+    return block.reshape(width * classes, width * classes) / features.shape[0]
+
+
 def laplace(predict_fn: Callable, params: Any, data: tuple, *, likelihood: str = "classification",
             structure: str = "kfac", prior_precision: float = 1.0, sigma_noise: float = 1.0,
             max_params: int = 5_000) -> Laplace:
@@ -282,17 +322,26 @@ def laplace(predict_fn: Callable, params: Any, data: tuple, *, likelihood: str =
             if not dense:
                 raise ValueError("structure='last_layer': the model calls no Dense layer")
             subset = "/".join(dense[-1].path)
-        op = curvature.ggn(predict_fn, output_loss, params, data, wrt=subset)
-        matrix = np.asarray(curvature.dense_matrix(op, max_params=max_params), np.float64)
+        matrix = None if subset is None else _head_ggn(predict_fn, output_loss, params, x, y, dense[-1])
+        if matrix is None:
+            op = curvature.ggn(predict_fn, output_loss, params, data, wrt=subset)
+            matrix = np.asarray(curvature.dense_matrix(op, max_params=max_params), np.float64)
         values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
         dtype = ravel_pytree(params)[0].dtype
         fitted = (jnp.asarray(np.clip(values, 0.0, None), dtype), jnp.asarray(vectors, dtype))
-    elif structure == "diag":
+    layers, fallback = (), ()
+    if structure == "diag":
         fitted = _ggn_diagonal(predict_fn, output_loss, params, x, y)
-    else:
+        from jaxnn.curvature.kfac import _uncovered
+
+        layers, skipped, _ = _discover(predict_fn, params, x)
+        if layers:  # a Flax model: its Dense / Conv layers' predictive rows need no Jacobian
+            names = {"/".join(layer.path) for layer in layers}
+            fallback = tuple(name for name, _ in skipped) + _uncovered(params, names | {n for n, _ in skipped})
+    elif structure == "kfac":
         fitted = curvature.kfac(predict_fn, output_loss, params, data, kind="ggn")
     return Laplace(predict_fn, params, structure, likelihood, prior_precision, sigma_noise, count, log_likelihood,
-                   scale, fitted, subset)
+                   scale, fitted, subset, tuple(layers), fallback)
 
 
 def calibration(probabilities: Any, labels: Any, bins: int = 15) -> dict:

@@ -73,6 +73,11 @@ def test_diag_and_last_layer_equal_the_dense_ggn(x64):
     # Flax names the outer call first: Dense_0 is the 5 -> 3 head, called last
     last = laplace(predict, params, (x, y), structure="last_layer", prior_precision=0.5)
     assert last.subset == "Dense_0" and last.num_params == 18
+    from jaxnn.curvature.kfac import _discover
+
+    head_layer = [layer for layer in _discover(predict, params, x)[0] if layer.path == ("Dense_0",)][0]
+    head_block = laplace_lib._head_ggn(predict, laplace_lib._cross_entropy, params, x, y, head_layer)
+    np.testing.assert_allclose(head_block, dense[:18, :18], atol=1e-13)  # the one-pass route (φ̃φ̃ᵀ ⊗ H) was taken
     head = slice(0, 18)  # ravel order: Dense_0 (bias, kernel) first
     assert last.log_det_precision() == pytest.approx(np.linalg.slogdet(30 * dense[head, head] + 0.5 * np.eye(18))[1],
                                                      rel=1e-10)
@@ -125,6 +130,39 @@ def test_val_nll_tuning_is_the_optimum_of_a_predictive_by_hand(x64):
         fitted.optimize_prior_precision(method="val_nll")
     with pytest.raises(ValueError, match="method"):
         fitted.optimize_prior_precision(method="grid")
+
+
+class NormMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(jnp.tanh(nn.LayerNorm()(nn.Dense(5)(x))))
+
+
+@pytest.mark.parametrize("model", [MLP(), NormMLP()], ids=["dense", "with_layernorm"])
+def test_diag_and_kfac_predictive_covariances_equal_explicit_jacobians(x64, model):
+    """The diagonal and K-FAC predictives build J P⁻¹ Jᵀ from each layer's inputs and output gradients (and, for a
+    LayerNorm, its per-example Jacobian): equal to jax.jacrev's Jacobians against the dense precision (the exact GGN
+    diagonal; the dense K-FAC matrix)."""
+    from jax.flatten_util import ravel_pytree
+
+    from jaxnn import curvature
+
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    x = jax.random.normal(keys[0], (30, 4), jnp.float64)
+    y = jax.random.randint(keys[1], (30,), 0, 3)
+    params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(keys[2], x)["params"])
+    predict = lambda p, inputs: model.apply({"params": p}, inputs)  # noqa: E731
+    theta, unravel = ravel_pytree(params)
+    jacobians = np.asarray(jax.vmap(lambda xi: jax.jacrev(lambda t: predict(unravel(t), xi[None])[0])(theta))(x[:6]))
+    ggn = np.asarray(curvature.dense_matrix(curvature.ggn(predict, laplace_lib._cross_entropy, params, (x, y))))
+    diag = laplace(predict, params, (x, y), structure="diag", prior_precision=0.7)
+    assert diag.layers and (diag.fallback == ("LayerNorm_0",)) == isinstance(model, NormMLP)
+    kfac = laplace(predict, params, (x, y), structure="kfac", prior_precision=0.7)
+    kfac_matrix = np.asarray(curvature.dense_matrix(kfac.curvature.operator()))
+    for fitted, precision in ((diag, np.diag(30 * np.diag(ggn) + 0.7)), (kfac, 30 * kfac_matrix + 0.7 * np.eye(
+            theta.size))):
+        expected = np.einsum("bci,ij,bdj->bcd", jacobians, np.linalg.inv(precision), jacobians)
+        np.testing.assert_allclose(fitted.output_covariance(x[:6])[1], expected, rtol=1e-9, atol=1e-13)
 
 
 def test_calibration_by_hand_and_bad_input():

@@ -106,53 +106,12 @@ class KFAC:
         and C backward passes of the batch), so in the Kronecker eigenbasis a Dense layer costs O(d_in² + C d_out²)
         per example instead of O(C d_in d_out (d_in + d_out)); the fallback parameters by their per-example
         Jacobian and diagonal. Examples must not interact in ``predict_fn`` (eval-mode normalisation)."""
-        layers, _, shapes = _discover(predict_fn, self.params, x)
+        layers, _, _ = _discover(predict_fn, self.params, x)
         if tuple(layers) != tuple(self.layers):
             raise ValueError("output_gram: predict_fn calls other layers than the ones this K-FAC was built on")
-        dtype = jax.tree.leaves(self.params)[0].dtype
-        zeros = {name: jnp.zeros(shapes[name], dtype) for name in self.names}
-
-        def forward(perturbations):
-            inputs: dict = {}
-            with perturbed_layers(perturbations, inputs):
-                outputs = predict_fn(self.params, x)
-            return outputs.reshape(outputs.shape[0], -1), inputs
-
-        outputs, pullback, inputs = jax.vjp(forward, zeros, has_aux=True)
-        count, classes = outputs.shape
-        cotangents = jnp.broadcast_to(jnp.eye(classes, dtype=outputs.dtype)[:, None, :], (classes, count, classes))
-        gradients = jax.vmap(lambda c: pullback(c)[0])(cotangents)  # {name: (C, B, *layer output)}
-        gram = jnp.zeros((count, classes, classes), outputs.dtype)
-        for layer, name in zip(self.layers, self.names):
-            _, u_a, _, u_g = self.eigen[name]
-            a = _inputs(inputs[name], layer) @ u_a  # (B, T, i) in the eigenbasis
-            g = gradients[name].reshape(classes, count, a.shape[1], -1) @ u_g  # (C, B, T, o)
-            inverse = 1 / (self._block_values(name) + damping)  # (i, o)
-            if a.shape[1] == 1:  # rank one per example: Σ_ij a_i² g_cj g_dj / (s_ij + δ)
-                weights = (a[:, 0] ** 2) @ inverse  # (B, o)
-                gram = gram + jnp.einsum("cbo,bo,dbo->bcd", g[:, :, 0], weights, g[:, :, 0])
-            else:
-                rows = jnp.einsum("bti,cbto->cbio", a, g)
-                gram = gram + jnp.einsum("cbio,io,dbio->bcd", rows, inverse, rows)
-        if self.fallback:
-            paths = [tuple(name.split("/")) for name in self.fallback]
-            held = {name: _subtree(self.params, path) for name, path in zip(self.fallback, paths)}
-            diagonal = jax.flatten_util.ravel_pytree(
-                {name: _subtree(self.diagonal, path) for name, path in zip(self.fallback, paths)})[0]
-
-            def example_outputs(sub, xi):
-                full = self.params
-                for name, path in zip(self.fallback, paths):
-                    full = _replace(full, path, sub[name])
-                return predict_fn(full, jax.tree.map(lambda leaf: leaf[None], xi)).reshape(-1)
-
-            def rows_of(xi):
-                jacobian = jax.jacrev(example_outputs)(held, xi)
-                return jax.vmap(lambda tree: jax.flatten_util.ravel_pytree(tree)[0])(jacobian)
-
-            rows = jax.lax.map(rows_of, x, batch_size=32)  # (B, C, d_fallback)
-            gram = gram + jnp.einsum("bci,i,bdi->bcd", rows, 1 / (diagonal + damping), rows)
-        return gram
+        blocks = {name: (self.eigen[name][1], self.eigen[name][3], self._block_values(name)) for name in self.names}
+        return layer_output_gram(predict_fn, self.params, x, self.layers, blocks, self.fallback, self.diagonal,
+                                 damping)
 
     def eigenvalues(self) -> dict:
         """{layer name: all eigenvalues of its block, descending}, the fallback parameters' diagonal entries under
@@ -402,6 +361,63 @@ def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, ki
         for path, subtree in zip(paths, sums):
             diagonal = _replace(diagonal, path, subtree)
     return a_sums, g_sums, per_example, diagonal
+
+
+def layer_output_gram(predict_fn: Callable, params: Any, x: Any, layers: tuple, blocks: dict, fallback: tuple,
+                      diagonal: Any, damping: Any) -> jax.Array:
+    """(B, C, C): J_b (M + δI)⁻¹ J_bᵀ per example for a curvature M that is block diagonal over ``layers``, each
+    block diagonal in a Kronecker basis: ``blocks[name] = (U_A or None, U_G or None, values (i, o))`` (None: the
+    identity, i.e. an exact diagonal in the layer's (d_in(+1), d_out) layout), plus the ``diagonal`` (a pytree like
+    params) on the ``fallback`` modules' parameters. No Jacobian is formed for the layers: their rows are Σ_t a_t g_ctᵀ
+    from one forward pass and C backward passes of the batch."""
+    dtype = jax.tree.leaves(params)[0].dtype
+    _, _, shapes = _discover(predict_fn, params, x)
+    names = ["/".join(layer.path) for layer in layers]
+    zeros = {name: jnp.zeros(shapes[name], dtype) for name in names}
+
+    def forward(perturbations):
+        inputs: dict = {}
+        with perturbed_layers(perturbations, inputs):
+            outputs = predict_fn(params, x)
+        return outputs.reshape(outputs.shape[0], -1), inputs
+
+    outputs, pullback, inputs = jax.vjp(forward, zeros, has_aux=True)
+    count, classes = outputs.shape
+    cotangents = jnp.broadcast_to(jnp.eye(classes, dtype=outputs.dtype)[:, None, :], (classes, count, classes))
+    gradients = jax.vmap(lambda c: pullback(c)[0])(cotangents)  # {name: (C, B, *layer output)}
+    gram = jnp.zeros((count, classes, classes), outputs.dtype)
+    for layer, name in zip(layers, names):
+        u_a, u_g, values = blocks[name]
+        a = _inputs(inputs[name], layer)  # (B, T, i)
+        g = gradients[name].reshape(classes, count, a.shape[1], -1)  # (C, B, T, o)
+        a = a if u_a is None else a @ u_a
+        g = g if u_g is None else g @ u_g
+        inverse = 1 / (values + damping)  # (i, o)
+        if a.shape[1] == 1:  # rank one per example: Σ_ij a_i² g_ci g_dj / (m_ij + δ)
+            weights = (a[:, 0] ** 2) @ inverse  # (B, o)
+            gram = gram + jnp.einsum("cbo,bo,dbo->bcd", g[:, :, 0], weights, g[:, :, 0])
+        else:
+            rows = jnp.einsum("bti,cbto->cbio", a, g)
+            gram = gram + jnp.einsum("cbio,io,dbio->bcd", rows, inverse, rows)
+    if fallback:
+        paths = [tuple(name.split("/")) for name in fallback]
+        held = {name: _subtree(params, path) for name, path in zip(fallback, paths)}
+        flat_diagonal = jax.flatten_util.ravel_pytree(
+            {name: _subtree(diagonal, path) for name, path in zip(fallback, paths)})[0]
+
+        def example_outputs(sub, xi):
+            full = params
+            for name, path in zip(fallback, paths):
+                full = _replace(full, path, sub[name])
+            return predict_fn(full, jax.tree.map(lambda leaf: leaf[None], xi)).reshape(-1)
+
+        def rows_of(xi):
+            jacobian = jax.jacrev(example_outputs)(held, xi)
+            return jax.vmap(lambda tree: jax.flatten_util.ravel_pytree(tree)[0])(jacobian)
+
+        rows = jax.lax.map(rows_of, x, batch_size=32)  # (B, C, d_fallback)
+        gram = gram + jnp.einsum("bci,i,bdi->bcd", rows, 1 / (flat_diagonal + damping), rows)
+    return gram
 
 
 def kfac(predict_fn: Callable, output_loss: Callable, params: Any, data: Any, *, kind: str = "ggn",
