@@ -150,43 +150,9 @@ class Laplace:
         return self.prior_precision
 
     # -- the posterior over outputs ------------------------------------------------------------------------------
-    def _inverse_rows(self, curvature: Any, prior: Any, rows: Any) -> Any:
-        """P⁻¹ applied to each of a pytree of rows (leading axis: outputs), in the posterior's parameters."""
-        if self.structure in ("full", "last_layer"):
-            values, vectors = curvature
-            flat = jax.vmap(lambda tree: ravel_pytree(tree)[0])(rows)
-            return (flat @ vectors / (self.scale * values + prior)) @ vectors.T
-        diagonal = ravel_pytree(curvature)[0]  # "diag" (K-FAC: KFAC.inverse_gram)
-        flat = jax.vmap(lambda tree: ravel_pytree(tree)[0])(rows)
-        return flat / (self.scale * diagonal + prior)
-
-    def _covariance_chunk(self, curvature: Any, params: Any, prior: Any, x: Any):
-        outputs = self.predict_fn(params, x)
-        if self.structure == "kfac":  # from the layers' inputs and output gradients, no Jacobian formed
-            return outputs, curvature.output_gram(self.predict_fn, x, prior / self.scale) / self.scale
-        if self.structure == "diag" and self.layers:  # the same, in each layer's own basis
-            from jaxnn.curvature.kfac import _joint, layer_output_gram
-
-            scaled = jax.tree.map(lambda d: self.scale * d, curvature)
-            blocks = {"/".join(layer.path): (None, None, _joint(scaled, layer)) for layer in self.layers}
-            return outputs, layer_output_gram(self.predict_fn, params, x, self.layers, blocks, self.fallback, scaled,
-                                              prior)
-
-        def per_example(xi):
-            def f(sub):
-                full = sub if self.subset is None else _replace(params, self.subset, sub)
-                return self.predict_fn(full, jax.tree.map(lambda leaf: leaf[None], xi))[0]
-
-            sub = params if self.subset is None else _subtree(params, self.subset)
-            jacobian = jax.jacrev(f)(sub)  # rows: outputs
-            flat = jax.vmap(lambda tree: ravel_pytree(tree)[0])(jacobian)
-            return flat @ self._inverse_rows(curvature, prior, jacobian).T
-
-        return outputs, jax.lax.map(per_example, x, batch_size=32)
-
-    @functools.cached_property
-    def _compiled_chunk(self):
-        return jax.jit(self._covariance_chunk)  # one program for every chunk and every δ
+    @property
+    def _static(self) -> tuple:
+        return (self.predict_fn, self.structure, self.subset, self.layers, self.fallback)
 
     def output_covariance(self, x: Any, prior_precision: float | None = None) -> tuple[jax.Array, jax.Array]:
         """(f*(x), J P⁻¹ Jᵀ): the outputs at θ* (B, C) and their linearised posterior covariance (B, C, C), at
@@ -199,8 +165,8 @@ class Laplace:
         x = jax.tree.map(lambda leaf: jnp.concatenate([jnp.asarray(leaf), jnp.repeat(jnp.asarray(leaf)[-1:],
                                                                                    padded - count, axis=0)]), x)
         dtype = ravel_pytree(self.params)[0].dtype
-        parts = [self._compiled_chunk(self.curvature, self.params, jnp.asarray(prior, dtype),
-                                      jax.tree.map(lambda leaf: leaf[start:start + size], x))
+        parts = [_covariance_chunk(self._static, self.curvature, self.params, jnp.asarray(prior, dtype),
+                                   jnp.asarray(self.scale, dtype), jax.tree.map(lambda leaf: leaf[start:start + size], x))
                  for start in range(0, padded, size)]
         return tuple(jnp.concatenate(column)[:count] for column in zip(*parts))
 
@@ -222,6 +188,37 @@ class Laplace:
         noise = jax.random.normal(key, (samples, *outputs.shape), outputs.dtype)
         draws = outputs[None] + jnp.einsum("bij,sbj->sbi", root, noise)
         return jnp.mean(jax.nn.softmax(draws, axis=-1), axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one program per model and structure, for every chunk, δ and refit
+def _covariance_chunk(static: tuple, curvature: Any, params: Any, prior: Any, scale: Any, x: Any):
+    """(f*(x), J (s·M + δI)⁻¹ Jᵀ) for one chunk of examples; ``static`` = (predict_fn, structure, subset, layers,
+    fallback)."""
+    predict_fn, structure, subset, layers, fallback = static
+    outputs = predict_fn(params, x)
+    if structure == "kfac":  # from the layers' inputs and output gradients, no Jacobian formed
+        return outputs, curvature.output_gram(predict_fn, x, prior / scale) / scale
+    if structure == "diag" and layers:  # the same, in each layer's own basis
+        from jaxnn.curvature.kfac import _joint, layer_output_gram
+
+        scaled = jax.tree.map(lambda d: scale * d, curvature)
+        blocks = {"/".join(layer.path): (None, None, _joint(scaled, layer)) for layer in layers}
+        return outputs, layer_output_gram(predict_fn, params, x, layers, blocks, fallback, scaled, prior)
+
+    def jacobian_rows(xi):  # (C, d): one example's Jacobian in the posterior's parameters
+        def f(sub):
+            full = sub if subset is None else _replace(params, subset, sub)
+            return predict_fn(full, jax.tree.map(lambda leaf: leaf[None], xi))[0]
+
+        jacobian = jax.jacrev(f)(params if subset is None else _subtree(params, subset))
+        return jax.vmap(lambda tree: ravel_pytree(tree)[0])(jacobian)
+
+    rows = jax.lax.map(jacobian_rows, x, batch_size=32)  # (B, C, d)
+    if structure == "diag":
+        return outputs, jnp.einsum("bci,i,bdi->bcd", rows, 1 / (scale * ravel_pytree(curvature)[0] + prior), rows)
+    values, vectors = curvature  # full / last_layer: in the GGN's eigenbasis, one product with the eigenvectors
+    rotated = rows @ vectors
+    return outputs, jnp.einsum("bck,k,bdk->bcd", rotated, 1 / (scale * values + prior), rotated)
 
 
 def _subtree(tree: Any, name: str) -> Any:
@@ -284,6 +281,81 @@ def _head_ggn(predict_fn, output_loss, params, x, y, layer) -> np.ndarray | None
     return block.reshape(width * classes, width * classes) / features.shape[0]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _layer_signals(predict_fn, output_loss, layers, shapes, params, x, y):
+    """Per Dense layer applied to vectors: its inputs with a 1 for the bias (B, i) and its output gradients (C, B, o)
+    for each column of the square roots of the examples' output-loss Hessians."""
+    from jaxnn.curvature.kfac import _inputs, _output_cotangents, perturbed_layers
+
+    dtype = jax.tree.leaves(params)[0].dtype
+    zeros = {name: jnp.zeros(shape, dtype) for name, shape in shapes}
+
+    def forward(perturbations):
+        inputs: dict = {}
+        with perturbed_layers(perturbations, inputs):
+            outputs = predict_fn(params, x)
+        return outputs, inputs
+
+    outputs, pullback, inputs = jax.vjp(forward, zeros, has_aux=True)
+    cotangents = _output_cotangents(output_loss, outputs, y, "ggn", None)  # (C, B, ...)
+    gradients = jax.vmap(lambda c: pullback(c)[0])(cotangents)
+    names = [name for name, _ in shapes]
+    return ({n: _inputs(inputs[n], layer)[:, 0] for layer, n in zip(layers, names)},
+            {n: gradients[n] for n in names})
+
+
+def _dense_network_ggn(predict_fn, output_loss, params, x, y, budget: int = 50_000_000) -> np.ndarray | None:
+    """The exact dense GGN of a network whose parameters all sit in Dense layers applied once to vectors, without one
+    GGN product per parameter: its (l, m) block is (1/n) Σ_i (ã^l_i ã^mᵀ_i) ⊗ (Σ_c g^l_ic g^mᵀ_ic) (ã the layer's input
+    with a 1 for the bias, g_ic its output gradient for column c of the square root of example i's output-loss
+    Hessian; one forward and C backward passes of the batch), summed by one matrix product per block with the examples
+    as the inner dimension (``budget`` floats per chunk of examples). In ``ravel_pytree(params)`` order. None for
+    any other model (the caller takes the general route)."""
+    from jaxnn.curvature.kfac import _discover, _uncovered
+
+    layers, skipped, shapes = _discover(predict_fn, params, x)
+    names = ["/".join(layer.path) for layer in layers]
+    if (not layers or skipped or any(layer.kind != "dense" or len(shapes[n]) != 2 for layer, n in zip(layers, names))
+            or _uncovered(params, set(names))):
+        return None
+    a, g = _layer_signals(predict_fn, output_loss, tuple(layers), tuple((n, shapes[n]) for n in names), params, x, y)
+    a = {n: np.asarray(value, np.float64) for n, value in a.items()}  # (B, i)
+    g = {n: np.asarray(value, np.float64) for n, value in g.items()}  # (C, B, o)
+    count = len(next(iter(a.values())))
+    # where each joint (row, column) entry of a layer sits in ravel order: bias first, then the kernel's rows
+    sizes = [leaf.size for leaf in jax.tree.leaves(params)]
+    starts = dict(zip([jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]],
+                      np.cumsum([0] + sizes[:-1])))
+    order = {}
+    for layer, n in zip(layers, names):
+        kernel_start = starts[jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in (*layer.path, "kernel")))]
+        rows, columns = a[n].shape[1], g[n].shape[2]
+        index = kernel_start + np.arange((rows - layer.has_bias) * columns).reshape(-1, columns)
+        if layer.has_bias:
+            bias_start = starts[jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in (*layer.path, "bias")))]
+            index = np.concatenate([index, bias_start + np.arange(columns)[None]], axis=0)
+        order[n] = index.ravel()
+    total = sum(sizes)
+    matrix = np.zeros((total, total))
+    for i, l in enumerate(names):
+        for m in names[i:]:
+            rows_l, rows_m = a[l].shape[1], a[m].shape[1]
+            out_l, out_m = g[l].shape[2], g[m].shape[2]
+            block = np.zeros((rows_l * rows_m, out_l * out_m))
+            chunk = max(1, budget // (rows_l * rows_m + out_l * out_m))
+            for start in range(0, count, chunk):
+                part = slice(start, start + chunk)
+                inputs_outer = (a[l][part, :, None] * a[m][part, None, :]).reshape(-1, rows_l * rows_m)
+                gradients_outer = np.einsum("cbo,cbp->bop", g[l][:, part], g[m][:, part]).reshape(-1, out_l * out_m)
+                block += inputs_outer.T @ gradients_outer
+            block = block.reshape(rows_l, rows_m, out_l, out_m).transpose(0, 2, 1, 3).reshape(rows_l * out_l,
+                                                                                                rows_m * out_m)
+            matrix[np.ix_(order[l], order[m])] = block / count
+            if m != l:
+                matrix[np.ix_(order[m], order[l])] = block.T / count
+    return matrix
+
+
 def laplace(predict_fn: Callable, params: Any, data: tuple, *, likelihood: str = "classification",
             structure: str = "kfac", prior_precision: float = 1.0, sigma_noise: float = 1.0,
             max_params: int = 5_000) -> Laplace:
@@ -322,7 +394,14 @@ def laplace(predict_fn: Callable, params: Any, data: tuple, *, likelihood: str =
             if not dense:
                 raise ValueError("structure='last_layer': the model calls no Dense layer")
             subset = "/".join(dense[-1].path)
-        matrix = None if subset is None else _head_ggn(predict_fn, output_loss, params, x, y, dense[-1])
+        from jaxnn.curvature.dense import _check_size
+
+        _check_size(ravel_pytree(params if subset is None else _subtree(params, subset))[0].size, max_params,
+                    f"the {structure} Laplace precision")
+        if subset is None:
+            matrix = _dense_network_ggn(predict_fn, output_loss, params, x, y)
+        else:
+            matrix = _head_ggn(predict_fn, output_loss, params, x, y, dense[-1])
         if matrix is None:
             op = curvature.ggn(predict_fn, output_loss, params, data, wrt=subset)
             matrix = np.asarray(curvature.dense_matrix(op, max_params=max_params), np.float64)

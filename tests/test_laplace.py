@@ -165,6 +165,33 @@ def test_diag_and_kfac_predictive_covariances_equal_explicit_jacobians(x64, mode
         np.testing.assert_allclose(fitted.output_covariance(x[:6])[1], expected, rtol=1e-9, atol=1e-13)
 
 
+class NoBiasMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(6, use_bias=False)(x))
+        return nn.Dense(3)(jnp.tanh(nn.Dense(5, name="middle")(h)))
+
+
+@pytest.mark.parametrize("model", [MLP(), NoBiasMLP(), NormMLP()], ids=["mlp", "no_bias_three_layers", "layernorm"])
+def test_the_full_ggn_of_a_dense_network_in_one_pass_equals_ggn_products(x64, model):
+    """The full structure's one-pass GGN ((ããᵀ) ⊗ (Σ_c g gᵀ) per pair of layers, summed over examples) against n
+    GGN products (curvature.dense_matrix), in ravel order, cross-layer blocks included; a model with a LayerNorm
+    takes the product route (None)."""
+    from jaxnn import curvature
+
+    keys = jax.random.split(jax.random.PRNGKey(6), 3)
+    x = jax.random.normal(keys[0], (25, 4), jnp.float64)
+    y = jax.random.randint(keys[1], (25,), 0, 3)
+    params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(keys[2], x)["params"])
+    predict = lambda p, inputs: model.apply({"params": p}, inputs)  # noqa: E731
+    one_pass = laplace_lib._dense_network_ggn(predict, laplace_lib._cross_entropy, params, x, y, budget=200)
+    if isinstance(model, NormMLP):
+        assert one_pass is None
+        return
+    products = curvature.dense_matrix(curvature.ggn(predict, laplace_lib._cross_entropy, params, (x, y)))
+    np.testing.assert_allclose(one_pass, products, atol=1e-14)  # budget=200: several chunks of examples
+
+
 def test_calibration_by_hand_and_bad_input():
     p = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
     labels = np.array([0, 1, 1, 1])
