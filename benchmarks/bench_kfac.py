@@ -10,7 +10,7 @@ stops short of 1e-6 the ratio printed is a lower bound (marked "≥").
 Models: the main job's MLP (digits 64-256-256-10, 512 examples) and, unless ``--skip-resnet``, ResNet-20 (batch
 norm in eval mode, CIFAR-shaped random images, batch 256). Timings: first call (with compilation) and warm median.
 
-    python benchmarks/bench_kfac.py [--damping 1e-3] [--max-iters 300] [--skip-resnet]
+    python benchmarks/bench_kfac.py [--damping 1e-3] [--max-iters 300] [--resnet-max-iters 30] [--skip-resnet]
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--max-iters", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--resnet-max-iters", type=int, default=30,
+                        help="CG's cap on ResNet-20 (one GGN product of batch 256 takes seconds on a CPU)")
     parser.add_argument("--skip-resnet", action="store_true")
     args = parser.parse_args()
 
@@ -86,7 +88,7 @@ def main() -> None:
         images = jax.random.normal(jax.random.PRNGKey(1), (256, 32, 32, 3))
         variables = model.init(jax.random.PRNGKey(0), images[:1])
         compare("ResNet-20 (CIFAR shape, batch 256)", model, variables, (images, jnp.arange(256) % 10),
-                args.damping, args.max_iters, args.repeats)
+                args.damping, args.resnet_max_iters, args.repeats)
 
 
 if __name__ == "__main__":

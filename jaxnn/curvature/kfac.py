@@ -24,6 +24,7 @@ as one more row, so that the product is A W G.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -220,8 +221,28 @@ def _inputs(x: jax.Array, layer: _Layer) -> jax.Array:
 
 
 def _discover(predict_fn: Callable, params: Any, x: Any) -> tuple[tuple, tuple, dict]:
-    """(factorable layers in call order, {name: why not} for the other parameterised modules, {name: output shape})."""
+    """(factorable layers in call order, {name: why not} for the other parameterised modules, {name: output shape}).
+    Cached per model function and the shapes and dtypes of ``params`` and ``x``: tracing a Flax model costs more than
+    a small model's whole K-FAC statistics pass."""
+    def signature(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, tuple(jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf)) for leaf in leaves)
+
+    try:
+        layers, skipped, shapes = _discover_cached(predict_fn, *signature(params), *signature(x))
+    except TypeError as error:  # an unhashable model function: no cache
+        if "unhashable" not in str(error):
+            raise
+        layers, skipped, shapes = _discover_cached.__wrapped__(predict_fn, *signature(params), *signature(x))
+    return layers, skipped, dict(shapes)
+
+
+@functools.lru_cache(maxsize=64)
+def _discover_cached(predict_fn: Callable, params_def, params_leaves, x_def, x_leaves) -> tuple[tuple, tuple, dict]:
     import flax.linen as nn
+
+    params = jax.tree.unflatten(params_def, params_leaves)
+    x = jax.tree.unflatten(x_def, x_leaves)
 
     calls: list = []
 
@@ -316,9 +337,11 @@ def perturbed_layers(perturbations: dict, inputs: dict):
     return nn.intercept_methods(interceptor)
 
 
-def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, kind, key, fallback_paths):
-    """Σ over the batch of every layer's (A, G) sums, the per-example gradients' columns needed by EKFAC, and the
-    fallback parameters' exact diagonal sum."""
+def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, kind, key, fallback_paths,
+                      per_example_columns: bool = True):
+    """Σ over the batch of every layer's (A, G) sums, the per-example gradients' columns needed by EKFAC (when
+    ``per_example_columns``; returning them keeps XLA from fusing them away), and the fallback parameters' exact
+    diagonal sum."""
     x, y = batch
     names = ["/".join(layer.path) for layer in layers]
     zeros = {name: jnp.zeros(shape, jax.tree.leaves(params)[0].dtype) for name, shape in shapes}
@@ -338,7 +361,8 @@ def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, ki
         g = gradients[name].reshape(cotangents.shape[0], a.shape[0], -1, gradients[name].shape[-1])  # (C, B, T, o)
         a_sums[name] = jnp.einsum("bti,btj->ij", a, a) / a.shape[1]
         g_sums[name] = jnp.einsum("cbto,cbtp->op", g, g)
-        per_example[name] = (a, g)
+        if per_example_columns:
+            per_example[name] = (a, g)
     diagonal = None
     if fallback_paths:  # exact diagonal: per example, one backward pass per column, in the fallback parameters only
         paths = [tuple(name.split("/")) for name in fallback_paths]
@@ -420,6 +444,24 @@ def layer_output_gram(predict_fn: Callable, params: Any, x: Any, layers: tuple, 
     return gram
 
 
+_statistics = jax.jit(_batch_statistics, static_argnums=(0, 1, 4, 5, 6, 8, 9))  # compiled once per model and batch shape
+
+
+@jax.jit
+def _factors_and_eigen(a_total: dict, g_total: dict, count: int) -> tuple[dict, dict]:
+    """The mean factors and their eigendecompositions (eigenvalues clipped at 0), in one program."""
+    factors = {name: (a_total[name] / count, g_total[name] / count) for name in a_total}
+    eigen = {}
+    for name, (a, g) in factors.items():
+        s_a, u_a = jnp.linalg.eigh(a)
+        s_g, u_g = jnp.linalg.eigh(g)
+        eigen[name] = (jnp.clip(s_a, 0.0), u_a, jnp.clip(s_g, 0.0), u_g)
+    return factors, eigen
+
+
+_zeros_like = jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree))
+
+
 def kfac(predict_fn: Callable, output_loss: Callable, params: Any, data: Any, *, kind: str = "ggn",
          ekfac: bool = False, key: Any = None) -> KFAC:
     """Kronecker-factored curvature of ``predict_fn(params, x)`` (it must run Flax Linen modules; their Dense and
@@ -443,25 +485,19 @@ def kfac(predict_fn: Callable, output_loss: Callable, params: Any, data: Any, *,
     fallback_paths = tuple(name for name, _ in skipped) + _uncovered(params, set(names) | {n for n, _ in skipped})
     count = sum(int(np.shape(jax.tree.leaves(b[0])[0])[0]) for b in batches)
     keys = jax.random.split(key, len(batches)) if key is not None else [None] * len(batches)
-    statistics = jax.jit(_batch_statistics, static_argnums=(0, 1, 4, 5, 6, 8))  # compiled once per batch shape
     a_total, g_total, diagonal_total, per_batch = {}, {}, None, []
     for batch, batch_key in zip(batches, keys):
         size = int(np.shape(jax.tree.leaves(batch[0])[0])[0])
         shapes = tuple((name, (size, *shapes_one[name][1:])) for name in names)
-        a_sums, g_sums, per_example, diagonal = statistics(predict_fn, output_loss, params, batch, layers, shapes,
-                                                           kind, batch_key, fallback_paths)
+        a_sums, g_sums, per_example, diagonal = _statistics(predict_fn, output_loss, params, batch, layers, shapes,
+                                                           kind, batch_key, fallback_paths, ekfac)
         for name in names:
             a_total[name] = a_total.get(name, 0) + a_sums[name]
             g_total[name] = g_total.get(name, 0) + g_sums[name]
         if diagonal is not None:
             diagonal_total = diagonal if diagonal_total is None else jax.tree.map(jnp.add, diagonal_total, diagonal)
         per_batch.append(per_example)
-    factors = {name: (a_total[name] / count, g_total[name] / count) for name in names}
-    eigen = {}
-    for name in names:
-        s_a, u_a = jnp.linalg.eigh(factors[name][0])
-        s_g, u_g = jnp.linalg.eigh(factors[name][1])
-        eigen[name] = (jnp.clip(s_a, 0.0), u_a, jnp.clip(s_g, 0.0), u_g)
+    factors, eigen = _factors_and_eigen(a_total, g_total, count)
     corrected = None
     if ekfac:
         corrected = {}
@@ -475,7 +511,7 @@ def kfac(predict_fn: Callable, output_loss: Callable, params: Any, data: Any, *,
                 total = total + jnp.sum(projected**2, axis=(0, 1))
             corrected[name] = total / count
     if diagonal_total is None:
-        diagonal = jax.tree.map(jnp.zeros_like, params)
+        diagonal = _zeros_like(params)
     else:
         diagonal = jax.tree.map(lambda d: d / count, diagonal_total)
         for layer in layers:  # a fallback module may hold a factored layer: its parameters are in its block only
@@ -526,7 +562,8 @@ def kfac_preconditioner(*, damping: float = 1e-3, decay: float = 0.95, statistic
     for value, name in ((statistics_every, "statistics_every"), (inverse_every, "inverse_every")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    if not (damping > 0 and 0 <= decay < 1):
+    # checked where they are numbers: swept in a population, they are traced
+    if isinstance(damping, (int, float)) and not damping > 0 or isinstance(decay, (int, float)) and not 0 <= decay < 1:
         raise ValueError(f"damping must be > 0 and decay in [0, 1); got damping={damping}, decay={decay}")
 
     def init(params):

@@ -250,13 +250,13 @@ def _population_strategy(strategy: str, model, input_shape, mesh) -> str:
 
 
 def _make_steps(loss, classification: bool, shared_batches: bool, dropout: bool, member_labels: bool,
-                strategy: str = "vmap"):
+                strategy: str = "vmap", needs_batch: bool = False):
     """``steps(state, alive, rates, data, labels, rows) -> (state, alive, losses, accs)`` over a chunk of members
     (``rates``: each member's dropout rate when ``dropout``; ``labels``: (members, N) training labels when
     ``member_labels``, else None; ``rows``: (steps, B), or (steps, members, B) unless ``shared_batches``); a member
     with a non-finite loss keeps its previous state from then on. "vmap": one jitted program, a ``lax.scan`` over
     the steps of the vmapped member step. "python": a :class:`_LoopedSteps` (same call)."""
-    step = _step_function(loss, None, 1, classification, False)
+    step = _step_function(loss, None, 1, classification, False, needs_batch=needs_batch)
 
     def member_step(state, alive, rate, batch):
         if dropout:
@@ -442,7 +442,7 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
                      steps_per_call: int = 50, eval_batch_size: int = 1024, progress: bool = True,
                      early_stop_patience: int | None = None, early_stop_metric: str = "val_loss",
                      eval_every: int | None = None, devices: int | None = None,
-                     strategy: str = "auto") -> PopulationResult:
+                     strategy: str = "auto", needs_batch: bool = False) -> PopulationResult:
     """Train every member of ``members`` (columns: ``seed``, ``init_scale``, ``dropout`` (the model must have dropout
     layers) and any numeric argument of ``optimizer``, one value per member; missing ones default to seed 0, scale
     1, the model's own dropout and ``optimizer_kwargs``) for
@@ -454,7 +454,9 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
     evaluations is frozen (status "early-stopped at step s") while the others go on. ``label_noise`` (a member
     column, classification only): member ``i`` trains on ``noisy_labels(train.y, p_i, C, seed_i)`` — each training
     label replaced with probability p_i by a random other class — and is evaluated on the clean labels of every split
-    (its per-step ``losses``/``accuracies`` are on the labels it trains on). ``strategy``: "vmap", "python"
+    (its per-step ``losses``/``accuracies`` are on the labels it trains on). ``needs_batch``: the optimizer's update
+    takes the batch and the eval-mode model (the K-FAC preconditioner, ``curvature.kfac_preconditioner``), as
+    ``fit(needs_batch=True)``. ``strategy``: "vmap", "python"
     (dispatched member by member and step from the host: fastest for convolutions on CPU; the former name "loop"
     still works) or "auto" (see :func:`_population_strategy`). ``devices``: shard the members over that many devices
     (-1: all; a ``members`` mesh axis; chunks are padded to a multiple of it). A chunk whose
@@ -522,7 +524,7 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
                          "with a dropout rate > 0 (each member's rate replaces it)")
     noise = "label_noise" in columns
     steps = _make_steps(loss, classification, shared_batches=not shuffle_per_member, dropout=dropout,
-                        member_labels=noise, strategy=strategy)
+                        member_labels=noise, strategy=strategy, needs_batch=needs_batch)
     per_call = max(1, min(int(steps_per_call), num_steps))
     eval_size = max(1, min(int(eval_batch_size), max(len(dataset.train), len(dataset.val), len(dataset.test))))
     worse = (lambda new, best: new >= best) if early_stop_metric == "val_loss" else (lambda new, best: new <= best)

@@ -291,6 +291,7 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
             chunk_rows, losses, state = _read_chunk(folder, template)
             log(f"members {begin}-{end - 1}: read from {folder} (finished before)")
         else:
+            from jaxnn.optim import NEEDS_BATCH
             from jaxnn.train.population import train_population
 
             result = train_population(
@@ -298,7 +299,8 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
                 num_steps=steps, loss=t.loss, batch_size=t.batch_size, data_seed=_shared_data_seed(cfg),
                 shuffle_per_member=cfg.population.shuffle_per_member, steps_per_call=cfg.population.steps_per_call,
                 progress=progress, early_stop_patience=t.early_stop_patience, early_stop_metric=t.early_stop_metric,
-                eval_every=t.eval_every, devices=cfg.parallel.devices)
+                eval_every=t.eval_every, devices=cfg.parallel.devices,
+                needs_batch=cfg.optimizer.name in NEEDS_BATCH)
             chunk_rows, losses, state = result.members, result.losses, result.state
             compile_s, run_s = compile_s + result.compile_s, run_s + result.run_s
             _write_chunk(folder, chunk_rows, losses, state)

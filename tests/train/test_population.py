@@ -308,3 +308,26 @@ def test_looped_members_of_a_conv_net_equal_fit_and_auto_picks_the_loop_on_cpu(d
                          progress=False)
     with pytest.warns(DeprecationWarning, match="strategy='loop' is now strategy='python'"):
         assert _population_strategy("loop", conv, digits.input_shape, None) == "python"
+
+
+def test_kfac_members_equal_fit_alone(digits, x64):
+    """The K-FAC preconditioner in a population (needs_batch: each member's statistics from the shared batch through
+    its own eval-mode model, vmapped): two seeds x two dampings, inverses refreshed every 3 steps, equal to fit with
+    needs_batch=True to 1e-10."""
+    from jaxnn import curvature
+
+    def kfac_sgd(learning_rate, damping):
+        return optax.chain(curvature.kfac_preconditioner(damping=damping, decay=0.9, inverse_every=3),
+                           optax.sgd(learning_rate))
+
+    members = {"seed": [0, 1], "damping": [0.1, 1.0]}
+    steps = 8
+    result = train_population(_model(), kfac_sgd, digits, members=members, optimizer_kwargs={"learning_rate": 0.1},
+                              num_steps=steps, batch_size=BATCH, steps_per_call=4, progress=False, strategy="vmap",
+                              needs_batch=True)
+    for index, (seed, damping) in enumerate(zip(members["seed"], members["damping"])):
+        state = create_train_state(_model(), kfac_sgd(0.1, damping), digits.input_shape, jax.random.PRNGKey(seed))
+        alone = fit(state, digits, batch_size=BATCH, num_steps=steps, log_every=steps, eval_every=steps,
+                    progress=False, needs_batch=True).state
+        assert _max_difference(result.member_state(index).params, alone.params) < 1e-10
+    assert result.losses[-1].max() < result.losses[0].min()  # and it trains
