@@ -70,26 +70,23 @@ def test_two_processes_train_like_one_process_and_checkpoints_move_between_topol
     np.testing.assert_allclose(moved40, final_eight, rtol=0, atol=1e-5)
 
 
-def test_curvature_and_landscape_on_two_processes_equal_one_device(tmp_path):
-    run = tmp_path / "run"
-    _jaxnn(*TRAIN, "--devices", 1, "--run-dir", run, "--set", "train.steps=20")
-    reports = {}
-    for name, prefix in (("one", ["--devices", 1]), ("two", None)):
-        out_dir = tmp_path / name
-        for command in (["curvature", run, "--k", 5, "--x64"], ["landscape", run, "--grid", 5, "--x64"]):
-            if prefix is None:
-                _jaxnn("launch", "--processes", 2, "--devices-per-process", 2, "--timeout", 240, "--",
-                       *command, "--out", out_dir)
-            else:
-                _jaxnn(*command, *prefix, "--out", out_dir)
-        saved = np.load(out_dir / "landscape.npz")
-        plane = saved[[k for k in saved.files if "plane" in k and "loss" in k][0]]
-        reports[name] = (json.loads((out_dir / "curvature.json").read_text()), plane)
+def test_curvature_and_landscape_on_two_processes_equal_one_device(analysed_run, tmp_path):
+    """2 processes x 2 devices vs one device (conftest's reference), float64: eigenvalues, trace, a 2-D landscape
+    split by data and by grid point over the hosts, to 1e-10."""
+    run, one_dir = analysed_run.run, analysed_run.one_device
+    two_dir = tmp_path / "two"
+    for command, options in (("curvature", analysed_run.curvature), ("landscape", analysed_run.landscape)):
+        _jaxnn("launch", "--processes", 2, "--devices-per-process", 2, "--timeout", 240, "--",
+               command, run, *options, "--out", two_dir)
     _jaxnn("launch", "--processes", 2, "--devices-per-process", 2, "--timeout", 240, "--",
-           "landscape", run, "--grid", 5, "--x64", "--split", "points", "--out", tmp_path / "points")
-    saved = np.load(tmp_path / "points" / "landscape.npz")
-    plane_points = saved[[k for k in saved.files if "plane" in k and "loss" in k][0]]
-    (one, plane1), (two, plane2) = reports["one"], reports["two"]
+           "landscape", run, *analysed_run.landscape, "--split", "points", "--out", tmp_path / "points")
+
+    def plane_of(out_dir):
+        saved = np.load(out_dir / "landscape.npz")
+        return saved[[k for k in saved.files if "plane" in k and "loss" in k][0]]
+
+    one, two = (json.loads((d / "curvature.json").read_text()) for d in (one_dir, two_dir))
+    plane1, plane2, plane_points = plane_of(one_dir), plane_of(two_dir), plane_of(tmp_path / "points")
     for key in ("top", "bottom"):
         assert one["eigenvalues"][key] == pytest.approx(two["eigenvalues"][key], rel=1e-10, abs=1e-12)
     assert one["trace"]["estimate"] == pytest.approx(two["trace"]["estimate"], rel=1e-10)

@@ -61,39 +61,29 @@ def _jaxnn(*args, env=None, timeout=300):
                           env=env or ENV, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parallel")
-    out = _jaxnn("train", "digits_mlp", "--run-dir", str(root / "run"), "--set", "train.steps=30",
-                 "--set", "train.progress=false", "--set", "model.kwargs={width: 24, depth: 1}", "--devices", "1")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return root / "run"
-
-
-def test_curvature_and_landscape_on_eight_devices_equal_one_device(run_dir, tmp_path):
-    """The CLI on 8 simulated devices vs 1 device, float64: top-5 eigenvalues, trace, density (data split along
-    the batch axis) and a 2-D landscape grid split by data and by grid point (25 points: padded to 8 × 4) to 1e-10."""
+def test_curvature_and_landscape_on_eight_devices_equal_one_device(analysed_run, tmp_path):
+    """The CLI on 8 simulated devices vs 1 device (conftest's reference), float64: top-5 eigenvalues, trace, density
+    (data split along the batch axis) and a 2-D landscape grid split by data and by grid point (25 points: padded to
+    8 × 4) to 1e-10."""
     import numpy as np
+
+    run_dir, one_dir = analysed_run.run, analysed_run.one_device
+    CURVATURE, LANDSCAPE = analysed_run.curvature, analysed_run.landscape
 
     def plane_of(out_dir):
         saved = np.load(out_dir / "landscape.npz")
         return saved[[k for k in saved.files if "plane" in k and "loss" in k][0]]
 
-    reports = {}
-    for devices in (1, 8):
-        out_dir = tmp_path / str(devices)
-        out = _jaxnn("curvature", str(run_dir), "--k", "5", "--density", "--x64", "--devices", str(devices),
-                     "--out", str(out_dir))
+    out_dir = tmp_path / "8"
+    for command, options in (("curvature", CURVATURE), ("landscape", LANDSCAPE)):
+        out = _jaxnn(command, str(run_dir), *options, "--devices", "8", "--out", str(out_dir))
         assert out.returncode == 0, out.stderr[-3000:]
-        out = _jaxnn("landscape", str(run_dir), "--grid", "5", "--x64", "--devices", str(devices),
-                     "--out", str(out_dir))
-        assert out.returncode == 0, out.stderr[-3000:]
-        reports[devices] = (json.loads((out_dir / "curvature.json").read_text()), plane_of(out_dir))
-    out = _jaxnn("landscape", str(run_dir), "--grid", "5", "--x64", "--devices", "8", "--split", "points",
+    out = _jaxnn("landscape", str(run_dir), *LANDSCAPE, "--devices", "8", "--split", "points",
                  "--out", str(tmp_path / "points"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((tmp_path / "points" / "landscape.json").read_text())["config"]["split"] == "points"
-    (one, plane1), (eight, plane8) = reports[1], reports[8]
+    one, eight = (json.loads((d / "curvature.json").read_text()) for d in (one_dir, out_dir))
+    plane1, plane8 = plane_of(one_dir), plane_of(out_dir)
     for key in ("top", "bottom"):
         assert one["eigenvalues"][key] == pytest.approx(eight["eigenvalues"][key], rel=1e-10, abs=1e-12)
     assert one["trace"]["estimate"] == pytest.approx(eight["trace"]["estimate"], rel=1e-10)
