@@ -172,7 +172,7 @@ def laplace_for_run(run: str | pathlib.Path | LoadedRun, *, structure: str = "kf
     report = {"run": {"run_dir": str(loaded.run_dir), "step": loaded.step}, "structure": structure,
               "num_train": count, "num_params": fitted.num_params, "subset": fitted.subset,
               "prior_precision": fitted.prior_precision, "prior_precision_tuned": prior_precision is None,
-              "tune": None if prior_precision is not None else tune,
+              "tune": None if prior_precision is not None else tune, "tuned_range": [1e-4, 1e4],
               "weight_decay": float(loaded.config.optimizer.weight_decay),
               "log_marginal_likelihood": fitted.log_marginal_likelihood(), "num_test": int(len(y_test)),
               "map": laplace_lib.calibration(map_probabilities, y_test),
@@ -201,6 +201,12 @@ def describe_laplace(report: dict) -> str:
             f"{report['log_marginal_likelihood']:.6g}\n"
             f"test ({report['num_test']}): MAP     NLL {m['nll']:.4f}  accuracy {m['accuracy']:.4f}  ECE {m['ece']:.4f}\n"
             f"            Laplace NLL {la['nll']:.4f}  accuracy {la['accuracy']:.4f}  ECE {la['ece']:.4f}")
+    low, high = report.get("tuned_range", (None, None))
+    if report.get("tune") and report["prior_precision"] in (low, high):
+        text += (f"\nnote: the tuned prior precision sits at the {'top' if report['prior_precision'] == high else 'bottom'}"
+                 f" of its range [{low:g}, {high:g}]"
+                 + (": the predictive is best with (almost) no posterior spread, i.e. as the MAP network"
+                    if report["prior_precision"] == high else "") + ".")
     if report.get("tune") == "marglik" and la["nll"] > m["nll"]:
         cause = (" The run was trained without weight decay, so its weights are no posterior mode under a Gaussian "
                  "prior and the marginal likelihood's δ is known to make the predictive underconfident."

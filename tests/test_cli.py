@@ -178,7 +178,12 @@ def test_laplace_command_against_an_explicit_gauss_newton(two_runs, tmp_path, ca
     assert main(["laplace", str(two_runs[0]), "--structure", "last_layer", "--train-limit", "200", "--out", str(out),
                  "--tune", "val_nll", "--x64"]) == 0
     assert "tuned by validation NLL" in capsys.readouterr().out
-    assert json.loads((out / "laplace.json").read_text())["tune"] == "val_nll"
+    tuned = json.loads((out / "laplace.json").read_text())
+    assert tuned["tune"] == "val_nll" and tuned["tuned_range"] == [1e-4, 1e4]
+    from jaxnn.analysis import describe_laplace
+
+    assert "top of its range" in describe_laplace(dict(tuned, prior_precision=1e4))  # δ at the edge is named
+    assert "of its range" not in describe_laplace(dict(tuned, prior_precision=3.0))
 
 
 def test_influence_command_against_a_dense_hessian(two_runs, tmp_path, capsys, x64):
