@@ -876,4 +876,6 @@ def test_laplace_calibration_smoke_against_an_explicit_last_layer_posterior(tmp_
         assert agrees == (la["test"]["accuracy"] > mp["test"]["accuracy"] - setting["accuracy_margin"])
         in_distribution = [c for claim, c in checks.items() if claim.startswith(f"digits, {label}: calibration in")][0]
         assert in_distribution == (la["test"]["nll"] < mp["test"]["nll"] and la["test"]["ece"] < mp["test"]["ece"])
+        under_shift = [c for claim, c in checks.items() if claim.startswith(f"digits, {label}: calibration under")][0]
+        assert under_shift == all(la[n]["nll"] < mp[n]["nll"] and la[n]["ece"] < mp[n]["ece"] for n in mp if n != "test")
     assert _verdict_follows_checks(record)

@@ -199,6 +199,7 @@ def test_calibration_by_hand_and_bad_input():
     assert result["accuracy"] == 0.75
     assert result["ece"] == pytest.approx(abs(0.75 - np.mean([0.9, 0.6, 0.7, 0.8])))
     assert result["nll"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.7, 0.8])))
+    assert result["confidence"] == pytest.approx(np.mean([0.9, 0.6, 0.7, 0.8]))  # 0.75 accurate: overconfident
     predict = lambda p, x: x @ p["Dense_0"]["kernel"]  # noqa: E731
     params = {"Dense_0": {"kernel": jnp.ones((2, 2))}}
     data = (jnp.ones((4, 2)), jnp.zeros(4, jnp.int32))
