@@ -286,23 +286,11 @@ def _head_ggn(predict_fn, output_loss, params, x, y, layer) -> np.ndarray | None
 def _layer_signals(predict_fn, output_loss, layers, shapes, params, x, y):
     """Per Dense layer applied to vectors: its inputs with a 1 for the bias (B, i) and its output gradients (C, B, o)
     for each column of the square roots of the examples' output-loss Hessians."""
-    from jaxnn.curvature.kfac import _inputs, _output_cotangents, perturbed_layers
+    from jaxnn.curvature.kfac import _output_cotangents, layer_signals
 
-    dtype = jax.tree.leaves(params)[0].dtype
-    zeros = {name: jnp.zeros(shape, dtype) for name, shape in shapes}
-
-    def forward(perturbations):
-        inputs: dict = {}
-        with perturbed_layers(perturbations, inputs):
-            outputs = predict_fn(params, x)
-        return outputs, inputs
-
-    outputs, pullback, inputs = jax.vjp(forward, zeros, has_aux=True)
-    cotangents = _output_cotangents(output_loss, outputs, y, "ggn", None)  # (C, B, ...)
-    gradients = jax.vmap(lambda c: pullback(c)[0])(cotangents)
-    names = [name for name, _ in shapes]
-    return ({n: _inputs(inputs[n], layer)[:, 0] for layer, n in zip(layers, names)},
-            {n: gradients[n] for n in names})
+    _, _, a, g = layer_signals(predict_fn, params, x, layers, shapes,
+                               lambda outputs: _output_cotangents(output_loss, outputs, y, "ggn", None))
+    return {n: value[:, 0] for n, value in a.items()}, {n: value[:, :, 0] for n, value in g.items()}
 
 
 def _dense_network_ggn(predict_fn, output_loss, params, x, y, budget: int = 50_000_000) -> np.ndarray | None:

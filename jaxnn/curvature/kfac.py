@@ -337,6 +337,33 @@ def perturbed_layers(perturbations: dict, inputs: dict):
     return nn.intercept_methods(interceptor)
 
 
+def layer_signals(predict_fn: Callable, params: Any, x: Any, layers: tuple, shapes: Any,
+                  cotangents_of: Callable) -> tuple[Any, Any, dict, dict]:
+    """One forward pass of ``predict_fn(params, x)`` with every layer of ``layers`` intercepted, then one backward pass
+    per column of ``cotangents_of(outputs)`` (columns, B, *output shape). Returns (outputs, cotangents, {name: the
+    layer's inputs a (B, T, d_in(+1))}, {name: its output gradients g (columns, B, T, d_out)}); ``shapes``: (name,
+    layer output shape) pairs or a dict. What K-FAC's statistics, its predictive Gram and the Laplace GGN share."""
+    shapes = dict(shapes)
+    dtype = jax.tree.leaves(params)[0].dtype
+    names = ["/".join(layer.path) for layer in layers]
+    zeros = {name: jnp.zeros(shapes[name], dtype) for name in names}
+
+    def forward(perturbations):
+        inputs: dict = {}
+        with perturbed_layers(perturbations, inputs):
+            outputs = predict_fn(params, x)
+        return outputs, inputs
+
+    outputs, pullback, inputs = jax.vjp(forward, zeros, has_aux=True)
+    cotangents = cotangents_of(outputs)
+    gradients = jax.vmap(lambda c: pullback(c)[0])(cotangents)  # {name: (columns, B, *layer output)}
+    a, g = {}, {}
+    for layer, name in zip(layers, names):
+        a[name] = _inputs(inputs[name], layer)
+        g[name] = gradients[name].reshape(cotangents.shape[0], a[name].shape[0], a[name].shape[1], -1)
+    return outputs, cotangents, a, g
+
+
 def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, kind, key, fallback_paths,
                       per_example_columns: bool = True):
     """Σ over the batch of every layer's (A, G) sums, the per-example gradients' columns needed by EKFAC (when
@@ -344,21 +371,11 @@ def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, ki
     diagonal sum."""
     x, y = batch
     names = ["/".join(layer.path) for layer in layers]
-    zeros = {name: jnp.zeros(shape, jax.tree.leaves(params)[0].dtype) for name, shape in shapes}
-
-    def forward(perturbations):
-        inputs = {}
-        with perturbed_layers(perturbations, inputs):
-            outputs = predict_fn(params, x)
-        return outputs, inputs
-
-    outputs, pullback, inputs = jax.vjp(forward, zeros, has_aux=True)
-    cotangents = _output_cotangents(output_loss, outputs, y, kind, key)
-    gradients = jax.vmap(lambda c: pullback(c)[0])(cotangents)  # {name: (columns, B, *out shape)}
+    _, cotangents, inputs, gradients = layer_signals(
+        predict_fn, params, x, layers, shapes, lambda outputs: _output_cotangents(output_loss, outputs, y, kind, key))
     a_sums, g_sums, per_example = {}, {}, {}
-    for layer, name in zip(layers, names):
-        a = _inputs(inputs[name], layer)  # (B, T, d_in+1)
-        g = gradients[name].reshape(cotangents.shape[0], a.shape[0], -1, gradients[name].shape[-1])  # (C, B, T, o)
+    for name in names:
+        a, g = inputs[name], gradients[name]  # (B, T, d_in+1), (C, B, T, o)
         a_sums[name] = jnp.einsum("bti,btj->ij", a, a) / a.shape[1]
         g_sums[name] = jnp.einsum("cbto,cbtp->op", g, g)
         if per_example_columns:
@@ -394,26 +411,20 @@ def layer_output_gram(predict_fn: Callable, params: Any, x: Any, layers: tuple, 
     identity, i.e. an exact diagonal in the layer's (d_in(+1), d_out) layout), plus the ``diagonal`` (a pytree like
     params) on the ``fallback`` modules' parameters. No Jacobian is formed for the layers: their rows are Σ_t a_t g_ctᵀ
     from one forward pass and C backward passes of the batch."""
-    dtype = jax.tree.leaves(params)[0].dtype
     _, _, shapes = _discover(predict_fn, params, x)
-    names = ["/".join(layer.path) for layer in layers]
-    zeros = {name: jnp.zeros(shapes[name], dtype) for name in names}
 
-    def forward(perturbations):
-        inputs: dict = {}
-        with perturbed_layers(perturbations, inputs):
-            outputs = predict_fn(params, x)
-        return outputs.reshape(outputs.shape[0], -1), inputs
+    def unit_columns(outputs):  # one column per output: the gradients of each output alone
+        count, classes = outputs.shape[0], int(np.prod(outputs.shape[1:]))
+        eye = jnp.broadcast_to(jnp.eye(classes, dtype=outputs.dtype)[:, None, :], (classes, count, classes))
+        return eye.reshape(classes, *outputs.shape)
 
-    outputs, pullback, inputs = jax.vjp(forward, zeros, has_aux=True)
-    count, classes = outputs.shape
-    cotangents = jnp.broadcast_to(jnp.eye(classes, dtype=outputs.dtype)[:, None, :], (classes, count, classes))
-    gradients = jax.vmap(lambda c: pullback(c)[0])(cotangents)  # {name: (C, B, *layer output)}
+    outputs, _, inputs, gradients = layer_signals(predict_fn, params, x, layers, shapes, unit_columns)
+    count, classes = outputs.shape[0], int(np.prod(outputs.shape[1:]))
     gram = jnp.zeros((count, classes, classes), outputs.dtype)
-    for layer, name in zip(layers, names):
+    for layer in layers:
+        name = "/".join(layer.path)
         u_a, u_g, values = blocks[name]
-        a = _inputs(inputs[name], layer)  # (B, T, i)
-        g = gradients[name].reshape(classes, count, a.shape[1], -1)  # (C, B, T, o)
+        a, g = inputs[name], gradients[name]  # (B, T, i), (C, B, T, o)
         a = a if u_a is None else a @ u_a
         g = g if u_g is None else g @ u_g
         inverse = 1 / (values + damping)  # (i, o)
