@@ -39,14 +39,6 @@ PRIOR_METHODS = ("marglik", "val_nll")
 CHUNK = 256  # examples per compiled predictive call
 
 
-def _cross_entropy(logits, labels):
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
-
-
-def _squared_error(outputs, targets):
-    return 0.5 * jnp.mean(jnp.sum((outputs - targets.reshape(outputs.shape)) ** 2, axis=-1))
-
-
 def _check_precision(value: Any, name: str = "prior_precision") -> float:
     try:
         value = float(value)
@@ -353,7 +345,7 @@ def laplace(predict_fn: Callable, params: Any, data: tuple, *, likelihood: str =
     Flax modules for ``structure="kfac"`` / ``"last_layer"``). ``prior_precision`` δ > 0 (tune it with
     :meth:`Laplace.optimize_prior_precision`); ``sigma_noise``: the regression noise σ. ``"full"`` is refused above
     ``max_params`` parameters."""
-    from jaxnn import curvature
+    from jaxnn import curvature, losses
     from jaxnn.curvature.kfac import _discover
 
     if likelihood not in LIKELIHOODS:
@@ -366,7 +358,7 @@ def laplace(predict_fn: Callable, params: Any, data: tuple, *, likelihood: str =
         raise ValueError("data: expected the training set as one batch (x, y)")
     x, y = data
     count = int(jax.tree.leaves(x)[0].shape[0])
-    output_loss = _cross_entropy if likelihood == "classification" else _squared_error
+    output_loss = losses.batch_mean("softmax_cross_entropy" if likelihood == "classification" else "mse")
     outputs = predict_fn(params, x)
     mean_loss = float(output_loss(outputs, y))
     if likelihood == "classification":

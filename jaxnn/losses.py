@@ -71,6 +71,63 @@ def get_loss(name: str) -> Callable:
     return LOSSES[name]
 
 
+def _softmax_root(logits, labels):
+    # H = diag(p) − ppᵀ = S Sᵀ with S = diag(√p) − p√pᵀ (because Σ p = 1). S√p = 0, so H has rank C − 1: a Householder
+    # reflection Q with Q e_m = √p makes column m of SQ zero, and the other C − 1 columns are a root too, one backward
+    # pass fewer per example. m is the least likely class (√p_m ≤ 1/√C keeps the reflection away from 0/0).
+    classes = logits.shape[-1]
+    p = jax.nn.softmax(logits, axis=-1)
+    r = jnp.sqrt(p)
+    eye = jnp.eye(classes, dtype=logits.dtype)
+    roots = eye * r[:, None, :] - p[:, :, None] * r[:, None, :]  # (B, C, C): S per example, columns last
+    if classes == 1:
+        return jnp.moveaxis(roots, 2, 0)
+    least = jnp.argmin(p, axis=-1)
+    v = r - eye[least]  # Q = I − 2vvᵀ/vᵀv, vᵀv = 2 − 2√p_m
+    reflected = roots - 2 * jnp.einsum("bij,bj,bk->bik", roots, v, v) / (2 - 2 * jnp.take_along_axis(
+        r, least[:, None], axis=1))[:, :, None]
+    keep = jnp.arange(classes - 1) + (jnp.arange(classes - 1) >= least[:, None])  # (B, C − 1): every column but m
+    return jnp.moveaxis(jnp.take_along_axis(reflected, keep[:, None, :], axis=2), 2, 0)  # (C − 1, B, C)
+
+
+def _squared_error_root(outputs, targets):
+    # H = I: the unit vectors
+    eye = jnp.eye(outputs.shape[-1], dtype=outputs.dtype)
+    return jnp.broadcast_to(eye[:, None, :], (outputs.shape[-1], *outputs.shape))
+
+
+def _sigmoid_root(logits, labels):
+    # mean over the C outputs of independent Bernoulli losses: H = diag(σ(1 − σ)) / C
+    s = jax.nn.sigmoid(logits)
+    scale = jnp.sqrt(s * (1 - s) / logits.shape[-1])
+    eye = jnp.eye(logits.shape[-1], dtype=logits.dtype)
+    return eye[:, None, :] * scale[None]
+
+
+_HESSIAN_ROOTS = {"softmax_cross_entropy": _softmax_root, "mse": _squared_error_root,
+                  "sigmoid_binary_cross_entropy": _sigmoid_root}
+
+
+@functools.lru_cache(maxsize=None)
+def batch_mean(name: str) -> Callable:
+    """The batch mean of the per-example loss ``name``: an output loss ``(outputs, targets) -> scalar``, the form
+    the curvature engine takes (``curvature.ggn``, ``curvature.kfac``, the Laplace fit). The same function object
+    for the same name (compiled programs keyed on it are shared). For softmax cross-entropy, squared error and
+    sigmoid binary cross-entropy it carries ``hessian_root(outputs, targets) -> (k, B, C)``: per example, the k columns
+    of a square root S of the loss's Hessian in the outputs (H = S Sᵀ) in closed form (k = C − 1 for softmax
+    cross-entropy, whose Hessian has rank C − 1; C for the others), which K-FAC's and Laplace's
+    statistics use where another loss forms and eigen-decomposes each example's Hessian."""
+    per_example = get_loss(name)
+
+    def output_loss(outputs, targets):
+        return jnp.mean(per_example(outputs, targets))
+
+    output_loss.__name__ = output_loss.__qualname__ = f"batch_mean_{name}"
+    if name in _HESSIAN_ROOTS:
+        output_loss.hessian_root = _HESSIAN_ROOTS[name]
+    return output_loss
+
+
 def accuracy(logits, labels):
     """Fraction of argmax(logits) == label."""
     return jnp.mean(jnp.argmax(logits, axis=-1) == labels)

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from jaxnn import laplace as laplace_lib
+from jaxnn import losses
 from jaxnn.laplace import calibration, laplace
+
+cross_entropy = losses.batch_mean("softmax_cross_entropy")  # what jaxnn.laplace fits with
 
 
 class Linear(nn.Module):
@@ -67,7 +70,7 @@ def test_diag_and_last_layer_equal_the_dense_ggn(x64):
     model = MLP()
     params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(keys[2], x)["params"])
     predict = lambda p, inputs: model.apply({"params": p}, inputs)  # noqa: E731
-    dense = np.asarray(curvature.dense_matrix(curvature.ggn(predict, laplace_lib._cross_entropy, params, (x, y))))
+    dense = np.asarray(curvature.dense_matrix(curvature.ggn(predict, cross_entropy, params, (x, y))))
     diag = laplace(predict, params, (x, y), structure="diag", prior_precision=0.5)
     assert diag.log_det_precision() == pytest.approx(np.sum(np.log(30 * np.diag(dense) + 0.5)), rel=1e-10)
     # Flax names the outer call first: Dense_0 is the 5 -> 3 head, called last
@@ -76,7 +79,7 @@ def test_diag_and_last_layer_equal_the_dense_ggn(x64):
     from jaxnn.curvature.kfac import _discover
 
     head_layer = [layer for layer in _discover(predict, params, x)[0] if layer.path == ("Dense_0",)][0]
-    head_block = laplace_lib._head_ggn(predict, laplace_lib._cross_entropy, params, x, y, head_layer)
+    head_block = laplace_lib._head_ggn(predict, cross_entropy, params, x, y, head_layer)
     np.testing.assert_allclose(head_block, dense[:18, :18], atol=1e-13)  # the one-pass route (φ̃φ̃ᵀ ⊗ H) was taken
     head = slice(0, 18)  # ravel order: Dense_0 (bias, kernel) first
     assert last.log_det_precision() == pytest.approx(np.linalg.slogdet(30 * dense[head, head] + 0.5 * np.eye(18))[1],
@@ -106,7 +109,7 @@ def test_val_nll_tuning_is_the_optimum_of_a_predictive_by_hand(x64):
     predict = lambda p, inputs: model.apply({"params": p}, inputs)  # noqa: E731
     # the MAP's own class for 20 of 25, another for 5: more uncertainty helps up to a point, not without end
     y_val = jnp.argmax(predict(params, x_val), -1).at[:5].add(1) % 3
-    ggn = np.asarray(curvature.dense_matrix(curvature.ggn(predict, laplace_lib._cross_entropy, params, (x, y))))
+    ggn = np.asarray(curvature.dense_matrix(curvature.ggn(predict, cross_entropy, params, (x, y))))
     theta, unravel = ravel_pytree(params)
     jacobians = np.asarray(jax.vmap(lambda xi: jax.jacrev(lambda t: predict(unravel(t), xi[None])[0])(theta))(x_val))
     logits = np.asarray(predict(params, x_val))
@@ -154,7 +157,7 @@ def test_diag_and_kfac_predictive_covariances_equal_explicit_jacobians(x64, mode
     predict = lambda p, inputs: model.apply({"params": p}, inputs)  # noqa: E731
     theta, unravel = ravel_pytree(params)
     jacobians = np.asarray(jax.vmap(lambda xi: jax.jacrev(lambda t: predict(unravel(t), xi[None])[0])(theta))(x[:6]))
-    ggn = np.asarray(curvature.dense_matrix(curvature.ggn(predict, laplace_lib._cross_entropy, params, (x, y))))
+    ggn = np.asarray(curvature.dense_matrix(curvature.ggn(predict, cross_entropy, params, (x, y))))
     diag = laplace(predict, params, (x, y), structure="diag", prior_precision=0.7)
     assert diag.layers and (diag.fallback == ("LayerNorm_0",)) == isinstance(model, NormMLP)
     kfac = laplace(predict, params, (x, y), structure="kfac", prior_precision=0.7)
@@ -184,11 +187,11 @@ def test_the_full_ggn_of_a_dense_network_in_one_pass_equals_ggn_products(x64, mo
     y = jax.random.randint(keys[1], (25,), 0, 3)
     params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(keys[2], x)["params"])
     predict = lambda p, inputs: model.apply({"params": p}, inputs)  # noqa: E731
-    one_pass = laplace_lib._dense_network_ggn(predict, laplace_lib._cross_entropy, params, x, y, budget=200)
+    one_pass = laplace_lib._dense_network_ggn(predict, cross_entropy, params, x, y, budget=200)
     if isinstance(model, NormMLP):
         assert one_pass is None
         return
-    products = curvature.dense_matrix(curvature.ggn(predict, laplace_lib._cross_entropy, params, (x, y)))
+    products = curvature.dense_matrix(curvature.ggn(predict, cross_entropy, params, (x, y)))
     np.testing.assert_allclose(one_pass, products, atol=1e-14)  # budget=200: several chunks of examples
 
 

@@ -102,3 +102,25 @@ def test_make_loss_fn_eval_uses_running_stats_train_uses_batch_stats():
 def test_make_loss_fn_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode"):
         losses.make_loss_fn(lambda *a, **k: None, "mse", mode="test")
+
+
+@pytest.mark.parametrize("name,labels", [("softmax_cross_entropy", np.array([0, 3, 2, 1])),
+                                         ("mse", np.arange(20.0).reshape(4, 5) / 7),
+                                         ("sigmoid_binary_cross_entropy", (np.arange(20).reshape(4, 5) % 3 == 0))])
+def test_batch_mean_hessian_root_squares_to_each_examples_hessian(name, labels):
+    """S Sᵀ equals jax.hessian of the per-example loss in the outputs (float64), example by example (one example
+    near one-hot: the softmax root's reflection stays stable); the batch mean
+    is the registry loss averaged; the same name gives the same function (compiled programs keyed on it are shared)."""
+    with jax.enable_x64(True):
+        outputs = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5)) * 2).at[3].set([30.0, 0, 0, -30, 1])
+        labels = jnp.asarray(labels)
+        output_loss = losses.batch_mean(name)
+        assert output_loss is losses.batch_mean(name)
+        np.testing.assert_allclose(output_loss(outputs, labels), np.mean(losses.get_loss(name)(outputs, labels)),
+                                   rtol=1e-14)
+        roots = output_loss.hessian_root(outputs, labels)  # (k, B, C): softmax's Hessian has rank C − 1
+        assert roots.shape == (4 if name == "softmax_cross_entropy" else 5, 4, 5)
+        for b in range(4):
+            hessian = jax.hessian(lambda f: output_loss(f[None], labels[b:b + 1]))(outputs[b])
+            np.testing.assert_allclose(roots[:, b].T @ roots[:, b], hessian, atol=1e-13)
+        assert not hasattr(losses.batch_mean("multiclass_hinge"), "hessian_root")  # no closed form: K-FAC's eigh

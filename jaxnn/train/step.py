@@ -195,8 +195,11 @@ def _step_function(loss, schedule, grad_accum_steps, classification, needs_value
             def predict_fn(params, x):
                 return state.apply_fn({"params": params, **state.model_state}, x)
 
-            def output_loss(outputs, y):
-                return jnp.mean(per_example(outputs, y))
+            if isinstance(loss, str):  # the named losses carry their output-Hessian root in closed form
+                output_loss = losses.batch_mean(loss)
+            else:
+                def output_loss(outputs, y):
+                    return jnp.mean(per_example(outputs, y))
 
             updates, opt_state = state.tx.update(grads, state.opt_state, state.params, batch=batch,
                                                  predict_fn=predict_fn, output_loss=output_loss, axis_name=axis_name)

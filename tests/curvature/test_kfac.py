@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from jaxnn import curvature
+from jaxnn import curvature, losses
 from jaxnn.curvature.kfac import _batch_statistics, _discover
 
 
@@ -105,6 +105,21 @@ def test_one_example_through_a_convolution_covering_its_input_is_the_exact_ggn(x
     strided = setup(ConvNet(strides=2), (6, 5, 2), 5, 4)  # a convolution over many positions (T > 1)
     operator = curvature.kfac(strided[1], cross_entropy, strided[0], strided[2])
     check_output_gram(operator, dense(operator.operator()), strided[1], strided[0], strided[2][0][:3])
+
+
+@pytest.mark.parametrize("name", ["softmax_cross_entropy", "mse"])
+def test_closed_form_hessian_roots_give_the_same_factors_as_eigendecompositions(x64, name):
+    """jaxnn.losses.batch_mean carries each example's output-Hessian root in closed form; the same loss written as a
+    plain function goes through jax.hessian + eigh: the factors agree (float64)."""
+    params, predict, (x, y) = setup(MLP(), (5,), 12, 3)
+    if name == "mse":
+        y = jax.random.normal(jax.random.PRNGKey(3), (12, 3), jnp.float64)
+    plain = lambda f, t: jnp.mean(losses.get_loss(name)(f, t))  # noqa: E731
+    closed = curvature.kfac(predict, losses.batch_mean(name), params, (x, y))
+    general = curvature.kfac(predict, plain, params, (x, y))
+    for layer in ("Dense_0", "Dense_1"):
+        for mine, theirs in zip(closed.factors[layer], general.factors[layer]):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("strides, padding", [(1, "SAME"), (2, "SAME")])  # VALID: the exact-GGN test above
