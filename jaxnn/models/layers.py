@@ -1,4 +1,5 @@
-"""Building blocks shared by the models: normalisation choice, parameter dtype, input checks, pooling.
+"""Building blocks shared by the models: their shared fields (checked and resolved in one place), normalisation
+choice, parameter dtype, input checks, pooling.
 
 Normalisation (``norm``):
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from jaxnn.models.activations import resolve_activation
-from jaxnn.models.initializers import resolve_initializer
+from jaxnn.models.initializers import Initializer, resolve_initializer
 from jaxnn.models.validation import (
     check_choice,
     check_kwargs_mapping,
@@ -162,28 +165,97 @@ def freeze_fields(module: nn.Module, *, sequences: tuple[str, ...] = (), mapping
             object.__setattr__(module, field, FrozenDict(value))
 
 
-def check_model_fields(
-    owner: str,
-    *,
-    num_classes: Any,
-    activation: Any,
-    kernel_init: Any,
-    kernel_init_kwargs: Any,
-    norm: Any,
-    param_dtype: Any,
-    bias_init: Any = "zeros",
-    bias_init_kwargs: Any = None,
-    dropout: Any = 0.0,
-) -> None:
-    """Validate the fields every model shares; raises with the owner, the field, the expected and the actual."""
-    check_positive_int(num_classes, "num_classes", owner)
-    resolve_activation(activation, owner)
-    resolve_initializer(
-        kernel_init, check_kwargs_mapping(kernel_init_kwargs, "kernel_init_kwargs", owner), "kernel_init", owner
-    )
-    resolve_initializer(
-        bias_init, check_kwargs_mapping(bias_init_kwargs, "bias_init_kwargs", owner), "bias_init", owner
-    )
-    check_choice(norm, "norm", owner, NORMALIZATIONS)
-    check_rate(dropout, "dropout", owner)
-    check_param_dtype(param_dtype, owner)
+OPTIONAL_SHARED_FIELDS: dict[str, Any] = {"bias_init": "zeros", "bias_init_kwargs": None, "dropout": 0.0}
+"""Shared fields a model may leave out, with the value it then behaves as (CifarResNet: bias-free convs, no dropout).
+The others (``num_classes``, ``activation``, ``kernel_init``, ``kernel_init_kwargs``, ``norm``, ``param_dtype``)
+every model declares."""
+
+
+def _shared_field(module: nn.Module, name: str) -> Any:
+    if name in OPTIONAL_SHARED_FIELDS:
+        return getattr(module, name, OPTIONAL_SHARED_FIELDS[name])
+    return getattr(module, name)
+
+
+def check_shared_fields(module: nn.Module) -> None:
+    """Validate the fields every model shares and freeze its initializer kwargs; call in ``__post_init__``.
+
+    Each model declares the fields itself (their order is its constructor's); this is the one place that checks
+    them. Errors name the model class, the field, what was expected and what was given.
+    """
+    owner = type(module).__name__
+    check_positive_int(module.num_classes, "num_classes", owner)
+    resolve_activation(module.activation, owner)
+    for argument in ("kernel_init", "bias_init"):
+        kwargs = check_kwargs_mapping(_shared_field(module, f"{argument}_kwargs"), f"{argument}_kwargs", owner)
+        resolve_initializer(_shared_field(module, argument), kwargs, argument, owner)
+    check_choice(module.norm, "norm", owner, NORMALIZATIONS)
+    check_rate(_shared_field(module, "dropout"), "dropout", owner)
+    check_param_dtype(module.param_dtype, owner)
+    kwargs_fields = tuple(name for name in ("kernel_init_kwargs", "bias_init_kwargs") if hasattr(module, name))
+    freeze_fields(module, mappings=kwargs_fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedFields:
+    """A model's shared fields resolved into what its layers take, and the layers built from them.
+
+    Made in ``__call__`` with :meth:`of` rather than stored at construction, so that ``param_dtype=None`` follows
+    ``jax_enable_x64`` as it is when the model is initialised or applied.
+    """
+
+    activation: Callable[[jax.Array], jax.Array]
+    kernel_init: Initializer
+    bias_init: Initializer
+    param_dtype: jnp.dtype
+    norm: str | None
+    dropout: float
+
+    @classmethod
+    def of(cls, module: nn.Module) -> SharedFields:
+        """Resolve the shared fields of ``module`` (already checked by :func:`check_shared_fields`)."""
+        owner = type(module).__name__
+        return cls(
+            activation=resolve_activation(module.activation, owner),
+            kernel_init=resolve_initializer(module.kernel_init, module.kernel_init_kwargs, "kernel_init", owner),
+            bias_init=resolve_initializer(
+                _shared_field(module, "bias_init"), _shared_field(module, "bias_init_kwargs"), "bias_init", owner
+            ),
+            param_dtype=resolve_param_dtype(module.param_dtype),
+            norm=module.norm,
+            dropout=_shared_field(module, "dropout"),
+        )
+
+    def dense(self, features: int, *, name: str) -> nn.Dense:
+        """A dense layer with the model's initializers and parameter dtype."""
+        return nn.Dense(
+            features, kernel_init=self.kernel_init, bias_init=self.bias_init, param_dtype=self.param_dtype, name=name
+        )
+
+    def conv(self, features: int, kernel_size: tuple[int, int], *, name: str, **options: Any) -> nn.Conv:
+        """A convolution with the model's initializers and parameter dtype; ``options`` (padding, strides,
+        use_bias) go to ``nn.Conv``."""
+        return nn.Conv(
+            features,
+            kernel_size,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            param_dtype=self.param_dtype,
+            name=name,
+            **options,
+        )
+
+    def normalize(self, h: jax.Array, *, train: bool, name: str) -> jax.Array:
+        """``h`` through the model's ``norm`` layer (see :func:`normalization_layer`), or ``h`` for ``norm=None``."""
+        layer = normalization_layer(self.norm, train=train, input_ndim=h.ndim, param_dtype=self.param_dtype, name=name)
+        return h if layer is None else layer(h)
+
+    def hidden_dense(self, h: jax.Array, widths: Sequence[int], *, train: bool, norm_name: str) -> jax.Array:
+        """Hidden layers h ← drop(act(norm(W h + b))) on (B, d) features, named ``dense_i``, ``{norm_name}_i`` and
+        ``dropout_i``; dropout only when the rate is > 0 (train mode only, rng name ``"dropout"``)."""
+        for i, width in enumerate(widths):
+            h = self.normalize(self.dense(width, name=f"dense_{i}")(h), train=train, name=f"{norm_name}_{i}")
+            h = self.activation(h)
+            if self.dropout > 0.0:
+                h = nn.Dropout(self.dropout, deterministic=not train, name=f"dropout_{i}")(h)
+        return h

@@ -8,22 +8,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from jaxnn.models.activations import resolve_activation
-from jaxnn.models.initializers import resolve_initializer
 from jaxnn.models.layers import (
+    SharedFields,
     check_image_batch,
-    check_model_fields,
-    freeze_fields,
+    check_shared_fields,
     flatten_batch,
-    normalization_layer,
+    freeze_fields,
     pool_2x2,
-    resolve_param_dtype,
 )
-from jaxnn.models.validation import (
-    check_choice,
-    check_positive_int,
-    check_positive_int_sequence,
-)
+from jaxnn.models.validation import check_choice, check_positive_int, check_positive_int_sequence
 
 
 class LeNet(nn.Module):
@@ -69,31 +62,15 @@ class LeNet(nn.Module):
         check_positive_int(self.kernel_size, "kernel_size", "LeNet")
         check_choice(self.padding, "padding", "LeNet", ("SAME", "VALID"))
         check_choice(self.pool, "pool", "LeNet", ("max", "avg"))
-        check_model_fields(
-            "LeNet",
-            num_classes=self.num_classes,
-            activation=self.activation,
-            kernel_init=self.kernel_init,
-            kernel_init_kwargs=self.kernel_init_kwargs,
-            bias_init=self.bias_init,
-            bias_init_kwargs=self.bias_init_kwargs,
-            norm=self.norm,
-            dropout=self.dropout,
-            param_dtype=self.param_dtype,
-        )
-        freeze_fields(
-            self, sequences=("conv_features", "dense_features"), mappings=("kernel_init_kwargs", "bias_init_kwargs")
-        )
+        check_shared_fields(self)
+        freeze_fields(self, sequences=("conv_features", "dense_features"))
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits (B, num_classes) for NHWC images (B, H, W, C); ``train`` selects batch statistics and dropout."""
         check_image_batch(x, "LeNet")
-        activation = resolve_activation(self.activation, "LeNet")
-        kernel_init = resolve_initializer(self.kernel_init, self.kernel_init_kwargs, "kernel_init", "LeNet")
-        bias_init = resolve_initializer(self.bias_init, self.bias_init_kwargs, "bias_init", "LeNet")
-        param_dtype = resolve_param_dtype(self.param_dtype)
+        fields = SharedFields.of(self)
         k = self.kernel_size
         padding = "VALID" if self.padding == "VALID" else [(k // 2, (k - 1) // 2)] * 2
 
@@ -104,35 +81,9 @@ class LeNet(nn.Module):
                     f"LeNet: with padding='VALID' conv layer {i} needs inputs of at least {k}x{k}; its input "
                     f"has shape {h.shape} (from x of shape {x.shape}); use padding='SAME' for small images"
                 )
-            h = nn.Conv(
-                channels,
-                (k, k),
-                padding=padding,
-                kernel_init=kernel_init,
-                bias_init=bias_init,
-                param_dtype=param_dtype,
-                name=f"conv_{i}",
-            )(h)
-            norm = normalization_layer(
-                self.norm, train=train, input_ndim=4, param_dtype=param_dtype, name=f"conv_norm_{i}"
-            )
-            if norm is not None:
-                h = norm(h)
-            h = pool_2x2(activation(h), self.pool)
+            h = fields.conv(channels, (k, k), padding=padding, name=f"conv_{i}")(h)
+            h = pool_2x2(fields.activation(fields.normalize(h, train=train, name=f"conv_norm_{i}")), self.pool)
 
         h = flatten_batch(h, "LeNet")
-        for i, width in enumerate(self.dense_features):
-            h = nn.Dense(
-                width, kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype, name=f"dense_{i}"
-            )(h)
-            norm = normalization_layer(
-                self.norm, train=train, input_ndim=2, param_dtype=param_dtype, name=f"dense_norm_{i}"
-            )
-            if norm is not None:
-                h = norm(h)
-            h = activation(h)
-            if self.dropout > 0.0:
-                h = nn.Dropout(self.dropout, deterministic=not train, name=f"dropout_{i}")(h)
-        return nn.Dense(
-            self.num_classes, kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype, name="head"
-        )(h)
+        h = fields.hidden_dense(h, self.dense_features, train=train, norm_name="dense_norm")
+        return fields.dense(self.num_classes, name="head")(h)

@@ -8,15 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from jaxnn.models.activations import resolve_activation
-from jaxnn.models.initializers import resolve_initializer
-from jaxnn.models.layers import (
-    check_model_fields,
-    freeze_fields,
-    flatten_batch,
-    normalization_layer,
-    resolve_param_dtype,
-)
+from jaxnn.models.layers import SharedFields, check_shared_fields, flatten_batch, freeze_fields
 from jaxnn.models.validation import check_positive_int_sequence
 
 
@@ -52,50 +44,13 @@ class MLP(nn.Module):
 
     def __post_init__(self) -> None:
         check_positive_int_sequence(self.features, "features", "MLP")
-        check_model_fields(
-            "MLP",
-            num_classes=self.num_classes,
-            activation=self.activation,
-            kernel_init=self.kernel_init,
-            kernel_init_kwargs=self.kernel_init_kwargs,
-            bias_init=self.bias_init,
-            bias_init_kwargs=self.bias_init_kwargs,
-            norm=self.norm,
-            dropout=self.dropout,
-            param_dtype=self.param_dtype,
-        )
-        freeze_fields(self, sequences=("features",), mappings=("kernel_init_kwargs", "bias_init_kwargs"))
+        check_shared_fields(self)
+        freeze_fields(self, sequences=("features",))
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits (B, num_classes) for inputs (B, ...); ``train`` selects batch statistics and dropout."""
-        activation = resolve_activation(self.activation, "MLP")
-        kernel_init = resolve_initializer(self.kernel_init, self.kernel_init_kwargs, "kernel_init", "MLP")
-        bias_init = resolve_initializer(self.bias_init, self.bias_init_kwargs, "bias_init", "MLP")
-        param_dtype = resolve_param_dtype(self.param_dtype)
-
-        h = flatten_batch(x, "MLP")
-        for i, width in enumerate(self.features):
-            h = nn.Dense(
-                width,
-                kernel_init=kernel_init,
-                bias_init=bias_init,
-                param_dtype=param_dtype,
-                name=f"dense_{i}",
-            )(h)
-            norm = normalization_layer(
-                self.norm, train=train, input_ndim=2, param_dtype=param_dtype, name=f"norm_{i}"
-            )
-            if norm is not None:
-                h = norm(h)
-            h = activation(h)
-            if self.dropout > 0.0:
-                h = nn.Dropout(self.dropout, deterministic=not train, name=f"dropout_{i}")(h)
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=kernel_init,
-            bias_init=bias_init,
-            param_dtype=param_dtype,
-            name="head",
-        )(h)
+        fields = SharedFields.of(self)
+        h = fields.hidden_dense(flatten_batch(x, "MLP"), self.features, train=train, norm_name="norm")
+        return fields.dense(self.num_classes, name="head")(h)

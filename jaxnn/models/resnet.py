@@ -16,15 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxnn.models.activations import resolve_activation
-from jaxnn.models.initializers import resolve_initializer
-from jaxnn.models.layers import (
-    check_image_batch,
-    check_model_fields,
-    freeze_fields,
-    normalization_layer,
-    resolve_param_dtype,
-)
+from jaxnn.models.layers import SharedFields, check_image_batch, check_shared_fields, normalization_layer
 from jaxnn.models.validation import check_positive_int
 
 RESNET_DEPTHS = (20, 32, 44, 56, 110)
@@ -134,16 +126,7 @@ class CifarResNet(nn.Module):
         if not isinstance(self.plain, bool):
             raise ValueError(f"CifarResNet: plain must be a bool; got {self.plain!r}")
         check_positive_int(self.base_width, "base_width", "CifarResNet")
-        check_model_fields(
-            "CifarResNet",
-            num_classes=self.num_classes,
-            activation=self.activation,
-            kernel_init=self.kernel_init,
-            kernel_init_kwargs=self.kernel_init_kwargs,
-            norm=self.norm,
-            param_dtype=self.param_dtype,
-        )
-        freeze_fields(self, mappings=("kernel_init_kwargs",))
+        check_shared_fields(self)
         super().__post_init__()
 
     @nn.compact
@@ -151,27 +134,10 @@ class CifarResNet(nn.Module):
         """Logits (B, num_classes) for NHWC images (B, H, W, C); ``train`` selects batch statistics."""
         check_image_batch(x, "CifarResNet")
         blocks = resnet_blocks_per_stage(self.depth)
-        activation = resolve_activation(self.activation, "CifarResNet")
-        kernel_init = resolve_initializer(
-            self.kernel_init, self.kernel_init_kwargs, "kernel_init", "CifarResNet"
-        )
-        param_dtype = resolve_param_dtype(self.param_dtype)
+        fields = SharedFields.of(self)
 
-        h = nn.Conv(
-            self.base_width,
-            (3, 3),
-            padding=[(1, 1), (1, 1)],
-            use_bias=False,
-            kernel_init=kernel_init,
-            param_dtype=param_dtype,
-            name="stem_conv",
-        )(x)
-        norm = normalization_layer(
-            self.norm, train=train, input_ndim=4, param_dtype=param_dtype, name="stem_norm"
-        )
-        if norm is not None:
-            h = norm(h)
-        h = activation(h)
+        h = fields.conv(self.base_width, (3, 3), padding=[(1, 1), (1, 1)], use_bias=False, name="stem_conv")(x)
+        h = fields.activation(fields.normalize(h, train=train, name="stem_norm"))
         for stage, multiplier in enumerate((1, 2, 4)):
             for block in range(blocks):
                 h = BasicBlock(
@@ -179,16 +145,10 @@ class CifarResNet(nn.Module):
                     stride=2 if stage > 0 and block == 0 else 1,
                     plain=self.plain,
                     norm=self.norm,
-                    activation=activation,
-                    kernel_init=kernel_init,
-                    param_dtype=param_dtype,
+                    activation=fields.activation,
+                    kernel_init=fields.kernel_init,
+                    param_dtype=fields.param_dtype,
                     name=f"stage{stage + 1}_block{block}",
                 )(h, train)
         h = jnp.mean(h, axis=(1, 2))
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=kernel_init,
-            bias_init=jax.nn.initializers.zeros,
-            param_dtype=param_dtype,
-            name="head",
-        )(h)
+        return fields.dense(self.num_classes, name="head")(h)  # no bias_init field: the bias starts at zero

@@ -8,16 +8,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from jaxnn.models.activations import resolve_activation
-from jaxnn.models.initializers import resolve_initializer
 from jaxnn.models.layers import (
+    SharedFields,
     check_image_batch,
-    check_model_fields,
-    freeze_fields,
+    check_shared_fields,
     flatten_batch,
-    normalization_layer,
+    freeze_fields,
     pool_2x2,
-    resolve_param_dtype,
 )
 from jaxnn.models.validation import check_positive_int, check_positive_int_sequence
 
@@ -57,65 +54,23 @@ class VGGSmall(nn.Module):
         check_positive_int_sequence(self.stage_features, "stage_features", "VGGSmall", allow_empty=False)
         check_positive_int(self.convs_per_stage, "convs_per_stage", "VGGSmall")
         check_positive_int_sequence(self.dense_features, "dense_features", "VGGSmall")
-        check_model_fields(
-            "VGGSmall",
-            num_classes=self.num_classes,
-            activation=self.activation,
-            kernel_init=self.kernel_init,
-            kernel_init_kwargs=self.kernel_init_kwargs,
-            bias_init=self.bias_init,
-            bias_init_kwargs=self.bias_init_kwargs,
-            norm=self.norm,
-            dropout=self.dropout,
-            param_dtype=self.param_dtype,
-        )
-        freeze_fields(
-            self, sequences=("stage_features", "dense_features"), mappings=("kernel_init_kwargs", "bias_init_kwargs")
-        )
+        check_shared_fields(self)
+        freeze_fields(self, sequences=("stage_features", "dense_features"))
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits (B, num_classes) for NHWC images (B, H, W, C); ``train`` selects batch statistics and dropout."""
         check_image_batch(x, "VGGSmall")
-        activation = resolve_activation(self.activation, "VGGSmall")
-        kernel_init = resolve_initializer(self.kernel_init, self.kernel_init_kwargs, "kernel_init", "VGGSmall")
-        bias_init = resolve_initializer(self.bias_init, self.bias_init_kwargs, "bias_init", "VGGSmall")
-        param_dtype = resolve_param_dtype(self.param_dtype)
+        fields = SharedFields.of(self)
 
         h = x
         for stage, channels in enumerate(self.stage_features):
             for j in range(self.convs_per_stage):
-                h = nn.Conv(
-                    channels,
-                    (3, 3),
-                    padding=[(1, 1), (1, 1)],
-                    kernel_init=kernel_init,
-                    bias_init=bias_init,
-                    param_dtype=param_dtype,
-                    name=f"stage{stage}_conv{j}",
-                )(h)
-                norm = normalization_layer(
-                    self.norm, train=train, input_ndim=4, param_dtype=param_dtype, name=f"stage{stage}_norm{j}"
-                )
-                if norm is not None:
-                    h = norm(h)
-                h = activation(h)
+                h = fields.conv(channels, (3, 3), padding=[(1, 1), (1, 1)], name=f"stage{stage}_conv{j}")(h)
+                h = fields.activation(fields.normalize(h, train=train, name=f"stage{stage}_norm{j}"))
             h = pool_2x2(h, "max")
 
         h = flatten_batch(h, "VGGSmall")
-        for i, width in enumerate(self.dense_features):
-            h = nn.Dense(
-                width, kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype, name=f"dense_{i}"
-            )(h)
-            norm = normalization_layer(
-                self.norm, train=train, input_ndim=2, param_dtype=param_dtype, name=f"dense_norm_{i}"
-            )
-            if norm is not None:
-                h = norm(h)
-            h = activation(h)
-            if self.dropout > 0.0:
-                h = nn.Dropout(self.dropout, deterministic=not train, name=f"dropout_{i}")(h)
-        return nn.Dense(
-            self.num_classes, kernel_init=kernel_init, bias_init=bias_init, param_dtype=param_dtype, name="head"
-        )(h)
+        h = fields.hidden_dense(h, self.dense_features, train=train, norm_name="dense_norm")
+        return fields.dense(self.num_classes, name="head")(h)
