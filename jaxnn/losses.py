@@ -71,6 +71,18 @@ def get_loss(name: str) -> Callable:
     return LOSSES[name]
 
 
+def resolve_loss(loss: Callable | str) -> Callable:
+    """The per-example loss for ``loss``: a registry name (:func:`get_loss`) or already a function ``(outputs,
+    targets) -> per-example losses``. The one place a loss name becomes a function (the training step, the
+    evaluation step, ``fit`` and :func:`make_loss_fn` all call it)."""
+    if isinstance(loss, str):
+        return get_loss(loss)
+    if not callable(loss):
+        raise TypeError(f"loss: expected a loss name ({', '.join(sorted(LOSSES))}) or a function (outputs, targets) "
+                        f"-> per-example losses, got {type(loss).__name__}")
+    return loss
+
+
 def _softmax_root(logits, labels):
     # H = diag(p) − ppᵀ = S Sᵀ with S = diag(√p) − p√pᵀ (because Σ p = 1). S√p = 0, so H has rank C − 1: a Householder
     # reflection Q with Q e_m = √p makes column m of SQ zero, and the other C − 1 columns are a root too, one backward
@@ -148,7 +160,7 @@ def make_loss_fn(apply_fn: Callable, loss: Callable | str, model_state: Any = No
     """
     if mode not in ("eval", "train"):
         raise ValueError(f"make_loss_fn mode must be 'eval' or 'train', got {mode!r}")
-    per_example = get_loss(loss) if isinstance(loss, str) else loss
+    per_example = resolve_loss(loss)
     try:
         fn = _model_loss(apply_fn, per_example, mode, float(weight_decay))
     except TypeError:  # an unhashable apply_fn or loss: no sharing, same maths

@@ -124,3 +124,12 @@ def test_batch_mean_hessian_root_squares_to_each_examples_hessian(name, labels):
             hessian = jax.hessian(lambda f: output_loss(f[None], labels[b:b + 1]))(outputs[b])
             np.testing.assert_allclose(roots[:, b].T @ roots[:, b], hessian, atol=1e-13)
         assert not hasattr(losses.batch_mean("multiclass_hinge"), "hessian_root")  # no closed form: K-FAC's eigh
+
+
+def test_resolve_loss_is_the_one_place_a_name_becomes_a_function():
+    assert losses.resolve_loss("mse") is losses.mean_squared_error
+    assert losses.resolve_loss(losses.multiclass_hinge) is losses.multiclass_hinge
+    with pytest.raises(ValueError, match="valid losses: crammer_singer_hinge"):
+        losses.resolve_loss("hinge")
+    with pytest.raises(TypeError, match="expected a loss name .* or a function"):
+        losses.resolve_loss(3)

@@ -25,6 +25,7 @@ from jaxnn.data.idx import read_idx
 from jaxnn.data.pipeline import (
     BatchIterator,
     batch_iterator,
+    batch_rows,
     epoch_permutation,
     full_batch,
     host_stacked_batches,
@@ -60,6 +61,7 @@ __all__ = [
     "Standardization",
     "apply_standardization",
     "batch_iterator",
+    "batch_rows",
     "dataset_names",
     "dataset_options",
     "default_data_dir",

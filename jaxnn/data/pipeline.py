@@ -70,7 +70,20 @@ def _as_split(split) -> Split:
     raise TypeError(f"split must be a jaxnn.data.Split or an (x, y) tuple of arrays; got {type(split).__name__}")
 
 
-def _device_dtypes(split: Split) -> tuple[np.dtype, np.dtype]:
+def batch_rows(num_examples: int, batch_size: int, seed: int, start: int, count: int) -> np.ndarray:
+    """(count, B) example indices of steps ``start .. start+count-1`` in :func:`batch_iterator`'s order (full
+    batches): a compiled loop over many steps gathers its batches on the device from these rows."""
+    per_epoch = steps_per_epoch(num_examples, batch_size, True)
+    rows, cached = [], {}
+    for step in range(start, start + count):
+        epoch, position = divmod(step, per_epoch)
+        if epoch not in cached:
+            cached[epoch] = epoch_permutation(num_examples, seed, epoch)
+        rows.append(cached[epoch][position * batch_size:(position + 1) * batch_size])
+    return np.asarray(rows, np.int32)
+
+
+def device_dtypes(split: Split) -> tuple[np.dtype, np.dtype]:
     """x: the split's float dtype canonicalised by jax (float64 only under x64), float32 for int inputs;
     y: int32 for labels, canonicalised float for targets."""
     x_dtype = split.x.dtype if np.issubdtype(split.x.dtype, np.floating) else np.dtype(np.float32)
@@ -116,7 +129,7 @@ class BatchIterator:
         self._next_host_step = start_step
         self._prefetch = prefetch
         self._sharding = sharding
-        self._x_dtype, self._y_dtype = _device_dtypes(split)
+        self._x_dtype, self._y_dtype = device_dtypes(split)
         self._queue: collections.deque = collections.deque()
         self._permutation_epoch = -1
         self._permutation = np.empty(0, dtype=np.int64)
@@ -230,7 +243,7 @@ def host_stacked_batches(split, batch_size: int, num_batches: int | None = None,
             f"({len(split)} examples)"
         )
     rows = epoch_permutation(len(split), seed, 0, bool(shuffle))[:num_batches * batch_size]
-    x_dtype, y_dtype = _device_dtypes(split)
+    x_dtype, y_dtype = device_dtypes(split)
     x = np.asarray(split.x[rows], dtype=x_dtype).reshape(num_batches, batch_size, *split.x.shape[1:])
     y = np.asarray(split.y[rows], dtype=y_dtype).reshape(num_batches, batch_size, *split.y.shape[1:])
     return x, y
@@ -243,6 +256,6 @@ def full_batch(split, *, sharding: jax.sharding.Sharding | None = None) -> tuple
         raise ValueError("split is empty (0 examples): there is no batch to build")
     if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
         raise TypeError(f"sharding must be a jax.sharding.Sharding or None; got {type(sharding).__name__}")
-    x_dtype, y_dtype = _device_dtypes(split)
+    x_dtype, y_dtype = device_dtypes(split)
     return (jax.device_put(np.asarray(split.x, dtype=x_dtype), sharding),
             jax.device_put(np.asarray(split.y, dtype=y_dtype), sharding))

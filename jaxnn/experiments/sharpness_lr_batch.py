@@ -59,15 +59,16 @@ def train_to_target(model, dataset, learning_rates, seeds, batch_size: int, conf
     import jax.numpy as jnp
     import optax
 
-    from jaxnn.data.pipeline import _device_dtypes
-    from jaxnn.train.population import _batch_rows, _evaluate_members, _init_members, _make_steps
+    from jaxnn.data import batch_rows
+    from jaxnn.data.pipeline import device_dtypes
+    from jaxnn.train.population import evaluate_members, init_members, make_steps
 
     loss, count, real = "softmax_cross_entropy", len(seeds), jnp.result_type(float)
     tx = optax.inject_hyperparams(optax.sgd)(learning_rate=float(learning_rates[0]))
-    state = _init_members(model, tx, dataset.input_shape, np.asarray(seeds, np.uint32), np.ones(count, real),
+    state = init_members(model, tx, dataset.input_shape, np.asarray(seeds, np.uint32), np.ones(count, real),
                           {"learning_rate": np.asarray(learning_rates, real)})
-    steps = _make_steps(loss, True, shared_batches=True, dropout=False, member_labels=False)
-    x_dtype, y_dtype = _device_dtypes(dataset.train)
+    steps = make_steps(loss, True, shared_batches=True, dropout=False, member_labels=False)
+    x_dtype, y_dtype = device_dtypes(dataset.train)
     data = jax.device_put((np.asarray(dataset.train.x, x_dtype), np.asarray(dataset.train.y, y_dtype)))
     alive, rates = jnp.ones(count, bool), jnp.zeros(count, real)
     stop = np.full(count, -1)
@@ -75,9 +76,9 @@ def train_to_target(model, dataset, learning_rates, seeds, batch_size: int, conf
     done, size = 0, len(dataset.train)
     while done < config["max_steps"] and (stop < 0).any():
         length = min(config["eval_every"], config["max_steps"] - done)
-        state, alive, values, _ = steps(state, alive, rates, data, None, _batch_rows(size, batch_size, 0, done, length))
+        state, alive, values, _ = steps(state, alive, rates, data, None, batch_rows(size, batch_size, 0, done, length))
         done += length
-        train = _evaluate_members(state, dataset.train, loss, True, size, "train")["train_loss"]
+        train = evaluate_members(state, dataset.train, loss, True, size, "train")["train_loss"]
         finite = np.asarray(jax.device_get(alive))
         for i in np.flatnonzero(stop < 0):
             if not finite[i]:
@@ -87,7 +88,7 @@ def train_to_target(model, dataset, learning_rates, seeds, batch_size: int, conf
         alive = jnp.asarray(stop < 0)
     metrics = {}
     for split in ("train", "test"):
-        metrics.update(_evaluate_members(state, getattr(dataset, split), loss, True, size, split))
+        metrics.update(evaluate_members(state, getattr(dataset, split), loss, True, size, split))
     members = [{"steps": int(stop[i]) if stop[i] >= 0 else done, "status": status[i],
                 **{name: float(value[i]) for name, value in metrics.items()}} for i in range(count)]
     return state, members

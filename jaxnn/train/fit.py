@@ -86,7 +86,7 @@ def check_inputs(state: TrainState, dataset: data_lib.Dataset, loss_name: str | 
 def padded_batches(split: data_lib.Split, batch_size: int):
     """``(x, y, mask)`` numpy batches of exactly ``batch_size`` rows covering ``split`` in order: the last one
     zero-padded, ``mask`` 1 on real rows. One shape for every batch and split: one compiled eval program."""
-    x_dtype, y_dtype = data_lib.pipeline._device_dtypes(split)
+    x_dtype, y_dtype = data_lib.pipeline.device_dtypes(split)
     for begin in range(0, len(split), batch_size):
         x = np.asarray(split.x[begin:begin + batch_size], x_dtype)
         y = np.asarray(split.y[begin:begin + batch_size], y_dtype)
@@ -183,7 +183,7 @@ class _ResidentData:
     """The training split on the device, and the epoch permutations the compiled steps gather batches with."""
 
     def __init__(self, split: data_lib.Split, batch_size: int, seed: int, steps_per_call: int, mesh):
-        x_dtype, y_dtype = data_lib.pipeline._device_dtypes(split)
+        x_dtype, y_dtype = data_lib.pipeline.device_dtypes(split)
         replicated = parallel.replicated(mesh)
         self.data = jax.device_put((np.asarray(split.x, x_dtype), np.asarray(split.y, y_dtype)), replicated)
         self.num_examples, self.batch_size, self.seed = len(split), batch_size, seed
@@ -293,7 +293,7 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     analysis_x, analysis_y = data_lib.host_stacked_batches(dataset.train, min(batch_size, len(dataset.train)), 1,
                                                            seed=seed + 1, shuffle=True)
     analysis_batch = tuple(parallel.global_array(a[0], parallel.replicated(mesh)) for a in (analysis_x, analysis_y))
-    per_example = losses.get_loss(loss) if isinstance(loss, str) else loss
+    per_example = losses.resolve_loss(loss)
     ctx = FitContext(state=state, analysis_batch=analysis_batch, run_dir=run_dir, step=start_step,
                      make_loss_fn=lambda s: losses.make_loss_fn(s.apply_fn, per_example, s.model_state))
     # Calls end where a callback's on_step_end needs the state: at its every_k_steps, or every step if it has none.

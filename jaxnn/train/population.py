@@ -40,10 +40,9 @@ import optax
 from tqdm import tqdm
 
 from jaxnn import data as data_lib
-from jaxnn import losses
 from jaxnn.train.state import TrainState
 from jaxnn.train.fit import mean_metrics, padded_batches
-from jaxnn.train.step import _step_function, make_eval_step
+from jaxnn.train.step import step_function, make_eval_step
 
 MEMBER_FIELDS = ("seed", "init_scale", "dropout", "label_noise")  # per-member values that are not optimizer hyper-parameters
 
@@ -150,7 +149,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _init_members(model, tx, input_shape, seeds, scales, hyper):
+def init_members(model, tx, input_shape, seeds, scales, hyper):
     """Stacked initial states: each member's parameters drawn exactly as ``create_train_state`` draws them for its
     seed (``init_model``'s cached program, one call per member: compiling a vmapped init took ~3 s), then scaled;
     the optimizer states initialised together, each with its own hyper-parameter values."""
@@ -249,14 +248,14 @@ def _population_strategy(strategy: str, model, input_shape, mesh) -> str:
     return "python" if mesh is None and _has_convolution(model, input_shape) else "vmap"
 
 
-def _make_steps(loss, classification: bool, shared_batches: bool, dropout: bool, member_labels: bool,
+def make_steps(loss, classification: bool, shared_batches: bool, dropout: bool, member_labels: bool,
                 strategy: str = "vmap", needs_batch: bool = False):
     """``steps(state, alive, rates, data, labels, rows) -> (state, alive, losses, accs)`` over a chunk of members
     (``rates``: each member's dropout rate when ``dropout``; ``labels``: (members, N) training labels when
     ``member_labels``, else None; ``rows``: (steps, B), or (steps, members, B) unless ``shared_batches``); a member
     with a non-finite loss keeps its previous state from then on. "vmap": one jitted program, a ``lax.scan`` over
     the steps of the vmapped member step. "python": a :class:`_LoopedSteps` (same call)."""
-    step = _step_function(loss, None, 1, classification, False, needs_batch=needs_batch)
+    step = step_function(loss, None, 1, classification, False, needs_batch=needs_batch)
 
     def member_step(state, alive, rate, batch):
         if dropout:
@@ -336,19 +335,7 @@ class _LoopedSteps:
         return stack(members), jnp.stack(out_alive), jnp.stack(values, axis=1), jnp.stack(accuracies, axis=1)
 
 
-def _batch_rows(num_examples: int, batch_size: int, seed: int, start: int, count: int) -> np.ndarray:
-    """(count, B) example indices of steps ``start .. start+count-1`` (``batch_iterator``'s order, full batches)."""
-    per_epoch = data_lib.steps_per_epoch(num_examples, batch_size, True)
-    rows, cached = [], {}
-    for step in range(start, start + count):
-        epoch, position = divmod(step, per_epoch)
-        if epoch not in cached:
-            cached[epoch] = data_lib.epoch_permutation(num_examples, seed, epoch)
-        rows.append(cached[epoch][position * batch_size:(position + 1) * batch_size])
-    return np.asarray(rows, np.int32)
-
-
-def _evaluate_members(state, split, loss, classification, size: int, prefix: str,
+def evaluate_members(state, split, loss, classification, size: int, prefix: str,
                       strategy: str = "vmap") -> dict[str, np.ndarray]:
     """Mean loss (and accuracy) of every member over a split (eval mode): arrays of shape (N,). Every batch has
     ``size`` rows (the last zero-padded and masked), so all splits share one compiled program (vmapped over the
@@ -505,7 +492,7 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
     data_seeds = seeds.astype(int) if shuffle_per_member else np.full(count, int(data_seed))
 
     classification = dataset.task == "classification"
-    x_dtype, y_dtype = data_lib.pipeline._device_dtypes(dataset.train)
+    x_dtype, y_dtype = data_lib.pipeline.device_dtypes(dataset.train)
     host_data = (np.asarray(dataset.train.x, x_dtype), np.asarray(dataset.train.y, y_dtype))
     shared_bytes = sum(a.nbytes for a in host_data)
     if mesh is None:
@@ -523,7 +510,7 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
         raise ValueError("members: dropout varies, but the model has no dropout layer in training mode; build it "
                          "with a dropout rate > 0 (each member's rate replaces it)")
     noise = "label_noise" in columns
-    steps = _make_steps(loss, classification, shared_batches=not shuffle_per_member, dropout=dropout,
+    steps = make_steps(loss, classification, shared_batches=not shuffle_per_member, dropout=dropout,
                         member_labels=noise, strategy=strategy, needs_batch=needs_batch)
     per_call = max(1, min(int(steps_per_call), num_steps))
     eval_size = max(1, min(int(eval_batch_size), max(len(dataset.train), len(dataset.val), len(dataset.test))))
@@ -536,7 +523,7 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
     for begin in range(0, count, chunk):
         index = np.arange(begin, begin + chunk).clip(max=count - 1)  # the last chunk repeats its last member
         real = min(chunk, count - begin)
-        state = place(_init_members(model, tx, dataset.input_shape, seeds[index], scales[index],
+        state = place(init_members(model, tx, dataset.input_shape, seeds[index], scales[index],
                                     {name: columns[name][index].astype(float_dtype) for name in hyper_names}))
         alive = place(jnp.ones(chunk, bool))
         rates = place(jnp.asarray(columns["dropout"][index] if dropout else np.zeros(chunk), float_dtype))
@@ -552,11 +539,11 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
             if eval_every:
                 length = min(length, eval_every - done % eval_every)
             if shuffle_per_member:
-                rows = np.stack([_batch_rows(len(dataset.train), batch_size, int(s), done, length)
+                rows = np.stack([data_lib.batch_rows(len(dataset.train), batch_size, int(s), done, length)
                                  for s in data_seeds[index]], axis=1)  # (length, chunk, B)
                 rows = place(rows, None if mesh is None else jax.sharding.PartitionSpec(None, "members"))
             else:
-                rows = _batch_rows(len(dataset.train), batch_size, int(data_seeds[0]), done, length)
+                rows = data_lib.batch_rows(len(dataset.train), batch_size, int(data_seeds[0]), done, length)
             if length not in programs:  # compiled on its own, so compile and training times are reported apart
                 started = time.perf_counter()
                 if strategy == "python":
@@ -575,7 +562,7 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
             done += length
             bar.update(real * length)
             if early_stop_patience and done % eval_every == 0 and done < num_steps:
-                measured = _evaluate_members(state, dataset.val, loss, classification, eval_size, "val", strategy)
+                measured = evaluate_members(state, dataset.val, loss, classification, eval_size, "val", strategy)
                 metric = np.asarray(measured[early_stop_metric])
                 running = np.asarray(jax.device_get(alive))
                 for position in range(chunk):
@@ -595,7 +582,7 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
         chunk_accuracies = np.concatenate(jax.device_get(accuracies))[:, :real]
         metrics = {}
         for split_name in ("train", "val", "test"):
-            metrics.update(_evaluate_members(state, getattr(dataset, split_name), loss, classification,
+            metrics.update(evaluate_members(state, getattr(dataset, split_name), loss, classification,
                                              eval_size, split_name, strategy))
         for position in range(real):
             member = begin + position
@@ -631,7 +618,7 @@ def ensemble_metrics(result: PopulationResult, split: data_lib.Split, batch_size
         raise ValueError("ensemble_metrics: the split is empty")
     apply = jax.jit(jax.vmap(lambda s, x: jax.nn.log_softmax(s.apply_fn({"params": s.params, **s.model_state}, x,
                                                                         train=False)), in_axes=(0, None)))
-    x_dtype, _ = data_lib.pipeline._device_dtypes(split)
+    x_dtype, _ = data_lib.pipeline.device_dtypes(split)
     log_probs = np.concatenate([np.asarray(apply(result.state, np.asarray(split.x[i:i + batch_size], x_dtype)))
                                 for i in range(0, len(split), batch_size)], axis=1)  # (N, n, C)
     labels = np.asarray(split.y, np.int64)

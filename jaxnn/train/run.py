@@ -81,7 +81,7 @@ def prepare_run_dir(cfg: config_lib.Config, run_dir: pathlib.Path, resume: bool)
         saved_path = run_dir / "config.yaml"
         if saved_path.exists():
             saved = config_lib.load_config(saved_path)
-            differences = _config_differences(saved.to_dict(), cfg.to_dict())
+            differences = config_differences(saved.to_dict(), cfg.to_dict())
             # How many steps, and on how many devices in which layout, may change: the same run continues.
             differences = [d for d in differences
                            if not d.startswith(("train.progress", "train.epochs", "train.steps", "parallel."))]
@@ -95,13 +95,13 @@ def prepare_run_dir(cfg: config_lib.Config, run_dir: pathlib.Path, resume: bool)
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
         dotted = f"{prefix}.{key}" if prefix else key
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict) and key != "kwargs":
-            out += _config_differences(va, vb, dotted)
+            out += config_differences(va, vb, dotted)
         elif json.dumps(va, default=list, sort_keys=True) != json.dumps(vb, default=list, sort_keys=True):
             out.append(dotted)
     return out
@@ -213,7 +213,7 @@ def hunt_nonfinite(cfg: config_lib.Config, dataset: data_lib.Dataset, run_dir: p
     first with a non-finite loss) and hunt the NaN/Inf on that step's batch
     (:func:`jaxnn.diagnostics.nonfinite.find_nonfinite`)."""
     from jaxnn.diagnostics.nonfinite import find_nonfinite
-    from jaxnn.train.population import _batch_rows
+    from jaxnn.data import batch_rows
 
     t = cfg.train
     state, schedule, _ = build_state(cfg, dataset)
@@ -231,7 +231,7 @@ def hunt_nonfinite(cfg: config_lib.Config, dataset: data_lib.Dataset, run_dir: p
                     start_step=start, nan_guard=False, progress=False,
                     needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN,
                     needs_batch=cfg.optimizer.name in optim.NEEDS_BATCH).state
-    rows = _batch_rows(len(dataset.train), t.batch_size, _data_seed(cfg), step - 1, 1)[0]
+    rows = batch_rows(len(dataset.train), t.batch_size, _data_seed(cfg), step - 1, 1)[0]
     return find_nonfinite(state, (dataset.train.x[rows], dataset.train.y[rows]), loss=t.loss, step=step)
 
 

@@ -48,9 +48,9 @@ def make_train_step(loss: Callable | str, schedule: Callable | None = None, *, g
     """
     donated = (0,) if donate else ()
     if mode == "jit":
-        step = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, needs_batch=needs_batch)
+        step = step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, needs_batch=needs_batch)
         return jax.jit(step, donate_argnums=donated, static_argnums=(2,))
-    per_device = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, DATA_AXIS,
+    per_device = step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, DATA_AXIS,
                                     needs_batch=needs_batch)
     if mode == "shard_map":
         def step(state, batch, full_metrics=True):
@@ -110,9 +110,9 @@ def make_resident_train_steps(loss: Callable | str, schedule: Callable | None = 
     batch is gathered globally, then each device steps on its slice); pmap takes host batches (``make_train_step``).
     """
     if mode == "jit":
-        step = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, needs_batch=needs_batch)
+        step = step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, needs_batch=needs_batch)
     elif mode == "shard_map":
-        per_device = _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, DATA_AXIS,
+        per_device = step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, DATA_AXIS,
                                     needs_batch=needs_batch)
         step = lambda state, batch, full: _shard_mapped(per_device, mesh, full)(state, batch)  # noqa: E731
     else:
@@ -135,7 +135,7 @@ def make_resident_train_steps(loss: Callable | str, schedule: Callable | None = 
     return jax.jit(steps, donate_argnums=(0,), static_argnums=(3, 4))
 
 
-def _step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn,
+def step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn,
                    axis_name: str | None = None, *, needs_batch: bool = False) -> Callable:
     """The un-jitted ``step(state, batch, full_metrics)`` shared by every compiled form.
 
@@ -143,7 +143,7 @@ def _step_function(loss, schedule, grad_accum_steps, classification, needs_value
     device's slice, batch norm averages its statistics over the axis, and the gradients, loss and accuracy are
     averaged with an explicit ``lax.pmean`` before the (replicated) optimizer update. Dropout keys differ per device.
     """
-    per_example = losses.get_loss(loss) if isinstance(loss, str) else loss
+    per_example = losses.resolve_loss(loss)
 
     def step(state: TrainState, batch, full_metrics=True):
         with batch_norm_axis(axis_name):
@@ -231,7 +231,7 @@ def make_eval_step(loss: Callable | str, *, classification: bool = True) -> Call
     """``eval_step(state, batch, mask=None) -> sums``: summed loss, correct count and example count (eval mode),
     jitted. Sums (not means) so a split averages exactly; ``mask`` (B,) marks the real rows of a padded batch, so
     every batch of every split can have one shape (one compilation)."""
-    per_example = losses.get_loss(loss) if isinstance(loss, str) else loss
+    per_example = losses.resolve_loss(loss)
 
     def step(state: TrainState, batch, mask=None):
         x, y = batch

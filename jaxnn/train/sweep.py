@@ -234,7 +234,7 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
 
     from jaxnn import config as config_lib, plotting
     from jaxnn.train.population import ensemble_metrics, format_table
-    from jaxnn.train.run import (RunFolderError, _config_differences, build_model, load_dataset, total_steps,
+    from jaxnn.train.run import (RunFolderError, config_differences, build_model, load_dataset, total_steps,
                                  write_json)
 
     if not cfg.sweep:
@@ -248,7 +248,7 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
     if resume:
         if not (out / "config.yaml").exists():
             raise RunFolderError(f"nothing to resume: {out / 'config.yaml'} does not exist")
-        differences = [d for d in _config_differences(config_lib.load_config(out / "config.yaml").to_dict(),
+        differences = [d for d in config_differences(config_lib.load_config(out / "config.yaml").to_dict(),
                                                       cfg.to_dict()) if not d.startswith("train.progress")]
         if differences:
             raise RunFolderError(f"cannot resume {out}: the config differs from the saved one in "
@@ -399,11 +399,11 @@ def _chunk_template(model, factory, dataset, columns) -> Any:
     import jax
     import optax
 
-    from jaxnn.train.population import MEMBER_FIELDS, _init_members
+    from jaxnn.train.population import MEMBER_FIELDS, init_members
 
     swept = [name for name in columns if name not in MEMBER_FIELDS]
     tx = optax.inject_hyperparams(factory)(**{name: float(columns[name][0]) for name in swept})
-    return jax.eval_shape(lambda: _init_members(model, tx, dataset.input_shape, np.asarray(columns["seed"][:1]),
+    return jax.eval_shape(lambda: init_members(model, tx, dataset.input_shape, np.asarray(columns["seed"][:1]),
                                                 np.ones(1), {}))
 
 
