@@ -334,3 +334,32 @@ def diagnose_run(run: str | pathlib.Path | LoadedRun, *, batch_size: int = 256, 
         (draw or plotting.draw_now)(plotting.plot_layer_statistics, out / "diagnostics.json", out / "diagnostics.png",
                                     f"{loaded.config.name} at step {loaded.step}: one batch of {len(y)}")
     return stats
+
+
+def run_report(cfg: Any, *, run_dir: str | pathlib.Path | None = None, resume: bool = False, analyse: bool = True,
+               draw: Any = None, progress: bool = False, echo: Any = None) -> dict:
+    """What ``jaxnn run`` does, callable from a script or a notebook: train the config ``cfg`` (a
+    :class:`jaxnn.config.Config`, e.g. from ``config.load_config``) into ``run_dir`` (default
+    ``output_dir/name``), then, when ``analyse`` and the config's ``analysis`` section ask for them, the curvature
+    report and the filter-normalised landscape of the trained run, written beside its metrics.
+
+    Returns {"run_dir", "summary" (summary.json's content), "curvature" and "landscape" (their reports, or None)}.
+    ``echo(line)`` is told each stage's one-line result as it ends (the CLI passes ``print``); ``draw`` draws the
+    figures (default: now, in this process); ``progress``: progress bars."""
+    from jaxnn.train import train_run
+
+    say = echo or (lambda line: None)
+    run_dir = pathlib.Path(run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
+    summary, trained = train_run(cfg, run_dir=run_dir, resume=resume, draw=draw)
+    final = ", ".join(f"{k}={v:.4f}" for k, v in summary["final"].items())
+    say(f"trained {summary['steps']} steps in {summary['wall_time_s']:.1f}s ({summary['stop_reason']}): {final}")
+    result = {"run_dir": run_dir, "summary": summary, "curvature": None, "landscape": None}
+    a = cfg.analysis
+    if analyse and a.curvature:
+        result["curvature"] = curvature_for_run(trained, k=a.curvature_k, density=a.density,
+                                                data_batches=a.curvature_batches, draw=draw, progress=progress)
+        say(describe_curvature(result["curvature"]))
+    if analyse and a.landscape:
+        result["landscape"] = landscape_for_run(trained, dirs="filter", grid=a.landscape_grid, span=a.landscape_span,
+                                                data_batches=a.landscape_batches, draw=draw, progress=progress)
+    return result

@@ -21,7 +21,6 @@ from __future__ import annotations
 # (compilation cache, simulated devices) must be in place before jax is imported.
 import argparse
 import os
-import pathlib
 import sys
 
 
@@ -278,7 +277,6 @@ def _experiment_command(args, progress: bool) -> int:
 def _dispatch(args) -> int:
     from jaxnn import analysis, config as config_lib
     from jaxnn.plotting import FigureWorker
-    from jaxnn.train import train_run
 
     if args.command == "configs":
         for name in config_lib.shipped_configs():
@@ -294,28 +292,15 @@ def _dispatch(args) -> int:
     config_overrides = lambda: quiet + list(args.overrides) + (  # noqa: E731  (run, train, sweep)
         [f"parallel.devices={args.devices}"] if args.devices else [])
     # Figures are drawn by a background process while the next computation runs; all are written before exit.
-    with FigureWorker(start=primary) as figures:
+    with FigureWorker(start=primary, preload=("jaxnn.curvature.plots", "jaxnn.landscape.plots")) as figures:
         draw = figures.submit if primary else (lambda *args, **kwargs: None)
         if args.command in ("run", "train"):
             cfg = config_lib.load_config(args.config, overrides=config_overrides())
-            run_dir = pathlib.Path(args.run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
-            summary, trained = train_run(cfg, run_dir=run_dir, resume=args.resume, draw=draw)
-            final = summary["final"]
-            line = ", ".join(f"{k}={v:.4f}" for k, v in final.items())
-            print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.1f}s ({summary['stop_reason']}): "
-                  f"{line}")
-            if args.command == "run" and not args.no_analysis:
-                a = cfg.analysis
-                if a.curvature:
-                    report = analysis.curvature_for_run(trained, k=a.curvature_k, density=a.density,
-                                                        data_batches=a.curvature_batches, draw=draw,
-                                                        progress=progress)
-                    print(analysis.describe_curvature(report))
-                if a.landscape:
-                    analysis.landscape_for_run(trained, dirs="filter", grid=a.landscape_grid, span=a.landscape_span,
-                                               data_batches=a.landscape_batches, draw=draw, progress=progress)
+            report = analysis.run_report(cfg, run_dir=args.run_dir, resume=args.resume,
+                                         analyse=args.command == "run" and not args.no_analysis, draw=draw,
+                                         progress=progress, echo=print)
             figures.wait()
-            print(f"run folder: {run_dir}")
+            print(f"run folder: {report['run_dir']}")
             return 0
         if args.command == "diagnose":
             stats = analysis.diagnose_run(args.run_dir, batch_size=args.batch_size, step=args.step, out_dir=args.out,

@@ -215,11 +215,12 @@ def draw_now(function, *args, **kwargs):
     return function(*args, **kwargs)
 
 
-def _warm_up(parent: int) -> None:
+def _warm_up(parent: int, preload: tuple = ()) -> None:
     """Worker start-up: let go of the parent's terminal and pipes (a caller reading the parent's output would
     otherwise wait for the worker too), exit when the parent is gone, and import matplotlib and the figure modules
-    before the first figure is asked for."""
+    named in ``preload`` before the first figure is asked for."""
     import atexit
+    import importlib
     import os
     import threading
     import time
@@ -239,9 +240,8 @@ def _warm_up(parent: int) -> None:
     atexit.register(os._exit, 0)
     import matplotlib.backends.backend_agg  # noqa: F401
 
-    import jaxnn.curvature.plots  # noqa: F401
-    import jaxnn.landscape.plots  # noqa: F401
-
+    for module in preload:  # the caller names them: this ground-floor module imports no engine
+        importlib.import_module(module)
     _draw_sample_figure()
 
 
@@ -278,12 +278,14 @@ class FigureWorker:
     the arguments are pickled — and is a drop-in ``draw`` for the report writers. ``wait()`` blocks until every
     queued figure is written and re-raises the first error; ``close()`` also stops the process. Used as a context
     manager by the ``jaxnn`` command, which starts the process first thing (``start=True``) so that it has imported
-    matplotlib by the time the first figure is ready; otherwise it starts with the first figure.
+    matplotlib by the time the first figure is ready; otherwise it starts with the first figure. ``preload``: modules
+    of figure functions the worker imports while it waits (e.g. ``"jaxnn.curvature.plots"``).
     """
 
-    def __init__(self, start: bool = False) -> None:
+    def __init__(self, start: bool = False, preload: tuple = ()) -> None:
         self._pool = None
         self._pending: list = []
+        self._preload = tuple(preload)
         if start:
             self.start()
 
@@ -297,7 +299,7 @@ class FigureWorker:
 
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_warm_up,
-                initargs=(os.getpid(),))
+                initargs=(os.getpid(), self._preload))
             self._pool.submit(int)  # makes the process start (and warm up) right away
 
     def submit(self, function, *args, **kwargs) -> None:

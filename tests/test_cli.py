@@ -374,3 +374,28 @@ def test_sweep_over_simulated_devices_with_early_stopping(tmp_path):
     assert summary["devices"] == 4
     statuses = [row["status"] for row in summary["rows"]]
     assert statuses[0] == "completed" and statuses[1].startswith("early-stopped at step "), statuses
+
+
+def test_run_report_is_jaxnn_run_from_python(tmp_path, capsys):
+    """analysis.run_report trains and analyses as `jaxnn run` does, from a script: its returned reports are the ones
+    written in the run folder, its stages are told to ``echo`` in order, and the same config through the CLI gives
+    the same final metrics and λmax (the CLI calls it)."""
+    from jaxnn import analysis, config as config_lib
+
+    overrides = ["train.epochs=1", "train.progress=false", "model.kwargs={width: 16, depth: 1}",
+                 "analysis.curvature_k=2", "analysis.curvature_batches=1", "analysis.density=false",
+                 "analysis.landscape_grid=5", "analysis.landscape_batches=1"]
+    cfg = config_lib.load_config("digits_mlp", overrides=overrides)
+    lines = []
+    report = analysis.run_report(cfg, run_dir=tmp_path / "py", echo=lines.append)
+    assert report["run_dir"] == tmp_path / "py"
+    assert len(lines) == 2 and lines[0].startswith(f"trained {report['summary']['steps']} steps")
+    assert "lambda_max" in lines[1] or "λmax" in lines[1]
+    written = json.loads((tmp_path / "py" / "curvature.json").read_text())
+    assert written["conditioning"]["lambda_max"] == report["curvature"]["conditioning"]["lambda_max"]
+    assert report["landscape"] is not None and any(p.name.startswith("landscape") for p in (tmp_path / "py").iterdir())
+    assert main(["run", "--config", "digits_mlp", "--run-dir", str(tmp_path / "cli"), *[f"--set={o}" for o in overrides]]) == 0
+    cli = json.loads((tmp_path / "cli" / "curvature.json").read_text())
+    np.testing.assert_allclose(cli["conditioning"]["lambda_max"], written["conditioning"]["lambda_max"], rtol=1e-6)
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["final"] == report["summary"]["final"]
+    assert analysis.run_report(cfg, run_dir=tmp_path / "bare", analyse=False)["curvature"] is None
