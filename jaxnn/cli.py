@@ -312,10 +312,10 @@ def _dispatch(args) -> int:
         if args.command == "experiment":
             return _experiment_command(args, progress)
         if args.command == "doctor":
-            from jaxnn.diagnostics import doctor
+            from jaxnn.train import check_config, doctor
 
             try:
-                cfg = config_lib.load_config(args.config, overrides=list(args.overrides))
+                cfg = check_config(config_lib.load_config(args.config, overrides=list(args.overrides)))
             except config_lib.ConfigError as error:
                 print(doctor.table([doctor.Check("config is valid", "fail", str(error), "a valid config")]))
                 return 1

@@ -8,7 +8,9 @@ Every invalid value raises :class:`ConfigError` naming the field (``optimizer.lr
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import pathlib
 from typing import Any
 
@@ -313,28 +315,51 @@ def save_config(cfg: Config, path: str | pathlib.Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- validation
 
-def validate(values: dict | Config) -> Config:
-    """Build and check a Config; raises ConfigError(field, reason) on the first problem."""
-    cfg = values if isinstance(values, Config) else _build(Config, values, "")
-    from jaxnn import data as data_lib, models as models_lib, optim as optim_lib, losses as losses_lib
+PARALLEL_MODES = ("jit", "shard_map", "pmap")
+PARAM_LAYOUTS = ("replicated", "sharded")
 
-    def check(ok: bool, field: str, reason: str):
-        if not ok:
-            raise ConfigError(field, reason)
+
+def check_choice(field: str, value: Any, valid: Any, what: str) -> None:
+    """ConfigError(field, "unknown {what} ...; valid {what}s: ...") unless ``value`` is one of ``valid``. The registries
+    (datasets, models, optimizers, schedules, losses) check a config's names with it: see
+    ``jaxnn.train.check_config``."""
+    if value not in valid:
+        plural = what + ("es" if what.endswith("s") else "s")
+        raise ConfigError(field, f"unknown {what} {value!r}; valid {plural}: {', '.join(valid)}")
+
+
+def check_parallel(mode: str, params: str) -> None:
+    """The parallel-mode rules, written once (``validate`` and ``jaxnn.parallel`` apply them): a known mode and
+    parameter layout, and sharded parameters only under ``jit`` (XLA inserts the gathers)."""
+    check_choice("parallel.mode", mode, PARALLEL_MODES, "mode")
+    check_choice("parallel.params", params, PARAM_LAYOUTS, "parameter layout")
+    if params == "sharded" and mode != "jit":
+        raise ConfigError("parallel.params", f"sharded parameters need parallel.mode jit (XLA inserts the gathers), "
+                                             f"got mode {mode!r}")
+
+
+def check(ok: bool, field: str, reason: str) -> None:
+    """ConfigError(field, reason) unless ``ok``."""
+    if not ok:
+        raise ConfigError(field, reason)
+
+
+def validate(values: dict | Config) -> Config:
+    """Build and check a Config; raises ConfigError(field, reason) on the first problem.
+
+    Checks the types, ranges and the rules between fields, and expands the sweep; the names that registries own
+    (dataset, model, optimizer, schedule, loss) are checked against the registries when the config is used
+    (``jaxnn.train.check_config``, which ``jaxnn train``/``run``/``sweep``/``doctor`` and ``train_run`` call first):
+    this module imports no other part of jaxnn."""
+    cfg = values if isinstance(values, Config) else _build(Config, values, "")
 
     check(bool(cfg.name) and "/" not in cfg.name, "name", f"must be a non-empty name without '/', got {cfg.name!r}")
-    check(cfg.data.name in data_lib.dataset_names(), "data.name",
-          f"unknown dataset {cfg.data.name!r}; valid datasets: {', '.join(data_lib.dataset_names())}")
     check(0 <= cfg.data.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {cfg.data.val_fraction}")
     check(0 <= cfg.data.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {cfg.data.test_fraction}")
     check(cfg.data.val_fraction + cfg.data.test_fraction < 1, "data.val_fraction",
           "val_fraction + test_fraction must leave some training data")
     check(cfg.data.limit is None or cfg.data.limit > 0, "data.limit", f"must be positive, got {cfg.data.limit}")
-    check(cfg.model.name in models_lib.model_names(), "model.name",
-          f"unknown model {cfg.model.name!r}; valid models: {', '.join(models_lib.model_names())}")
     o = cfg.optimizer
-    check(o.name in optim_lib.OPTIMIZERS, "optimizer.name",
-          f"unknown optimizer {o.name!r}; valid optimizers: {', '.join(optim_lib.OPTIMIZERS)}")
     check(o.lr > 0 and o.lr == o.lr, "optimizer.lr", f"must be a positive number, got {o.lr}")
     check(0 <= o.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {o.momentum}")
     check(0 <= o.b1 < 1, "optimizer.b1", f"must be in [0, 1), got {o.b1}")
@@ -343,8 +368,6 @@ def validate(values: dict | Config) -> Config:
     check(o.eps > 0, "optimizer.eps", f"must be positive, got {o.eps}")
     check(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
     check(o.clip_norm is None or o.clip_norm > 0, "optimizer.clip_norm", f"must be positive or null, got {o.clip_norm}")
-    check(o.schedule in optim_lib.SCHEDULES, "optimizer.schedule",
-          f"unknown schedule {o.schedule!r}; valid schedules: {', '.join(optim_lib.SCHEDULES)}")
     check(o.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     check(o.decay_steps is None or o.decay_steps > 0, "optimizer.decay_steps", f"must be positive, got {o.decay_steps}")
     check(0 < o.decay_rate <= 1, "optimizer.decay_rate", f"must be in (0, 1], got {o.decay_rate}")
@@ -356,7 +379,6 @@ def validate(values: dict | Config) -> Config:
     check(all(isinstance(b, (int, float)) and b > 0 for b in o.boundaries), "optimizer.boundaries",
           f"must be positive numbers, got {list(o.boundaries)}")
     t = cfg.train
-    check(t.loss in losses_lib.LOSSES, "train.loss", f"unknown loss {t.loss!r}; valid losses: {', '.join(losses_lib.LOSSES)}")
     check(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
     check(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
     check(t.steps is None or t.steps > 0, "train.steps", f"must be positive or null, got {t.steps}")
@@ -380,12 +402,7 @@ def validate(values: dict | Config) -> Config:
           f"must be val_loss or val_accuracy, got {c.best_metric!r}")
     p = cfg.parallel
     check(p.devices == -1 or p.devices >= 1, "parallel.devices", f"must be -1 (all) or >= 1, got {p.devices}")
-    check(p.mode in ("jit", "shard_map", "pmap"), "parallel.mode",
-          f"unknown mode {p.mode!r}; valid modes: jit, shard_map, pmap")
-    check(p.params in ("replicated", "sharded"), "parallel.params",
-          f"must be replicated or sharded, got {p.params!r}")
-    check(p.params == "replicated" or p.mode == "jit", "parallel.params",
-          f"sharded parameters need parallel.mode jit (XLA inserts the gathers), got mode {p.mode!r}")
+    check_parallel(p.mode, p.params)
     check(p.mode != "pmap" or t.steps_per_call == 1, "train.steps_per_call",
           f"parallel.mode pmap runs one step per call (pmap takes host batches), got {t.steps_per_call}")
     a = cfg.analysis
@@ -398,7 +415,181 @@ def validate(values: dict | Config) -> Config:
     check(a.diagnostics_every is None or a.diagnostics_every >= 1, "analysis.diagnostics_every",
           "must be >= 1 or null")
     if cfg.sweep:
-        from jaxnn.train.sweep import sweep_members
-
         sweep_members(cfg)  # raises ConfigError naming the swept field
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------- sweeps
+# The sweep grammar (a config's ``sweep`` section, see jaxnn.train.sweep for running one): which fields a
+# population can vary, how a section expands into members, each member's config.
+
+# swept config field -> the population column that carries it
+SWEEPABLE = {
+    "train.seed": "seed",
+    "optimizer.lr": "lr",
+    "optimizer.momentum": "momentum",
+    "optimizer.b1": "b1",
+    "optimizer.b2": "b2",
+    "optimizer.eps": "eps",
+    "optimizer.rms_decay": "rms_decay",
+    "optimizer.weight_decay": "weight_decay",
+    "model.kwargs.dropout": "dropout",
+}
+ALIASES = {"seed": "train.seed", "lr": "optimizer.lr", "learning_rate": "optimizer.lr", "dropout": "model.kwargs.dropout"}
+OPTIONS = ("method", "samples", "draw_seed")
+# The optimizer fields each optimizer reads (a population holds them in its state: optax.inject_hyperparams).
+OPTIMIZER_FIELDS = {
+    "sgd": ("lr", "weight_decay"),
+    "momentum": ("lr", "momentum", "weight_decay"),
+    "nesterov": ("lr", "momentum", "weight_decay"),
+    "adagrad": ("lr", "eps", "weight_decay"),
+    "rmsprop": ("lr", "rms_decay", "eps", "weight_decay"),
+    "adam": ("lr", "b1", "b2", "eps", "weight_decay"),
+    "adamw": ("lr", "b1", "b2", "eps", "weight_decay"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """``fields``: the swept config fields (dotted); ``values[field]``: one value per member."""
+
+    fields: tuple[str, ...]
+    values: dict[str, list]
+    method: str
+
+    @property
+    def count(self) -> int:
+        return len(self.values[self.fields[0]])
+
+    def member(self, index: int) -> dict[str, Any]:
+        return {field: self.values[field][index] for field in self.fields}
+
+
+def _spec_values(field: str, where: str, spec: Any, method: str) -> tuple[list | None, tuple | None]:
+    """(grid values, or None) and (distribution (kind, low, high), or None) of one swept field."""
+    import numpy as np
+    if isinstance(spec, (list, tuple)):
+        if not spec or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
+            raise ConfigError(where, f"expected a non-empty list of numbers, got {spec!r}")
+        return list(spec), None
+    if not isinstance(spec, dict):
+        raise ConfigError(where, "expected a list of values or {log_uniform: [low, high], n: count} / "
+                                 f"{{uniform: [low, high], n: count}}, got {spec!r}")
+    kinds = [kind for kind in ("uniform", "log_uniform") if kind in spec]
+    unknown = sorted(set(spec) - {"uniform", "log_uniform", "n"})
+    if len(kinds) != 1 or unknown:
+        raise ConfigError(where, f"expected exactly one of uniform / log_uniform (and n), got keys {sorted(spec)}")
+    kind = kinds[0]
+    bounds = spec[kind]
+    if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
+        raise ConfigError(where, f"{kind} needs [low, high], got {bounds!r}")
+    low, high = float(bounds[0]), float(bounds[1])
+    if not low < high:
+        raise ConfigError(where, f"{kind} needs low < high, got [{low}, {high}]")
+    if kind == "log_uniform" and low <= 0:
+        raise ConfigError(where, f"log_uniform needs positive bounds, got [{low}, {high}]")
+    if field == "train.seed":
+        raise ConfigError(where, "seeds are integers: give a list, e.g. seed: [0, 1, 2]")
+    if method == "random":
+        if "n" in spec:
+            raise ConfigError(where, "with method random the number of draws is sweep.samples, not n")
+        return None, (kind, low, high)
+    n = spec.get("n")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(where, f"a grid distribution needs n >= 1 values, got n={n!r} (or use method: random)")
+    values = np.geomspace(low, high, n) if kind == "log_uniform" else np.linspace(low, high, n)
+    return [float(v) for v in values], None
+
+
+def sweep_members(cfg: Config) -> SweepPlan:
+    """Expand and check ``cfg.sweep``: every member's values, each member's config validated (ConfigError naming
+    the swept field otherwise)."""
+    spec = dict(cfg.sweep)
+    method = spec.pop("method", "grid")
+    samples = spec.pop("samples", None)
+    draw_seed = spec.pop("draw_seed", 0)
+    if method not in ("grid", "random"):
+        raise ConfigError("sweep.method", f"expected grid or random, got {method!r}")
+    if not spec:
+        raise ConfigError("sweep", "no swept field; e.g. sweep: {optimizer.lr: [0.1, 0.01], seed: [0, 1, 2]}")
+    if cfg.optimizer.name not in OPTIMIZER_FIELDS:
+        raise ConfigError("optimizer.name", f"{cfg.optimizer.name} cannot train as a population (its line search "
+                                            f"needs the loss); sweepable optimizers: {', '.join(OPTIMIZER_FIELDS)}")
+    sweepable = [field for field in SWEEPABLE if not field.startswith("optimizer.")
+                 or field.split(".", 1)[1] in OPTIMIZER_FIELDS[cfg.optimizer.name]]
+    axes: dict[str, list] = {}
+    draws: dict[str, tuple] = {}
+    for key, value in spec.items():
+        field, where = ALIASES.get(key, key), f"sweep.{key}"
+        if field in axes or field in draws:
+            raise ConfigError(where, f"{field} is swept twice")
+        if field not in sweepable:
+            if field in SWEEPABLE:
+                reason = (f"{cfg.optimizer.name} does not use {field}; its sweepable fields: {', '.join(sweepable)}")
+            elif _is_config_field(cfg, field):
+                reason = (f"{field} cannot vary inside one population (it changes the program or the data); "
+                          f"sweepable fields: {', '.join(sweepable)}")
+            else:
+                reason = f"no such config field; sweepable fields: {', '.join(sweepable)}"
+            raise ConfigError(where, reason)
+        grid, draw = _spec_values(field, where, value, method)
+        values_in_range = grid if grid is not None else list(draw[1:])
+        if field == "model.kwargs.dropout" and not all(0 <= v < 1 for v in values_in_range):
+            raise ConfigError(where, f"dropout rates must be in [0, 1), got {values_in_range!r}")
+        if grid is not None:
+            if field == "train.seed" and not all(float(v).is_integer() and v >= 0 for v in grid):
+                raise ConfigError(where, f"seeds must be non-negative integers, got {grid!r}")
+            axes[field] = [int(v) for v in grid] if field == "train.seed" else [float(v) for v in grid]
+        else:
+            draws[field] = draw
+    if method == "random":
+        if not draws:
+            raise ConfigError("sweep.method", "random needs at least one distribution ({log_uniform: [low, high]})")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ConfigError("sweep.samples", f"method random needs samples >= 1, got {samples!r}")
+        import numpy as np
+
+        rng = np.random.default_rng(int(draw_seed))
+        drawn = {field: (np.exp(rng.uniform(math.log(low), math.log(high), samples)) if kind == "log_uniform"
+                         else rng.uniform(low, high, samples)).tolist()
+                 for field, (kind, low, high) in draws.items()}
+        rows = [dict(zip(drawn, point), **dict(zip(axes, combo)))
+                for point in zip(*drawn.values()) for combo in itertools.product(*axes.values())]
+    else:
+        if samples is not None:
+            raise ConfigError("sweep.samples", "only method random draws samples")
+        rows = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    fields = tuple(rows[0])
+    plan = SweepPlan(fields=fields, values={f: [row[f] for row in rows] for f in fields}, method=method)
+    checked = set()
+    for index in range(plan.count):  # every value once: out-of-range values are named with their field
+        for field, value in plan.member(index).items():
+            if (field, value) not in checked:
+                checked.add((field, value))
+                try:
+                    cfg.replace(**{field: value, "sweep": {}})
+                except ConfigError as error:
+                    raise ConfigError(f"sweep.{field}", f"value {value!r}: {error}") from None
+    return plan
+
+
+def _is_config_field(cfg: Config, dotted: str) -> bool:
+    node: Any = cfg.to_dict()
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def member_config(cfg: Config, plan: SweepPlan, index: int) -> Config:
+    """Member ``index`` as a single run's config: its swept values, the batch order it trained on, no sweep."""
+    values = plan.member(index)
+    seed = int(values.get("train.seed", cfg.train.seed))
+    data_seed = seed if cfg.population.shuffle_per_member else shared_data_seed(cfg)
+    return cfg.replace(**values, **{"train.data_seed": data_seed, "sweep": {}})
+
+
+def shared_data_seed(cfg: Config) -> int:
+    return cfg.train.seed if cfg.train.data_seed is None else cfg.train.data_seed

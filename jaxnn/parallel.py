@@ -23,9 +23,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxnn.config import PARALLEL_MODES, PARAM_LAYOUTS, check_choice, check_parallel
+
 DATA_AXIS = "data"
-MODES = ("jit", "shard_map", "pmap")
-PARAM_LAYOUTS = ("replicated", "sharded")
+MODES = PARALLEL_MODES  # the rules live with the config: config.check_parallel
 COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = "JAXNN_COORDINATOR", "JAXNN_NUM_PROCESSES", "JAXNN_PROCESS_ID"
 INIT_TIMEOUT_ENV, HEARTBEAT_TIMEOUT_ENV = "JAXNN_INIT_TIMEOUT", "JAXNN_HEARTBEAT_TIMEOUT"
 
@@ -124,8 +125,7 @@ def sharded_spec(shape: tuple, devices: int) -> PartitionSpec:
 def state_shardings(tree: Any, mesh: Mesh, layout: str = "replicated") -> Any:
     """A sharding for every array of ``tree`` (a TrainState or any pytree): replicated, or ``sharded`` (parameters
     and optimizer state split along ``data`` by :func:`sharded_spec`, scalars and keys replicated)."""
-    if layout not in PARAM_LAYOUTS:
-        raise ValueError(f"parallel.params: expected one of {list(PARAM_LAYOUTS)}, got {layout!r}")
+    check_choice("parallel.params", layout, PARAM_LAYOUTS, "parameter layout")
     devices = mesh_size(mesh)
 
     def spec(leaf):
@@ -157,13 +157,8 @@ def check_batch_divisible(batch_size: int, mesh: Mesh | int, name: str = "batch_
 
 
 def check_mode(mode: str, layout: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"parallel.mode: expected one of {list(MODES)}, got {mode!r}")
-    if layout not in PARAM_LAYOUTS:
-        raise ValueError(f"parallel.params: expected one of {list(PARAM_LAYOUTS)}, got {layout!r}")
-    if layout == "sharded" and mode != "jit":
-        raise ValueError(f"parallel.params: 'sharded' parameters need parallel.mode 'jit' (XLA inserts the "
-                         f"gathers), got mode {mode!r}")
+    """ConfigError (a ValueError) naming parallel.mode or parallel.params unless the pair is valid."""
+    check_parallel(mode, layout)
 
 
 def is_primary() -> bool:

@@ -8,8 +8,10 @@ from jaxnn.config import ConfigError, load_config
 
 @pytest.mark.parametrize("name", ["digits_mlp", "mnist_mlp", "mnist_lenet", "cifar_resnet20"])
 def test_shipped_configs_load_and_validate(name):
+    from jaxnn import train
+
     cfg = load_config(name)
-    assert cfg.name == name
+    assert cfg.name == name and train.check_config(cfg) is cfg
     assert name in config_lib.shipped_configs()
 
 
@@ -31,13 +33,9 @@ def test_yaml_round_trip(tmp_path):
 
 @pytest.mark.parametrize("override, field, words", [
     ("optimizer.lr=-1", "optimizer.lr", "positive"),
-    ("optimizer.name=adamax", "optimizer.name", "valid optimizers: sgd"),
-    ("model.name=resnet7", "model.name", "valid models"),
-    ("data.name=imagenet", "data.name", "valid datasets"),
     ("train.batch_size=0", "train.batch_size", "positive"),
     ("train.batch_size=ten", "train.batch_size", "integer"),
     ("train.grad_accum_steps=5", "train.grad_accum_steps", "divide"),
-    ("optimizer.schedule=linear", "optimizer.schedule", "valid schedules"),
     ("optimizer.lrr=0.1", "optimizer.lrr", "unknown field"),
     ("optimiser.lr=0.1", "optimiser", "no such config section"),
     ("data.val_fraction=0.85", "data.val_fraction", "leave some training data"),
@@ -49,6 +47,28 @@ def test_invalid_values_name_the_field(override, field, words):
         load_config("digits_mlp", overrides=[override])
     assert err.value.field == field
     assert words in str(err.value)
+
+
+@pytest.mark.parametrize("override, field, words", [
+    ("optimizer.name=adamax", "optimizer.name", "valid optimizers: sgd"),
+    ("model.name=resnet7", "model.name", "valid models: "),
+    ("data.name=imagenet", "data.name", "valid datasets: "),
+    ("optimizer.schedule=linear", "optimizer.schedule", "valid schedules: constant"),
+    ("train.loss=hinge", "train.loss", "valid losses: "),
+])
+def test_unknown_names_are_named_by_the_registries(override, field, words, tmp_path):
+    """config.py imports no registry: a name is checked against its registry when the config is used
+    (train.check_config, the first step of train_run, before the run folder is made)."""
+    from jaxnn import train
+
+    cfg = load_config("digits_mlp", overrides=[override])  # the config's own grammar holds
+    with pytest.raises(ConfigError) as err:
+        train.check_config(cfg)
+    assert err.value.field == field and words in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        train.train_run(cfg, run_dir=tmp_path / "run")
+    assert err.value.field == field and not (tmp_path / "run").exists()
+    assert train.check_config(load_config("digits_mlp")) == load_config("digits_mlp")
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):

@@ -37,8 +37,22 @@ def total_steps(cfg: config_lib.Config, num_train: int) -> int:
     return max(1, int(round(t.epochs * data_lib.steps_per_epoch(num_train, t.batch_size, True))))
 
 
+def check_config(cfg: config_lib.Config) -> config_lib.Config:
+    """The checks ``config.validate`` leaves to the registries, which own the names: the dataset, model, optimizer,
+    schedule and loss of ``cfg`` must be registered (ConfigError naming the field and the valid names). Called
+    before anything is loaded by every path that uses a config (:func:`load_dataset` is their first step);
+    returns ``cfg``."""
+    config_lib.check_choice("data.name", cfg.data.name, data_lib.dataset_names(), "dataset")
+    config_lib.check_choice("model.name", cfg.model.name, models.model_names(), "model")
+    config_lib.check_choice("optimizer.name", cfg.optimizer.name, optim.OPTIMIZERS, "optimizer")
+    config_lib.check_choice("optimizer.schedule", cfg.optimizer.schedule, optim.SCHEDULES, "schedule")
+    config_lib.check_choice("train.loss", cfg.train.loss, losses.LOSSES, "loss")
+    return cfg
+
+
 def load_dataset(cfg: config_lib.Config) -> data_lib.Dataset:
-    d = cfg.data
+    """``cfg``'s dataset, after :func:`check_config`."""
+    d = check_config(cfg).data
     return data_lib.load_dataset(d.name, data_dir=d.data_dir, seed=d.seed, val_fraction=d.val_fraction,
                                  test_fraction=d.test_fraction, standardize=d.standardize, download=d.download,
                                  limit=d.limit, **d.kwargs)
@@ -142,6 +156,7 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
     """:func:`train_from_config`, also returning the trained run as :func:`load_run` would read it back (its final
     state, which the last checkpoint holds), so analysis can follow without reading the folder again.
     ``draw(function, *args)`` draws curves.png (default: now)."""
+    check_config(cfg)  # before the run folder is made
     run_dir = pathlib.Path(run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
     primary = parallel.is_primary()
     if primary:

@@ -20,6 +20,7 @@ import optax
 from jax.sharding import PartitionSpec
 
 from jaxnn import losses
+from jaxnn.config import check_choice
 from jaxnn.models.layers import batch_norm_axis
 from jaxnn.parallel import DATA_AXIS, MODES
 from jaxnn.train.state import TrainState
@@ -46,6 +47,7 @@ def make_train_step(loss: Callable | str, schedule: Callable | None = None, *, g
     ``"shard_map"`` and ``"pmap"`` run the per-device step over the ``data`` axis of ``mesh`` with an explicit
     ``lax.pmean``. All three give the same parameters.
     """
+    check_choice("parallel.mode", mode, MODES, "mode")
     donated = (0,) if donate else ()
     if mode == "jit":
         step = step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, needs_batch=needs_batch)
@@ -69,7 +71,7 @@ def make_train_step(loss: Callable | str, schedule: Callable | None = None, *, g
             return pmapped[bool(full_metrics)](state, per_device_batch)
 
         return step
-    raise ValueError(f"parallel.mode: expected one of {list(MODES)}, got {mode!r}")
+    raise AssertionError(mode)  # unreachable: the mode was checked on entry
 
 
 def _pmap_body(per_device, full_metrics, state, batch):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import inspect
-import itertools
 import json
 import math
 import os
@@ -36,176 +35,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxnn.config import Config, ConfigError, OptimizerConfig
+from jaxnn.config import (  # the sweep grammar (sweep_members, member_config) is the config's: it lives there
+    SWEEPABLE, Config, ConfigError, OptimizerConfig, SweepPlan, member_config, shared_data_seed, sweep_members,
+)
 
-# swept config field -> the population column that carries it
-SWEEPABLE = {
-    "train.seed": "seed",
-    "optimizer.lr": "lr",
-    "optimizer.momentum": "momentum",
-    "optimizer.b1": "b1",
-    "optimizer.b2": "b2",
-    "optimizer.eps": "eps",
-    "optimizer.rms_decay": "rms_decay",
-    "optimizer.weight_decay": "weight_decay",
-    "model.kwargs.dropout": "dropout",
-}
-ALIASES = {"seed": "train.seed", "lr": "optimizer.lr", "learning_rate": "optimizer.lr", "dropout": "model.kwargs.dropout"}
 DROPOUT_PLACEHOLDER = 0.5  # the population's model is built with dropout layers; each member's rate replaces it
-OPTIONS = ("method", "samples", "draw_seed")
-# The optimizer fields each optimizer reads (a population holds them in its state: optax.inject_hyperparams).
-OPTIMIZER_FIELDS = {
-    "sgd": ("lr", "weight_decay"),
-    "momentum": ("lr", "momentum", "weight_decay"),
-    "nesterov": ("lr", "momentum", "weight_decay"),
-    "adagrad": ("lr", "eps", "weight_decay"),
-    "rmsprop": ("lr", "rms_decay", "eps", "weight_decay"),
-    "adam": ("lr", "b1", "b2", "eps", "weight_decay"),
-    "adamw": ("lr", "b1", "b2", "eps", "weight_decay"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepPlan:
-    """``fields``: the swept config fields (dotted); ``values[field]``: one value per member."""
-
-    fields: tuple[str, ...]
-    values: dict[str, list]
-    method: str
-
-    @property
-    def count(self) -> int:
-        return len(self.values[self.fields[0]])
-
-    def member(self, index: int) -> dict[str, Any]:
-        return {field: self.values[field][index] for field in self.fields}
-
-
-def _spec_values(field: str, where: str, spec: Any, method: str) -> tuple[list | None, tuple | None]:
-    """(grid values, or None) and (distribution (kind, low, high), or None) of one swept field."""
-    if isinstance(spec, (list, tuple)):
-        if not spec or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
-            raise ConfigError(where, f"expected a non-empty list of numbers, got {spec!r}")
-        return list(spec), None
-    if not isinstance(spec, dict):
-        raise ConfigError(where, "expected a list of values or {log_uniform: [low, high], n: count} / "
-                                 f"{{uniform: [low, high], n: count}}, got {spec!r}")
-    kinds = [kind for kind in ("uniform", "log_uniform") if kind in spec]
-    unknown = sorted(set(spec) - {"uniform", "log_uniform", "n"})
-    if len(kinds) != 1 or unknown:
-        raise ConfigError(where, f"expected exactly one of uniform / log_uniform (and n), got keys {sorted(spec)}")
-    kind = kinds[0]
-    bounds = spec[kind]
-    if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
-        raise ConfigError(where, f"{kind} needs [low, high], got {bounds!r}")
-    low, high = float(bounds[0]), float(bounds[1])
-    if not low < high:
-        raise ConfigError(where, f"{kind} needs low < high, got [{low}, {high}]")
-    if kind == "log_uniform" and low <= 0:
-        raise ConfigError(where, f"log_uniform needs positive bounds, got [{low}, {high}]")
-    if field == "train.seed":
-        raise ConfigError(where, "seeds are integers: give a list, e.g. seed: [0, 1, 2]")
-    if method == "random":
-        if "n" in spec:
-            raise ConfigError(where, "with method random the number of draws is sweep.samples, not n")
-        return None, (kind, low, high)
-    n = spec.get("n")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(where, f"a grid distribution needs n >= 1 values, got n={n!r} (or use method: random)")
-    values = np.geomspace(low, high, n) if kind == "log_uniform" else np.linspace(low, high, n)
-    return [float(v) for v in values], None
-
-
-def sweep_members(cfg: Config) -> SweepPlan:
-    """Expand and check ``cfg.sweep``: every member's values, each member's config validated (ConfigError naming
-    the swept field otherwise)."""
-    spec = dict(cfg.sweep)
-    method = spec.pop("method", "grid")
-    samples = spec.pop("samples", None)
-    draw_seed = spec.pop("draw_seed", 0)
-    if method not in ("grid", "random"):
-        raise ConfigError("sweep.method", f"expected grid or random, got {method!r}")
-    if not spec:
-        raise ConfigError("sweep", "no swept field; e.g. sweep: {optimizer.lr: [0.1, 0.01], seed: [0, 1, 2]}")
-    if cfg.optimizer.name not in OPTIMIZER_FIELDS:
-        raise ConfigError("optimizer.name", f"{cfg.optimizer.name} cannot train as a population (its line search "
-                                            f"needs the loss); sweepable optimizers: {', '.join(OPTIMIZER_FIELDS)}")
-    sweepable = [field for field in SWEEPABLE if not field.startswith("optimizer.")
-                 or field.split(".", 1)[1] in OPTIMIZER_FIELDS[cfg.optimizer.name]]
-    axes: dict[str, list] = {}
-    draws: dict[str, tuple] = {}
-    for key, value in spec.items():
-        field, where = ALIASES.get(key, key), f"sweep.{key}"
-        if field in axes or field in draws:
-            raise ConfigError(where, f"{field} is swept twice")
-        if field not in sweepable:
-            if field in SWEEPABLE:
-                reason = (f"{cfg.optimizer.name} does not use {field}; its sweepable fields: {', '.join(sweepable)}")
-            elif _is_config_field(cfg, field):
-                reason = (f"{field} cannot vary inside one population (it changes the program or the data); "
-                          f"sweepable fields: {', '.join(sweepable)}")
-            else:
-                reason = f"no such config field; sweepable fields: {', '.join(sweepable)}"
-            raise ConfigError(where, reason)
-        grid, draw = _spec_values(field, where, value, method)
-        values_in_range = grid if grid is not None else list(draw[1:])
-        if field == "model.kwargs.dropout" and not all(0 <= v < 1 for v in values_in_range):
-            raise ConfigError(where, f"dropout rates must be in [0, 1), got {values_in_range!r}")
-        if grid is not None:
-            if field == "train.seed" and not all(float(v).is_integer() and v >= 0 for v in grid):
-                raise ConfigError(where, f"seeds must be non-negative integers, got {grid!r}")
-            axes[field] = [int(v) for v in grid] if field == "train.seed" else [float(v) for v in grid]
-        else:
-            draws[field] = draw
-    if method == "random":
-        if not draws:
-            raise ConfigError("sweep.method", "random needs at least one distribution ({log_uniform: [low, high]})")
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ConfigError("sweep.samples", f"method random needs samples >= 1, got {samples!r}")
-        rng = np.random.default_rng(int(draw_seed))
-        drawn = {field: (np.exp(rng.uniform(math.log(low), math.log(high), samples)) if kind == "log_uniform"
-                         else rng.uniform(low, high, samples)).tolist()
-                 for field, (kind, low, high) in draws.items()}
-        rows = [dict(zip(drawn, point), **dict(zip(axes, combo)))
-                for point in zip(*drawn.values()) for combo in itertools.product(*axes.values())]
-    else:
-        if samples is not None:
-            raise ConfigError("sweep.samples", "only method random draws samples")
-        rows = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
-    fields = tuple(rows[0])
-    plan = SweepPlan(fields=fields, values={f: [row[f] for row in rows] for f in fields}, method=method)
-    checked = set()
-    for index in range(plan.count):  # every value once: out-of-range values are named with their field
-        for field, value in plan.member(index).items():
-            if (field, value) not in checked:
-                checked.add((field, value))
-                try:
-                    cfg.replace(**{field: value, "sweep": {}})
-                except ConfigError as error:
-                    raise ConfigError(f"sweep.{field}", f"value {value!r}: {error}") from None
-    return plan
-
-
-def _is_config_field(cfg: Config, dotted: str) -> bool:
-    node: Any = cfg.to_dict()
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def member_config(cfg: Config, plan: SweepPlan, index: int) -> Config:
-    """Member ``index`` as a single run's config: its swept values, the batch order it trained on, no sweep."""
-    values = plan.member(index)
-    seed = int(values.get("train.seed", cfg.train.seed))
-    data_seed = seed if cfg.population.shuffle_per_member else _shared_data_seed(cfg)
-    return cfg.replace(**values, **{"train.data_seed": data_seed, "sweep": {}})
-
-
-def _shared_data_seed(cfg: Config) -> int:
-    return cfg.train.seed if cfg.train.data_seed is None else cfg.train.data_seed
 
 
 def optimizer_factory(o: OptimizerConfig, total_steps: int, swept: tuple[str, ...]) -> Callable:
@@ -234,13 +68,14 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
 
     from jaxnn import config as config_lib, plotting
     from jaxnn.train.population import ensemble_metrics, format_table
-    from jaxnn.train.run import (RunFolderError, config_differences, build_model, load_dataset, total_steps,
-                                 write_json)
+    from jaxnn.train.run import (RunFolderError, build_model, check_config, config_differences, load_dataset,
+                                 total_steps, write_json)
 
     if not cfg.sweep:
         raise ConfigError("sweep", "the config has no sweep section; add one, or e.g. "
                                    "--set 'sweep.optimizer.lr=[0.1, 0.01]' --set 'sweep.seed=[0, 1]'")
     plan = sweep_members(cfg)
+    check_config(cfg)  # the swept fields are numbers: the names are the same for every member
     progress = cfg.train.progress if progress is None else progress
     draw = draw or plotting.draw_now
     out = pathlib.Path(out_dir or pathlib.Path(cfg.output_dir) / f"{cfg.name}-sweep")
@@ -296,7 +131,7 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
 
             result = train_population(
                 model, factory, dataset, members={name: values[begin:end] for name, values in columns.items()},
-                num_steps=steps, loss=t.loss, batch_size=t.batch_size, data_seed=_shared_data_seed(cfg),
+                num_steps=steps, loss=t.loss, batch_size=t.batch_size, data_seed=shared_data_seed(cfg),
                 shuffle_per_member=cfg.population.shuffle_per_member, steps_per_call=cfg.population.steps_per_call,
                 progress=progress, early_stop_patience=t.early_stop_patience, early_stop_metric=t.early_stop_metric,
                 eval_every=t.eval_every, devices=cfg.parallel.devices,

@@ -5,7 +5,7 @@ import pytest
 
 from jaxnn import config as config_lib
 from jaxnn.cli import main
-from jaxnn.diagnostics.doctor import doctor
+from jaxnn.train.doctor import doctor
 
 SMALL = ["--set", "model.kwargs={width: 32, depth: 2, activation: relu, kernel_init: he}", "--overfit-steps", "80"]
 
