@@ -192,10 +192,10 @@ def _covariance_chunk(static: tuple, curvature: Any, params: Any, prior: Any, sc
     if structure == "kfac":  # from the layers' inputs and output gradients, no Jacobian formed
         return outputs, curvature.output_gram(predict_fn, x, prior / scale) / scale
     if structure == "diag" and layers:  # the same, in each layer's own basis
-        from jaxnn.curvature.kfac import _joint, layer_output_gram
+        from jaxnn.curvature.kfac import layer_matrix, layer_output_gram
 
         scaled = jax.tree.map(lambda d: scale * d, curvature)
-        blocks = {"/".join(layer.path): (None, None, _joint(scaled, layer)) for layer in layers}
+        blocks = {"/".join(layer.path): (None, None, layer_matrix(scaled, layer)) for layer in layers}
         return outputs, layer_output_gram(predict_fn, params, x, layers, blocks, fallback, scaled, prior)
 
     def jacobian_rows(xi):  # (C, d): one example's Jacobian in the posterior's parameters
@@ -221,7 +221,7 @@ def _subtree(tree: Any, name: str) -> Any:
 
 
 def _replace(tree: Any, name: str, value: Any) -> Any:
-    from jaxnn.curvature.kfac import _replace as replace_path
+    from jaxnn.curvature.kfac import replace_subtree as replace_path
 
     return replace_path(tree, tuple(name.split("/")), value)
 
@@ -229,10 +229,10 @@ def _replace(tree: Any, name: str, value: Any) -> Any:
 def _ggn_diagonal(predict_fn, output_loss, params, x, y, chunk: int = 32):
     """The exact diagonal of the mean loss's GGN: (1/n) Σ_i Σ_c (J_iᵀ l_ic)², l_ic the columns of the square root of
     example i's output-loss Hessian."""
-    from jaxnn.curvature.kfac import _output_cotangents
+    from jaxnn.curvature.kfac import output_cotangents
 
     outputs = predict_fn(params, x)
-    columns = jnp.moveaxis(_output_cotangents(output_loss, outputs, y, "ggn", None), 0, 1)  # (B, C, ...)
+    columns = jnp.moveaxis(output_cotangents(output_loss, outputs, y, "ggn", None), 0, 1)  # (B, C, ...)
 
     def one(args):
         xi, ci = args
@@ -248,7 +248,7 @@ def _head_ggn(predict_fn, output_loss, params, x, y, layer) -> np.ndarray | None
     is (1/n) Σ_i φ̃_iφ̃_iᵀ ⊗ H_i (φ̃ = [1, φ] with a bias, H_i the output loss's Hessian), one pass over the data
     instead of one GGN product per parameter. None when something follows the layer (the caller takes the general
     route)."""
-    from jaxnn.curvature.kfac import _output_cotangents, perturbed_layers
+    from jaxnn.curvature.kfac import output_cotangents, perturbed_layers
 
     name = "/".join(layer.path)
     inputs: dict = {}
@@ -263,7 +263,7 @@ def _head_ggn(predict_fn, output_loss, params, x, y, layer) -> np.ndarray | None
         return None
     if layer.has_bias:  # ravel order: bias, then the kernel's rows
         features = jnp.concatenate([jnp.ones((features.shape[0], 1), features.dtype), features], axis=1)
-    roots = _output_cotangents(output_loss, outputs, y, "ggn", None)  # (C, B, C): H_i = Σ_k r_ki r_kiᵀ
+    roots = output_cotangents(output_loss, outputs, y, "ggn", None)  # (C, B, C): H_i = Σ_k r_ki r_kiᵀ
     hessians = jnp.einsum("kbc,kbd->bcd", roots, roots)
     features, hessians = np.asarray(features, np.float64), np.asarray(hessians, np.float64)
     width, classes = features.shape[1], outputs.shape[1]
@@ -278,10 +278,10 @@ def _head_ggn(predict_fn, output_loss, params, x, y, layer) -> np.ndarray | None
 def _layer_signals(predict_fn, output_loss, layers, shapes, params, x, y):
     """Per Dense layer applied to vectors: its inputs with a 1 for the bias (B, i) and its output gradients (C, B, o)
     for each column of the square roots of the examples' output-loss Hessians."""
-    from jaxnn.curvature.kfac import _output_cotangents, layer_signals
+    from jaxnn.curvature.kfac import output_cotangents, layer_signals
 
     _, _, a, g = layer_signals(predict_fn, params, x, layers, shapes,
-                               lambda outputs: _output_cotangents(output_loss, outputs, y, "ggn", None))
+                               lambda outputs: output_cotangents(output_loss, outputs, y, "ggn", None))
     return {n: value[:, 0] for n, value in a.items()}, {n: value[:, :, 0] for n, value in g.items()}
 
 
@@ -292,12 +292,12 @@ def _dense_network_ggn(predict_fn, output_loss, params, x, y, budget: int = 50_0
     Hessian; one forward and C backward passes of the batch), summed by one matrix product per block with the examples
     as the inner dimension (``budget`` floats per chunk of examples). In ``ravel_pytree(params)`` order. None for
     any other model (the caller takes the general route)."""
-    from jaxnn.curvature.kfac import _discover, _uncovered
+    from jaxnn.curvature.kfac import discover_layers, uncovered_modules
 
-    layers, skipped, shapes = _discover(predict_fn, params, x)
+    layers, skipped, shapes = discover_layers(predict_fn, params, x)
     names = ["/".join(layer.path) for layer in layers]
     if (not layers or skipped or any(layer.kind != "dense" or len(shapes[n]) != 2 for layer, n in zip(layers, names))
-            or _uncovered(params, set(names))):
+            or uncovered_modules(params, set(names))):
         return None
     a, g = _layer_signals(predict_fn, output_loss, tuple(layers), tuple((n, shapes[n]) for n in names), params, x, y)
     a = {n: np.asarray(value, np.float64) for n, value in a.items()}  # (B, i)
@@ -346,7 +346,7 @@ def laplace(predict_fn: Callable, params: Any, data: tuple, *, likelihood: str =
     :meth:`Laplace.optimize_prior_precision`); ``sigma_noise``: the regression noise σ. ``"full"`` is refused above
     ``max_params`` parameters."""
     from jaxnn import curvature, losses
-    from jaxnn.curvature.kfac import _discover
+    from jaxnn.curvature.kfac import discover_layers
 
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood: expected one of {', '.join(LIKELIHOODS)}, got {likelihood!r}")
@@ -370,14 +370,14 @@ def laplace(predict_fn: Callable, params: Any, data: tuple, *, likelihood: str =
     subset = None
     if structure in ("full", "last_layer"):
         if structure == "last_layer":
-            layers, _, _ = _discover(predict_fn, params, x)
+            layers, _, _ = discover_layers(predict_fn, params, x)
             dense = [layer for layer in layers if layer.kind == "dense"]
             if not dense:
                 raise ValueError("structure='last_layer': the model calls no Dense layer")
             subset = "/".join(dense[-1].path)
-        from jaxnn.curvature.dense import _check_size
+        from jaxnn.curvature.dense import check_dense_size
 
-        _check_size(ravel_pytree(params if subset is None else _subtree(params, subset))[0].size, max_params,
+        check_dense_size(ravel_pytree(params if subset is None else _subtree(params, subset))[0].size, max_params,
                     f"the {structure} Laplace precision")
         if subset is None:
             matrix = _dense_network_ggn(predict_fn, output_loss, params, x, y)
@@ -392,12 +392,12 @@ def laplace(predict_fn: Callable, params: Any, data: tuple, *, likelihood: str =
     layers, fallback = (), ()
     if structure == "diag":
         fitted = _ggn_diagonal(predict_fn, output_loss, params, x, y)
-        from jaxnn.curvature.kfac import _uncovered
+        from jaxnn.curvature.kfac import uncovered_modules
 
-        layers, skipped, _ = _discover(predict_fn, params, x)
+        layers, skipped, _ = discover_layers(predict_fn, params, x)
         if layers:  # a Flax model: its Dense / Conv layers' predictive rows need no Jacobian
             names = {"/".join(layer.path) for layer in layers}
-            fallback = tuple(name for name, _ in skipped) + _uncovered(params, names | {n for n, _ in skipped})
+            fallback = tuple(name for name, _ in skipped) + uncovered_modules(params, names | {n for n, _ in skipped})
     elif structure == "kfac":
         fitted = curvature.kfac(predict_fn, output_loss, params, data, kind="ggn")
     return Laplace(predict_fn, params, structure, likelihood, prior_precision, sigma_noise, count, log_likelihood,

@@ -76,9 +76,9 @@ def test_diag_and_last_layer_equal_the_dense_ggn(x64):
     # Flax names the outer call first: Dense_0 is the 5 -> 3 head, called last
     last = laplace(predict, params, (x, y), structure="last_layer", prior_precision=0.5)
     assert last.subset == "Dense_0" and last.num_params == 18
-    from jaxnn.curvature.kfac import _discover
+    from jaxnn.curvature.kfac import discover_layers
 
-    head_layer = [layer for layer in _discover(predict, params, x)[0] if layer.path == ("Dense_0",)][0]
+    head_layer = [layer for layer in discover_layers(predict, params, x)[0] if layer.path == ("Dense_0",)][0]
     head_block = laplace_lib._head_ggn(predict, cross_entropy, params, x, y, head_layer)
     np.testing.assert_allclose(head_block, dense[:18, :18], atol=1e-13)  # the one-pass route (φ̃φ̃ᵀ ⊗ H) was taken
     head = slice(0, 18)  # ravel order: Dense_0 (bias, kernel) first

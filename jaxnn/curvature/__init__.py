@@ -55,7 +55,8 @@ from jaxnn.curvature.gradient_direction import (
 from jaxnn.curvature.influence import InfluenceResult, SelfInfluenceResult, influence, self_influence
 from jaxnn.curvature.kfac import KFAC, kfac, kfac_preconditioner
 from jaxnn.curvature.krylov import LanczosResult, bottom_eigenvalues, lanczos, top_eigenvalues
-from jaxnn.curvature.operators import CurvatureOperator, fisher, ggn, hessian, linear_operator, tree_vdot
+from jaxnn.curvature.operators import CurvatureOperator, fisher, ggn, hessian, linear_operator
+from jaxnn.curvature.products import tree_vdot
 from jaxnn.curvature.power import PowerIterationResult, power_iteration
 from jaxnn.curvature.report import curvature_report, write_curvature_report
 from jaxnn.curvature.solve import SolveResult, solve

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnn.curvature.krylov import LanczosResult, default_num_iters, lanczos
-from jaxnn.curvature.operators import CurvatureOperator, require_operator, tree_vdot, precise_jit
+from jaxnn.curvature.operators import CurvatureOperator, precise_jit, require_operator
+from jaxnn.curvature.products import tree_vdot
 from jaxnn.curvature.validation import check_key, check_like_params, check_positive_float
 
 VERDICTS = (

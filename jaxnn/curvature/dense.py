@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from jaxnn.curvature.operators import CurvatureOperator, join_functions, require_operator, split_functions, tree_vdot, precise_jit
+from jaxnn.curvature.operators import CurvatureOperator, join_functions, precise_jit, require_operator, split_functions
+from jaxnn.curvature.products import tree_vdot
 from jaxnn.curvature.trace_estimators import chunked_products
 from jaxnn.curvature.validation import check_like_params, check_params, check_positive_float, num_params
 
 DEFAULT_MAX_PARAMS = 5_000
 
 
-def _check_size(count: int, max_params: int, what: str) -> None:
+def check_dense_size(count: int, max_params: int, what: str) -> None:
+    """ValueError naming ``what`` and the limit when an n×n matrix of ``count`` parameters is too big to form."""
     if count > max_params:
         raise ValueError(
             f"params: {what} is an n×n matrix for small models only; expected at most max_params={max_params} "
@@ -48,7 +49,7 @@ def dense_hessian(
     One batch only. Cost: n HVPs worth of work and n² memory; refused above ``max_params`` parameters.
     """
     params = check_params(params)
-    _check_size(num_params(params), max_params, "the dense Hessian")
+    check_dense_size(num_params(params), max_params, "the dense Hessian")
     out = jax.eval_shape(loss_fn, params, batch)
     if len(jax.tree.leaves(out)) != 1 or jax.tree.leaves(out)[0].shape != ():
         raise ValueError(f"loss_fn: expected a scalar loss (shape ()), got {[o.shape for o in jax.tree.leaves(out)]}")
@@ -63,7 +64,7 @@ def dense_matrix(op: CurvatureOperator, *, max_params: int = DEFAULT_MAX_PARAMS,
     Cost: n products (vmapped ``chunk_size`` at a time); refused above ``max_params`` parameters.
     """
     op = require_operator(op, like=like)
-    _check_size(op.num_params, max_params, "the dense operator")
+    check_dense_size(op.num_params, max_params, "the dense operator")
     flat = ravel_pytree(op.params)[0]
     return chunked_products(op, jnp.eye(flat.size, dtype=flat.dtype), chunk_size).T
 

@@ -9,7 +9,6 @@ v = z/√n, E[vᵀ f(M) v] = (1/n) Σ_i f(λ_i), so averaging over probes estima
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 

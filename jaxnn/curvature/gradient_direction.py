@@ -11,7 +11,6 @@ With g = ∇L(θ) and M the curvature operator (usually the Hessian H):
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -28,8 +27,8 @@ from jaxnn.curvature.operators import (
     flat_operator,
     precise_jit,
     require_operator,
-    tree_vdot,
 )
+from jaxnn.curvature.products import tree_vdot
 from jaxnn.curvature.validation import check_choice, check_int, check_like_params, check_positive_float
 
 NEWTON_METHODS = ("cg", "gmres", "dense")

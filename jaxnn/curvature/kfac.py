@@ -76,7 +76,7 @@ class KFAC:
         """(K-FAC or EKFAC) v, v a pytree like the parameters."""
         out = jax.tree.map(lambda d, x: d * x, self.diagonal, v)
         for layer, name in zip(self.layers, self.names):
-            w = _joint(v, layer)
+            w = layer_matrix(v, layer)
             if self.corrected is None:
                 a, g = self.factors[name]
                 product = a @ w @ g
@@ -96,7 +96,7 @@ class KFAC:
         out = jax.tree.map(lambda d, x: x / (d + damping), self.diagonal, v)
         for layer, name in zip(self.layers, self.names):
             _, u_a, _, u_g = self.eigen[name]
-            w = _joint(v, layer)
+            w = layer_matrix(v, layer)
             out = _set_joint(out, layer, u_a @ ((u_a.T @ w @ u_g) / (self._block_values(name) + damping)) @ u_g.T)
         return out
 
@@ -107,7 +107,7 @@ class KFAC:
         and C backward passes of the batch), so in the Kronecker eigenbasis a Dense layer costs O(d_in² + C d_out²)
         per example instead of O(C d_in d_out (d_in + d_out)); the fallback parameters by their per-example
         Jacobian and diagonal. Examples must not interact in ``predict_fn`` (eval-mode normalisation)."""
-        layers, _, _ = _discover(predict_fn, self.params, x)
+        layers, _, _ = discover_layers(predict_fn, self.params, x)
         if tuple(layers) != tuple(self.layers):
             raise ValueError("output_gram: predict_fn calls other layers than the ones this K-FAC was built on")
         blocks = {name: (self.eigen[name][1], self.eigen[name][3], self._block_values(name)) for name in self.names}
@@ -153,13 +153,13 @@ def _subtree(tree: Any, path: tuple) -> Any:
     return tree
 
 
-def _replace(tree: Any, path: tuple, value: Any) -> Any:
+def replace_subtree(tree: Any, path: tuple, value: Any) -> Any:
     if not path:
         return value
-    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
+    return {**tree, path[0]: replace_subtree(tree[path[0]], path[1:], value)}
 
 
-def _joint(tree: Any, layer: _Layer) -> jax.Array:
+def layer_matrix(tree: Any, layer: _Layer) -> jax.Array:
     """The layer's parameters in ``tree`` as one (d_in(+1), d_out) matrix: the kernel's rows, then the bias."""
     leaf = _subtree(tree, layer.path)
     kernel = leaf["kernel"].reshape(-1, leaf["kernel"].shape[-1])
@@ -173,7 +173,7 @@ def _set_joint(tree: Any, layer: _Layer, matrix: jax.Array) -> Any:
         leaf["bias"] = matrix[-1]
         matrix = matrix[:-1]
     leaf["kernel"] = matrix.reshape(shape)
-    return _replace(tree, layer.path, leaf)
+    return replace_subtree(tree, layer.path, leaf)
 
 
 def _factorable(module: Any, args: tuple) -> _Layer | str:
@@ -212,7 +212,7 @@ def _patches(x: jax.Array, layer: _Layer) -> jax.Array:
     return patches.reshape(b, h * w, -1)
 
 
-def _inputs(x: jax.Array, layer: _Layer) -> jax.Array:
+def layer_inputs(x: jax.Array, layer: _Layer) -> jax.Array:
     """(B, T, d_in(+1)): the layer's inputs per example and weight-sharing position."""
     rows = _patches(x, layer) if layer.kind == "conv" else x.reshape(x.shape[0], -1, x.shape[-1])
     if layer.has_bias:
@@ -220,7 +220,7 @@ def _inputs(x: jax.Array, layer: _Layer) -> jax.Array:
     return rows
 
 
-def _discover(predict_fn: Callable, params: Any, x: Any) -> tuple[tuple, tuple, dict]:
+def discover_layers(predict_fn: Callable, params: Any, x: Any) -> tuple[tuple, tuple, dict]:
     """(factorable layers in call order, {name: why not} for the other parameterised modules, {name: output shape}).
     Cached per model function and the shapes and dtypes of ``params`` and ``x``: tracing a Flax model costs more than
     a small model's whole K-FAC statistics pass."""
@@ -275,7 +275,7 @@ def _discover_cached(predict_fn: Callable, params_def, params_leaves, x_def, x_l
     return tuple(layers), tuple(skipped.items()), shapes
 
 
-def _uncovered(params: Any, covered: set) -> tuple:
+def uncovered_modules(params: Any, covered: set) -> tuple:
     """Modules holding parameters that no intercepted call reached (they get the fallback diagonal too)."""
     found: list = []
 
@@ -303,7 +303,7 @@ def _has_params(params: Any, path: tuple) -> bool:
     return isinstance(leaf, dict) and any(not isinstance(v, dict) for v in leaf.values())
 
 
-def _output_cotangents(output_loss, outputs, y, kind, key):
+def output_cotangents(output_loss, outputs, y, kind, key):
     """(columns, B, *output shape): per example, the vectors whose backward passes give the curvature's gradients.
     For "ggn" the columns of a square root of the example's output Hessian: in closed form where ``output_loss``
     carries one (``hessian_root``, see :func:`jaxnn.losses.batch_mean`), else from its eigendecomposition."""
@@ -372,7 +372,7 @@ def layer_signals(predict_fn: Callable, params: Any, x: Any, layers: tuple, shap
     a, g = {}, {}
     for layer in layers:
         name = "/".join(layer.path)
-        a[name] = _inputs(inputs[name], layer)
+        a[name] = layer_inputs(inputs[name], layer)
         g[name] = gradients[name].reshape(cotangents.shape[0], a[name].shape[0], a[name].shape[1], -1)
     return outputs, cotangents, a, g
 
@@ -390,7 +390,7 @@ def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, ki
     diagonal sum."""
     x, y = batch
     names = ["/".join(layer.path) for layer in layers]
-    cotangents_of = lambda outputs: _output_cotangents(output_loss, outputs, y, kind, key)  # noqa: E731
+    cotangents_of = lambda outputs: output_cotangents(output_loss, outputs, y, kind, key)  # noqa: E731
     a_sums, g_sums, per_example = {}, {}, {}
     if per_example_columns:  # EKFAC: every column's gradients at once
         _, cotangents, inputs, gradients = layer_signals(predict_fn, params, x, layers, shapes, cotangents_of)
@@ -400,7 +400,7 @@ def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, ki
     else:  # one column at a time, summed as it goes: (C, B, T, o) never exists (less memory, 5-7 % faster here)
         outputs, pullback, called = _layer_forward(predict_fn, params, x, layers, dict(shapes))
         cotangents = cotangents_of(outputs)
-        inputs = {layer_name: _inputs(called[layer_name], layer) for layer, layer_name in zip(layers, names)}
+        inputs = {layer_name: layer_inputs(called[layer_name], layer) for layer, layer_name in zip(layers, names)}
 
         def add_column(sums, cotangent):
             gradients = pullback(cotangent)
@@ -417,7 +417,7 @@ def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, ki
         def example_outputs(subtrees, xi):
             full = params
             for path, subtree in zip(paths, subtrees):
-                full = _replace(full, path, subtree)
+                full = replace_subtree(full, path, subtree)
             return predict_fn(full, jax.tree.map(lambda leaf: leaf[None], xi))[0]
 
         def squared(xi, ci):
@@ -430,7 +430,7 @@ def _batch_statistics(predict_fn, output_loss, params, batch, layers, shapes, ki
                                         batch_size=16))
         diagonal = jax.tree.map(jnp.zeros_like, params)
         for path, subtree in zip(paths, sums):
-            diagonal = _replace(diagonal, path, subtree)
+            diagonal = replace_subtree(diagonal, path, subtree)
     return a_sums, g_sums, per_example, diagonal
 
 
@@ -441,7 +441,7 @@ def layer_output_gram(predict_fn: Callable, params: Any, x: Any, layers: tuple, 
     identity, i.e. an exact diagonal in the layer's (d_in(+1), d_out) layout), plus the ``diagonal`` (a pytree like
     params) on the ``fallback`` modules' parameters. No Jacobian is formed for the layers: their rows are Σ_t a_t g_ctᵀ
     from one forward pass and C backward passes of the batch."""
-    _, _, shapes = _discover(predict_fn, params, x)
+    _, _, shapes = discover_layers(predict_fn, params, x)
 
     def unit_columns(outputs):  # one column per output: the gradients of each output alone
         count, classes = outputs.shape[0], int(np.prod(outputs.shape[1:]))
@@ -473,7 +473,7 @@ def layer_output_gram(predict_fn: Callable, params: Any, x: Any, layers: tuple, 
         def example_outputs(sub, xi):
             full = params
             for name, path in zip(fallback, paths):
-                full = _replace(full, path, sub[name])
+                full = replace_subtree(full, path, sub[name])
             return predict_fn(full, jax.tree.map(lambda leaf: leaf[None], xi)).reshape(-1)
 
         def rows_of(xi):
@@ -520,12 +520,12 @@ def kfac(predict_fn: Callable, output_loss: Callable, params: Any, data: Any, *,
         raise ValueError("data: expected one batch (x, y) or a list of (x, y) batches")
     if kind == "fisher" and key is None:
         raise ValueError("kind='fisher' samples labels from the model: pass key=jax.random.key(...)")
-    layers, skipped, shapes_one = _discover(predict_fn, params, batches[0][0])
+    layers, skipped, shapes_one = discover_layers(predict_fn, params, batches[0][0])
     if not layers:
         found = ", ".join(f"{name} ({why})" for name, why in skipped) or "no parameterised module"
         raise ValueError(f"K-FAC found no Dense or 2-D Conv layer to factor; the model calls: {found}")
     names = ["/".join(layer.path) for layer in layers]
-    fallback_paths = tuple(name for name, _ in skipped) + _uncovered(params, set(names) | {n for n, _ in skipped})
+    fallback_paths = tuple(name for name, _ in skipped) + uncovered_modules(params, set(names) | {n for n, _ in skipped})
     count = sum(int(np.shape(jax.tree.leaves(b[0])[0])[0]) for b in batches)
     keys = jax.random.split(key, len(batches)) if key is not None else [None] * len(batches)
     a_total, g_total, diagonal_total, per_batch = {}, {}, None, []
@@ -558,7 +558,7 @@ def kfac(predict_fn: Callable, output_loss: Callable, params: Any, data: Any, *,
     else:
         diagonal = jax.tree.map(lambda d: d / count, diagonal_total)
         for layer in layers:  # a fallback module may hold a factored layer: its parameters are in its block only
-            diagonal = _replace(diagonal, layer.path, jax.tree.map(jnp.zeros_like, _subtree(diagonal, layer.path)))
+            diagonal = replace_subtree(diagonal, layer.path, jax.tree.map(jnp.zeros_like, _subtree(diagonal, layer.path)))
     return KFAC(params, layers, factors, eigen, corrected, diagonal, fallback_paths, kind, count)
 
 
@@ -623,7 +623,7 @@ def kfac_preconditioner(*, damping: float = 1e-3, decay: float = 0.95, statistic
         if params is None or batch is None or predict_fn is None or output_loss is None:
             raise ValueError("kfac_preconditioner: update needs params, batch=(x, y), predict_fn=(params, x) -> outputs "
                              "and output_loss=(outputs, y) -> mean loss")
-        layers, _, shapes = _discover(predict_fn, params, batch[0])
+        layers, _, shapes = discover_layers(predict_fn, params, batch[0])
         layers = tuple(layer for layer in layers if "/".join(layer.path) in state.factors)
         names = ["/".join(layer.path) for layer in layers]
         key, sample_key = jax.random.split(state.key)
@@ -655,7 +655,7 @@ def kfac_preconditioner(*, damping: float = 1e-3, decay: float = 0.95, statistic
         eigen = jax.lax.cond(state.count % inverse_every == 0, inverted, lambda f: dict(state.eigen), factors)
         for layer, name in zip(layers, names):
             s_a, u_a, s_g, u_g = eigen[name]
-            w = _joint(updates, layer)
+            w = layer_matrix(updates, layer)
             preconditioned = u_a @ ((u_a.T @ w @ u_g) / (s_a[:, None] * s_g[None, :] + damping)) @ u_g.T
             updates = _set_joint(updates, layer, preconditioned)
         return updates, KfacPreconditionerState(state.count + 1, factors, eigen, key)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from jaxnn.curvature import products
 from jaxnn.curvature.batches import BatchGroup, PreparedData, first_batch, place_on_mesh, prepare_data
 from jaxnn.curvature.validation import (
     check_choice,
@@ -124,118 +125,6 @@ def join_functions(arrays: list, skeleton: FunctionSkeleton) -> Any:
 
 # --------------------------------------------------------------------------------------------------------------
 # Per-batch products. Signature: product(functions, params, batch, v) -> pytree like params.
-
-
-def tree_vdot(a: Any, b: Any) -> jax.Array:
-    """Σ_leaves <a_leaf, b_leaf> (real inner product of two pytrees with equal structure)."""
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-# Each product kind that can be linearised has a ``linearize(functions, params, batch) -> (v -> product)``: the
-# forward and backward passes at θ run once and every product afterwards only costs the tangent pass. Estimators
-# that apply a single-batch operator many times (Lanczos, power iteration) build it once per compiled call.
-
-
-def _linearize_hessian(loss_fn, params, batch):
-    """v ↦ Hv = ∂/∂ε ∇L(θ+εv)|ε=0: forward-mode over the gradient, linearised at θ."""
-    return jax.linearize(lambda p: jax.grad(loss_fn)(p, batch), params)[1]
-
-
-def _hvp_forward_over_reverse(loss_fn, params, batch, v):
-    """Hv = ∂/∂ε ∇L(θ+εv)|ε=0: one jvp of the gradient (≈ 2-3 gradient costs)."""
-    return _linearize_hessian(loss_fn, params, batch)(v)
-
-
-def _hvp_reverse_over_reverse(loss_fn, params, batch, v):
-    """Hv = ∇_θ <∇L(θ), v>: gradient of a gradient inner product (PyHessian's double backward)."""
-    return jax.grad(lambda p: tree_vdot(jax.grad(loss_fn)(p, batch), v))(params)
-
-
-def _hvp_reverse_over_forward(loss_fn, params, batch, v):
-    """Hv = ∇_θ (∂/∂ε L(θ+εv)): gradient of a directional derivative."""
-    return jax.grad(lambda p: jax.jvp(lambda q: loss_fn(q, batch), (p,), (v,))[1])(params)
-
-
-_HVP_PRODUCTS = {
-    "forward-over-reverse": _hvp_forward_over_reverse,
-    "reverse-over-reverse": _hvp_reverse_over_reverse,
-    "reverse-over-forward": _hvp_reverse_over_forward,
-}
-
-
-def _linearize_ggn(functions, params, batch):
-    """v ↦ Gv = Jᵀ H_out J v, J = ∂f(θ,x)/∂θ, H_out = ∂²ℓ(o,y)/∂o² at o = f(θ,x)."""
-    predict_fn, output_loss = functions
-    x, y = batch[0], batch[1]
-    outputs, jvp_fn = jax.linearize(lambda p: predict_fn(p, x), params)
-    transpose = jax.linear_transpose(jvp_fn, params)
-    _, output_curvature = jax.linearize(lambda o: jax.grad(output_loss)(o, y), outputs)
-    return lambda v: transpose(output_curvature(jvp_fn(v)))[0]
-
-
-def _ggn_product(functions, params, batch, v):
-    """Gv = Jᵀ H_out J v: one linearisation of the model and of the output loss's gradient, then a transpose."""
-    return _linearize_ggn(functions, params, batch)(v)
-
-
-def _per_example_losses(output_loss, outputs, targets):
-    """ℓ_i = output_loss(o_i, y_i) for each row i (the loss applied to a batch of one)."""
-    return jax.vmap(
-        lambda o, t: output_loss(jax.tree.map(lambda a: a[None], o), jax.tree.map(lambda a: a[None], t))
-    )(outputs, targets)
-
-
-def _linearize_fisher_from_losses(losses, params):
-    """v ↦ Fv = (1/m) Σ_i g_i (g_iᵀ v), g_i = ∇ℓ_i, for the m entries of ``losses(θ)``."""
-    values, jvp_fn = jax.linearize(losses, params)
-    transpose = jax.linear_transpose(jvp_fn, params)
-    return lambda v: transpose(jvp_fn(v) / values.size)[0]
-
-
-def _linearize_empirical_fisher(functions, params, batch):
-    predict_fn, output_loss = functions
-    x, y = batch[0], batch[1]
-    return _linearize_fisher_from_losses(lambda p: _per_example_losses(output_loss, predict_fn(p, x), y), params)
-
-
-def _linearize_true_fisher(functions, params, batch):
-    predict_fn, output_loss = functions
-    x, sampled_labels = batch[0], batch[2]
-
-    def losses(p):
-        outputs = predict_fn(p, x)
-        return jax.vmap(lambda labels: _per_example_losses(output_loss, outputs, labels))(sampled_labels)
-
-    return _linearize_fisher_from_losses(losses, params)
-
-
-def _empirical_fisher_product(functions, params, batch, v):
-    return _linearize_empirical_fisher(functions, params, batch)(v)
-
-
-def _true_fisher_product(functions, params, batch, v):
-    return _linearize_true_fisher(functions, params, batch)(v)
-
-
-_LINEARIZERS = {
-    _hvp_forward_over_reverse: _linearize_hessian,
-    _ggn_product: _linearize_ggn,
-    _empirical_fisher_product: _linearize_empirical_fisher,
-    _true_fisher_product: _linearize_true_fisher,
-}
-
-
-def _apply_user_matvec(matvec, params, batch, v):
-    return matvec(v)
-
-
-def _loss_of_loss_fn(loss_fn, params, batch):
-    return loss_fn(params, batch)
-
-
-def _loss_of_outputs(functions, params, batch):
-    predict_fn, output_loss = functions
-    return output_loss(predict_fn(params, batch[0]), batch[1])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -503,7 +392,7 @@ def hessian(
         raise TypeError(f"loss_fn: expected a callable loss_fn(params, batch), got {type(loss_fn).__name__}")
     params = check_params(params)
     prepared = _prepared(data, stacked, params)
-    op = _make_operator("hessian", loss_fn, _HVP_PRODUCTS[mode], _loss_of_loss_fn, params, prepared, precision)
+    op = _make_operator("hessian", loss_fn, products.HVP_PRODUCTS[mode], products.loss_of_loss_fn, params, prepared, precision)
     _check_scalar_loss(op, prepared, "loss_fn")
     op = _with_loop_mode(op, prepared, loops)
     if check_finite:
@@ -551,7 +440,7 @@ def ggn(
     params = check_params(params)
     prepared = _prepared(data, stacked, params)
     _check_output_functions(predict_fn, output_loss, prepared)
-    op = _make_operator("ggn", (predict_fn, output_loss), _ggn_product, _loss_of_outputs, params, prepared, precision)
+    op = _make_operator("ggn", (predict_fn, output_loss), products.ggn_product, products.loss_of_outputs, params, prepared, precision)
     _check_scalar_loss(op, prepared, "output_loss")
     op = _with_loop_mode(op, prepared, loops)
     if check_finite:
@@ -590,7 +479,7 @@ def fisher(
     _check_output_functions(predict_fn, output_loss, prepared)
     functions = (predict_fn, output_loss)
     if kind == "empirical":
-        op = _make_operator("fisher-empirical", functions, _empirical_fisher_product, _loss_of_outputs, params, prepared,
+        op = _make_operator("fisher-empirical", functions, products.empirical_fisher_product, products.loss_of_outputs, params, prepared,
                             precision)
     else:
         key = check_key(key, "key")
@@ -605,7 +494,7 @@ def fisher(
             groups.append(BatchGroup((group.batches[0], group.batches[1], labels), group.weights))
             offset += count
         prepared = prepared._replace(groups=tuple(groups))
-        op = _make_operator("fisher-true", functions, _true_fisher_product, _loss_of_outputs, params, prepared, precision)
+        op = _make_operator("fisher-true", functions, products.true_fisher_product, products.loss_of_outputs, params, prepared, precision)
     _check_scalar_loss(op, prepared, "output_loss")
     op = _with_loop_mode(op, prepared, loops)
     if check_finite:
@@ -636,7 +525,7 @@ def linear_operator(matvec: Callable[[Any], Any], params: Any) -> CurvatureOpera
         raise TypeError(f"matvec: expected a callable matvec(v), got {type(matvec).__name__}")
     params = check_params(params)
     prepared = prepare_data(None)
-    op = _make_operator("linear", matvec, _apply_user_matvec, None, params, prepared)
+    op = _make_operator("linear", matvec, products.apply_user_matvec, None, params, prepared)
     out = jax.eval_shape(lambda v: matvec(v), params)
     try:
         check_like_params(out, params, "matvec(v)", cast=False)
@@ -680,7 +569,7 @@ def flat_operator(op: CurvatureOperator, *, linearize_batches: bool = False) -> 
         zeros = jax.tree.map(jnp.zeros_like, op.params)
         linear = jax.linearize(lambda v: apply_operator(op, v), zeros)[1]
         return (lambda x: ravel_pytree(linear(unravel(x)))[0]), flat_params, unravel
-    linearize = _LINEARIZERS.get(op.product)
+    linearize = products.LINEARIZERS.get(op.product)
     if linearize is not None and op.num_batches == 1:
         group = op.data[0]
         linear = linearize(op.functions, op.params, jax.tree.map(lambda leaf: leaf[0], group.batches))

@@ -10,7 +10,6 @@ multiplicity. Power iteration converges to the eigenvalue of largest |λ| at a r
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax

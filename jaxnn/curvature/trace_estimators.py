@@ -12,7 +12,6 @@ compilation; products beyond ``num_samples`` in the last chunk are discarded (``
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -24,7 +23,6 @@ from tqdm import tqdm
 
 from jaxnn.curvature.operators import (
     precise_jit,
-    DEFAULT_CHUNK_SIZE,
     CurvatureOperator,
     balanced_chunks,
     chunked_products,

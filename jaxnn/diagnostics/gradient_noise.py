@@ -90,7 +90,7 @@ def _ghost_sums(arrays, skeleton, params, batch, layers, shapes):
     parameters all sit in Dense layers: one backward pass of Σ_i ℓ_i also gives each layer's per-example
     output gradients (a zero perturbation added to its output), and a layer's per-example weight gradient is
     Σ_t a_t g_tᵀ, whose squared norm is Σ_{t,t'} (a_t·a_t')(g_t·g_t') (‖a‖²‖g‖² for one position; Goodfellow 2015)."""
-    from jaxnn.curvature.kfac import _inputs, perturbed_layers
+    from jaxnn.curvature.kfac import layer_inputs, perturbed_layers
 
     example_loss_fn = join_functions(arrays, skeleton)
     count = jax.tree.leaves(batch)[0].shape[0]
@@ -105,7 +105,7 @@ def _ghost_sums(arrays, skeleton, params, batch, layers, shapes):
     (param_grads, output_grads), inputs = jax.grad(total, argnums=(0, 1), has_aux=True)(params, zeros)
     squares = {}
     for layer, name in zip(layers, names):
-        a = _inputs(inputs[name], layer)  # (n, T, d_in + 1)
+        a = layer_inputs(inputs[name], layer)  # (n, T, d_in + 1)
         g = output_grads[name].reshape(a.shape[0], a.shape[1], -1)  # (n, T, d_out)
         squares[name] = jnp.sum(jnp.einsum("nti,nsi->nts", a, a) * jnp.einsum("nto,nso->nts", g, g))
     return param_grads, squares
@@ -174,10 +174,10 @@ def _factored_layers(example_loss_fn: Callable, params: Any, batch: Any):
     plain gradient, the Gram form over positions 4.0x), normalisation layers, embeddings, a loss that is not a Flax
     model."""
     from jaxnn.curvature.blocks import layer_names
-    from jaxnn.curvature.kfac import _discover
+    from jaxnn.curvature.kfac import discover_layers
 
     try:
-        layers, skipped, shapes = _discover(example_loss_fn, params, batch)
+        layers, skipped, shapes = discover_layers(example_loss_fn, params, batch)
     except Exception:  # not a Flax model, or one the interception cannot run
         return None
     names = {"/".join(layer.path) for layer in layers}

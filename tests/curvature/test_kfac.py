@@ -13,7 +13,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from jaxnn import curvature, losses
-from jaxnn.curvature.kfac import _batch_statistics, _discover
+from jaxnn.curvature.kfac import _batch_statistics, discover_layers
 
 
 def cross_entropy(logits, labels):
@@ -127,7 +127,7 @@ def test_conv_patches_give_autodiffs_per_example_gradients(x64, strides, padding
     """Σ_t a_t g_tᵀ from the patches and the output gradients (empirical kind: one column) is each example's
     gradient of its loss in the conv kernel and bias (jax.grad on a batch of one)."""
     params, predict, (x, y) = setup(ConvNet(strides=strides, padding=padding), (6, 5, 2), 3, 4)
-    layers, skipped, shapes = _discover(predict, params, x)
+    layers, skipped, shapes = discover_layers(predict, params, x)
     assert [layer.kind for layer in layers] == ["conv", "dense"] and skipped == ()
     _, _, per_example, _ = _batch_statistics(predict, cross_entropy, params, (x, y), layers, tuple(shapes.items()),
                                              "empirical", None, ())
