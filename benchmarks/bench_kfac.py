@@ -8,7 +8,10 @@ how far the K-FAC solution is from the exact one (relative error, cosine). CG is
 stops short of 1e-6 the ratio printed is a lower bound (marked "≥").
 
 Models: the main job's MLP (digits 64-256-256-10, 512 examples) and, unless ``--skip-resnet``, ResNet-20 (batch
-norm in eval mode, CIFAR-shaped random images, batch 256). Timings: first call (with compilation) and warm median.
+norm in eval mode, CIFAR-shaped random images, batch 256). Timings: first call (with compilation) and warm median;
+also one GGN product, since CG pays one per iteration. On a 2-core CPU one ResNet-20 GGN product takes ~2 s, so CG
+is capped at ``--resnet-max-iters`` (30) and far from 1e-6 there: its ratio is a lower bound. Both sides get their
+operands as arguments of compiled functions (closed-over arrays are constants XLA folds: minutes of compilation).
 
     python benchmarks/bench_kfac.py [--damping 1e-3] [--max-iters 300] [--resnet-max-iters 30] [--skip-resnet]
 """
@@ -40,24 +43,30 @@ def compare(label, model, variables, batch, damping, max_iters, repeats) -> None
     flat, unravel = ravel_pytree(params)
     v = unravel(jax.random.normal(jax.random.PRNGKey(2), flat.shape, flat.dtype))
     factor_first, factor_warm, factored = timed(lambda: curvature.kfac(predict, cross_entropy, params, batch), 1)
-    inverse = jax.jit(lambda x: factored.inverse_matvec(x, damping))
-    kfac_first, kfac_warm, kfac_x = timed(lambda: inverse(v), repeats)
+    print(f"{label}: {flat.size:,} parameters, {len(factored.layers)} factored layers, fallback diagonal for "
+          f"{len(factored.fallback)} ({', '.join(factored.fallback[:3])}{'...' if len(factored.fallback) > 3 else ''})")
+    print(f"  K-FAC factors (statistics + eigh)  first {factor_first:7.2f} s, warm {factor_warm:7.2f} s", flush=True)
+    inverse = jax.jit(lambda f, x: f.inverse_matvec(x, damping))  # the factors as arguments, not folded constants
+    kfac_first, kfac_warm, kfac_x = timed(lambda: inverse(factored, v), repeats)
+    print(f"  K-FAC (K + dI)^-1 v               first {kfac_first * 1e3:8.1f} ms, warm {kfac_warm * 1e3:8.2f} ms",
+          flush=True)
     G = curvature.ggn(predict, cross_entropy, params, batch)
+    product_first, product_warm, _ = timed(lambda: G.matvec(v), repeats)  # compiled inside, G as an argument
+    print(f"  one GGN product G v                first {product_first:7.2f} s, warm {product_warm:7.3f} s "
+          f"(loops: {G.loop_mode})", flush=True)
     cg_first, cg_warm, solved = timed(lambda: curvature.solve(G, v, damping=damping, method="cg", tol=1e-6,
                                                                max_iters=max_iters), 1)
     exact, approx = ravel_pytree(solved.solution)[0], ravel_pytree(kfac_x)[0]
     error = float(jnp.linalg.norm(approx - exact) / jnp.linalg.norm(exact))
     cosine = float(jnp.vdot(approx, exact) / (jnp.linalg.norm(approx) * jnp.linalg.norm(exact)))
     bound = "" if solved.converged else "≥ "
-    print(f"{label}: {flat.size:,} parameters, {len(factored.layers)} factored layers, fallback diagonal for "
-          f"{len(factored.fallback)} ({', '.join(factored.fallback[:3])}{'...' if len(factored.fallback) > 3 else ''})")
-    print(f"  K-FAC factors (statistics + eigh)  first {factor_first:7.2f} s, warm {factor_warm:7.2f} s")
-    print(f"  K-FAC (K + dI)^-1 v               first {kfac_first * 1e3:8.1f} ms, warm {kfac_warm * 1e3:8.2f} ms")
     print(f"  CG on the GGN to 1e-6              first {cg_first:7.2f} s, warm {cg_warm:7.2f} s "
           f"({solved.num_iters} iterations, relative residual {solved.relative_residual:.1e}"
           f"{'' if solved.converged else ', NOT converged: capped'})")
     print(f"  RATIO CG / K-FAC inverse product = {bound}{cg_warm / kfac_warm:,.0f}x   (goal >= 20); with the "
           f"factorisation: {bound}{cg_warm / (kfac_warm + factor_warm):,.1f}x")
+    print(f"  one GGN product / K-FAC inverse product = {product_warm / kfac_warm:,.1f}x (CG needs one per "
+          f"iteration)")
     print(f"  K-FAC's solution vs CG's: relative error {error:.2f}, cosine {cosine:.3f} (an approximation of G)")
 
 

@@ -13,7 +13,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from jaxnn import curvature, losses
-from jaxnn.curvature.kfac import _batch_statistics, discover_layers
+from jaxnn.curvature.kfac import _batch_statistics, _statistics, _unrolled, discover_layers
 
 
 def cross_entropy(logits, labels):
@@ -200,6 +200,35 @@ def test_layers_it_cannot_factor_get_the_exact_diagonal(x64):
     np.testing.assert_allclose(flat_diagonal[mask], np.diag(exact)[mask], rtol=1e-10)
     assert not np.any(np.asarray(flat_diagonal[~mask]))
     check_output_gram(factored, dense(factored.operator()), predict, params, batch[0][:3])  # + fallback diagonal
+
+
+class ConvNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.BatchNorm(use_running_average=True)(nn.Conv(3, (3, 3))(x))
+        return nn.Dense(4)(jnp.tanh(h).reshape(h.shape[0], -1))
+
+
+def test_unrolled_statistics_equal_the_looped_ones(x64):
+    """A convolutional model on CPU gets its statistics' loops written out (the columns' backward passes, the
+    fallback diagonal's per-example passes: XLA:CPU runs backward convolutions slower inside loops); the sums are
+    the looped program's, and the diagonal is still the exact GGN's."""
+    params, predict, batch = setup(ConvNormNet(), (5, 4, 2), 7, 4)
+    layers, _, shapes = discover_layers(predict, params, batch[0])
+    assert _unrolled(layers) == (jax.default_backend() == "cpu")
+    shapes = tuple((name, shapes[name]) for name in ("Conv_0", "Dense_0"))
+    looped, unrolled = (_statistics(predict, cross_entropy, params, batch, layers, shapes, "ggn", None,
+                                    ("BatchNorm_0",), False, flag) for flag in (False, True))
+    for one, two in zip(looped[:2], unrolled[:2]):
+        for name in ("Conv_0", "Dense_0"):
+            np.testing.assert_allclose(two[name], one[name], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ravel_pytree(unrolled[3])[0], ravel_pytree(looped[3])[0], rtol=1e-12, atol=1e-14)
+    factored = curvature.kfac(predict, cross_entropy, params, batch)
+    assert factored.fallback == ("BatchNorm_0",)
+    mask = ravel_pytree(jax.tree.map(jnp.zeros_like, params) | {
+        "BatchNorm_0": jax.tree.map(jnp.ones_like, params["BatchNorm_0"])})[0] > 0
+    exact = np.diag(exact_ggn(predict, params, batch))
+    np.testing.assert_allclose(ravel_pytree(factored.diagonal)[0][mask], exact[mask], rtol=1e-10)
 
 
 def test_fisher_kinds_and_bad_input(x64):

@@ -67,6 +67,28 @@ def test_minres_on_an_indefinite_hessian_and_cg_refuses_it(x64):
         / np.linalg.norm(flat_b), rel=1e-8)
 
 
+@pytest.mark.parametrize("method, kind, damping", [("cg", "ggn", 1e-2), ("minres", "hessian", 1e-3)])
+def test_a_python_driven_solve_is_the_compiled_one(x64, method, kind, damping):
+    """loops="python" (what convolutional models get on CPU, where XLA:CPU runs backward convolutions 10-30x slower
+    inside a while_loop) drives the same iteration one compiled step at a time: same iterates, same answer."""
+    params, predict, output_loss, batch = mlp_setup(2)
+    loss_fn = lambda p, b: output_loss(predict(p, b[0]), b[1])  # noqa: E731
+    build = {"ggn": lambda loops: curvature.ggn(predict, output_loss, params, batch, loops=loops),
+             "hessian": lambda loops: curvature.hessian(loss_fn, params, batch, loops=loops)}[kind]
+    compiled, driven = build("scan"), build("python")
+    assert (compiled.loop_mode, driven.loop_mode) == ("scan", "python")
+    b, flat_b = random_rhs(params, 5)
+    for max_iters in (3, 200):  # stopped by the cap, and converged
+        one = curvature.solve(compiled, b, damping=damping, method=method, tol=1e-9, max_iters=max_iters)
+        two = curvature.solve(driven, b, damping=damping, method=method, tol=1e-9, max_iters=max_iters)
+        assert one.num_iters == two.num_iters and one.converged == two.converged
+        np.testing.assert_allclose(ravel_pytree(two.solution)[0], ravel_pytree(one.solution)[0], rtol=1e-9,
+                                   atol=1e-12)
+    assert two.converged and not curvature.solve(driven, b, damping=damping, method=method, max_iters=3).converged
+    exact = np.linalg.solve(dense(compiled) + damping * np.eye(flat_b.size), flat_b)
+    np.testing.assert_allclose(ravel_pytree(two.solution)[0], exact, rtol=1e-6)
+
+
 def test_a_singular_undamped_solve_reports_its_residual(x64):
     """M = diag(s) with two zero eigenvalues and b with a component in their null space: no x solves it; MINRES
     reports non-convergence with the least-squares residual (the null-space part of b)."""
