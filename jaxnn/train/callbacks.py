@@ -66,26 +66,55 @@ class FitContext:
         return pending
 
 
+class Patience:
+    """The early-stopping rule, for one run or every member of a population at once (``size`` members): a value
+    improves on the best so far when it is lower (``mode="min"``) / higher (``"max"``) by more than ``min_delta``
+    (NaN never improves); ``patience`` evaluations in a row without improvement and the run stops."""
+
+    def __init__(self, patience: int, mode: str = "min", min_delta: float = 0.0, size: int | tuple = ()):
+        import numpy as np
+
+        if mode not in ("min", "max"):
+            raise ValueError(f"early stopping mode must be 'min' or 'max', got {mode!r}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"early stopping patience must be an integer >= 1, got {patience!r}")
+        self.patience, self.mode, self.min_delta = patience, mode, min_delta
+        self.best = np.full(size, math.inf if mode == "min" else -math.inf)
+        self.bad_evals = np.zeros(size, int)
+
+    def update(self, values: Any, active: Any = True) -> Any:
+        """Record one evaluation of the runs where ``active``; True where patience ran out at this evaluation."""
+        import numpy as np
+
+        values = np.asarray(values, float)
+        if self.mode == "min":
+            better = values < self.best - self.min_delta
+        else:
+            better = values > self.best + self.min_delta
+        better, worse = better & active, ~better & active
+        self.best = np.where(better, values, self.best)
+        self.bad_evals = np.where(better, 0, self.bad_evals + worse)
+        return worse & (self.bad_evals >= self.patience)
+
+
 class EarlyStopping(Callback):
-    """Stop when ``monitor`` (an eval metric, e.g. ``val_loss``) has not improved for ``patience`` evals."""
+    """Stop when ``monitor`` (an eval metric, e.g. ``val_loss``) has not improved for ``patience`` evals
+    (:class:`Patience`'s rule, which populations apply member by member)."""
 
     def __init__(self, monitor: str = "val_loss", patience: int = 5, mode: str = "min", min_delta: float = 0.0):
-        if mode not in ("min", "max"):
-            raise ValueError(f"EarlyStopping mode must be 'min' or 'max', got {mode!r}")
-        if patience < 1:
-            raise ValueError(f"EarlyStopping patience must be >= 1, got {patience}")
-        self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, min_delta
-        self.best = math.inf if mode == "min" else -math.inf
-        self.bad_evals = 0
+        self.monitor = monitor
+        self.rule = Patience(patience, mode, min_delta)
+
+    @property
+    def best(self) -> float:
+        return float(self.rule.best)
+
+    @property
+    def bad_evals(self) -> int:
+        return int(self.rule.bad_evals)
 
     def on_eval_end(self, ctx: FitContext) -> None:
         if self.monitor not in ctx.eval_metrics:
             raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but eval produced {sorted(ctx.eval_metrics)}")
-        value = ctx.eval_metrics[self.monitor]
-        better = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
-        if better:
-            self.best, self.bad_evals = value, 0
-        else:
-            self.bad_evals += 1
-            if self.bad_evals >= self.patience:
-                ctx.request_stop(f"early stop: {self.monitor} did not improve for {self.patience} evaluations")
+        if self.rule.update(ctx.eval_metrics[self.monitor]):
+            ctx.request_stop(f"early stop: {self.monitor} did not improve for {self.rule.patience} evaluations")

@@ -40,6 +40,7 @@ import optax
 from tqdm import tqdm
 
 from jaxnn import data as data_lib
+from jaxnn.train.callbacks import Patience
 from jaxnn.train.state import TrainState
 from jaxnn.train.fit import mean_metrics, padded_batches
 from jaxnn.train.step import step_function, make_eval_step
@@ -514,7 +515,6 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
                         member_labels=noise, strategy=strategy, needs_batch=needs_batch)
     per_call = max(1, min(int(steps_per_call), num_steps))
     eval_size = max(1, min(int(eval_batch_size), max(len(dataset.train), len(dataset.val), len(dataset.test))))
-    worse = (lambda new, best: new >= best) if early_stop_metric == "val_loss" else (lambda new, best: new <= best)
 
     histories, accuracy_histories, states, rows_out, programs = [], [], [], [], {}
     compile_s = run_s = 0.0
@@ -531,8 +531,8 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
                                                        int(seeds[i])) for i in index]).astype(y_dtype)) if noise else None
         values, accuracies = [], []
         stopped: dict[int, int] = {}  # position in the chunk -> the step it was early-stopped after
-        best = np.full(chunk, np.inf if early_stop_metric == "val_loss" else -np.inf)
-        bad_evals = np.zeros(chunk, int)
+        rule = Patience(early_stop_patience, "min" if early_stop_metric == "val_loss" else "max", size=chunk) \
+            if early_stop_patience else None
         done = 0
         while done < num_steps:
             length = min(per_call, num_steps - done)
@@ -563,17 +563,9 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
             bar.update(real * length)
             if early_stop_patience and done % eval_every == 0 and done < num_steps:
                 measured = evaluate_members(state, dataset.val, loss, classification, eval_size, "val", strategy)
-                metric = np.asarray(measured[early_stop_metric])
-                running = np.asarray(jax.device_get(alive))
-                for position in range(chunk):
-                    if not running[position] or position in stopped:
-                        continue
-                    if worse(metric[position], best[position]):
-                        bad_evals[position] += 1
-                        if bad_evals[position] >= early_stop_patience:
-                            stopped[position] = done
-                    else:
-                        best[position], bad_evals[position] = metric[position], 0
+                active = np.asarray(jax.device_get(alive)) & ~np.isin(np.arange(chunk), list(stopped))
+                for position in np.flatnonzero(rule.update(measured[early_stop_metric], active)):
+                    stopped[int(position)] = done
                 if stopped:
                     keep = np.ones(chunk, bool)
                     keep[list(stopped)] = False

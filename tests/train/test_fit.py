@@ -137,6 +137,41 @@ def test_early_stopping(digits):
     assert result.steps_done == 30 and "early stop" in result.stop_reason
 
 
+def test_one_patience_rule_for_a_run_and_a_population():
+    """Patience (EarlyStopping's rule, which populations apply member by member) on a hand-worked sequence: for each
+    member, vectorised equals one scalar rule per member; NaN never improves; min_delta; max mode; bad input."""
+    from jaxnn.train.callbacks import Patience
+
+    values = np.array([[1.0, 5.0, 1.0], [0.9, 5.0, np.nan], [0.95, 4.0, 0.5], [0.89, 4.5, 0.5], [0.9, 4.5, 0.6]])
+    # patience 2: member 0 never misses twice in a row; member 1 ties 5.0 (no improvement), improves to 4.0, then
+    # misses at 3 and 4; member 2's NaN is a miss, 0.5 improves, 0.5 (a tie) and 0.6 miss
+    expected_stop_at = [None, 4, 4]
+    together = Patience(2, size=3)
+    first = [None] * 3
+    for index, row in enumerate(values):
+        for member in np.flatnonzero(together.update(row)):
+            first[member] = index if first[member] is None else first[member]
+    assert first == expected_stop_at
+    for member in range(3):
+        alone = Patience(2)
+        stops = [bool(alone.update(v)) for v in values[:, member]]
+        assert (stops.index(True) if any(stops) else None) == expected_stop_at[member]
+    inactive = Patience(1, size=2)
+    assert not inactive.update([1.0, 1.0], active=np.array([True, False])).any()
+    assert list(inactive.update([2.0, 2.0], active=np.array([True, False]))) == [True, False]
+    assert not Patience(1, min_delta=0.1).update(1.0) and Patience(1, min_delta=0.1).best == np.inf
+    strict = Patience(1, min_delta=0.1)
+    strict.update(1.0)
+    assert strict.update(0.95) and strict.best == 1.0  # an improvement under min_delta counts as none
+    rising = Patience(1, mode="max")
+    assert not rising.update(0.5) and not rising.update(0.6) and rising.update(0.6)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="patience must be an integer >= 1"):
+            Patience(bad)
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
+        Patience(1, mode="lowest")
+
+
 def _with(dataset, **changes):
     import dataclasses
     return dataclasses.replace(dataset, **changes)
