@@ -1,4 +1,5 @@
-"""Matrix-free curvature operators on parameter pytrees: Hessian, generalised Gauss-Newton, Fisher.
+"""Matrix-free curvature operators on parameter pytrees: Hessian, generalised Gauss-Newton, Fisher. The products
+themselves (the formulas) are in :mod:`jaxnn.curvature.products`; this module makes them operators.
 
 Every constructor returns the same small frozen dataclass, :class:`CurvatureOperator`. It is a JAX pytree whose
 leaves are the parameters, the (stacked) data and any arrays inside the user's functions (e.g. the model state held

@@ -1,8 +1,6 @@
 """`jaxnn doctor`: a healthy model passes (exit 0), a badly initialised one with a tiny learning rate fails the
 checks that should catch it (exit 1), an invalid config is a failed check."""
 
-import pytest
-
 from jaxnn import config as config_lib
 from jaxnn.cli import main
 from jaxnn.train.doctor import doctor
@@ -36,3 +34,6 @@ def test_an_invalid_config_is_a_failed_check(capsys):
     assert main(["doctor", "digits_mlp", "--set", "optimizer.lr=-1"]) == 1
     out = capsys.readouterr().out
     assert "config is valid  FAIL" in out and "optimizer.lr" in out
+    assert main(["doctor", "digits_mlp", "--set", "model.name=resnet7"]) == 1  # a name only the registry knows
+    out = capsys.readouterr().out
+    assert "config is valid  FAIL" in out and "model.name" in out and "valid models: " in out
