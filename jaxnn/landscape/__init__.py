@@ -25,6 +25,7 @@ from jaxnn.landscape.report import landscape_report, write_landscape_report
 from jaxnn.landscape.surfaces import (
     DEFAULT_CHUNK_SIZE,
     Surface,
+    SurfaceOptions,
     bezier_surface,
     interpolation_surface,
     line_surface,
@@ -48,6 +49,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "LinearFactorization",
     "Surface",
+    "SurfaceOptions",
     "bezier_surface",
     "checkpoint_difference_direction",
     "direction_description",

@@ -26,6 +26,7 @@ from jaxnn.landscape.io import save_surfaces
 from jaxnn.landscape.surfaces import (
     DEFAULT_CHUNK_SIZE,
     Surface,
+    SurfaceOptions,
     interpolation_surface,
     line_surface,
     plane_surface,
@@ -121,9 +122,9 @@ def landscape_report(loss_fn: Callable, params: Any, data: Any, *, key: Any, dir
     low, high = (float(v) for v in interpolation_range)
     if not (np.isfinite([low, high]).all() and low < high):
         raise ValueError(f"interpolation_range: expected finite (low, high) with low < high, got {interpolation_range}")
-    common = dict(accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
-                  recompute_state_fn=recompute_state_fn, state_data=state_data,
-                  factor_linear_ops=factor_linear_ops, progress=progress, split=split)
+    common = dict(options=SurfaceOptions(accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size,
+                                         stacked=stacked, recompute_state_fn=recompute_state_fn, state_data=state_data,
+                                         factor_linear_ops=factor_linear_ops, progress=progress, split=split))
 
     directions, descriptions, extra = _directions(dirs, loss_fn, params, data, key, ignore, trajectory, stacked,
                                                   progress)

@@ -1,6 +1,7 @@
 """Loss surfaces: 1-D lines ``L(θ+αd)``, interpolations ``L((1−α)θ₀+αθ₁)`` and 2-D planes ``L(θ+αd₁+βd₂)``.
 
-Every surface is evaluated by one compiled program (:mod:`jaxnn.landscape.grid_evaluation`): chunks of
+Every surface function takes the same evaluation options, :class:`SurfaceOptions` (as keyword arguments, e.g.
+``chunk_size=16, progress=False``, or ``options=SurfaceOptions(...)``). Every surface is evaluated by one compiled program (:mod:`jaxnn.landscape.grid_evaluation`): chunks of
 ``chunk_size`` grid points are vmapped, ``lax.map`` runs over the chunks and ``lax.scan`` over the batches of
 ``data`` (one batch, a list/iterable of batches, or batches stacked on a leading axis with ``stacked=True``); each
 metric is the example-weighted mean over batches, ``Σ_b (B_b/N) m_b(θ)``.
@@ -198,28 +199,59 @@ def _state_like(recompute_state_fn: Callable, params: Any, state_prepared: Prepa
     return state_like
 
 
+@dataclasses.dataclass(frozen=True)
+class SurfaceOptions:
+    """How every surface is evaluated (the same for lines, interpolations, Bézier curves and planes; see the module
+    docstring): the metrics besides the loss (``accuracy_fn``, ``metric_fns``), the grid points evaluated at once
+    (``chunk_size``), ``stacked`` batches, batch-norm statistics recomputed per point (``recompute_state_fn``,
+    ``state_data``), ``factor_linear_ops``, a ``progress`` bar, the loop ``strategy`` and the device ``split``. The
+    surface functions take these as keyword arguments (or ``options=SurfaceOptions(...)``)."""
+
+    accuracy_fn: Callable | None = None
+    metric_fns: Mapping[str, Callable] | None = None
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    stacked: bool = False
+    recompute_state_fn: Callable | None = None
+    state_data: Any = None
+    factor_linear_ops: bool = True
+    progress: bool = True
+    strategy: str = "auto"
+    split: str = "data"
+
+    @classmethod
+    def of(cls, function: str, options: SurfaceOptions | None, keywords: Mapping[str, Any]) -> SurfaceOptions:
+        """``options`` with ``keywords`` (a surface function's ``**options``) on top; a TypeError names a keyword
+        that is not a field, as a signature would."""
+        fields = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(keywords) - fields)
+        if unknown:
+            raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}; its options: "
+                            f"{', '.join(sorted(fields))}")
+        if options is not None and not isinstance(options, cls):
+            raise TypeError(f"{function}(): options must be a SurfaceOptions, got {type(options).__name__}")
+        return dataclasses.replace(options or cls(), **keywords)
+
+
 def _evaluate_surface(kind: str, loss_fn: Callable, basis: Sequence[Any], coefficients: np.ndarray,
                       grid_shape: tuple[int, ...], data: Any, alphas: np.ndarray, betas: np.ndarray | None,
-                      descriptions: Sequence[dict], *, accuracy_fn: Callable | None,
-                      metric_fns: Mapping[str, Callable] | None, chunk_size: int, stacked: bool,
-                      recompute_state_fn: Callable | None, state_data: Any, factor_linear_ops: bool,
-                      progress: bool, strategy: str = "auto", split: str = "data") -> Surface:
-    metrics = check_metric_fns(loss_fn, accuracy_fn, metric_fns)
-    chunk_size = check_int(chunk_size, "chunk_size")
+                      descriptions: Sequence[dict], options: SurfaceOptions) -> Surface:
+    o = options
+    metrics = check_metric_fns(loss_fn, o.accuracy_fn, o.metric_fns)
+    chunk_size = check_int(o.chunk_size, "chunk_size")
     mesh = mesh_of(basis[0])  # parameters on a mesh: batches split over its data axis, or grid points
-    split = check_split(split, strategy, mesh)
+    split = check_split(o.split, o.strategy, mesh)
     replicate = split == "points"
-    prepared = place_on_mesh(prepare_data(data, stacked=stacked, name="data", check_finite=True), mesh, replicate)
+    prepared = place_on_mesh(prepare_data(data, stacked=o.stacked, name="data", check_finite=True), mesh, replicate)
     state_prepared, state_like = None, None
-    if recompute_state_fn is not None:
-        state_prepared = (prepared if state_data is None else place_on_mesh(
-            prepare_data(state_data, stacked=stacked, name="state_data", check_finite=True), mesh, replicate))
-        state_like = _state_like(recompute_state_fn, basis[0], state_prepared)
+    if o.recompute_state_fn is not None:
+        state_prepared = (prepared if o.state_data is None else place_on_mesh(
+            prepare_data(o.state_data, stacked=o.stacked, name="state_data", check_finite=True), mesh, replicate))
+        state_like = _state_like(o.recompute_state_fn, basis[0], state_prepared)
     _check_scalar_outputs(metrics, basis[0], prepared, state_like)
     values, timing = evaluate_at_points(
-        metrics, basis, coefficients, prepared, chunk_size=chunk_size, state_fn=recompute_state_fn,
-        state_prepared=state_prepared, factor_linear_ops=factor_linear_ops, progress=progress,
-        description=f"{kind} surface", strategy=strategy, split=split, mesh=mesh)
+        metrics, basis, coefficients, prepared, chunk_size=chunk_size, state_fn=o.recompute_state_fn,
+        state_prepared=state_prepared, factor_linear_ops=o.factor_linear_ops, progress=o.progress,
+        description=f"{kind} surface", strategy=o.strategy, split=split, mesh=mesh)
     shaped, nonfinite = {}, {}
     for name, flat in values.items():
         array = np.asarray(flat, dtype=np.float64 if flat.dtype == np.float64 else np.float32).reshape(grid_shape)
@@ -241,15 +273,12 @@ def _descriptions(given: Sequence[dict] | None, count: int, name: str, default: 
 
 
 def line_surface(loss_fn: Callable, params: Any, direction: Any, alphas: Any, data: Any, *,
-                 accuracy_fn: Callable | None = None, metric_fns: Mapping[str, Callable] | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, stacked: bool = False,
-                 recompute_state_fn: Callable | None = None, state_data: Any = None,
-                 factor_linear_ops: bool = True, description: dict | None = None,
-                 progress: bool = True, strategy: str = "auto", split: str = "data") -> Surface:
+                 description: dict | None = None, options: SurfaceOptions | None = None, **keywords: Any) -> Surface:
     """``L(θ + α d)`` for every ``α`` in ``alphas``; cost: ``len(alphas)`` forward passes per batch of ``data``.
 
     ``direction`` must match ``params`` leaf for leaf, be finite and non-zero.
     """
+    options = SurfaceOptions.of("line_surface", options, keywords)
     params = check_params(params)
     direction = check_direction(direction, params, "direction")
     alphas = check_grid(alphas, "alphas")
@@ -258,22 +287,18 @@ def line_surface(loss_fn: Callable, params: Any, direction: Any, alphas: Any, da
                                  {"kind": "custom"})
     return _evaluate_surface(
         "line", loss_fn, (params, direction), coefficients, (len(alphas),), data, alphas, None, descriptions,
-        accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
-        recompute_state_fn=recompute_state_fn, state_data=state_data, factor_linear_ops=factor_linear_ops,
-        progress=progress, strategy=strategy, split=split)
+        options)
 
 
 def interpolation_surface(loss_fn: Callable, params0: Any, params1: Any, alphas: Any, data: Any, *,
-                          accuracy_fn: Callable | None = None, metric_fns: Mapping[str, Callable] | None = None,
-                          chunk_size: int = DEFAULT_CHUNK_SIZE, stacked: bool = False,
-                          recompute_state_fn: Callable | None = None, state_data: Any = None,
-                          factor_linear_ops: bool = True, descriptions: Sequence[dict] | None = None,
-                          progress: bool = True, strategy: str = "auto", split: str = "data") -> Surface:
+                          descriptions: Sequence[dict] | None = None, options: SurfaceOptions | None = None,
+                          **keywords: Any) -> Surface:
     """``L((1−α)θ₀ + αθ₁)`` for every ``α`` (Goodfellow et al. 2015); α=0 is ``params0``, α=1 is ``params1``.
 
     The two checkpoints must have the same structure and leaf shapes (an incompatible pair is a ``ValueError``
     naming ``params1``); they may be equal. Cost: ``len(alphas)`` forward passes per batch.
     """
+    options = SurfaceOptions.of("interpolation_surface", options, keywords)
     params0 = check_params(params0, "params0")
     params1 = check_like(check_params(params1, "params1"), params0, "params1", "params0")
     alphas = check_grid(alphas, "alphas")
@@ -281,21 +306,17 @@ def interpolation_surface(loss_fn: Callable, params0: Any, params1: Any, alphas:
     descriptions = _descriptions(descriptions, 2, "descriptions", {"kind": "checkpoint"})
     return _evaluate_surface(
         "interpolation", loss_fn, (params0, params1), coefficients, (len(alphas),), data, alphas, None,
-        descriptions, accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
-        recompute_state_fn=recompute_state_fn, state_data=state_data, factor_linear_ops=factor_linear_ops,
-        progress=progress, strategy=strategy, split=split)
+        descriptions, options)
 
 
 def bezier_surface(loss_fn: Callable, params0: Any, bend: Any, params1: Any, ts: Any, data: Any, *,
-                   accuracy_fn: Callable | None = None, metric_fns: Mapping[str, Callable] | None = None,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE, stacked: bool = False,
-                   recompute_state_fn: Callable | None = None, state_data: Any = None,
-                   factor_linear_ops: bool = True, descriptions: Sequence[dict] | None = None,
-                   progress: bool = True, strategy: str = "auto", split: str = "data") -> Surface:
+                   descriptions: Sequence[dict] | None = None, options: SurfaceOptions | None = None,
+                   **keywords: Any) -> Surface:
     """``L(φ(t))`` on the quadratic Bézier curve ``φ(t) = (1−t)²θ₀ + 2t(1−t)θ_b + t²θ₁`` for every ``t`` in
     ``ts`` (Garipov et al. 2018: a trained bend ``θ_b`` connects two minima at almost constant loss); t = 0 is
     ``params0``, t = 1 is ``params1``. The summary's ``barrier`` is the largest excess over the chord between the
     endpoint values, as for :func:`interpolation_surface`. Cost: ``len(ts)`` forward passes per batch."""
+    options = SurfaceOptions.of("bezier_surface", options, keywords)
     params0 = check_params(params0, "params0")
     bend = check_like(check_params(bend, "bend"), params0, "bend", "params0")
     params1 = check_like(check_params(params1, "params1"), params0, "params1", "params0")
@@ -304,22 +325,18 @@ def bezier_surface(loss_fn: Callable, params0: Any, bend: Any, params1: Any, ts:
     descriptions = _descriptions(descriptions, 3, "descriptions", {"kind": "checkpoint"})
     return _evaluate_surface(
         "bezier", loss_fn, (params0, bend, params1), coefficients, (len(ts),), data, ts, None, descriptions,
-        accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
-        recompute_state_fn=recompute_state_fn, state_data=state_data, factor_linear_ops=factor_linear_ops,
-        progress=progress, strategy=strategy, split=split)
+        options)
 
 
 def plane_surface(loss_fn: Callable, params: Any, d1: Any, d2: Any, alphas: Any, betas: Any, data: Any, *,
-                  accuracy_fn: Callable | None = None, metric_fns: Mapping[str, Callable] | None = None,
-                  chunk_size: int = DEFAULT_CHUNK_SIZE, stacked: bool = False,
-                  recompute_state_fn: Callable | None = None, state_data: Any = None,
-                  factor_linear_ops: bool = True, descriptions: Sequence[dict] | None = None,
-                  progress: bool = True, strategy: str = "auto", split: str = "data") -> Surface:
+                  descriptions: Sequence[dict] | None = None, options: SurfaceOptions | None = None,
+                  **keywords: Any) -> Surface:
     """``L(θ + α d₁ + β d₂)`` on the grid ``alphas × betas`` (``metrics[name][i, j]`` at ``(alphas[i], betas[j])``).
 
     Cost: ``len(alphas)·len(betas)`` forward passes per batch of ``data`` (the parameter-linear first layers only
     3 per batch with ``factor_linear_ops``), in one compiled program; memory: about ``chunk_size`` forward passes.
     """
+    options = SurfaceOptions.of("plane_surface", options, keywords)
     params = check_params(params)
     d1 = check_direction(d1, params, "d1")
     d2 = check_direction(d2, params, "d2")
@@ -330,6 +347,4 @@ def plane_surface(loss_fn: Callable, params: Any, d1: Any, d2: Any, alphas: Any,
     descriptions = _descriptions(descriptions, 2, "descriptions", {"kind": "custom"})
     return _evaluate_surface(
         "plane", loss_fn, (params, d1, d2), coefficients, (len(alphas), len(betas)), data, alphas, betas,
-        descriptions, accuracy_fn=accuracy_fn, metric_fns=metric_fns, chunk_size=chunk_size, stacked=stacked,
-        recompute_state_fn=recompute_state_fn, state_data=state_data, factor_linear_ops=factor_linear_ops,
-        progress=progress, strategy=strategy, split=split)
+        descriptions, options)

@@ -52,6 +52,30 @@ def test_line_at_a_generic_point_has_the_closed_form(x64):
                                rtol=0, atol=1e-10)
 
 
+def test_evaluation_options_as_keywords_or_one_object(x64):
+    """SurfaceOptions: the same surface from keywords and from options=, keywords over the object's fields, and a
+    misspelt option is a TypeError naming it (as a signature would)."""
+    from jaxnn.landscape import SurfaceOptions
+
+    loss, a, theta_star, _, unravel = _quadratic()
+    theta, direction = unravel(theta_star + 0.3), unravel(np.linalg.eigh(a)[1][:, 0])
+    alphas = np.linspace(-1, 1, 5)
+    metric_fns = {"twice": lambda p, b: 2.0 * loss(p, b)}
+    by_keywords = line_surface(loss, theta, direction, alphas, None, chunk_size=2, progress=False,
+                               metric_fns=metric_fns)
+    options = SurfaceOptions(chunk_size=2, progress=False, metric_fns=metric_fns)
+    by_object = line_surface(loss, theta, direction, alphas, None, options=options)
+    assert set(by_object.metrics) == {"loss", "twice"}
+    for name in by_object.metrics:
+        np.testing.assert_array_equal(by_object.metrics[name], by_keywords.metrics[name])
+    overridden = line_surface(loss, theta, direction, alphas, None, options=options, metric_fns=None)
+    assert set(overridden.metrics) == {"loss"}
+    with pytest.raises(TypeError, match="plane_surface\\(\\) got an unexpected keyword argument 'chunksize'"):
+        plane_surface(loss, theta, direction, direction, alphas, alphas, None, chunksize=4)
+    with pytest.raises(TypeError, match="options must be a SurfaceOptions, got dict"):
+        line_surface(loss, theta, direction, alphas, None, options={"chunk_size": 2})
+
+
 def test_second_difference_along_top_eigenvector_is_lambda_max(x64):
     loss, a, theta_star, _, unravel = _quadratic()
     lambda_max = np.linalg.eigvalsh(a)[-1]
