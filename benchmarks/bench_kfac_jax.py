@@ -99,12 +99,12 @@ def main() -> None:
     first, _, factored = timed(ours, 0)
     their_first, _, their_state = timed(theirs, 0)
     # the factors alone: jaxnn's statistics pass (the jitted program inside curvature.kfac) vs kfac-jax's update
-    from jaxnn.curvature.kfac import _discover, _statistics
+    from jaxnn.curvature.kfac import _statistics, _unrolled, discover_layers
 
-    layers, _, shapes = _discover(predict, params, x)
+    layers, _, shapes = discover_layers(predict, params, x)
     signature = tuple(("/".join(layer.path), shapes["/".join(layer.path)]) for layer in layers)
     statistics = lambda: _statistics(predict, cross_entropy, params, (x, y), layers, signature,  # noqa: E731
-                                     "ggn", None, (), False)
+                                     "ggn", None, (), False, _unrolled(layers))
     timed(statistics, 0)
     timed(lambda: update(state, params, (x, y)), 0)
     medians = interleaved({"ours": ours, "theirs": theirs, "stats": statistics,
