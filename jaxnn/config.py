@@ -436,7 +436,6 @@ SWEEPABLE = {
     "model.kwargs.dropout": "dropout",
 }
 ALIASES = {"seed": "train.seed", "lr": "optimizer.lr", "learning_rate": "optimizer.lr", "dropout": "model.kwargs.dropout"}
-OPTIONS = ("method", "samples", "draw_seed")
 # The optimizer fields each optimizer reads (a population holds them in its state: optax.inject_hyperparams).
 OPTIMIZER_FIELDS = {
     "sgd": ("lr", "weight_decay"),
@@ -468,6 +467,7 @@ class SweepPlan:
 def _spec_values(field: str, where: str, spec: Any, method: str) -> tuple[list | None, tuple | None]:
     """(grid values, or None) and (distribution (kind, low, high), or None) of one swept field."""
     import numpy as np
+
     if isinstance(spec, (list, tuple)):
         if not spec or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
             raise ConfigError(where, f"expected a non-empty list of numbers, got {spec!r}")

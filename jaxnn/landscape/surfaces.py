@@ -1,10 +1,11 @@
 """Loss surfaces: 1-D lines ``L(θ+αd)``, interpolations ``L((1−α)θ₀+αθ₁)`` and 2-D planes ``L(θ+αd₁+βd₂)``.
 
 Every surface function takes the same evaluation options, :class:`SurfaceOptions` (as keyword arguments, e.g.
-``chunk_size=16, progress=False``, or ``options=SurfaceOptions(...)``). Every surface is evaluated by one compiled program (:mod:`jaxnn.landscape.grid_evaluation`): chunks of
-``chunk_size`` grid points are vmapped, ``lax.map`` runs over the chunks and ``lax.scan`` over the batches of
-``data`` (one batch, a list/iterable of batches, or batches stacked on a leading axis with ``stacked=True``); each
-metric is the example-weighted mean over batches, ``Σ_b (B_b/N) m_b(θ)``.
+``chunk_size=16, progress=False``, or ``options=SurfaceOptions(...)``). Every surface is evaluated by one compiled
+program (:mod:`jaxnn.landscape.grid_evaluation`): chunks of ``chunk_size`` grid points are vmapped, ``lax.map`` runs
+over the chunks and ``lax.scan`` over the batches of ``data`` (one batch, a list/iterable of batches, or batches
+stacked on a leading axis with ``stacked=True``); each metric is the example-weighted mean over batches, ``Σ_b
+(B_b/N) m_b(θ)``.
 
 Speed: with ``factor_linear_ops=True`` (default) the operations that are linear in the parameters (a first Dense
 or Conv layer and its bias) are computed once per direction and batch instead of once per grid point; on CPU
@@ -220,7 +221,7 @@ class SurfaceOptions:
 
     @classmethod
     def of(cls, function: str, options: SurfaceOptions | None, keywords: Mapping[str, Any]) -> SurfaceOptions:
-        """``options`` with ``keywords`` (a surface function's ``**options``) on top; a TypeError names a keyword
+        """``options`` with ``keywords`` (a surface function's other keyword arguments) on top; a TypeError names a keyword
         that is not a field, as a signature would."""
         fields = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(keywords) - fields)

@@ -250,7 +250,7 @@ def _population_strategy(strategy: str, model, input_shape, mesh) -> str:
 
 
 def make_steps(loss, classification: bool, shared_batches: bool, dropout: bool, member_labels: bool,
-                strategy: str = "vmap", needs_batch: bool = False):
+               strategy: str = "vmap", needs_batch: bool = False):
     """``steps(state, alive, rates, data, labels, rows) -> (state, alive, losses, accs)`` over a chunk of members
     (``rates``: each member's dropout rate when ``dropout``; ``labels``: (members, N) training labels when
     ``member_labels``, else None; ``rows``: (steps, B), or (steps, members, B) unless ``shared_batches``); a member
@@ -337,7 +337,7 @@ class _LoopedSteps:
 
 
 def evaluate_members(state, split, loss, classification, size: int, prefix: str,
-                      strategy: str = "vmap") -> dict[str, np.ndarray]:
+                     strategy: str = "vmap") -> dict[str, np.ndarray]:
     """Mean loss (and accuracy) of every member over a split (eval mode): arrays of shape (N,). Every batch has
     ``size`` rows (the last zero-padded and masked), so all splits share one compiled program (vmapped over the
     members, or one member at a time for the "python" strategy)."""
@@ -512,7 +512,7 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
                          "with a dropout rate > 0 (each member's rate replaces it)")
     noise = "label_noise" in columns
     steps = make_steps(loss, classification, shared_batches=not shuffle_per_member, dropout=dropout,
-                        member_labels=noise, strategy=strategy, needs_batch=needs_batch)
+                       member_labels=noise, strategy=strategy, needs_batch=needs_batch)
     per_call = max(1, min(int(steps_per_call), num_steps))
     eval_size = max(1, min(int(eval_batch_size), max(len(dataset.train), len(dataset.val), len(dataset.test))))
 
@@ -524,7 +524,7 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
         index = np.arange(begin, begin + chunk).clip(max=count - 1)  # the last chunk repeats its last member
         real = min(chunk, count - begin)
         state = place(init_members(model, tx, dataset.input_shape, seeds[index], scales[index],
-                                    {name: columns[name][index].astype(float_dtype) for name in hyper_names}))
+                                   {name: columns[name][index].astype(float_dtype) for name in hyper_names}))
         alive = place(jnp.ones(chunk, bool))
         rates = place(jnp.asarray(columns["dropout"][index] if dropout else np.zeros(chunk), float_dtype))
         labels = place(np.stack([data_lib.noisy_labels(dataset.train.y, columns["label_noise"][i], dataset.num_classes,
@@ -563,7 +563,7 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
             bar.update(real * length)
             if early_stop_patience and done % eval_every == 0 and done < num_steps:
                 measured = evaluate_members(state, dataset.val, loss, classification, eval_size, "val", strategy)
-                active = np.asarray(jax.device_get(alive)) & ~np.isin(np.arange(chunk), list(stopped))
+                active = np.asarray(jax.device_get(alive))  # the stopped and the diverged are not alive
                 for position in np.flatnonzero(rule.update(measured[early_stop_metric], active)):
                     stopped[int(position)] = done
                 if stopped:
@@ -575,7 +575,7 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
         metrics = {}
         for split_name in ("train", "val", "test"):
             metrics.update(evaluate_members(state, getattr(dataset, split_name), loss, classification,
-                                             eval_size, split_name, strategy))
+                                            eval_size, split_name, strategy))
         for position in range(real):
             member = begin + position
             row = {name: (int(columns[name][member]) if name == "seed" else float(columns[name][member]))

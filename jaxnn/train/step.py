@@ -53,25 +53,23 @@ def make_train_step(loss: Callable | str, schedule: Callable | None = None, *, g
         step = step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, needs_batch=needs_batch)
         return jax.jit(step, donate_argnums=donated, static_argnums=(2,))
     per_device = step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, DATA_AXIS,
-                                    needs_batch=needs_batch)
+                               needs_batch=needs_batch)
     if mode == "shard_map":
         def step(state, batch, full_metrics=True):
             return _shard_mapped(per_device, mesh, full_metrics)(state, batch)
 
         return jax.jit(step, donate_argnums=donated, static_argnums=(2,))
-    if mode == "pmap":
-        devices = list(mesh.devices.ravel())
-        pmapped = {full: jax.pmap(functools.partial(_pmap_body, per_device, full), axis_name=DATA_AXIS,
-                                  in_axes=(None, 0), out_axes=(None, None), devices=devices)
-                   for full in (False, True)}
+    devices = list(mesh.devices.ravel())  # pmap
+    pmapped = {full: jax.pmap(functools.partial(_pmap_body, per_device, full), axis_name=DATA_AXIS,
+                              in_axes=(None, 0), out_axes=(None, None), devices=devices)
+               for full in (False, True)}
 
-        def step(state, batch, full_metrics=True):
-            per_device_batch = jax.tree.map(
-                lambda a: np.asarray(a).reshape((len(devices), a.shape[0] // len(devices)) + a.shape[1:]), batch)
-            return pmapped[bool(full_metrics)](state, per_device_batch)
+    def step(state, batch, full_metrics=True):
+        per_device_batch = jax.tree.map(
+            lambda a: np.asarray(a).reshape((len(devices), a.shape[0] // len(devices)) + a.shape[1:]), batch)
+        return pmapped[bool(full_metrics)](state, per_device_batch)
 
-        return step
-    raise AssertionError(mode)  # unreachable: the mode was checked on entry
+    return step
 
 
 def _pmap_body(per_device, full_metrics, state, batch):
@@ -115,7 +113,7 @@ def make_resident_train_steps(loss: Callable | str, schedule: Callable | None = 
         step = step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, needs_batch=needs_batch)
     elif mode == "shard_map":
         per_device = step_function(loss, schedule, grad_accum_steps, classification, needs_value_fn, DATA_AXIS,
-                                    needs_batch=needs_batch)
+                                   needs_batch=needs_batch)
         step = lambda state, batch, full: _shard_mapped(per_device, mesh, full)(state, batch)  # noqa: E731
     else:
         raise ValueError(f"device-resident training runs with parallel.mode 'jit' or 'shard_map', got {mode!r}")
