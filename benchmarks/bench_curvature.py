@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 import jaxnn.curvature as curvature
+from jaxnn import validation
 from jaxnn.curvature import operators
 
 MNIST_IMAGES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist", "t10k-images-idx3-ubyte.gz")
@@ -172,7 +173,7 @@ def resnet20_loss(batch_size: int):
         def loss_fn(p, batch):
             return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, batch[0]), batch[1]).mean()
 
-        source, size = "local flax ResNet-20 (jaxnn.models missing)", curvature.validation.num_params(params)
+        source, size = "local flax ResNet-20 (jaxnn.models missing)", validation.num_params(params)
     rng = np.random.default_rng(0)
     batch = (rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, batch_size).astype(np.int32))
     return loss_fn, params, batch, source, size

@@ -16,7 +16,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = ("config", "curvature", "data", "diagnostics", "landscape", "losses", "models", "optim", "parallel",
-               "plotting", "train", "runtime", "analysis")
+               "plotting", "train", "runtime", "analysis", "validation")
 _ATTRIBUTES = {
     "Config": "jaxnn.config",
     "load_config": "jaxnn.config",

@@ -12,13 +12,14 @@ ROOT = pathlib.Path(jaxnn.__file__).parent
 # Data flows one way (GUIDE.md): config -> data, model, optimizer -> training -> analysis -> the command.
 FLOORS = {
     "config": 0, "runtime": 0, "plotting": 0,
-    "data": 1, "losses": 1, "models": 1, "parallel": 1, "launch": 1,
-    "curvature": 2,
-    "optim": 3, "diagnostics": 3, "landscape": 3, "laplace": 3,
-    "train": 4,
-    "analysis": 5,
-    "experiments": 6,
-    "cli": 7,
+    "validation": 1,
+    "data": 2, "losses": 2, "models": 2, "parallel": 2, "launch": 2,
+    "curvature": 3,
+    "optim": 4, "diagnostics": 4, "landscape": 4, "laplace": 4,
+    "train": 5,
+    "analysis": 6,
+    "experiments": 7,
+    "cli": 8,
 }
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnn.curvature.validation import check_finite_tree
+from jaxnn.validation import check_finite_tree
 
 
 class BatchGroup(NamedTuple):

@@ -34,7 +34,7 @@ from jaxnn.curvature.operators import (
     require_operator,
     split_functions,
 )
-from jaxnn.curvature.validation import check_int, check_key
+from jaxnn.validation import check_int, check_key
 
 
 def _key_name(entry: Any) -> str:

@@ -27,7 +27,7 @@ import jax
 from jaxnn.curvature.krylov import default_num_iters, lanczos
 from jaxnn.curvature.operators import hessian
 from jaxnn.curvature.trace_estimators import TRACE_METHODS, trace
-from jaxnn.curvature.validation import check_choice, check_int, check_key
+from jaxnn.validation import check_choice, check_int, check_key
 
 
 class PeriodicMeasurement:
@@ -88,7 +88,7 @@ class HessianCallback(PeriodicMeasurement):
             raise ValueError("trace_samples: expected 0 (no trace) or >= 2 (a standard error needs 2), got 1")
         self.num_iters = None if num_iters is None else check_int(num_iters, "num_iters")
         self.key = jax.random.key(0) if key is None else check_key(key)
-        self.trace_method = check_choice(trace_method, "trace_method", TRACE_METHODS)
+        self.trace_method = check_choice(trace_method, "trace_method", choices=TRACE_METHODS)
         self.block_size = check_int(block_size, "block_size")
         self.tol = tol
 

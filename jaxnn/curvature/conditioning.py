@@ -20,7 +20,7 @@ import numpy as np
 from jaxnn.curvature.krylov import LanczosResult, default_num_iters, lanczos
 from jaxnn.curvature.operators import CurvatureOperator, precise_jit, require_operator
 from jaxnn.curvature.products import tree_vdot
-from jaxnn.curvature.validation import check_key, check_like_params, check_positive_float
+from jaxnn.validation import check_key, check_like, check_positive_float
 
 VERDICTS = (
     "positive definite",
@@ -153,7 +153,7 @@ def classify_critical_point(
     if gradient is None:
         _, gradient = op.loss_and_gradient()
     else:
-        gradient = check_like_params(gradient, op.params, "gradient")
+        gradient = check_like(gradient, "gradient", reference=op.params)
     gradient_norm = float(_tree_norm(gradient))
     if not np.isfinite(gradient_norm):
         raise FloatingPointError(f"gradient: expected a finite gradient, got norm {gradient_norm}")

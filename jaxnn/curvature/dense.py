@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 from jaxnn.curvature.operators import CurvatureOperator, join_functions, precise_jit, require_operator, split_functions
 from jaxnn.curvature.products import tree_vdot
 from jaxnn.curvature.trace_estimators import chunked_products
-from jaxnn.curvature.validation import check_like_params, check_params, check_positive_float, num_params
+from jaxnn.validation import check_like, check_params, check_positive_float, num_params
 
 DEFAULT_MAX_PARAMS = 5_000
 
@@ -81,7 +81,7 @@ def finite_difference_hvp(
     Default ``h``: ε^(1/3)·max(1, ||θ||)/||v|| with ε the machine epsilon of the parameters' dtype.
     """
     params = check_params(params)
-    v = check_like_params(v, params, "v")
+    v = check_like(v, "v", reference=params)
     v_norm = float(jnp.sqrt(tree_vdot(v, v)))
     if v_norm == 0:
         raise ValueError("v: expected a non-zero direction, got a vector of norm 0")

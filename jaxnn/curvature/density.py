@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from jaxnn.curvature.krylov import flat_vector, run_lanczos
 from jaxnn.curvature.operators import CurvatureOperator, require_operator
-from jaxnn.curvature.validation import check_int, check_key, check_like_params, check_positive_float
 from jaxnn.runtime import quick_jit
+from jaxnn.validation import check_int, check_key, check_like, check_positive_float
 
 
 class SpectralDensity(NamedTuple):
@@ -82,7 +82,7 @@ def spectral_density(
         sigma = check_positive_float(sigma, "sigma")
     dtype = jnp.dtype(op.dtype).name
     if probes is not None:
-        probes = check_like_params(probes, op.params, "probes", leading_axis=True)
+        probes = check_like(probes, "probes", reference=op.params, leading_axis=True)
         num_probes = jax.tree.leaves(probes)[0].shape[0]
     nodes, weights = [], []
     for probe in tqdm(range(num_probes), desc="spectral density (SLQ)", unit="probe", disable=not progress, leave=False):

@@ -29,7 +29,7 @@ from jaxnn.curvature.operators import (
     require_operator,
 )
 from jaxnn.curvature.products import tree_vdot
-from jaxnn.curvature.validation import check_choice, check_int, check_like_params, check_positive_float
+from jaxnn.validation import check_choice, check_int, check_like, check_positive_float
 
 NEWTON_METHODS = ("cg", "gmres", "dense")
 
@@ -75,7 +75,7 @@ def gradient_curvature(op: CurvatureOperator, *, gradient: Any = None, like: Any
         loss, gradient = op.loss_and_gradient()
         loss = float(loss)
     else:
-        gradient = check_like_params(gradient, op.params, "gradient")
+        gradient = check_like(gradient, "gradient", reference=op.params)
     squared_norm, curvature_product = (float(x) for x in _curvature_along(op, gradient))
     if not (np.isfinite(squared_norm) and np.isfinite(curvature_product)):
         raise FloatingPointError(
@@ -130,13 +130,13 @@ def newton_step(
     M + δI is singular; refused above ``max_params``). ``gradient`` defaults to the operator's loss gradient.
     """
     op = require_operator(op, like=like)
-    check_choice(method, "method", NEWTON_METHODS)
+    check_choice(method, "method", choices=NEWTON_METHODS)
     damping = check_positive_float(damping, "damping", allow_zero=True)
     tol = check_positive_float(tol, "tol")
     if gradient is None:
         _, gradient = op.loss_and_gradient()
     else:
-        gradient = check_like_params(gradient, op.params, "gradient")
+        gradient = check_like(gradient, "gradient", reference=op.params)
     flat_gradient, unravel = ravel_pytree(gradient)
     gradient_norm = float(jnp.linalg.norm(flat_gradient))
     if gradient_norm == 0:

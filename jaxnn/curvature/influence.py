@@ -23,7 +23,7 @@ from jaxnn.curvature.solve import SolveResult, solve
 from jax.flatten_util import ravel_pytree
 
 from jaxnn.curvature.dense import DEFAULT_MAX_PARAMS
-from jaxnn.curvature.validation import check_choice, check_int
+from jaxnn.validation import check_choice, check_int
 
 
 class InfluenceResult(NamedTuple):
@@ -127,7 +127,7 @@ def self_influence(loss_fn: Callable, params: Any, train: Any, *, example_loss_f
     from jaxnn.curvature.krylov import top_eigenvalues
 
     example_loss_fn = loss_fn if example_loss_fn is None else example_loss_fn
-    method = check_choice(method, "method", SELF_INFLUENCE_METHODS)
+    method = check_choice(method, "method", choices=SELF_INFLUENCE_METHODS)
     chunk_size = check_int(chunk_size, "chunk_size")
     damping = float(damping)
     if not np.isfinite(damping) or damping < 0:

@@ -32,7 +32,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnn.curvature.validation import check_choice, check_params
+from jaxnn.validation import check_choice, check_params
 
 KFAC_KINDS = ("ggn", "fisher", "empirical")
 
@@ -530,7 +530,7 @@ def kfac(predict_fn: Callable, output_loss: Callable, params: Any, data: Any, *,
     exact output-Hessian square roots), "fisher" (labels sampled with ``key``) or "empirical". ``ekfac``: also the
     eigenvalue correction (one more pass over the data). Raises ValueError naming the modules it found when the
     model has no Dense or 2-D Conv layer."""
-    kind = check_choice(kind, "kind", KFAC_KINDS)
+    kind = check_choice(kind, "kind", choices=KFAC_KINDS)
     params = check_params(params)
     batches = [data] if isinstance(data, tuple) else list(data)
     if not batches or any(not isinstance(b, tuple) or len(b) != 2 for b in batches):
@@ -618,7 +618,7 @@ def kfac_preconditioner(*, damping: float = 1e-3, decay: float = 0.95, statistic
     ``kind``: "fisher" (labels sampled from the model: the true Fisher, K-FAC's own choice), "empirical" or "ggn"."""
     import optax
 
-    kind = check_choice(kind, "kind", KFAC_KINDS)
+    kind = check_choice(kind, "kind", choices=KFAC_KINDS)
     for value, name in ((statistics_every, "statistics_every"), (inverse_every, "inverse_every")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")

@@ -43,8 +43,8 @@ from jaxnn.curvature.operators import (
     placed_like_params,
     require_operator,
 )
-from jaxnn.curvature.validation import check_choice, check_int, check_key, check_like_params
 from jaxnn.runtime import quick_jit
+from jaxnn.validation import check_choice, check_int, check_key, check_like
 
 WHICH = ("top", "bottom", "both")
 _WHICH_CODE = {"top": 0, "bottom": 1, "both": 2}
@@ -508,14 +508,14 @@ def lanczos(
     num_iters = check_int(num_iters, "num_iters")
     num_iters = min(num_iters, op.num_params // block_size)
     check_int(k, "k", maximum=num_iters * block_size, maximum_name="num_iters*block_size")
-    check_choice(which, "which", WHICH)
+    check_choice(which, "which", choices=WHICH)
     check_every = check_int(check_every, "check_every")
     if tol is not None and not (np.isfinite(tol) and tol > 0):
         raise ValueError(f"tol: expected None or a finite number > 0, got {tol}")
     if start is not None:
         if block_size != 1:
             raise ValueError(f"start: a start vector needs block_size=1, got block_size={block_size}")
-        start = check_like_params(start, op.params, "start")
+        start = check_like(start, "start", reference=op.params)
         if not any(bool(jnp.any(leaf != 0)) for leaf in jax.tree.leaves(start)):
             raise ValueError("start: expected a non-zero start vector, got all zeros")
     flat_start = None if start is None else flat_vector(start)

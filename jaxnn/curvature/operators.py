@@ -26,11 +26,11 @@ from jax.flatten_util import ravel_pytree
 
 from jaxnn.curvature import products
 from jaxnn.curvature.batches import BatchGroup, PreparedData, first_batch, place_on_mesh, prepare_data
-from jaxnn.curvature.validation import (
+from jaxnn.validation import (
     check_choice,
     check_int,
     check_key,
-    check_like_params,
+    check_like,
     check_params,
     num_params as count_params,
 )
@@ -48,7 +48,7 @@ DEFAULT_PRECISION = "highest"
 
 
 def check_precision(precision: str) -> str:
-    return check_choice(precision, "precision", PRECISIONS)
+    return check_choice(precision, "precision", choices=PRECISIONS)
 
 
 def at_precision(fn: Callable, precision: str) -> Callable:
@@ -177,13 +177,13 @@ class CurvatureOperator:
 
     def matvec(self, v: Any) -> Any:
         """M v for a pytree ``v`` shaped like params. Cost: 1 product per batch."""
-        return _apply_jit(self, check_like_params(v, self.params, "v"))
+        return _apply_jit(self, check_like(v, "v", reference=self.params))
 
     __call__ = matvec
 
     def matmat(self, vectors: Any, *, chunk_size: int | None = None) -> Any:
         """M V for V with a leading block axis (vmapped). ``chunk_size`` bounds how many are vmapped at once."""
-        vectors = check_like_params(vectors, self.params, "vectors", leading_axis=True)
+        vectors = check_like(vectors, "vectors", reference=self.params, leading_axis=True)
         if chunk_size is None:
             return _apply_block_jit(self, vectors)
         chunk_size = check_int(chunk_size, "chunk_size")
@@ -202,14 +202,14 @@ class CurvatureOperator:
             raise ValueError(
                 f"operator kind {self.kind!r} has no loss function; pass the gradient explicitly (gradient=...)"
             )
-        params = self.params if params is None else check_like_params(params, self.params, "params")
+        params = self.params if params is None else check_like(params, "params", reference=self.params)
         return _loss_and_gradient_jit(self, params)
 
     def loss_value(self, params: Any = None) -> jax.Array:
         """L(θ) averaged over the data, at ``params`` (default: the operator's). Cost: 1 forward pass."""
         if self.loss is None:
             raise ValueError(f"operator kind {self.kind!r} has no loss function")
-        params = self.params if params is None else check_like_params(params, self.params, "params")
+        params = self.params if params is None else check_like(params, "params", reference=self.params)
         return _loss_value(self, params)
 
 
@@ -388,7 +388,7 @@ def hessian(
     ``wrt``: a layer name, path pattern or list of them: the block of those parameters (:func:`jaxnn.curvature.
     restrict`), whose vectors are dicts ``{path: array}``.
     """
-    check_choice(mode, "mode", HESSIAN_MODES)
+    check_choice(mode, "mode", choices=HESSIAN_MODES)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable loss_fn(params, batch), got {type(loss_fn).__name__}")
     params = check_params(params)
@@ -474,7 +474,7 @@ def fisher(
     the model per batch (no per-example gradients are materialised). ``loops``, ``precision``, ``wrt``: as in
     :func:`hessian`.
     """
-    check_choice(kind, "kind", FISHER_KINDS)
+    check_choice(kind, "kind", choices=FISHER_KINDS)
     params = check_params(params)
     prepared = _prepared(data, stacked, params)
     _check_output_functions(predict_fn, output_loss, prepared)
@@ -529,7 +529,7 @@ def linear_operator(matvec: Callable[[Any], Any], params: Any) -> CurvatureOpera
     op = _make_operator("linear", matvec, products.apply_user_matvec, None, params, prepared)
     out = jax.eval_shape(lambda v: matvec(v), params)
     try:
-        check_like_params(out, params, "matvec(v)", cast=False)
+        check_like(out, "matvec(v)", reference=params, cast=False)
     except ValueError as error:
         raise ValueError(f"matvec: expected an output shaped like its input; {error}") from None
     return op

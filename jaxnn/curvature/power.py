@@ -18,7 +18,7 @@ from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
 from jaxnn.curvature.operators import CurvatureOperator, require_operator, flat_operator, precise_jit
-from jaxnn.curvature.validation import check_int, check_key, check_positive_float
+from jaxnn.validation import check_int, check_key, check_positive_float
 
 
 class PowerIterationResult(NamedTuple):

@@ -25,7 +25,7 @@ from jaxnn.curvature.gradient_direction import gradient_curvature, predicted_los
 from jaxnn.curvature.krylov import default_num_iters, lanczos
 from jaxnn.curvature.operators import hessian, precise_jit
 from jaxnn.curvature.trace_estimators import TRACE_METHODS, trace
-from jaxnn.curvature.validation import check_choice, check_int, check_key
+from jaxnn.validation import check_choice, check_int, check_key
 
 REPORT_FILE = "curvature.json"
 FIGURE_FILE = "spectrum.png"
@@ -83,7 +83,7 @@ def curvature_report(
     """
     key = check_key(key)
     k = check_int(k, "k")
-    check_choice(trace_method, "trace_method", TRACE_METHODS)
+    check_choice(trace_method, "trace_method", choices=TRACE_METHODS)
     trace_samples = check_int(trace_samples, "trace_samples", minimum=4 if trace_method == "hutch++" else 2)
     total_start = time.perf_counter()
     timing: dict[str, float] = {}

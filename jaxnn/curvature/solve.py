@@ -36,7 +36,7 @@ from jaxnn.curvature.operators import (
     precise_jit,
     require_operator,
 )
-from jaxnn.curvature.validation import check_choice, check_int, check_like_params, check_positive_float
+from jaxnn.validation import check_choice, check_int, check_like, check_positive_float
 
 SOLVE_METHODS = ("cg", "minres", "lissa")
 
@@ -237,10 +237,10 @@ def solve(op: CurvatureOperator, b: Any, *, damping: float = 0.0, method: str = 
     (CG, MINRES; exact arithmetic needs no more) or 1,000 (LiSSA). ``scale``: LiSSA's s (default 1.1·λmax(M) + δ).
     Never raises on non-convergence: the result says it, with the residual and the reason."""
     op = require_operator(op, like=like)
-    check_choice(method, "method", SOLVE_METHODS)
+    check_choice(method, "method", choices=SOLVE_METHODS)
     damping = check_positive_float(damping, "damping", allow_zero=True)
     tol = check_positive_float(tol, "tol")
-    b = check_like_params(b, op.params, "b")
+    b = check_like(b, "b", reference=op.params)
     flat_b, unravel = ravel_pytree(b)
     if not bool(jnp.all(jnp.isfinite(flat_b))):
         raise FloatingPointError("b: expected a finite right-hand side, got NaN/inf entries")

@@ -30,8 +30,8 @@ from jaxnn.curvature.operators import (
     flat_products,
     require_operator,
 )
-from jaxnn.curvature.validation import check_choice, check_int, check_key
 from jaxnn.runtime import quick_jit
+from jaxnn.validation import check_choice, check_int, check_key
 
 TRACE_METHODS = ("hutchinson", "hutch++")
 DIAGONAL_METHODS = ("hutchinson", "exact")
@@ -124,7 +124,7 @@ def trace(
     """
     op = require_operator(op, like=like)
     key = check_key(key)
-    check_choice(method, "method", TRACE_METHODS)
+    check_choice(method, "method", choices=TRACE_METHODS)
     minimum = 4 if method == "hutch++" else 2
     num_samples = check_int(num_samples, "num_samples", minimum=minimum)
     with tqdm(total=num_samples, desc=f"trace ({method})", unit="matvec", disable=not progress, leave=False) as bar:
@@ -164,7 +164,7 @@ def hessian_diagonal(
     refused above ``max_params`` parameters.
     """
     op = require_operator(op, like=like)
-    check_choice(method, "method", DIAGONAL_METHODS)
+    check_choice(method, "method", choices=DIAGONAL_METHODS)
     flat_params, unravel = ravel_pytree(op.params)
     n, dtype = flat_params.size, flat_params.dtype
     if method == "exact":

@@ -14,12 +14,12 @@ mesh's "data" axis). No host synchronisation happens per step.
 from __future__ import annotations
 
 import collections
-import numbers
 from typing import Iterator
 
 import jax
 import numpy as np
 
+from jaxnn.validation import check_int
 from jaxnn.data.dataset import Split
 
 _EPOCH_STREAM = 7
@@ -30,8 +30,8 @@ def steps_per_epoch(n: int, batch_size: int, drop_remainder: bool) -> int:
 
     Raises ValueError when that is zero (no examples, or B > n with drop_remainder).
     """
-    n = _check_int("n", n, 0)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    n = check_int(n, "n", minimum=0, allow_bool=False)
+    batch_size = check_int(batch_size, "batch_size", minimum=1, allow_bool=False)
     if n == 0:
         raise ValueError("n must be positive: an empty split has no batches")
     if drop_remainder and batch_size > n:
@@ -52,14 +52,6 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> np
         return np.arange(n)
     sequence = np.random.SeedSequence(entropy=seed, spawn_key=(_EPOCH_STREAM, epoch))
     return np.random.default_rng(sequence).permutation(n)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}; got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
-    return int(value)
 
 
 def _as_split(split) -> Split:
@@ -193,14 +185,14 @@ def batch_iterator(split, batch_size: int, *, seed: int = 0, shuffle: bool = Tru
     Returns a `BatchIterator` (``.step``, ``.steps_per_epoch``, ``.num_steps``, ``len()`` when finite).
     """
     split = _as_split(split)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    batch_size = check_int(batch_size, "batch_size", minimum=1, allow_bool=False)
     if len(split) == 0:
         raise ValueError("split is empty (0 examples): there is nothing to batch")
-    seed = _check_int("seed", seed, 0)
+    seed = check_int(seed, "seed", minimum=0, allow_bool=False)
     if epochs is not None:
-        epochs = _check_int("epochs", epochs, 1)
-    start_step = _check_int("start_step", start_step, 0)
-    prefetch = _check_int("prefetch", prefetch, 0)
+        epochs = check_int(epochs, "epochs", minimum=1, allow_bool=False)
+    start_step = check_int(start_step, "start_step", minimum=0, allow_bool=False)
+    prefetch = check_int(prefetch, "prefetch", minimum=0, allow_bool=False)
     per_epoch = steps_per_epoch(len(split), batch_size, drop_remainder)
     if epochs is not None and start_step > epochs * per_epoch:
         raise ValueError(
@@ -231,12 +223,12 @@ def host_stacked_batches(split, batch_size: int, num_batches: int | None = None,
                          shuffle: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """:func:`stacked_batches` as host numpy arrays (no device copy): for callers that place them themselves."""
     split = _as_split(split)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    seed = _check_int("seed", seed, 0)
+    batch_size = check_int(batch_size, "batch_size", minimum=1, allow_bool=False)
+    seed = check_int(seed, "seed", minimum=0, allow_bool=False)
     available = steps_per_epoch(len(split), batch_size, drop_remainder=True)
     if num_batches is None:
         num_batches = available
-    num_batches = _check_int("num_batches", num_batches, 1)
+    num_batches = check_int(num_batches, "num_batches", minimum=1, allow_bool=False)
     if num_batches > available:
         raise ValueError(
             f"num_batches={num_batches} exceeds the {available} full batches of size {batch_size} in the split "

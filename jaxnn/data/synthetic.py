@@ -25,6 +25,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnn.validation import check_int
 from jaxnn.data.dataset import SourceData
 
 # Stream tags so that the generators of different data sets never share random numbers.
@@ -44,14 +45,6 @@ def _generator(seed: int, stream: int, part: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(stream, part)))
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}; got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
-    return int(value)
-
-
 def _check_float(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number; got {value!r}")
@@ -61,7 +54,7 @@ def _check_float(name: str, value, *, minimum: float = 0.0, strict: bool = False
 
 
 def _data_seed(seed: int, data_seed) -> int:
-    return seed if data_seed is None else _check_int("data_seed", data_seed, 0)
+    return seed if data_seed is None else check_int(data_seed, "data_seed", minimum=0, allow_bool=False)
 
 
 def load_blobs(*, data_dir=None, seed: int = 0, download: bool = True, num_examples: int = 1000,
@@ -73,9 +66,9 @@ def load_blobs(*, data_dir=None, seed: int = 0, download: bool = True, num_examp
     recorded in ``info["centers"]``.
     """
     del data_dir, download
-    num_examples = _check_int("num_examples", num_examples, 2)
-    num_features = _check_int("num_features", num_features, 1)
-    num_classes = _check_int("num_classes", num_classes, 2)
+    num_examples = check_int(num_examples, "num_examples", minimum=2, allow_bool=False)
+    num_features = check_int(num_features, "num_features", minimum=1, allow_bool=False)
+    num_classes = check_int(num_classes, "num_classes", minimum=2, allow_bool=False)
     if num_examples < num_classes:
         raise ValueError(f"num_examples must be >= num_classes={num_classes}; got {num_examples}")
     cluster_std = _check_float("cluster_std", cluster_std, strict=True)
@@ -109,7 +102,7 @@ def teacher_params(data_seed: int, input_dim: int, output_dim: int, *, teacher: 
     """
     if teacher not in TEACHER_KINDS:
         raise ValueError(f"teacher must be one of {list(TEACHER_KINDS)}; got {teacher!r}")
-    widths = [] if teacher == "linear" else [_check_int("hidden_widths[i]", w, 1) for w in hidden_widths]
+    widths = [] if teacher == "linear" else [check_int(w, "hidden_widths[i]", minimum=1, allow_bool=False) for w in hidden_widths]
     if teacher == "mlp" and not widths:
         raise ValueError("hidden_widths must list at least one width for teacher='mlp'")
     sizes = [input_dim, *widths, output_dim]
@@ -144,9 +137,9 @@ def load_teacher_student(*, data_dir=None, seed: int = 0, download: bool = True,
     evaluated by ``teacher_forward(..., activation)``; recover it from ``info["generator"]``.
     """
     del data_dir, download
-    num_examples = _check_int("num_examples", num_examples, 1)
-    input_dim = _check_int("input_dim", input_dim, 1)
-    output_dim = _check_int("output_dim", output_dim, 1)
+    num_examples = check_int(num_examples, "num_examples", minimum=1, allow_bool=False)
+    input_dim = check_int(input_dim, "input_dim", minimum=1, allow_bool=False)
+    output_dim = check_int(output_dim, "output_dim", minimum=1, allow_bool=False)
     noise_std = _check_float("noise_std", noise_std)
     if activation not in TEACHER_ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(TEACHER_ACTIVATIONS)}; got {activation!r}")
@@ -168,7 +161,7 @@ def load_teacher_student(*, data_dir=None, seed: int = 0, download: bool = True,
 
 def quadratic_eigenvalues(input_dim: int, *, condition_number: float = 100.0, max_eigenvalue: float = 1.0) -> np.ndarray:
     """Geometric spectrum λ_i = max_eigenvalue · condition_number^(−i/(d−1)), i = 0..d−1 (descending)."""
-    input_dim = _check_int("input_dim", input_dim, 1)
+    input_dim = check_int(input_dim, "input_dim", minimum=1, allow_bool=False)
     condition_number = _check_float("condition_number", condition_number, minimum=1.0)
     max_eigenvalue = _check_float("max_eigenvalue", max_eigenvalue, strict=True)
     if input_dim == 1:
@@ -196,9 +189,9 @@ def load_quadratic(*, data_dir=None, seed: int = 0, download: bool = True, num_e
     w* is the exact minimiser. See the module docstring for the loss conventions.
     """
     del data_dir, download
-    num_examples = _check_int("num_examples", num_examples, 1)
-    input_dim = _check_int("input_dim", input_dim, 1)
-    output_dim = _check_int("output_dim", output_dim, 1)
+    num_examples = check_int(num_examples, "num_examples", minimum=1, allow_bool=False)
+    input_dim = check_int(input_dim, "input_dim", minimum=1, allow_bool=False)
+    output_dim = check_int(output_dim, "output_dim", minimum=1, allow_bool=False)
     noise_std = _check_float("noise_std", noise_std)
     if eigenvalues is None:
         spectrum = quadratic_eigenvalues(input_dim, condition_number=condition_number, max_eigenvalue=max_eigenvalue)
@@ -254,7 +247,7 @@ def quadratic_hessian(x, output_dim: int = 1) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty (n, d) matrix; got shape {x.shape}")
-    output_dim = _check_int("output_dim", output_dim, 1)
+    output_dim = check_int(output_dim, "output_dim", minimum=1, allow_bool=False)
     return np.kron(x.T @ x / x.shape[0], np.eye(output_dim))
 
 

@@ -29,8 +29,7 @@ import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 from jaxnn.runtime import quick_jit
-
-from jaxnn.landscape.validation import (
+from jaxnn.validation import (
     check_choice,
     check_finite_tree,
     check_int,
@@ -62,7 +61,7 @@ def direction_description(kind: str, *, key: Any = None, **options: Any) -> dict
 
     ``seed`` is the raw PRNG key data as a list of ints (``None`` for deterministic directions).
     """
-    seed = None if key is None else key_description(check_key(key))
+    seed = None if key is None else key_description(check_key(key, allow_int_seed=True))
     return {"kind": str(kind), "seed": seed, "options": _jsonable(dict(options))}
 
 
@@ -76,8 +75,8 @@ def _gaussian_like(key: jax.Array, params: Any) -> Any:
 
 def random_direction(key: Any, params: Any) -> Any:
     """Gaussian direction ``d ~ N(0, I)`` with the structure, shapes and dtypes of ``params`` (one compiled call)."""
-    params = check_params(params)
-    return _gaussian_like(check_key(key), params)
+    params = check_params(params, allow_complex=False)
+    return _gaussian_like(check_key(key, allow_int_seed=True), params)
 
 
 def _filter_scaled(d: jax.Array, theta: jax.Array, filter_axis: int) -> jax.Array:
@@ -103,12 +102,12 @@ def normalize_direction(direction: Any, params: Any, *, norm: str = "filter", ig
     two or more dimensions; ``norm="layer"``: ``d ← d ‖θ‖/‖d‖`` per such leaf. Leaves with at most one dimension:
     zero with ``ignore="biasbn"``, else ``d ← d ‖θ‖/‖d‖``. A zero filter of θ gives a zero filter of d.
     """
-    check_choice(norm, "norm", NORMALIZATIONS)
-    check_choice(ignore, "ignore", IGNORE_CHOICES)
+    check_choice(norm, "norm", choices=NORMALIZATIONS)
+    check_choice(ignore, "ignore", choices=IGNORE_CHOICES)
     if isinstance(filter_axis, bool) or not isinstance(filter_axis, (int, np.integer)):
         raise TypeError(f"filter_axis: expected an int axis, got {type(filter_axis).__name__} {filter_axis!r}")
-    params = check_params(params)
-    direction = check_like(direction, params, "direction")
+    params = check_params(params, allow_complex=False)
+    direction = check_like(direction, "direction", reference=params)
     check_finite_tree(direction, "direction")
 
     if norm == "filter":
@@ -146,8 +145,9 @@ def layer_normalized_direction(key: Any, params: Any, *, ignore: str | None = "b
 
 def checkpoint_difference_direction(params_a: Any, params_b: Any) -> Any:
     """``θ_b − θ_a`` (the direction from checkpoint a to checkpoint b); equal checkpoints are an error."""
-    params_a = check_params(params_a, "params_a")
-    params_b = check_like(check_params(params_b, "params_b"), params_a, "params_b", "params_a")
+    params_a = check_params(params_a, "params_a", allow_complex=False)
+    params_b = check_like(check_params(params_b, "params_b", allow_complex=False), "params_b", reference=params_a,
+                          reference_name="params_a")
     difference = otu.tree_sub(params_b, params_a)
     if check_finite_tree(difference, "params_b - params_a") == 0.0:
         raise ValueError("params_b: expected a checkpoint different from params_a, got identical parameters "
@@ -163,9 +163,9 @@ def eigenvector_directions(loss_fn: Callable, params: Any, data: Any, k: int = 2
     ``jaxnn.curvature.top_eigenvalues`` (Lanczos; cost: its ``num_iters`` HVPs over ``data``). Extra keyword
     arguments (``num_iters``, ``progress``, ...) go to ``top_eigenvalues``.
     """
-    k = check_int(k, "k")
-    key = check_key(key)
-    params = check_params(params)
+    k = check_int(k, "k", allow_bool=False)
+    key = check_key(key, allow_int_seed=True)
+    params = check_params(params, allow_complex=False)
     try:
         from jaxnn import curvature
     except ImportError as error:  # pragma: no cover - depends on the install
@@ -177,5 +177,5 @@ def eigenvector_directions(loss_fn: Callable, params: Any, data: Any, k: int = 2
     values, vectors = curvature.top_eigenvalues(operator, k=k, key=key, **top_eigenvalues_options)
     values = np.asarray(values)
     directions = [jax.tree.map(lambda leaf, i=i: leaf[i], vectors) for i in range(k)]
-    directions = [check_like(d, params, f"eigenvector {i}") for i, d in enumerate(directions)]
+    directions = [check_like(d, f"eigenvector {i}", reference=params) for i, d in enumerate(directions)]
     return directions, values

@@ -32,7 +32,7 @@ from jaxnn.landscape.surfaces import (
     plane_surface,
 )
 from jaxnn.landscape.trajectory import project_trajectory, trajectory_deviation, trajectory_pca_directions
-from jaxnn.landscape.validation import check_choice, check_int, check_key, check_params, check_positive_float
+from jaxnn.validation import check_choice, check_int, check_key, check_params, check_positive_float
 
 DIRECTION_KINDS = ("filter", "layer", "random", "eigen", "pca")
 
@@ -105,11 +105,11 @@ def landscape_report(loss_fn: Callable, params: Any, data: Any, *, key: Any, dir
     direction descriptions, and ``summary`` (JSON-able, what ``landscape.json`` holds).
     """
     start = time.perf_counter()
-    check_choice(dirs, "dirs", DIRECTION_KINDS)
-    grid = check_int(grid, "grid", minimum=2)
-    grid_1d = grid if grid_1d is None else check_int(grid_1d, "grid_1d", minimum=2)
-    key = check_key(key)
-    params = check_params(params)
+    check_choice(dirs, "dirs", choices=DIRECTION_KINDS)
+    grid = check_int(grid, "grid", minimum=2, allow_bool=False)
+    grid_1d = grid if grid_1d is None else check_int(grid_1d, "grid_1d", minimum=2, allow_bool=False)
+    key = check_key(key, allow_int_seed=True)
+    params = check_params(params, allow_complex=False)
     if span is None:
         if trajectory is None:
             raise ValueError("span: None (fit the plane to the trajectory) needs a trajectory, got trajectory=None")

@@ -45,13 +45,14 @@ import numpy as np
 from jaxnn.curvature.batches import PreparedData, place_on_mesh, prepare_data
 from jaxnn.parallel import mesh_of
 from jaxnn.landscape.grid_evaluation import check_split, evaluate_at_points
-from jaxnn.landscape.validation import (
+from jaxnn.validation import (
     check_direction,
     check_grid,
     check_int,
     check_like,
     check_metric_fns,
     check_params,
+    merge_options,
 )
 
 DEFAULT_CHUNK_SIZE = 8
@@ -221,16 +222,9 @@ class SurfaceOptions:
 
     @classmethod
     def of(cls, function: str, options: SurfaceOptions | None, keywords: Mapping[str, Any]) -> SurfaceOptions:
-        """``options`` with ``keywords`` (a surface function's other keyword arguments) on top; a TypeError names a keyword
-        that is not a field, as a signature would."""
-        fields = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(keywords) - fields)
-        if unknown:
-            raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}; its options: "
-                            f"{', '.join(sorted(fields))}")
-        if options is not None and not isinstance(options, cls):
-            raise TypeError(f"{function}(): options must be a SurfaceOptions, got {type(options).__name__}")
-        return dataclasses.replace(options or cls(), **keywords)
+        """``options`` with ``keywords`` (a surface function's other keyword arguments) on top
+        (:func:`jaxnn.validation.merge_options`: a keyword that is not a field is a TypeError naming it)."""
+        return merge_options(function, keywords, (cls, options, "options"))[0]
 
 
 def _evaluate_surface(kind: str, loss_fn: Callable, basis: Sequence[Any], coefficients: np.ndarray,
@@ -238,7 +232,7 @@ def _evaluate_surface(kind: str, loss_fn: Callable, basis: Sequence[Any], coeffi
                       descriptions: Sequence[dict], options: SurfaceOptions) -> Surface:
     o = options
     metrics = check_metric_fns(loss_fn, o.accuracy_fn, o.metric_fns)
-    chunk_size = check_int(o.chunk_size, "chunk_size")
+    chunk_size = check_int(o.chunk_size, "chunk_size", allow_bool=False)
     mesh = mesh_of(basis[0])  # parameters on a mesh: batches split over its data axis, or grid points
     split = check_split(o.split, o.strategy, mesh)
     replicate = split == "points"
@@ -280,8 +274,8 @@ def line_surface(loss_fn: Callable, params: Any, direction: Any, alphas: Any, da
     ``direction`` must match ``params`` leaf for leaf, be finite and non-zero.
     """
     options = SurfaceOptions.of("line_surface", options, keywords)
-    params = check_params(params)
-    direction = check_direction(direction, params, "direction")
+    params = check_params(params, allow_complex=False)
+    direction = check_direction(direction, "direction", params=params)
     alphas = check_grid(alphas, "alphas")
     coefficients = np.stack([np.ones_like(alphas), alphas], axis=1)
     descriptions = _descriptions(None if description is None else [description], 1, "description",
@@ -300,8 +294,9 @@ def interpolation_surface(loss_fn: Callable, params0: Any, params1: Any, alphas:
     naming ``params1``); they may be equal. Cost: ``len(alphas)`` forward passes per batch.
     """
     options = SurfaceOptions.of("interpolation_surface", options, keywords)
-    params0 = check_params(params0, "params0")
-    params1 = check_like(check_params(params1, "params1"), params0, "params1", "params0")
+    params0 = check_params(params0, "params0", allow_complex=False)
+    params1 = check_like(check_params(params1, "params1", allow_complex=False), "params1", reference=params0,
+                         reference_name="params0")
     alphas = check_grid(alphas, "alphas")
     coefficients = np.stack([1.0 - alphas, alphas], axis=1)
     descriptions = _descriptions(descriptions, 2, "descriptions", {"kind": "checkpoint"})
@@ -318,9 +313,11 @@ def bezier_surface(loss_fn: Callable, params0: Any, bend: Any, params1: Any, ts:
     ``params0``, t = 1 is ``params1``. The summary's ``barrier`` is the largest excess over the chord between the
     endpoint values, as for :func:`interpolation_surface`. Cost: ``len(ts)`` forward passes per batch."""
     options = SurfaceOptions.of("bezier_surface", options, keywords)
-    params0 = check_params(params0, "params0")
-    bend = check_like(check_params(bend, "bend"), params0, "bend", "params0")
-    params1 = check_like(check_params(params1, "params1"), params0, "params1", "params0")
+    params0 = check_params(params0, "params0", allow_complex=False)
+    bend = check_like(check_params(bend, "bend", allow_complex=False), "bend", reference=params0,
+                      reference_name="params0")
+    params1 = check_like(check_params(params1, "params1", allow_complex=False), "params1", reference=params0,
+                         reference_name="params0")
     ts = check_grid(ts, "ts")
     coefficients = np.stack([(1.0 - ts) ** 2, 2.0 * ts * (1.0 - ts), ts**2], axis=1)
     descriptions = _descriptions(descriptions, 3, "descriptions", {"kind": "checkpoint"})
@@ -338,9 +335,9 @@ def plane_surface(loss_fn: Callable, params: Any, d1: Any, d2: Any, alphas: Any,
     3 per batch with ``factor_linear_ops``), in one compiled program; memory: about ``chunk_size`` forward passes.
     """
     options = SurfaceOptions.of("plane_surface", options, keywords)
-    params = check_params(params)
-    d1 = check_direction(d1, params, "d1")
-    d2 = check_direction(d2, params, "d2")
+    params = check_params(params, allow_complex=False)
+    d1 = check_direction(d1, "d1", params=params)
+    d2 = check_direction(d2, "d2", params=params)
     alphas = check_grid(alphas, "alphas")
     betas = check_grid(betas, "betas")
     grid_alpha, grid_beta = np.meshgrid(alphas, betas, indexing="ij")

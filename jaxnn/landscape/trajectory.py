@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jaxnn.landscape.validation import check_direction, check_int, check_like, check_params
+from jaxnn.validation import check_direction, check_int, check_like, check_params
 
 
 def _flat_trajectory(trajectory: Sequence[Any], reference: Any, name: str) -> np.ndarray:
@@ -25,7 +25,7 @@ def _flat_trajectory(trajectory: Sequence[Any], reference: Any, name: str) -> np
         raise ValueError(f"{name}: expected at least one checkpoint, got an empty sequence")
     rows = []
     for index, point in enumerate(trajectory):
-        point = check_like(point, reference, f"{name}[{index}]", "the reference params")
+        point = check_like(point, f"{name}[{index}]", reference=reference, reference_name="the reference params")
         flat = np.asarray(ravel_pytree(point)[0], dtype=np.float64)
         if not np.all(np.isfinite(flat)):
             bad = np.count_nonzero(~np.isfinite(flat))
@@ -43,8 +43,8 @@ def trajectory_pca_directions(trajectory: Sequence[Any], final_params: Any, k: i
     like ``final_params``); the explained-variance ratio of component i is ``σ_i² / Σ_j σ_j²``.
     Cost: one SVD of the ``(num_checkpoints, num_params)`` matrix in float64.
     """
-    final_params = check_params(final_params, "final_params")
-    k = check_int(k, "k")
+    final_params = check_params(final_params, "final_params", allow_complex=False)
+    k = check_int(k, "k", allow_bool=False)
     flat_final, unravel = ravel_pytree(final_params)
     matrix = _flat_trajectory(trajectory, final_params, "trajectory") - np.asarray(flat_final, dtype=np.float64)
     limit = min(matrix.shape[0] - (1 if center else 0), matrix.shape[1])
@@ -77,9 +77,9 @@ def project_trajectory(trajectory: Sequence[Any], origin_params: Any, d1: Any, d
     Solved from the 2×2 Gram matrix in float64 (exact for orthogonal directions, where ``α = ⟨Δ, d₁⟩/‖d₁‖²``).
     Collinear directions are an error. Cost: one dot product per checkpoint and direction.
     """
-    origin_params = check_params(origin_params, "origin_params")
-    d1 = check_direction(d1, origin_params, "d1")
-    d2 = check_direction(d2, origin_params, "d2")
+    origin_params = check_params(origin_params, "origin_params", allow_complex=False)
+    d1 = check_direction(d1, "d1", params=origin_params)
+    d2 = check_direction(d2, "d2", params=origin_params)
     origin = np.asarray(ravel_pytree(origin_params)[0], dtype=np.float64)
     basis = np.stack([np.asarray(ravel_pytree(d)[0], dtype=np.float64) for d in (d1, d2)], axis=1)
     gram = basis.T @ basis
@@ -94,7 +94,8 @@ def project_trajectory(trajectory: Sequence[Any], origin_params: Any, d1: Any, d
 def trajectory_deviation(trajectory: Sequence[Any], origin_params: Any, d1: Any, d2: Any) -> np.ndarray:
     """Relative distance of every checkpoint from the plane: ``‖Δ_i − (α_i d₁ + β_i d₂)‖ / ‖Δ_i‖`` (0 if in-plane)."""
     alphas, betas = project_trajectory(trajectory, origin_params, d1, d2)
-    origin = np.asarray(ravel_pytree(check_params(origin_params, "origin_params"))[0], dtype=np.float64)
+    origin = np.asarray(ravel_pytree(check_params(origin_params, "origin_params", allow_complex=False))[0],
+                        dtype=np.float64)
     basis = np.stack([np.asarray(ravel_pytree(jax.tree.map(np.asarray, d))[0], dtype=np.float64) for d in (d1, d2)], 1)
     deltas = _flat_trajectory(trajectory, origin_params, "trajectory") - origin
     residual = deltas - (basis @ np.stack([alphas, betas])).T

@@ -37,7 +37,7 @@ from typing import Any
 
 import jax
 
-from jaxnn.models.validation import check_choice, check_finite_real
+from jaxnn.validation import check_choice, check_float, check_positive_float
 
 Initializer = jax.nn.initializers.Initializer
 
@@ -66,31 +66,31 @@ def glorot_uniform() -> Initializer:
 
 def he(mode: str = "fan_in") -> Initializer:
     """He (Kaiming) normal: w ~ N(0, 2/fan) with fan = fan_in (default) or fan_out."""
-    check_choice(mode, "mode", "get_initializer('he')", _FAN_MODES)
+    check_choice(mode, "get_initializer('he'): mode", choices=_FAN_MODES)
     return jax.nn.initializers.variance_scaling(2.0, mode, "normal")
 
 
 def he_uniform(mode: str = "fan_in") -> Initializer:
     """He (Kaiming) uniform: w ~ U(±sqrt(6/fan)) with fan = fan_in (default) or fan_out."""
-    check_choice(mode, "mode", "get_initializer('he_uniform')", _FAN_MODES)
+    check_choice(mode, "get_initializer('he_uniform'): mode", choices=_FAN_MODES)
     return jax.nn.initializers.variance_scaling(2.0, mode, "uniform")
 
 
 def orthogonal(scale: float = 1.0) -> Initializer:
     """Orthogonal: the kernel reshaped to (fan_in, fan_out) has orthonormal rows or columns, times scale."""
-    scale = check_finite_real(scale, "scale", "get_initializer('orthogonal')", positive=True)
+    scale = check_positive_float(scale, "get_initializer('orthogonal'): scale", strict=True)
     return jax.nn.initializers.orthogonal(scale)
 
 
 def small_normal(sigma: float = 0.01) -> Initializer:
     """Small Gaussian: w ~ N(0, sigma²), independent of the fans (default sigma = 0.01)."""
-    sigma = check_finite_real(sigma, "sigma", "get_initializer('small_normal')", positive=True)
+    sigma = check_positive_float(sigma, "get_initializer('small_normal'): sigma", strict=True)
     return jax.nn.initializers.normal(stddev=sigma)
 
 
 def constant(value: float) -> Initializer:
     """Constant: every entry equals ``value`` (required)."""
-    value = check_finite_real(value, "value", "get_initializer('constant')")
+    value = check_float(value, "get_initializer('constant'): value", strict=True)
     return jax.nn.initializers.constant(value)
 
 

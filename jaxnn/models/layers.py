@@ -29,12 +29,7 @@ from flax.core import FrozenDict
 
 from jaxnn.models.activations import resolve_activation
 from jaxnn.models.initializers import Initializer, resolve_initializer
-from jaxnn.models.validation import (
-    check_choice,
-    check_kwargs_mapping,
-    check_positive_int,
-    check_rate,
-)
+from jaxnn.validation import check_choice, check_float, check_int, check_kwargs_mapping
 
 NORMALIZATIONS: tuple[str | None, ...] = (None, "batch", "layer")
 """Valid values of a model's ``norm``."""
@@ -184,13 +179,14 @@ def check_shared_fields(module: nn.Module) -> None:
     them. Errors name the model class, the field, what was expected and what was given.
     """
     owner = type(module).__name__
-    check_positive_int(module.num_classes, "num_classes", owner)
+    check_int(module.num_classes, f"{owner}: num_classes", allow_bool=False)
     resolve_activation(module.activation, owner)
     for argument in ("kernel_init", "bias_init"):
-        kwargs = check_kwargs_mapping(_shared_field(module, f"{argument}_kwargs"), f"{argument}_kwargs", owner)
+        kwargs = check_kwargs_mapping(_shared_field(module, f"{argument}_kwargs"), f"{owner}: {argument}_kwargs")
         resolve_initializer(_shared_field(module, argument), kwargs, argument, owner)
-    check_choice(module.norm, "norm", owner, NORMALIZATIONS)
-    check_rate(_shared_field(module, "dropout"), "dropout", owner)
+    check_choice(module.norm, f"{owner}: norm", choices=NORMALIZATIONS)
+    check_float(_shared_field(module, "dropout"), f"{owner}: dropout", minimum=0.0, maximum=1.0, exclusive_maximum=True,
+                strict=True)
     check_param_dtype(module.param_dtype, owner)
     kwargs_fields = tuple(name for name in ("kernel_init_kwargs", "bias_init_kwargs") if hasattr(module, name))
     freeze_fields(module, mappings=kwargs_fields)

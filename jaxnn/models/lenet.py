@@ -16,7 +16,7 @@ from jaxnn.models.layers import (
     freeze_fields,
     pool_2x2,
 )
-from jaxnn.models.validation import check_choice, check_positive_int, check_positive_int_sequence
+from jaxnn.validation import check_choice, check_int, check_int_sequence
 
 
 class LeNet(nn.Module):
@@ -57,11 +57,11 @@ class LeNet(nn.Module):
     param_dtype: Any = None
 
     def __post_init__(self) -> None:
-        check_positive_int_sequence(self.conv_features, "conv_features", "LeNet", allow_empty=False)
-        check_positive_int_sequence(self.dense_features, "dense_features", "LeNet")
-        check_positive_int(self.kernel_size, "kernel_size", "LeNet")
-        check_choice(self.padding, "padding", "LeNet", ("SAME", "VALID"))
-        check_choice(self.pool, "pool", "LeNet", ("max", "avg"))
+        check_int_sequence(self.conv_features, "LeNet: conv_features", allow_empty=False)
+        check_int_sequence(self.dense_features, "LeNet: dense_features")
+        check_int(self.kernel_size, "LeNet: kernel_size", allow_bool=False)
+        check_choice(self.padding, "LeNet: padding", choices=("SAME", "VALID"))
+        check_choice(self.pool, "LeNet: pool", choices=("max", "avg"))
         check_shared_fields(self)
         freeze_fields(self, sequences=("conv_features", "dense_features"))
         super().__post_init__()

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 
 from jaxnn.models.layers import SharedFields, check_shared_fields, flatten_batch, freeze_fields
-from jaxnn.models.validation import check_positive_int_sequence
+from jaxnn.validation import check_int_sequence
 
 
 class MLP(nn.Module):
@@ -43,7 +43,7 @@ class MLP(nn.Module):
     param_dtype: Any = None
 
     def __post_init__(self) -> None:
-        check_positive_int_sequence(self.features, "features", "MLP")
+        check_int_sequence(self.features, "MLP: features")
         check_shared_fields(self)
         freeze_fields(self, sequences=("features",))
         super().__post_init__()

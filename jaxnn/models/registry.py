@@ -32,8 +32,8 @@ from jaxnn.models.layers import default_param_dtype
 from jaxnn.models.lenet import LeNet
 from jaxnn.models.mlp import MLP
 from jaxnn.models.resnet import RESNET_DEPTHS, CifarResNet
-from jaxnn.models.validation import check_positive_int
 from jaxnn.models.vgg import VGGSmall
+from jaxnn.validation import check_int
 
 PyTree = Any
 
@@ -49,7 +49,7 @@ def _mlp_features_from_width_and_depth(kwargs: dict[str, Any]) -> dict[str, Any]
                 f"got features={kwargs['features']!r}, width={width!r}, depth={depth!r}"
             )
         return kwargs
-    width = 128 if width is None else check_positive_int(width, "width", "get_model('mlp')")
+    width = 128 if width is None else check_int(width, "get_model('mlp'): width", allow_bool=False)
     depth = 2 if depth is None else depth
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
         raise ValueError(f"get_model('mlp'): depth (number of hidden layers) must be an int >= 0; got {depth!r}")

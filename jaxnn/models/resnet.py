@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnn.models.layers import SharedFields, check_image_batch, check_shared_fields, normalization_layer
-from jaxnn.models.validation import check_positive_int
+from jaxnn.validation import check_int
 
 RESNET_DEPTHS = (20, 32, 44, 56, 110)
 """The depths of He et al. (2016), Table 6; any 6n + 2 (n ≥ 1) is accepted."""
@@ -125,7 +125,7 @@ class CifarResNet(nn.Module):
         resnet_blocks_per_stage(self.depth)
         if not isinstance(self.plain, bool):
             raise ValueError(f"CifarResNet: plain must be a bool; got {self.plain!r}")
-        check_positive_int(self.base_width, "base_width", "CifarResNet")
+        check_int(self.base_width, "CifarResNet: base_width", allow_bool=False)
         check_shared_fields(self)
         super().__post_init__()
 

@@ -16,7 +16,7 @@ from jaxnn.models.layers import (
     freeze_fields,
     pool_2x2,
 )
-from jaxnn.models.validation import check_positive_int, check_positive_int_sequence
+from jaxnn.validation import check_int, check_int_sequence
 
 
 class VGGSmall(nn.Module):
@@ -51,9 +51,9 @@ class VGGSmall(nn.Module):
     param_dtype: Any = None
 
     def __post_init__(self) -> None:
-        check_positive_int_sequence(self.stage_features, "stage_features", "VGGSmall", allow_empty=False)
-        check_positive_int(self.convs_per_stage, "convs_per_stage", "VGGSmall")
-        check_positive_int_sequence(self.dense_features, "dense_features", "VGGSmall")
+        check_int_sequence(self.stage_features, "VGGSmall: stage_features", allow_empty=False)
+        check_int(self.convs_per_stage, "VGGSmall: convs_per_stage", allow_bool=False)
+        check_int_sequence(self.dense_features, "VGGSmall: dense_features")
         check_shared_fields(self)
         freeze_fields(self, sequences=("stage_features", "dense_features"))
         super().__post_init__()

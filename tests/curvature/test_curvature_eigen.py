@@ -166,7 +166,7 @@ def test_invalid_estimator_arguments_are_rejected():
         curvature.lanczos(np.eye(3), KEY, 3, progress=False)
     with pytest.raises(ValueError, match="start: a start vector needs block_size=1"):
         curvature.lanczos(op, KEY, 1, block_size=2, start=jnp.ones(3), progress=False)
-    with pytest.raises(ValueError, match=r"start: leaf <root> expected shape \(3,\), got \(4,\)"):
+    with pytest.raises(ValueError, match=r"start: leaf <root> expected shape \(3,\) \(that of params\), got \(4,\)"):
         curvature.lanczos(op, KEY, 3, start=jnp.ones(4), progress=False)
     with pytest.raises(ValueError, match="tol: expected a finite number > 0, got -1.0"):
         curvature.power_iteration(op, KEY, 10, tol=-1.0, progress=False)

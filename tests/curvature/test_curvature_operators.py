@@ -304,7 +304,8 @@ def test_vector_structure_and_shape_mismatch_are_rejected():
         op(wrong_structure)
     wrong_shape = jax.tree.map(lambda p: p, params)
     wrong_shape["dense2"] = {"kernel": jnp.zeros((3, 12)), "bias": jnp.zeros(3)}
-    with pytest.raises(ValueError, match=r"v: leaf \['dense2'\]\['kernel'\] expected shape \(12, 3\), got \(3, 12\)"):
+    with pytest.raises(ValueError, match=r"v: leaf \['dense2'\]\['kernel'\] expected shape \(12, 3\) "
+                                         r"\(that of params\), got \(3, 12\)"):
         op(wrong_shape)
     with pytest.raises(ValueError, match=r"vectors: leaf .* expected shape \(block,\)"):
         op.matmat(params)
@@ -398,7 +399,7 @@ def test_auto_loop_mode_unrolls_convolutions_on_cpu():
 def test_nonfinite_counts_host_and_device_paths_agree():
     """On CPU the counts and norm are read in numpy (no program to compile); the compiled program (the path for
     accelerator arrays) gives the same numbers."""
-    from jaxnn.curvature import validation
+    from jaxnn import validation
 
     tree = {"a": jnp.array([1.0, jnp.nan, 3.0, jnp.inf]), "b": jnp.arange(6.0).reshape(2, 3),
             "i": jnp.arange(3, dtype=jnp.int32)}

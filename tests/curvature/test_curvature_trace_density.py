@@ -138,7 +138,8 @@ def test_density_plot_and_invalid_arguments(tmp_path):
         curvature.spectral_density(op, KEY, sigma=0.0, progress=False)
     with pytest.raises(ValueError, match="grid: expected an int or a finite 1-D array"):
         curvature.spectral_density(op, KEY, 1, 5, grid=np.array([[0.0, 1.0]]), progress=False)
-    with pytest.raises(ValueError, match=r"probes: leaf <root> expected shape \(block,\) \+ \(20,\), got \(20,\)"):
+    with pytest.raises(ValueError, match=r"probes: leaf <root> expected shape \(block,\) \+ \(20,\) "
+                                         r"\(that of params with a leading block axis\), got \(20,\)"):
         curvature.spectral_density(op, KEY, probes=np.ones(20), progress=False)
     with pytest.raises(ValueError, match="num_samples: expected an integer >= 4, got 3"):
         curvature.trace(op, KEY, 3, "hutch++", progress=False)

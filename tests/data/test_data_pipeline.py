@@ -35,7 +35,7 @@ def test_steps_per_epoch():
     assert data.steps_per_epoch(5, 6, False) == 1
     with pytest.raises(ValueError, match="n must be positive"):
         data.steps_per_epoch(0, 1, False)
-    with pytest.raises(ValueError, match="batch_size must be an int >= 1; got 0"):
+    with pytest.raises(ValueError, match="batch_size: expected an integer >= 1, got 0"):
         data.steps_per_epoch(5, 0, True)
 
 
@@ -224,12 +224,12 @@ def test_real_dataset_batches():
     "args, kwargs, error, match",
     [
         ((indexed_split(5), 6), {}, ValueError, r"batch_size=6 is larger than the split \(5 examples\) with drop_remainder=True"),
-        ((indexed_split(5), 0), {}, ValueError, "batch_size must be an int >= 1; got 0"),
-        ((indexed_split(5), 2.0), {}, TypeError, "batch_size must be an int"),
-        ((indexed_split(5), 2), {"epochs": 0}, ValueError, "epochs must be an int >= 1; got 0"),
-        ((indexed_split(5), 2), {"start_step": -1}, ValueError, "start_step must be an int >= 0; got -1"),
+        ((indexed_split(5), 0), {}, ValueError, "batch_size: expected an integer >= 1, got 0"),
+        ((indexed_split(5), 2.0), {}, TypeError, "batch_size: expected an integer >= 1, got float 2.0"),
+        ((indexed_split(5), 2), {"epochs": 0}, ValueError, "epochs: expected an integer >= 1, got 0"),
+        ((indexed_split(5), 2), {"start_step": -1}, ValueError, "start_step: expected an integer >= 0, got -1"),
         ((indexed_split(5), 2), {"epochs": 1, "start_step": 3}, ValueError, "start_step=3 is past the end of the stream"),
-        ((indexed_split(5), 2), {"prefetch": -1}, ValueError, "prefetch must be an int >= 0"),
+        ((indexed_split(5), 2), {"prefetch": -1}, ValueError, "prefetch: expected an integer >= 0"),
         ((indexed_split(5), 2), {"sharding": "data"}, TypeError, "sharding must be a jax.sharding.Sharding"),
         ((np.zeros((5, 2)), 2), {}, TypeError, r"split must be a jaxnn.data.Split or an \(x, y\) tuple"),
         ((data.Split(np.zeros((0, 2)), np.zeros(0)), 1), {}, ValueError, r"split is empty \(0 examples\)"),

@@ -151,9 +151,9 @@ def test_synthetic_determinism_and_data_seed():
 
 
 def test_blobs_errors():
-    with pytest.raises(ValueError, match="num_classes must be an int >= 2; got 1"):
+    with pytest.raises(ValueError, match="num_classes: expected an integer >= 2, got 1"):
         data.load_dataset("blobs", num_classes=1)
-    with pytest.raises(TypeError, match="num_examples must be an int"):
+    with pytest.raises(TypeError, match="num_examples: expected an integer >= 2, got float 10.5"):
         data.load_dataset("blobs", num_examples=10.5)
     with pytest.raises(ValueError, match="cluster_std must be > 0.0"):
         data.load_dataset("blobs", cluster_std=0.0)

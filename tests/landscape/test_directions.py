@@ -138,7 +138,8 @@ def test_checkpoint_difference_direction(x64):
     np.testing.assert_array_equal(d["b"], -np.ones(2))
     with pytest.raises(ValueError, match="params_b: expected a checkpoint different from params_a"):
         checkpoint_difference_direction(a, a)
-    with pytest.raises(ValueError, match=r"params_b: leaf \['w'\] expected the shape"):
+    with pytest.raises(ValueError,
+                       match=r"params_b: leaf \['w'\] expected shape \(2, 3\) \(that of params_a\), got \(3, 2\)"):
         checkpoint_difference_direction(a, {"w": jnp.ones((3, 2)), "b": jnp.ones(2)})
     with pytest.raises(ValueError, match="params_b: expected a pytree with the structure of params_a"):
         checkpoint_difference_direction(a, {"w": jnp.ones((2, 3))})

@@ -89,7 +89,8 @@ def test_bad_input():
         trajectory_pca_directions(final, final)  # one pytree, not a list of them
     broken = list(trajectory)
     broken[3] = {"dense": final["dense"], "conv": {"kernel": jnp.zeros((2, 2, 1, 4))}}
-    with pytest.raises(ValueError, match=r"trajectory\[3\]: leaf \['conv'\]\['kernel'\] expected the shape"):
+    with pytest.raises(ValueError, match=r"trajectory\[3\]: leaf \['conv'\]\['kernel'\] expected shape \(2, 2, 1, 3\) "
+                                         r"\(that of the reference params\), got \(2, 2, 1, 4\)"):
         trajectory_pca_directions(broken, final)
     broken[3] = jax.tree.map(lambda v: v * jnp.nan, final)
     with pytest.raises(ValueError, match=r"trajectory\[3\]: expected finite parameters"):

@@ -113,13 +113,15 @@ def test_conv_nets_reject_vectors(cls):
 @pytest.mark.parametrize(
     "name, kwargs, pattern",
     [
-        ("lenet", {"padding": "same"}, r"padding must be one of \['SAME', 'VALID'\]; got 'same'"),
-        ("lenet", {"pool": "min"}, r"pool must be one of \['max', 'avg'\]; got 'min'"),
-        ("lenet", {"conv_features": []}, r"conv_features must not be empty"),
-        ("lenet", {"kernel_size": 0}, "kernel_size must be a positive int; got 0"),
-        ("lenet", {"dropout": -0.1}, r"dropout must be a float in \[0, 1\); got -0.1"),
-        ("vgg_small", {"convs_per_stage": 0}, "convs_per_stage must be a positive int; got 0"),
-        ("vgg_small", {"stage_features": [32, -1]}, "stage_features must be a sequence of positive ints"),
+        ("lenet", {"padding": "same"}, r"LeNet: padding: expected one of \['SAME', 'VALID'\], got 'same'"),
+        ("lenet", {"pool": "min"}, r"LeNet: pool: expected one of \['max', 'avg'\], got 'min'"),
+        ("lenet", {"conv_features": []},
+         r"LeNet: conv_features: expected a non-empty sequence of integers >= 1, got \[\]"),
+        ("lenet", {"kernel_size": 0}, "LeNet: kernel_size: expected an integer >= 1, got 0"),
+        ("lenet", {"dropout": -0.1}, r"LeNet: dropout: expected a finite number in \[0, 1\), got -0.1"),
+        ("vgg_small", {"convs_per_stage": 0}, "VGGSmall: convs_per_stage: expected an integer >= 1, got 0"),
+        ("vgg_small", {"stage_features": [32, -1]},
+         r"VGGSmall: stage_features: expected a sequence of integers >= 1, got \[32, -1\] \(entry 1 is -1\)"),
     ],
 )
 def test_invalid_conv_net_arguments_raise_naming_the_argument(name, kwargs, pattern):

@@ -141,20 +141,24 @@ def test_bad_initializer_kwargs_name_the_argument_and_the_accepted_ones():
         get_initializer("zeros", value=1.0)
     with pytest.raises(TypeError, match=r"missing required keyword argument\(s\) \['value'\]"):
         get_initializer("constant")
-    with pytest.raises(TypeError, match="bias_init_kwargs must be a mapping"):
+    with pytest.raises(TypeError, match=r"MLP: bias_init_kwargs: expected a mapping of keyword arguments \(str keys\) "
+                                        r"or None, got \[1.0\]"):
         MLP(features=(4,), num_classes=3, bias_init="constant", bias_init_kwargs=[1.0])
 
 
-@pytest.mark.parametrize("sigma", [0.0, -0.1, float("nan"), float("inf"), "0.1", True])
-def test_invalid_sigma_is_rejected(sigma):
-    with pytest.raises(ValueError, match=re.escape(f"sigma must be a finite positive number; got {sigma!r}")):
+@pytest.mark.parametrize("sigma, got", [(0.0, "0.0"), (-0.1, "-0.1"), (float("nan"), "nan"), (float("inf"), "inf"),
+                                        ("0.1", "str '0.1'"), (True, "bool True")])
+def test_invalid_sigma_is_rejected(sigma, got):
+    # a wrong type is a ValueError too (validation.WrongTypeError): the models' API has always raised ValueError
+    message = f"get_initializer('small_normal'): sigma: expected a finite number > 0, got {got}"
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
         get_initializer("small_normal", sigma=sigma)
 
 
 def test_invalid_values_are_rejected():
-    with pytest.raises(ValueError, match=r"value must be a finite number; got nan"):
+    with pytest.raises(ValueError, match=r"value: expected a finite number, got nan"):
         get_initializer("constant", value=float("nan"))
-    with pytest.raises(ValueError, match=r"mode must be one of \['fan_in', 'fan_out'\]; got 'fan_avg'"):
+    with pytest.raises(ValueError, match=r"mode: expected one of \['fan_in', 'fan_out'\], got 'fan_avg'"):
         get_initializer("he", mode="fan_avg")
-    with pytest.raises(ValueError, match=r"scale must be a finite positive number; got -1.0"):
+    with pytest.raises(ValueError, match=r"scale: expected a finite number > 0, got -1.0"):
         get_initializer("orthogonal", scale=-1.0)

@@ -89,10 +89,13 @@ def test_fixed_and_required_kwargs_are_enforced():
         get_model("resnet", num_classes=10)
 
 
-@pytest.mark.parametrize("num_classes", [0, -3, 2.0, "10", True, None])
-def test_num_classes_must_be_a_positive_int(num_classes):
-    for name in ("mlp", "lenet", "vgg_small", "resnet20"):
-        with pytest.raises(ValueError, match=re.escape(f"num_classes must be a positive int; got {num_classes!r}")):
+@pytest.mark.parametrize("num_classes, got", [(0, "0"), (-3, "-3"), (2.0, "float 2.0"), ("10", "str '10'"),
+                                              (True, "bool True"), (None, "NoneType None")])
+def test_num_classes_must_be_a_positive_int(num_classes, got):
+    # a wrong type is a ValueError too (validation.WrongTypeError): the models' API has always raised ValueError
+    for name, owner in (("mlp", "MLP"), ("lenet", "LeNet"), ("vgg_small", "VGGSmall"), ("resnet20", "CifarResNet")):
+        with pytest.raises(ValueError, match=re.escape(f"{owner}: num_classes: expected an integer >= 1, got {got}")
+                           + "$"):
             get_model(name, num_classes=num_classes)
 
 

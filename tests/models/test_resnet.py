@@ -153,7 +153,7 @@ def test_resnet_needs_nhwc_images(abstract_init):
 def test_invalid_resnet_fields_are_rejected():
     with pytest.raises(ValueError, match="plain must be a bool; got 1"):
         CifarResNet(num_classes=10, plain=1)
-    with pytest.raises(ValueError, match="base_width must be a positive int; got 0"):
+    with pytest.raises(ValueError, match="CifarResNet: base_width: expected an integer >= 1, got 0"):
         get_model("resnet20", num_classes=10, base_width=0)
-    with pytest.raises(ValueError, match=r"norm must be one of \[None, 'batch', 'layer'\]; got 'bn'"):
+    with pytest.raises(ValueError, match=r"CifarResNet: norm: expected one of \[None, 'batch', 'layer'\], got 'bn'"):
         get_model("resnet20", num_classes=10, norm="bn")
