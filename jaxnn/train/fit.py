@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from jaxnn import data as data_lib
 from jaxnn import losses, parallel
+from jaxnn.validation import merge_options
 from jaxnn.train.callbacks import Callback, FitContext
 from jaxnn.train.checkpoint import Checkpointer
 from jaxnn.train.state import TrainState
@@ -214,15 +215,146 @@ def _event_steps(step: int, num_steps: int, periods: Sequence[int]) -> int:
     return min([num_steps] + [(step // p + 1) * p for p in periods if p])
 
 
-def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = "softmax_cross_entropy",
-        batch_size: int = 64, num_steps: int, schedule: Callable | None = None, seed: int = 0,
-        grad_accum_steps: int = 1, log_every: int = 10, eval_every: int | None = None,
-        eval_batch_size: int = 512, callbacks: Sequence[Callback] = (), checkpointer: Checkpointer | None = None,
-        checkpoint_every: int | None = None, run_dir: str | pathlib.Path | None = None, start_step: int = 0,
-        nan_guard: bool = True, progress: bool = True, mesh=None, needs_value_fn: bool = False,
-        needs_batch: bool = False,
-        steps_per_call: int = 1, device_resident: bool | None = None, mode: str = "jit") -> FitResult:
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How each optimizer step is computed and dispatched (the results are the same either way, see :func:`fit`):
+    gradient accumulation (``grad_accum_steps`` micro-batches per step), what the optimizer's ``update`` needs
+    (``needs_value_fn``, ``needs_batch``: see :mod:`jaxnn.optim`), ``steps_per_call`` steps per dispatch, the
+    training split on the device (``device_resident``; None: when it takes at most 1 GiB), and the devices:
+    ``mode`` (``jit``, ``shard_map`` or ``pmap``) over ``mesh`` (default: every device)."""
+
+    grad_accum_steps: int = 1
+    needs_value_fn: bool = False
+    needs_batch: bool = False
+    steps_per_call: int = 1
+    device_resident: bool | None = None
+    mode: str = "jit"
+    mesh: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LogOptions:
+    """What the loop records and when: a metrics record every ``log_every`` steps, an evaluation on the validation
+    split every ``eval_every`` steps (None: every epoch) in batches of ``eval_batch_size``, a checkpoint every
+    ``checkpoint_every`` steps (None: at every evaluation), ``metrics.jsonl`` in ``run_dir``, the NaN/Inf guard
+    (``nan_guard``) and a ``progress`` bar."""
+
+    log_every: int = 10
+    eval_every: int | None = None
+    eval_batch_size: int = 512
+    checkpoint_every: int | None = None
+    run_dir: str | pathlib.Path | None = None
+    nan_guard: bool = True
+    progress: bool = True
+
+
+def _use_resident(dataset: data_lib.Dataset, o: StepOptions) -> bool:
+    """Whether batches are gathered from a device copy of the training split; refuses impossible combinations."""
+    if isinstance(o.steps_per_call, bool) or not isinstance(o.steps_per_call, int) or o.steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be an integer >= 1, got {o.steps_per_call!r}")
+    multi_process = jax.process_count() > 1
+    resident = _resident_default(dataset) if o.device_resident is None else bool(o.device_resident)
+    if resident and (o.mode == "pmap" or multi_process):
+        if o.device_resident:
+            raise ValueError("device_resident=True needs parallel.mode jit or shard_map in a single process "
+                             f"(mode {o.mode!r}, {jax.process_count()} processes): pmap and multi-process runs take "
+                             "host batches")
+        resident = False
+    if o.steps_per_call > 1 and not resident:
+        raise ValueError(f"steps_per_call={o.steps_per_call} needs the training split on the device "
+                         f"(device_resident=True; it holds {dataset.train.x.nbytes / 2**20:.0f} MiB)")
+    return resident
+
+
+class _Steps:
+    """Runs ``count`` optimizer steps from global step ``step``: gathered on the device from the resident training
+    split (several per dispatch), or one host batch per call; returns the state and the steps' metrics (device
+    arrays: ``(scanned metrics or None, the last step's metrics)``)."""
+
+    def __init__(self, dataset: data_lib.Dataset, loss, schedule, batch_size: int, seed: int, start_step: int,
+                 classification: bool, o: StepOptions, mesh, resident: bool):
+        common = dict(grad_accum_steps=o.grad_accum_steps, classification=classification,
+                      needs_value_fn=o.needs_value_fn, needs_batch=o.needs_batch, mode=o.mode,
+                      mesh=None if o.mode == "jit" else mesh)
+        self.mesh, self.resident = mesh, resident
+        batch_sharding = parallel.batch_sharding(mesh)
+        if resident:
+            self.source = _ResidentData(dataset.train, batch_size, seed, o.steps_per_call, mesh)
+            self.program = make_resident_train_steps(
+                loss, schedule, batch_size=batch_size, steps_per_epoch=self.source.steps_per_epoch,
+                batch_sharding=batch_sharding if mesh.devices.size > 1 else None, **common)
+        else:
+            self.program = make_train_step(loss, schedule, **common)
+            self.batches = data_lib.batch_iterator(dataset.train, batch_size, seed=seed, start_step=start_step,
+                                                   sharding=None if o.mode == "pmap" else batch_sharding,
+                                                   prefetch=2)
+
+    def __call__(self, state: TrainState, step: int, count: int, full_last: bool):
+        if self.resident:
+            return parallel.settle(self.program(state, self.source.data, self.source.permutations(step), count,
+                                                full_last), self.mesh)
+        state, last = parallel.settle(self.program(state, next(self.batches), full_last), self.mesh)
+        return state, (None, last)
+
+
+class _Recorder:
+    """The step metrics between the device and metrics.jsonl: queued device arrays come to the host in one
+    transfer per record (``drain``), where the NaN guard sees every step; ``record`` writes one line."""
+
+    def __init__(self, writer: MetricsWriter, steps_per_epoch: int, nan_guard: bool, last_checkpoint: int | None):
+        self.writer, self.steps_per_epoch, self.nan_guard = writer, steps_per_epoch, nan_guard
+        self.last_checkpoint = last_checkpoint
+        self.queued: list[tuple[int, Any]] = []   # (first step, metrics of one call: device arrays)
+        self.window: list[dict] = []              # host metrics of the steps since the last record
+        self.history: list[dict] = []
+        self.started = time.perf_counter()
+
+    def drain(self) -> None:
+        host = parallel.to_host([m for _, m in self.queued])
+        steps = []
+        for (first, _), (scanned, last) in zip(self.queued, host):
+            count = 0 if scanned is None else len(next(iter(scanned.values())))
+            steps += [(first + i, {k: v[i] for k, v in scanned.items()}) for i in range(count)]
+            steps.append((first + count, last))
+        self.queued.clear()
+        for number, m in steps:
+            if self.nan_guard and not math.isfinite(float(m["loss"])):
+                raise NonFiniteLossError(number, float(m["loss"]), self.last_checkpoint)
+        self.window.extend(m for _, m in steps)
+
+    def record(self, step: int, extra: dict) -> dict:
+        self.drain()
+        rec = {"step": step, "epoch": round(step / self.steps_per_epoch, 4)}
+        if self.window:
+            # Norms are computed only on steps known in advance to be logged; an unknown lr (NaN) is left out.
+            rec.update({k: float(v) for k, v in self.window[-1].items() if math.isfinite(float(v)) or k == "loss"})
+            rec["loss_mean"] = float(np.mean([float(m["loss"]) for m in self.window]))
+        self.window.clear()
+        rec.update(extra)
+        rec["time_s"] = round(time.perf_counter() - self.started, 3)
+        self.history.append(rec)
+        self.writer.write(rec)
+        return rec
+
+
+def _progress_postfix(rec: dict) -> dict:
+    postfix = {"loss": f"{rec.get('loss', float('nan')):.4f}"}
+    if "accuracy" in rec:
+        postfix["acc"] = f"{rec['accuracy']:.3f}"
+    if "val_accuracy" in rec:
+        postfix["val_acc"] = f"{rec['val_accuracy']:.3f}"
+    return postfix
+
+
+def fit(state: TrainState, dataset: data_lib.Dataset, *, num_steps: int, loss: str | Callable = "softmax_cross_entropy",
+        batch_size: int = 64, schedule: Callable | None = None, seed: int = 0, start_step: int = 0,
+        callbacks: Sequence[Callback] = (), checkpointer: Checkpointer | None = None,
+        step_options: StepOptions | None = None, log_options: LogOptions | None = None, **options: Any) -> FitResult:
     """Train ``state`` for ``num_steps`` optimizer steps on ``dataset.train``; evaluate on ``dataset.val``.
+
+    The options of :class:`StepOptions` (how a step runs) and :class:`LogOptions` (what is recorded when) are taken
+    as keyword arguments (``log_every=50, progress=False``) or as ``step_options=``/``log_options=`` objects, the
+    keywords on top.
 
     Batches: with ``device_resident`` (default: when the training split takes at most 1 GiB) the split is copied
     to the device once and every step gathers its batch there, so a step costs one dispatch and no transfer;
@@ -241,55 +373,32 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     the step is written (``jit``, ``shard_map`` or ``pmap``; see :mod:`jaxnn.parallel`); ``state`` is used as placed
     (replicated, or sharded parameters). With several processes each one feeds its slice of every batch.
     """
-    mesh = mesh or parallel.make_mesh()
-    parallel.check_mode(mode, "replicated")
-    parallel.check_batch_divisible(batch_size // grad_accum_steps, mesh, "batch_size / grad_accum_steps")
-    if batch_size % grad_accum_steps:
-        raise ValueError(f"grad_accum_steps={grad_accum_steps} must divide batch_size={batch_size}")
-    if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
-        raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
-    multi_process = jax.process_count() > 1
-    resident = _resident_default(dataset) if device_resident is None else bool(device_resident)
-    if resident and (mode == "pmap" or multi_process):
-        if device_resident:
-            raise ValueError("device_resident=True needs parallel.mode jit or shard_map in a single process "
-                             f"(mode {mode!r}, {jax.process_count()} processes): pmap and multi-process runs take "
-                             "host batches")
-        resident = False
-    if steps_per_call > 1 and not resident:
-        raise ValueError(f"steps_per_call={steps_per_call} needs the training split on the device "
-                         f"(device_resident=True; it holds {dataset.train.x.nbytes / 2**20:.0f} MiB)")
-    loss_name = loss if isinstance(loss, str) else None
+    so, lo = merge_options("fit", options, (StepOptions, step_options, "step_options"),
+                           (LogOptions, log_options, "log_options"))
+    mesh = so.mesh or parallel.make_mesh()
+    parallel.check_mode(so.mode, "replicated")
+    parallel.check_batch_divisible(batch_size // so.grad_accum_steps, mesh, "batch_size / grad_accum_steps")
+    if batch_size % so.grad_accum_steps:
+        raise ValueError(f"grad_accum_steps={so.grad_accum_steps} must divide batch_size={batch_size}")
+    resident = _use_resident(dataset, so)
     classification = dataset.task == "classification"
-    check_inputs(state, dataset, loss_name)
+    check_inputs(state, dataset, loss if isinstance(loss, str) else None)
     if num_steps < start_step:
         raise ValueError(f"num_steps={num_steps} is less than the step to resume from ({start_step})")
     steps_per_epoch = data_lib.steps_per_epoch(len(dataset.train), batch_size, True)
-    eval_every = eval_every or steps_per_epoch
-    checkpoint_every = checkpoint_every or eval_every
+    eval_every = lo.eval_every or steps_per_epoch
+    checkpoint_every = lo.checkpoint_every or eval_every
 
-    train_step = make_train_step(loss, schedule, grad_accum_steps=grad_accum_steps, classification=classification,
-                                 needs_value_fn=needs_value_fn, needs_batch=needs_batch, mode=mode,
-                                 mesh=None if mode == "jit" else mesh)
+    run_steps = _Steps(dataset, loss, schedule, batch_size, seed, start_step, classification, so, mesh, resident)
     eval_step = make_eval_step(loss, classification=classification)
-    eval_size = eval_batch_size_for(dataset, eval_batch_size, mesh)
+    eval_size = eval_batch_size_for(dataset, lo.eval_batch_size, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
-    run_dir = pathlib.Path(run_dir) if run_dir is not None else None
+    run_dir = pathlib.Path(lo.run_dir) if lo.run_dir is not None else None
     primary = parallel.is_primary()  # with several processes, process 0 alone writes metrics and shows progress
     if run_dir is not None and primary:
         run_dir.mkdir(parents=True, exist_ok=True)
     writer = MetricsWriter(run_dir / "metrics.jsonl" if run_dir and primary else None,
                            resume_from_step=start_step if start_step else None)
-    if resident:
-        source = _ResidentData(dataset.train, batch_size, seed, steps_per_call, mesh)
-        resident_steps = make_resident_train_steps(
-            loss, schedule, grad_accum_steps=grad_accum_steps, classification=classification,
-            needs_value_fn=needs_value_fn, needs_batch=needs_batch, batch_size=batch_size, steps_per_epoch=source.steps_per_epoch,
-            batch_sharding=batch_sharding if mesh.devices.size > 1 else None, mode=mode,
-            mesh=None if mode == "jit" else mesh)
-    else:
-        batches = data_lib.batch_iterator(dataset.train, batch_size, seed=seed, start_step=start_step,
-                                          sharding=None if mode == "pmap" else batch_sharding, prefetch=2)
     analysis_x, analysis_y = data_lib.host_stacked_batches(dataset.train, min(batch_size, len(dataset.train)), 1,
                                                            seed=seed + 1, shuffle=True)
     analysis_batch = tuple(parallel.global_array(a[0], parallel.replicated(mesh)) for a in (analysis_x, analysis_y))
@@ -307,65 +416,25 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
                 method(ctx)
 
     notify("on_train_begin")
-
-    history: list[dict] = []
-    queued: list[tuple[int, dict]] = []   # (first step, metrics of one call: device arrays)
-    last_checkpoint = checkpointer.latest_step() if checkpointer else None
+    recorder = _Recorder(writer, steps_per_epoch, lo.nan_guard, checkpointer.latest_step() if checkpointer else None)
     best_step = checkpointer.best_step() if checkpointer else None
     stop_reason = "completed"
-    started = time.perf_counter()
-    bar = tqdm(total=num_steps, initial=start_step, disable=not (progress and primary), desc="train", unit="step",
+    bar = tqdm(total=num_steps, initial=start_step, disable=not (lo.progress and primary), desc="train", unit="step",
                dynamic_ncols=True)
-
-    window: list[dict] = []   # host metrics of the steps since the last record
-
-    def drain() -> None:
-        """Bring queued step metrics to the host in one transfer; the NaN guard sees every step."""
-        host = parallel.to_host([m for _, m in queued])
-        steps = []
-        for (first, _), (scanned, last) in zip(queued, host):
-            count = 0 if scanned is None else len(next(iter(scanned.values())))
-            steps += [(first + i, {k: v[i] for k, v in scanned.items()}) for i in range(count)]
-            steps.append((first + count, last))
-        queued.clear()
-        for number, m in steps:
-            if nan_guard and not math.isfinite(float(m["loss"])):
-                raise NonFiniteLossError(number, float(m["loss"]), last_checkpoint)
-        window.extend(m for _, m in steps)
-
-    def record(step: int, extra: dict) -> dict:
-        drain()
-        rec = {"step": step, "epoch": round(step / steps_per_epoch, 4)}
-        if window:
-            # Norms are computed only on steps known in advance to be logged; an unknown lr (NaN) is left out.
-            rec.update({k: float(v) for k, v in window[-1].items() if math.isfinite(float(v)) or k == "loss"})
-            rec["loss_mean"] = float(np.mean([float(m["loss"]) for m in window]))
-        window.clear()
-        rec.update(extra)
-        rec["time_s"] = round(time.perf_counter() - started, 3)
-        history.append(rec)
-        writer.write(rec)
-        return rec
-
-    periods = [log_every, eval_every] + ([checkpoint_every] if checkpointer is not None else []) + callback_periods
+    periods = [lo.log_every, eval_every] + ([checkpoint_every] if checkpointer is not None else []) + callback_periods
     always_full = num_steps <= ALWAYS_FULL_METRICS_STEPS
     step = start_step
     try:
         while step < num_steps:
             boundary = _event_steps(step, num_steps, periods)
-            full = boundary % log_every == 0 or boundary % eval_every == 0 or boundary == num_steps or (
+            full = boundary % lo.log_every == 0 or boundary % eval_every == 0 or boundary == num_steps or (
                 checkpointer is not None and boundary % checkpoint_every == 0)
-            count = min(steps_per_call, boundary - step) if resident else 1
-            if 1 < count < steps_per_call:
+            count = min(so.steps_per_call, boundary - step) if resident else 1
+            if 1 < count < so.steps_per_call:
                 count = 1  # the remainder runs one step per call: no compilation per remainder length
             full_last = always_full or (full and step + count == boundary)  # the call's last step computes the norms
-            if resident:
-                state, metrics = parallel.settle(resident_steps(state, source.data, source.permutations(step), count,
-                                                                full_last), mesh)
-            else:
-                state, last = parallel.settle(train_step(state, next(batches), full_last), mesh)
-                metrics = (None, last)
-            queued.append((step + 1, metrics))
+            state, metrics = run_steps(state, step, count, full_last)
+            recorder.queued.append((step + 1, metrics))
             step += count
             ctx.state, ctx.step = state, step
             bar.update(count)
@@ -375,7 +444,7 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
             is_ckpt = checkpointer is not None and (step % checkpoint_every == 0 or step == num_steps)
             extra: dict = {}
             if is_eval:
-                drain()  # no evaluation (and no checkpoint) of a state whose loss went non-finite
+                recorder.drain()  # no evaluation (and no checkpoint) of a state whose loss went non-finite
                 ctx.eval_metrics = evaluate(state, dataset.val, eval_step, eval_size, classification, "val",
                                             batch_sharding)
                 extra.update(ctx.eval_metrics)
@@ -383,19 +452,13 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
             if is_eval:
                 notify("on_eval_end")
             pending = ctx.pop_pending()
-            if step % log_every == 0 or is_eval or is_ckpt or pending or ctx.stop_reason:
-                rec = record(step, {**extra, **pending})
-                ctx.metrics = rec
-                postfix = {"loss": f"{rec.get('loss', float('nan')):.4f}"}
-                if "accuracy" in rec:
-                    postfix["acc"] = f"{rec['accuracy']:.3f}"
-                if "val_accuracy" in rec:
-                    postfix["val_acc"] = f"{rec['val_accuracy']:.3f}"
-                bar.set_postfix(postfix, refresh=False)
+            if step % lo.log_every == 0 or is_eval or is_ckpt or pending or ctx.stop_reason:
+                ctx.metrics = recorder.record(step, {**extra, **pending})
+                bar.set_postfix(_progress_postfix(ctx.metrics), refresh=False)
             if is_ckpt:
                 checkpointer.save(step, state.checkpoint_tree(),
                                   {k: v for k, v in ctx.eval_metrics.items() if k == checkpointer.best_metric})
-                last_checkpoint = step
+                recorder.last_checkpoint = step
                 best_step = checkpointer.best_step()
             if ctx.stop_reason:
                 stop_reason = ctx.stop_reason
@@ -403,5 +466,5 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, loss: str | Callable = 
     finally:
         bar.close()
     notify("on_train_end")
-    return FitResult(state=state, history=history, stop_reason=stop_reason, steps_done=ctx.step,
-                     wall_time_s=time.perf_counter() - started, best_step=best_step)
+    return FitResult(state=state, history=recorder.history, stop_reason=stop_reason, steps_done=ctx.step,
+                     wall_time_s=time.perf_counter() - recorder.started, best_step=best_step)

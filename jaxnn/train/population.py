@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 from jaxnn import data as data_lib
@@ -44,6 +45,7 @@ from jaxnn.train.callbacks import Patience
 from jaxnn.train.state import TrainState
 from jaxnn.train.fit import mean_metrics, padded_batches
 from jaxnn.train.step import step_function, make_eval_step
+from jaxnn.validation import merge_options
 
 MEMBER_FIELDS = ("seed", "init_scale", "dropout", "label_noise")  # per-member values that are not optimizer hyper-parameters
 
@@ -422,20 +424,38 @@ def _members_mesh(devices: int | None):
     return jax.sharding.Mesh(np.asarray(available[:count]), ("members",))
 
 
+@dataclasses.dataclass(frozen=True)
+class PopulationOptions:
+    """How a population is trained (what each member is does not depend on these, except early stopping):
+    ``chunk`` members at a time (default: all), ``steps_per_call`` steps per dispatch, evaluation in batches of
+    ``eval_batch_size``, a ``progress`` bar; early stopping member by member (``early_stop_patience`` evaluations
+    of ``early_stop_metric``, val_loss or val_accuracy, every ``eval_every`` steps, default once per epoch);
+    ``devices`` (shard the members over that many devices, -1: all), ``strategy`` ("vmap", "python" or "auto") and
+    ``needs_batch`` (the optimizer's update takes the batch and the eval-mode model)."""
+
+    chunk: int | None = None
+    steps_per_call: int = 50
+    eval_batch_size: int = 1024
+    progress: bool = True
+    early_stop_patience: int | None = None
+    early_stop_metric: str = "val_loss"
+    eval_every: int | None = None
+    devices: int | None = None
+    strategy: str = "auto"
+    needs_batch: bool = False
+
+
 def train_population(model, optimizer: Callable[..., optax.GradientTransformation], dataset: data_lib.Dataset, *,
                      members: Mapping[str, Sequence[Any]], num_steps: int,
-                     loss: str | Callable = "softmax_cross_entropy",
-                     batch_size: int = 64, data_seed: int = 0, shuffle_per_member: bool = False,
-                     optimizer_kwargs: Mapping[str, Any] | None = None, chunk: int | None = None,
-                     steps_per_call: int = 50, eval_batch_size: int = 1024, progress: bool = True,
-                     early_stop_patience: int | None = None, early_stop_metric: str = "val_loss",
-                     eval_every: int | None = None, devices: int | None = None,
-                     strategy: str = "auto", needs_batch: bool = False) -> PopulationResult:
+                     loss: str | Callable = "softmax_cross_entropy", batch_size: int = 64, data_seed: int = 0,
+                     shuffle_per_member: bool = False, optimizer_kwargs: Mapping[str, Any] | None = None,
+                     options: PopulationOptions | None = None, **keywords: Any) -> PopulationResult:
     """Train every member of ``members`` (columns: ``seed``, ``init_scale``, ``dropout`` (the model must have dropout
     layers) and any numeric argument of ``optimizer``, one value per member; missing ones default to seed 0, scale
     1, the model's own dropout and ``optimizer_kwargs``) for
     ``num_steps`` steps of ``batch_size`` on ``dataset.train``; evaluate each on every split. See the module
-    docstring for what a member is equal to.
+    docstring for what a member is equal to. :class:`PopulationOptions` say how (as keyword arguments, or
+    ``options=``, the keywords on top).
 
     ``early_stop_patience``: every ``eval_every`` steps (default once per epoch) each member's
     ``early_stop_metric`` (val_loss or val_accuracy) is measured; a member that has not improved for that many
@@ -450,137 +470,197 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
     (-1: all; a ``members`` mesh axis; chunks are padded to a multiple of it). A chunk whose
     compiled program needs more memory than the device has free raises :class:`PopulationMemoryError` naming a
     chunk size that fits."""
-    count, columns = check_members(members, optimizer)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-    if not 1 <= int(batch_size) <= len(dataset.train):
-        raise ValueError(f"batch_size={batch_size} must be between 1 and the {len(dataset.train)} training examples")
-    if "label_noise" in columns and dataset.task != "classification":
-        raise ValueError("members: label_noise needs a classification dataset")
-    mesh = _members_mesh(devices)
-    strategy = _population_strategy(strategy, model, dataset.input_shape, mesh)
-    shards = 1 if mesh is None else mesh.size
-    chunk = count if chunk is None else int(chunk)
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    chunk = -(-chunk // shards) * shards  # every device holds the same number of members
-    if early_stop_patience is not None:
-        if isinstance(early_stop_patience, bool) or not isinstance(early_stop_patience, int) or early_stop_patience < 1:
-            raise ValueError(f"early_stop_patience must be an integer >= 1, got {early_stop_patience!r}")
-        if early_stop_metric not in ("val_loss", "val_accuracy"):
-            raise ValueError(f"early_stop_metric must be val_loss or val_accuracy, got {early_stop_metric!r}")
+    o = merge_options("train_population", keywords, (PopulationOptions, options, "options"))[0]
+    run = _PopulationRun(model, optimizer, dataset, members, num_steps, loss, batch_size, data_seed,
+                         shuffle_per_member, optimizer_kwargs, o)
+    rows, histories, accuracy_histories, states = [], [], [], []
+    bar = tqdm(total=run.count * num_steps, desc=f"population ({run.count} members)", unit="member·step",
+               disable=not o.progress, leave=False, dynamic_ncols=True)
+    for begin in range(0, run.count, run.chunk):
+        state, chunk_losses, chunk_accuracies, stopped = run.train_chunk(begin, bar)
+        real = chunk_losses.shape[1]
+        rows += run.member_rows(begin, state, chunk_losses, stopped)
+        histories.append(chunk_losses)
+        accuracy_histories.append(chunk_accuracies)
+        states.append(jax.tree.map(lambda leaf: np.asarray(leaf)[:real] if run.mesh is not None else leaf[:real],
+                                   state))
+    bar.close()
+    state = states[0] if len(states) == 1 else jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *states)
+    return PopulationResult(state=state, members=rows, losses=np.concatenate(histories, axis=1),
+                            accuracies=np.concatenate(accuracy_histories, axis=1) if run.classification else None,
+                            compile_s=run.compile_s, run_s=run.run_s)
+
+
+class _PopulationRun:
+    """One population's checked arguments and what its chunks share (the optimizer, the training data on the device,
+    the compiled step programs); ``train_chunk`` trains ``chunk`` members to the end, ``member_rows`` reports them."""
+
+    def __init__(self, model, optimizer, dataset: data_lib.Dataset, members, num_steps: int, loss, batch_size: int,
+                 data_seed: int, shuffle_per_member: bool, optimizer_kwargs, o: PopulationOptions):
+        count, columns = check_members(members, optimizer)
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        if not 1 <= int(batch_size) <= len(dataset.train):
+            raise ValueError(f"batch_size={batch_size} must be between 1 and the {len(dataset.train)} training "
+                             "examples")
+        if "label_noise" in columns and dataset.task != "classification":
+            raise ValueError("members: label_noise needs a classification dataset")
+        self.model, self.dataset, self.loss, self.o = model, dataset, loss, o
+        self.count, self.columns, self.num_steps, self.batch_size = count, columns, num_steps, batch_size
+        self.shuffle_per_member = shuffle_per_member
+        self.mesh = _members_mesh(o.devices)
+        self.strategy = _population_strategy(o.strategy, model, dataset.input_shape, self.mesh)
+        self.shards = 1 if self.mesh is None else self.mesh.size
+        chunk = count if o.chunk is None else int(o.chunk)
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.chunk = -(-chunk // self.shards) * self.shards  # every device holds the same number of members
+        self.eval_every = o.eval_every
+        if o.early_stop_patience is not None:
+            self._check_early_stopping(o, dataset)
+            self.eval_every = o.eval_every or data_lib.steps_per_epoch(len(dataset.train), batch_size, True)
+        self.tx, self.hyper_names = self._optimizer(optimizer, columns, dict(optimizer_kwargs or {}))
+        self.float_dtype = jnp.result_type(float)
+        self.seeds = columns.get("seed", np.zeros(count, np.int64)).astype(np.uint32)
+        self.scales = columns.get("init_scale", np.ones(count)).astype(self.float_dtype)
+        self.data_seeds = self.seeds.astype(int) if shuffle_per_member else np.full(count, int(data_seed))
+        self.classification = dataset.task == "classification"
+        x_dtype, self.y_dtype = data_lib.pipeline.device_dtypes(dataset.train)
+        host_data = (np.asarray(dataset.train.x, x_dtype), np.asarray(dataset.train.y, self.y_dtype))
+        self.shared_bytes = sum(a.nbytes for a in host_data)
+        self.train_data = jax.device_put(host_data, None if self.mesh is None else self._sharding(PartitionSpec()))
+        self.available = _available_bytes(jax.devices()[0])
+        self.dropout = "dropout" in columns
+        if self.dropout and not _dropout_layers(model, dataset.input_shape):
+            raise ValueError("members: dropout varies, but the model has no dropout layer in training mode; build it "
+                             "with a dropout rate > 0 (each member's rate replaces it)")
+        self.noise = "label_noise" in columns
+        self.steps = make_steps(loss, self.classification, shared_batches=not shuffle_per_member,
+                                dropout=self.dropout, member_labels=self.noise, strategy=self.strategy,
+                                needs_batch=o.needs_batch)
+        self.per_call = max(1, min(int(o.steps_per_call), num_steps))
+        self.eval_size = max(1, min(int(o.eval_batch_size),
+                                    max(len(dataset.train), len(dataset.val), len(dataset.test))))
+        self.programs: dict[int, Any] = {}
+        self.compile_s = self.run_s = 0.0
+
+    @staticmethod
+    def _check_early_stopping(o: PopulationOptions, dataset: data_lib.Dataset) -> None:
+        patience = o.early_stop_patience
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"early_stop_patience must be an integer >= 1, got {patience!r}")
+        if o.early_stop_metric not in ("val_loss", "val_accuracy"):
+            raise ValueError(f"early_stop_metric must be val_loss or val_accuracy, got {o.early_stop_metric!r}")
         if len(dataset.val) == 0:
             raise ValueError("early stopping needs a validation split (data.val_fraction > 0)")
-        if early_stop_metric == "val_accuracy" and dataset.task != "classification":
+        if o.early_stop_metric == "val_accuracy" and dataset.task != "classification":
             raise ValueError("early_stop_metric val_accuracy needs a classification dataset")
-        eval_every = eval_every or data_lib.steps_per_epoch(len(dataset.train), batch_size, True)
-    fixed = dict(optimizer_kwargs or {})
-    hyper_names = [name for name in columns if name not in MEMBER_FIELDS]
-    clash = sorted(set(hyper_names) & set(fixed))
-    if clash:
-        raise ValueError(f"members and optimizer_kwargs both set {clash}: give each value once")
-    missing = [p.name for p in inspect.signature(optimizer).parameters.values()
-               if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-               and p.name not in columns and p.name not in fixed]
-    if missing:
-        raise ValueError(f"the optimizer needs {missing}: give them in members (one value per member) or in "
-                         "optimizer_kwargs")
-    float_dtype = jnp.result_type(float)
-    first = {name: float(columns[name][0]) for name in hyper_names}
-    tx = optax.inject_hyperparams(optimizer)(**fixed, **first)
-    seeds = columns.get("seed", np.zeros(count, np.int64)).astype(np.uint32)
-    scales = columns.get("init_scale", np.ones(count)).astype(float_dtype)
-    data_seeds = seeds.astype(int) if shuffle_per_member else np.full(count, int(data_seed))
 
-    classification = dataset.task == "classification"
-    x_dtype, y_dtype = data_lib.pipeline.device_dtypes(dataset.train)
-    host_data = (np.asarray(dataset.train.x, x_dtype), np.asarray(dataset.train.y, y_dtype))
-    shared_bytes = sum(a.nbytes for a in host_data)
-    if mesh is None:
-        train_data = jax.device_put(host_data)
-        place = lambda tree, spec=None: tree  # noqa: E731
-    else:
-        from jax.sharding import NamedSharding, PartitionSpec
+    @staticmethod
+    def _optimizer(optimizer, columns: dict[str, np.ndarray], fixed: dict[str, Any]):
+        """The optimizer with its swept hyper-parameters in its state (first member's values), and their names."""
+        hyper_names = [name for name in columns if name not in MEMBER_FIELDS]
+        clash = sorted(set(hyper_names) & set(fixed))
+        if clash:
+            raise ValueError(f"members and optimizer_kwargs both set {clash}: give each value once")
+        missing = [p.name for p in inspect.signature(optimizer).parameters.values()
+                   if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                   and p.name not in columns and p.name not in fixed]
+        if missing:
+            raise ValueError(f"the optimizer needs {missing}: give them in members (one value per member) or in "
+                             "optimizer_kwargs")
+        first = {name: float(columns[name][0]) for name in hyper_names}
+        return optax.inject_hyperparams(optimizer)(**fixed, **first), hyper_names
 
-        train_data = jax.device_put(host_data, NamedSharding(mesh, PartitionSpec()))
-        place = lambda tree, spec=PartitionSpec("members"): jax.device_put(  # noqa: E731
-            tree, NamedSharding(mesh, spec))
-    available = _available_bytes(jax.devices()[0])
-    dropout = "dropout" in columns
-    if dropout and not _dropout_layers(model, dataset.input_shape):
-        raise ValueError("members: dropout varies, but the model has no dropout layer in training mode; build it "
-                         "with a dropout rate > 0 (each member's rate replaces it)")
-    noise = "label_noise" in columns
-    steps = make_steps(loss, classification, shared_batches=not shuffle_per_member, dropout=dropout,
-                       member_labels=noise, strategy=strategy, needs_batch=needs_batch)
-    per_call = max(1, min(int(steps_per_call), num_steps))
-    eval_size = max(1, min(int(eval_batch_size), max(len(dataset.train), len(dataset.val), len(dataset.test))))
+    def _sharding(self, spec):
+        return jax.sharding.NamedSharding(self.mesh, spec)
 
-    histories, accuracy_histories, states, rows_out, programs = [], [], [], [], {}
-    compile_s = run_s = 0.0
-    bar = tqdm(total=count * num_steps, desc=f"population ({count} members)", unit="member·step",
-               disable=not progress, leave=False, dynamic_ncols=True)
-    for begin in range(0, count, chunk):
-        index = np.arange(begin, begin + chunk).clip(max=count - 1)  # the last chunk repeats its last member
-        real = min(chunk, count - begin)
-        state = place(init_members(model, tx, dataset.input_shape, seeds[index], scales[index],
-                                   {name: columns[name][index].astype(float_dtype) for name in hyper_names}))
-        alive = place(jnp.ones(chunk, bool))
-        rates = place(jnp.asarray(columns["dropout"][index] if dropout else np.zeros(chunk), float_dtype))
-        labels = place(np.stack([data_lib.noisy_labels(dataset.train.y, columns["label_noise"][i], dataset.num_classes,
-                                                       int(seeds[i])) for i in index]).astype(y_dtype)) if noise else None
+    def place(self, tree, spec=PartitionSpec("members")):
+        """``tree`` on the chunk's devices: split over the members axis (or as ``spec`` says); as is without a mesh."""
+        return tree if self.mesh is None else jax.device_put(tree, self._sharding(spec))
+
+    def _rows(self, index: np.ndarray, done: int, length: int):
+        """The batches' example rows for steps ``done .. done + length``: (length, B), or (length, chunk, B)."""
+        if not self.shuffle_per_member:
+            return data_lib.batch_rows(len(self.dataset.train), self.batch_size, int(self.data_seeds[0]), done, length)
+        rows = np.stack([data_lib.batch_rows(len(self.dataset.train), self.batch_size, int(s), done, length)
+                         for s in self.data_seeds[index]], axis=1)
+        return self.place(rows, PartitionSpec(None, "members"))
+
+    def _program(self, length: int, *arguments):
+        """The compiled program for calls of ``length`` steps (compiled on its own: compile and training times are
+        reported apart)."""
+        if length not in self.programs:
+            started = time.perf_counter()
+            if self.strategy == "python":
+                self.programs[length] = self.steps.compile_for(*arguments)
+            else:
+                self.programs[length] = self.steps.lower(*arguments).compile()
+            self.compile_s += time.perf_counter() - started
+            if self.strategy == "vmap":  # the loop holds one member's step at a time
+                _check_memory(self.programs[length], self.chunk, self.shared_bytes, self.shards, self.available)
+        return self.programs[length]
+
+    def train_chunk(self, begin: int, bar) -> tuple[Any, np.ndarray, np.ndarray, dict[int, int]]:
+        """Members ``begin ..`` trained to the end: their state (padded to ``chunk``; the last chunk repeats its last
+        member), per-step losses and accuracies (num_steps, real members), and the early-stopped ones' last step."""
+        o, columns = self.o, self.columns
+        index = np.arange(begin, begin + self.chunk).clip(max=self.count - 1)
+        real = min(self.chunk, self.count - begin)
+        state = self.place(init_members(self.model, self.tx, self.dataset.input_shape, self.seeds[index],
+                                        self.scales[index], {name: columns[name][index].astype(self.float_dtype)
+                                                             for name in self.hyper_names}))
+        alive = self.place(jnp.ones(self.chunk, bool))
+        rates = self.place(jnp.asarray(columns["dropout"][index] if self.dropout else np.zeros(self.chunk),
+                                       self.float_dtype))
+        labels = self.place(np.stack([
+            data_lib.noisy_labels(self.dataset.train.y, columns["label_noise"][i], self.dataset.num_classes,
+                                  int(self.seeds[i])) for i in index]).astype(self.y_dtype)) if self.noise else None
         values, accuracies = [], []
         stopped: dict[int, int] = {}  # position in the chunk -> the step it was early-stopped after
-        rule = Patience(early_stop_patience, "min" if early_stop_metric == "val_loss" else "max", size=chunk) \
-            if early_stop_patience else None
+        rule = Patience(o.early_stop_patience, "min" if o.early_stop_metric == "val_loss" else "max",
+                        size=self.chunk) if o.early_stop_patience else None
         done = 0
-        while done < num_steps:
-            length = min(per_call, num_steps - done)
-            if eval_every:
-                length = min(length, eval_every - done % eval_every)
-            if shuffle_per_member:
-                rows = np.stack([data_lib.batch_rows(len(dataset.train), batch_size, int(s), done, length)
-                                 for s in data_seeds[index]], axis=1)  # (length, chunk, B)
-                rows = place(rows, None if mesh is None else jax.sharding.PartitionSpec(None, "members"))
-            else:
-                rows = data_lib.batch_rows(len(dataset.train), batch_size, int(data_seeds[0]), done, length)
-            if length not in programs:  # compiled on its own, so compile and training times are reported apart
-                started = time.perf_counter()
-                if strategy == "python":
-                    programs[length] = steps.compile_for(state, alive, rates, train_data, labels, rows)
-                else:
-                    programs[length] = steps.lower(state, alive, rates, train_data, labels, rows).compile()
-                compile_s += time.perf_counter() - started
-                if strategy == "vmap":  # the loop holds one member's step at a time
-                    _check_memory(programs[length], chunk, shared_bytes, shards, available)
+        while done < self.num_steps:
+            length = min(self.per_call, self.num_steps - done)
+            if self.eval_every:
+                length = min(length, self.eval_every - done % self.eval_every)
+            arguments = (state, alive, rates, self.train_data, labels, self._rows(index, done, length))
+            program = self._program(length, *arguments)
             started = time.perf_counter()
-            state, alive, value, accuracy = programs[length](state, alive, rates, train_data, labels, rows)
+            state, alive, value, accuracy = program(*arguments)
             values.append(value)
             accuracies.append(accuracy)
             jax.block_until_ready(value)
-            run_s += time.perf_counter() - started
+            self.run_s += time.perf_counter() - started
             done += length
             bar.update(real * length)
-            if early_stop_patience and done % eval_every == 0 and done < num_steps:
-                measured = evaluate_members(state, dataset.val, loss, classification, eval_size, "val", strategy)
+            if rule is not None and done % self.eval_every == 0 and done < self.num_steps:
+                measured = evaluate_members(state, self.dataset.val, self.loss, self.classification, self.eval_size,
+                                            "val", self.strategy)
                 active = np.asarray(jax.device_get(alive))  # the stopped and the diverged are not alive
-                for position in np.flatnonzero(rule.update(measured[early_stop_metric], active)):
+                for position in np.flatnonzero(rule.update(measured[o.early_stop_metric], active)):
                     stopped[int(position)] = done
                 if stopped:
-                    keep = np.ones(chunk, bool)
+                    keep = np.ones(self.chunk, bool)
                     keep[list(stopped)] = False
-                    alive = place(jnp.asarray(np.asarray(jax.device_get(alive)) & keep))
+                    alive = self.place(jnp.asarray(active & keep))
         chunk_losses = np.concatenate(jax.device_get(values))[:, :real]
         chunk_accuracies = np.concatenate(jax.device_get(accuracies))[:, :real]
+        return state, chunk_losses, chunk_accuracies, stopped
+
+    def member_rows(self, begin: int, state, chunk_losses: np.ndarray, stopped: dict[int, int]) -> list[dict]:
+        """One row per real member of the chunk from ``begin``: its values, status, final loss and split metrics."""
         metrics = {}
         for split_name in ("train", "val", "test"):
-            metrics.update(evaluate_members(state, getattr(dataset, split_name), loss, classification,
-                                            eval_size, split_name, strategy))
-        for position in range(real):
+            metrics.update(evaluate_members(state, getattr(self.dataset, split_name), self.loss, self.classification,
+                                            self.eval_size, split_name, self.strategy))
+        rows = []
+        for position in range(chunk_losses.shape[1]):
             member = begin + position
-            row = {name: (int(columns[name][member]) if name == "seed" else float(columns[name][member]))
-                   for name in columns}
-            trained = stopped.get(position, num_steps)
+            row = {name: (int(self.columns[name][member]) if name == "seed" else float(self.columns[name][member]))
+                   for name in self.columns}
+            trained = stopped.get(position, self.num_steps)
             finite = np.isfinite(chunk_losses[:trained, position])
             diverged_at = None if finite.all() else int(np.argmin(finite))  # the first step whose loss was not finite
             if diverged_at is not None:
@@ -592,15 +672,8 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
             last_finite = trained - 1 if diverged_at is None else diverged_at - 1
             row["final_loss"] = float(chunk_losses[last_finite, position]) if last_finite >= 0 else float("nan")
             row.update({name: float(value[position]) for name, value in metrics.items()})
-            rows_out.append(row)
-        histories.append(chunk_losses)
-        accuracy_histories.append(chunk_accuracies)
-        states.append(jax.tree.map(lambda leaf: np.asarray(leaf)[:real] if mesh is not None else leaf[:real], state))
-    bar.close()
-    state = states[0] if len(states) == 1 else jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *states)
-    return PopulationResult(state=state, members=rows_out, losses=np.concatenate(histories, axis=1),
-                            accuracies=np.concatenate(accuracy_histories, axis=1) if classification else None,
-                            compile_s=compile_s, run_s=run_s)
+            rows.append(row)
+        return rows
 
 
 def ensemble_metrics(result: PopulationResult, split: data_lib.Split, batch_size: int = 1024) -> dict[str, float]:

@@ -21,7 +21,8 @@ from jaxnn import data as data_lib
 from jaxnn import losses, models, optim, parallel
 from jaxnn.train.callbacks import Callback, EarlyStopping
 from jaxnn.train.checkpoint import Checkpointer, CheckpointError
-from jaxnn.train.fit import FitResult, NonFiniteLossError, create_train_state, eval_batch_size_for, evaluate, fit
+from jaxnn.train.fit import (FitResult, LogOptions, NonFiniteLossError, StepOptions, create_train_state,
+                             eval_batch_size_for, evaluate, fit)
 from jaxnn.train.state import TrainState
 from jaxnn.train.step import make_eval_step
 
@@ -190,14 +191,12 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
     steps = total_steps(cfg, len(dataset.train))
     started = time.perf_counter()
     try:
+        logging = LogOptions(log_every=t.log_every, eval_every=t.eval_every, checkpoint_every=cfg.checkpoint.every_steps,
+                             run_dir=run_dir, nan_guard=t.nan_guard, progress=t.progress)
         result = fit(state, dataset, loss=t.loss, batch_size=t.batch_size, num_steps=steps, schedule=schedule,
-                     seed=_data_seed(cfg), grad_accum_steps=t.grad_accum_steps, log_every=t.log_every,
-                     eval_every=t.eval_every, callbacks=callbacks, checkpointer=checkpointer,
-                     checkpoint_every=cfg.checkpoint.every_steps, run_dir=run_dir, start_step=start_step,
-                     nan_guard=t.nan_guard, progress=t.progress, mesh=mesh,
-                     needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN,
-                     needs_batch=cfg.optimizer.name in optim.NEEDS_BATCH, steps_per_call=t.steps_per_call,
-                     mode=cfg.parallel.mode)
+                     seed=_data_seed(cfg), start_step=start_step, callbacks=callbacks, checkpointer=checkpointer,
+                     step_options=step_options(cfg, steps_per_call=t.steps_per_call, mode=cfg.parallel.mode, mesh=mesh),
+                     log_options=logging)
     except NonFiniteLossError as error:
         if checkpointer is not None:
             checkpointer.close()
@@ -216,6 +215,15 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
     trained = LoadedRun(run_dir=run_dir, config=cfg, dataset=dataset, model=model, state=result.state,
                         step=result.steps_done)
     return summary, trained
+
+
+def step_options(cfg: config_lib.Config, **devices: Any) -> StepOptions:
+    """How ``cfg``'s optimizer steps run: its gradient accumulation and what its optimizer's update needs, with
+    ``devices`` (``steps_per_call``, ``mode``, ``mesh``) as given (default: one step per call, ``jit``, every
+    device)."""
+    return StepOptions(grad_accum_steps=cfg.train.grad_accum_steps,
+                       needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN,
+                       needs_batch=cfg.optimizer.name in optim.NEEDS_BATCH, **devices)
 
 
 def _data_seed(cfg: config_lib.Config) -> int:
@@ -242,10 +250,8 @@ def hunt_nonfinite(cfg: config_lib.Config, dataset: data_lib.Dataset, run_dir: p
         start = last_checkpoint
     if step - 1 > start:
         state = fit(state, dataset, loss=t.loss, batch_size=t.batch_size, num_steps=step - 1, schedule=schedule,
-                    seed=_data_seed(cfg), grad_accum_steps=t.grad_accum_steps, log_every=step, eval_every=step,
-                    start_step=start, nan_guard=False, progress=False,
-                    needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN,
-                    needs_batch=cfg.optimizer.name in optim.NEEDS_BATCH).state
+                    seed=_data_seed(cfg), start_step=start, step_options=step_options(cfg),
+                    log_options=LogOptions(log_every=step, eval_every=step, nan_guard=False, progress=False)).state
     rows = batch_rows(len(dataset.train), t.batch_size, _data_seed(cfg), step - 1, 1)[0]
     return find_nonfinite(state, (dataset.train.x[rows], dataset.train.y[rows]), loss=t.loss, step=step)
 

@@ -127,15 +127,16 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
             log(f"members {begin}-{end - 1}: read from {folder} (finished before)")
         else:
             from jaxnn.optim import NEEDS_BATCH
-            from jaxnn.train.population import train_population
+            from jaxnn.train.population import PopulationOptions, train_population
 
+            options = PopulationOptions(
+                steps_per_call=cfg.population.steps_per_call, progress=progress,
+                early_stop_patience=t.early_stop_patience, early_stop_metric=t.early_stop_metric,
+                eval_every=t.eval_every, devices=cfg.parallel.devices, needs_batch=cfg.optimizer.name in NEEDS_BATCH)
             result = train_population(
                 model, factory, dataset, members={name: values[begin:end] for name, values in columns.items()},
                 num_steps=steps, loss=t.loss, batch_size=t.batch_size, data_seed=shared_data_seed(cfg),
-                shuffle_per_member=cfg.population.shuffle_per_member, steps_per_call=cfg.population.steps_per_call,
-                progress=progress, early_stop_patience=t.early_stop_patience, early_stop_metric=t.early_stop_metric,
-                eval_every=t.eval_every, devices=cfg.parallel.devices,
-                needs_batch=cfg.optimizer.name in NEEDS_BATCH)
+                shuffle_per_member=cfg.population.shuffle_per_member, options=options)
             chunk_rows, losses, state = result.members, result.losses, result.state
             compile_s, run_s = compile_s + result.compile_s, run_s + result.run_s
             _write_chunk(folder, chunk_rows, losses, state)

@@ -264,3 +264,27 @@ def test_host_batches_and_device_resident_batches_train_alike(digits):
                           log_every=30, eval_every=30).state.params)
     for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_options_objects_and_keywords_train_alike(digits):
+    """``fit``'s step and logging options as keywords or as StepOptions/LogOptions objects: the same records and
+    bits; keywords override an object's field; a misspelt option or a wrong object is a TypeError naming it."""
+    from jaxnn.train import LogOptions, StepOptions
+
+    def run(**options):
+        state = create_train_state(small_mlp(), optax.adam(1e-3), digits.input_shape, jax.random.PRNGKey(0))
+        return fit(state, digits, batch_size=32, num_steps=12, **options)
+
+    keywords = run(grad_accum_steps=2, log_every=4, eval_every=6, progress=False)
+    objects = run(step_options=StepOptions(grad_accum_steps=2),
+                  log_options=LogOptions(log_every=5, eval_every=6, progress=False), log_every=4)
+    assert [r["step"] for r in keywords.history] == [r["step"] for r in objects.history] == [4, 6, 8, 12]
+    for a, b in zip(jax.tree.leaves(keywords.state.params), jax.tree.leaves(objects.state.params)):
+        np.testing.assert_array_equal(a, b)
+    plain = run(log_every=4, eval_every=6, progress=False)  # the accumulation did reach the step
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(plain.state.params),
+                                                        jax.tree.leaves(keywords.state.params)))
+    with pytest.raises(TypeError, match="fit\\(\\) got an unexpected keyword argument 'log_evry'"):
+        run(log_evry=4)
+    with pytest.raises(TypeError, match="log_options must be a LogOptions, got dict"):
+        run(log_options={"log_every": 4})

@@ -331,3 +331,22 @@ def test_kfac_members_equal_fit_alone(digits, x64):
                     progress=False, needs_batch=True).state
         assert _max_difference(result.member_state(index).params, alone.params) < 1e-10
     assert result.losses[-1].max() < result.losses[0].min()  # and it trains
+
+
+def test_options_object_and_keywords_train_alike(digits):
+    """PopulationOptions or the same keywords: identical members; a misspelt option or a wrong object is a TypeError
+    naming it."""
+    from jaxnn.train.population import PopulationOptions
+
+    def run(**options):
+        return train_population(_model(), optax.sgd, digits, members={"learning_rate": [0.05, 0.2]}, num_steps=9,
+                                batch_size=BATCH, **options)
+
+    keywords = run(steps_per_call=4, chunk=1, progress=False)
+    objects = run(options=PopulationOptions(steps_per_call=4, chunk=2, progress=False), chunk=1)
+    assert _max_difference(keywords.state.params, objects.state.params) == 0
+    np.testing.assert_array_equal(keywords.losses, objects.losses)
+    with pytest.raises(TypeError, match="train_population\\(\\) got an unexpected keyword argument 'chunks'"):
+        run(chunks=2)
+    with pytest.raises(TypeError, match="options must be a PopulationOptions, got dict"):
+        run(options={"chunk": 2})
