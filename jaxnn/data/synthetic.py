@@ -19,13 +19,12 @@ repeated ``out`` times). Whatever the split, `quadratic_hessian(train.x)` is the
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnn.validation import check_int
+from jaxnn.validation import check_float, check_int
 from jaxnn.data.dataset import SourceData
 
 # Stream tags so that the generators of different data sets never share random numbers.
@@ -43,14 +42,6 @@ TEACHER_BIAS_STD = 0.1
 
 def _generator(seed: int, stream: int, part: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(stream, part)))
-
-
-def _check_float(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number; got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}; got {value}")
-    return float(value)
 
 
 def _data_seed(seed: int, data_seed) -> int:
@@ -71,7 +62,7 @@ def load_blobs(*, data_dir=None, seed: int = 0, download: bool = True, num_examp
     num_classes = check_int(num_classes, "num_classes", minimum=2, allow_bool=False)
     if num_examples < num_classes:
         raise ValueError(f"num_examples must be >= num_classes={num_classes}; got {num_examples}")
-    cluster_std = _check_float("cluster_std", cluster_std, strict=True)
+    cluster_std = check_float(cluster_std, "cluster_std", minimum=0.0, exclusive_minimum=True, strict=True)
     if len(tuple(center_box)) != 2 or not center_box[0] < center_box[1]:
         raise ValueError(f"center_box must be (low, high) with low < high; got {center_box!r}")
     import sklearn.datasets  # imported here: scikit-learn takes seconds to import and only this loader needs it
@@ -102,7 +93,8 @@ def teacher_params(data_seed: int, input_dim: int, output_dim: int, *, teacher: 
     """
     if teacher not in TEACHER_KINDS:
         raise ValueError(f"teacher must be one of {list(TEACHER_KINDS)}; got {teacher!r}")
-    widths = [] if teacher == "linear" else [check_int(w, "hidden_widths[i]", minimum=1, allow_bool=False) for w in hidden_widths]
+    widths = [] if teacher == "linear" else [check_int(w, "hidden_widths[i]", minimum=1, allow_bool=False)
+                                             for w in hidden_widths]
     if teacher == "mlp" and not widths:
         raise ValueError("hidden_widths must list at least one width for teacher='mlp'")
     sizes = [input_dim, *widths, output_dim]
@@ -140,7 +132,7 @@ def load_teacher_student(*, data_dir=None, seed: int = 0, download: bool = True,
     num_examples = check_int(num_examples, "num_examples", minimum=1, allow_bool=False)
     input_dim = check_int(input_dim, "input_dim", minimum=1, allow_bool=False)
     output_dim = check_int(output_dim, "output_dim", minimum=1, allow_bool=False)
-    noise_std = _check_float("noise_std", noise_std)
+    noise_std = check_float(noise_std, "noise_std", minimum=0.0, strict=True)
     if activation not in TEACHER_ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(TEACHER_ACTIVATIONS)}; got {activation!r}")
     seed_used = _data_seed(seed, data_seed)
@@ -162,8 +154,8 @@ def load_teacher_student(*, data_dir=None, seed: int = 0, download: bool = True,
 def quadratic_eigenvalues(input_dim: int, *, condition_number: float = 100.0, max_eigenvalue: float = 1.0) -> np.ndarray:
     """Geometric spectrum λ_i = max_eigenvalue · condition_number^(−i/(d−1)), i = 0..d−1 (descending)."""
     input_dim = check_int(input_dim, "input_dim", minimum=1, allow_bool=False)
-    condition_number = _check_float("condition_number", condition_number, minimum=1.0)
-    max_eigenvalue = _check_float("max_eigenvalue", max_eigenvalue, strict=True)
+    condition_number = check_float(condition_number, "condition_number", minimum=1.0, strict=True)
+    max_eigenvalue = check_float(max_eigenvalue, "max_eigenvalue", minimum=0.0, exclusive_minimum=True, strict=True)
     if input_dim == 1:
         return np.array([max_eigenvalue])
     return max_eigenvalue * condition_number ** (-np.arange(input_dim) / (input_dim - 1))
@@ -192,7 +184,7 @@ def load_quadratic(*, data_dir=None, seed: int = 0, download: bool = True, num_e
     num_examples = check_int(num_examples, "num_examples", minimum=1, allow_bool=False)
     input_dim = check_int(input_dim, "input_dim", minimum=1, allow_bool=False)
     output_dim = check_int(output_dim, "output_dim", minimum=1, allow_bool=False)
-    noise_std = _check_float("noise_std", noise_std)
+    noise_std = check_float(noise_std, "noise_std", minimum=0.0, strict=True)
     if eigenvalues is None:
         spectrum = quadratic_eigenvalues(input_dim, condition_number=condition_number, max_eigenvalue=max_eigenvalue)
     else:

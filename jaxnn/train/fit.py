@@ -217,11 +217,12 @@ def _event_steps(step: int, num_steps: int, periods: Sequence[int]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
-    """How each optimizer step is computed and dispatched (the results are the same either way, see :func:`fit`):
-    gradient accumulation (``grad_accum_steps`` micro-batches per step), what the optimizer's ``update`` needs
-    (``needs_value_fn``, ``needs_batch``: see :mod:`jaxnn.optim`), ``steps_per_call`` steps per dispatch, the
-    training split on the device (``device_resident``; None: when it takes at most 1 GiB), and the devices:
-    ``mode`` (``jit``, ``shard_map`` or ``pmap``) over ``mesh`` (default: every device)."""
+    """How each optimizer step is computed and dispatched: gradient accumulation (``grad_accum_steps`` micro-batches
+    per step; batch-norm statistics and dropout keys are per micro-batch), what the optimizer's ``update`` needs
+    (``needs_value_fn``, ``needs_batch``: see :mod:`jaxnn.optim`), ``steps_per_call`` steps per dispatch, the training
+    split on the device (``device_resident``; None: when it takes at most 1 GiB), and the devices: ``mode`` (``jit``,
+    ``shard_map`` or ``pmap``) over ``mesh`` (default: every device). The last four do not change the result:
+    ``steps_per_call`` and ``device_resident`` give the same bits, other devices the same numbers to rounding."""
 
     grad_accum_steps: int = 1
     needs_value_fn: bool = False

@@ -426,7 +426,8 @@ def _members_mesh(devices: int | None):
 
 @dataclasses.dataclass(frozen=True)
 class PopulationOptions:
-    """How a population is trained (what each member is does not depend on these, except early stopping):
+    """How a population is trained (the members' results do not depend on ``chunk``, ``steps_per_call``,
+    ``eval_batch_size``, ``progress``, ``devices`` or ``strategy``):
     ``chunk`` members at a time (default: all), ``steps_per_call`` steps per dispatch, evaluation in batches of
     ``eval_batch_size``, a ``progress`` bar; early stopping member by member (``early_stop_patience`` evaluations
     of ``early_stop_metric``, val_loss or val_accuracy, every ``eval_every`` steps, default once per epoch);
@@ -473,20 +474,20 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
     o = merge_options("train_population", keywords, (PopulationOptions, options, "options"))[0]
     run = _PopulationRun(model, optimizer, dataset, members, num_steps, loss, batch_size, data_seed,
                          shuffle_per_member, optimizer_kwargs, o)
-    rows, histories, accuracy_histories, states = [], [], [], []
+    member_rows, histories, accuracy_histories, states = [], [], [], []
     bar = tqdm(total=run.count * num_steps, desc=f"population ({run.count} members)", unit="member·step",
                disable=not o.progress, leave=False, dynamic_ncols=True)
     for begin in range(0, run.count, run.chunk):
         state, chunk_losses, chunk_accuracies, stopped = run.train_chunk(begin, bar)
         real = chunk_losses.shape[1]
-        rows += run.member_rows(begin, state, chunk_losses, stopped)
+        member_rows += run.member_rows(begin, state, chunk_losses, stopped)
         histories.append(chunk_losses)
         accuracy_histories.append(chunk_accuracies)
         states.append(jax.tree.map(lambda leaf: np.asarray(leaf)[:real] if run.mesh is not None else leaf[:real],
                                    state))
     bar.close()
     state = states[0] if len(states) == 1 else jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *states)
-    return PopulationResult(state=state, members=rows, losses=np.concatenate(histories, axis=1),
+    return PopulationResult(state=state, members=member_rows, losses=np.concatenate(histories, axis=1),
                             accuracies=np.concatenate(accuracy_histories, axis=1) if run.classification else None,
                             compile_s=run.compile_s, run_s=run.run_s)
 
@@ -579,7 +580,7 @@ class _PopulationRun:
         """``tree`` on the chunk's devices: split over the members axis (or as ``spec`` says); as is without a mesh."""
         return tree if self.mesh is None else jax.device_put(tree, self._sharding(spec))
 
-    def _rows(self, index: np.ndarray, done: int, length: int):
+    def _batch_rows(self, index: np.ndarray, done: int, length: int):
         """The batches' example rows for steps ``done .. done + length``: (length, B), or (length, chunk, B)."""
         if not self.shuffle_per_member:
             return data_lib.batch_rows(len(self.dataset.train), self.batch_size, int(self.data_seeds[0]), done, length)
@@ -625,7 +626,7 @@ class _PopulationRun:
             length = min(self.per_call, self.num_steps - done)
             if self.eval_every:
                 length = min(length, self.eval_every - done % self.eval_every)
-            arguments = (state, alive, rates, self.train_data, labels, self._rows(index, done, length))
+            arguments = (state, alive, rates, self.train_data, labels, self._batch_rows(index, done, length))
             program = self._program(length, *arguments)
             started = time.perf_counter()
             state, alive, value, accuracy = program(*arguments)

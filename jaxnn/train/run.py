@@ -191,12 +191,13 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
     steps = total_steps(cfg, len(dataset.train))
     started = time.perf_counter()
     try:
-        logging = LogOptions(log_every=t.log_every, eval_every=t.eval_every, checkpoint_every=cfg.checkpoint.every_steps,
-                             run_dir=run_dir, nan_guard=t.nan_guard, progress=t.progress)
+        log_options = LogOptions(log_every=t.log_every, eval_every=t.eval_every,
+                                 checkpoint_every=cfg.checkpoint.every_steps, run_dir=run_dir, nan_guard=t.nan_guard,
+                                 progress=t.progress)
         result = fit(state, dataset, loss=t.loss, batch_size=t.batch_size, num_steps=steps, schedule=schedule,
                      seed=_data_seed(cfg), start_step=start_step, callbacks=callbacks, checkpointer=checkpointer,
                      step_options=step_options(cfg, steps_per_call=t.steps_per_call, mode=cfg.parallel.mode, mesh=mesh),
-                     log_options=logging)
+                     log_options=log_options)
     except NonFiniteLossError as error:
         if checkpointer is not None:
             checkpointer.close()
@@ -217,13 +218,13 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
     return summary, trained
 
 
-def step_options(cfg: config_lib.Config, **devices: Any) -> StepOptions:
+def step_options(cfg: config_lib.Config, **dispatch: Any) -> StepOptions:
     """How ``cfg``'s optimizer steps run: its gradient accumulation and what its optimizer's update needs, with
-    ``devices`` (``steps_per_call``, ``mode``, ``mesh``) as given (default: one step per call, ``jit``, every
+    ``dispatch`` (``steps_per_call``, ``mode``, ``mesh``) as given (default: one step per call, ``jit``, every
     device)."""
     return StepOptions(grad_accum_steps=cfg.train.grad_accum_steps,
                        needs_value_fn=cfg.optimizer.name in optim.NEEDS_VALUE_FN,
-                       needs_batch=cfg.optimizer.name in optim.NEEDS_BATCH, **devices)
+                       needs_batch=cfg.optimizer.name in optim.NEEDS_BATCH, **dispatch)
 
 
 def _data_seed(cfg: config_lib.Config) -> int:

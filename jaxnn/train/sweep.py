@@ -98,6 +98,8 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
         try:
             model = build_model(cfg.replace(**{"model.kwargs.dropout": DROPOUT_PLACEHOLDER}), dataset)
         except TypeError as error:
+            if isinstance(error, ValueError):  # validation.WrongTypeError: another argument's wrong type, as it is
+                raise
             raise ConfigError("sweep.model.kwargs.dropout", f"model {cfg.model.name} takes no dropout rate ({error})")
     else:
         model = build_model(cfg, dataset)

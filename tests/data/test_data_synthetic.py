@@ -77,7 +77,7 @@ def test_quadratic_errors():
         data.load_dataset("quadratic", input_dim=2, eigenvalues=[1.0, -1.0])
     with pytest.raises(ValueError, match="num_examples must be >= input_dim=10 to whiten"):
         data.load_dataset("quadratic", num_examples=5)
-    with pytest.raises(ValueError, match="condition_number must be >= 1.0; got 0.5"):
+    with pytest.raises(ValueError, match="condition_number: expected a finite number >= 1, got 0.5"):
         data.load_dataset("quadratic", condition_number=0.5)
     with pytest.raises(ValueError, match=r"x must be a non-empty \(n, d\) matrix"):
         data.quadratic_hessian(np.zeros(3))
@@ -118,7 +118,7 @@ def test_teacher_student_errors():
         data.load_dataset("teacher_student", teacher="cnn")
     with pytest.raises(ValueError, match="activation must be one of"):
         data.load_dataset("teacher_student", activation="softplus")
-    with pytest.raises(ValueError, match="noise_std must be >= 0.0; got -1"):
+    with pytest.raises(ValueError, match="noise_std: expected a finite number >= 0, got -1.0"):
         data.load_dataset("teacher_student", noise_std=-1)
 
 
@@ -155,5 +155,5 @@ def test_blobs_errors():
         data.load_dataset("blobs", num_classes=1)
     with pytest.raises(TypeError, match="num_examples: expected an integer >= 2, got float 10.5"):
         data.load_dataset("blobs", num_examples=10.5)
-    with pytest.raises(ValueError, match="cluster_std must be > 0.0"):
+    with pytest.raises(ValueError, match="cluster_std: expected a finite number > 0, got"):
         data.load_dataset("blobs", cluster_std=0.0)

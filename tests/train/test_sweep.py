@@ -138,3 +138,12 @@ def test_dropout_members_equal_single_runs_with_that_rate(tmp_path, x64):
     again = load_run(tmp_path / f"alone{summary['best_member']}")
     for a, b in zip(jax.tree.leaves(exported.state.params), jax.tree.leaves(again.state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+
+
+def test_a_dropout_sweep_reports_another_arguments_wrong_type_as_it_is(tmp_path):
+    """The dropout sweep probes the model with a placeholder rate; a wrongly typed other argument (width=16.0) is
+    reported as itself, not as 'takes no dropout rate'."""
+    cfg = small_config(tmp_path, {"model.kwargs.dropout": [0.1, 0.2]},
+                       **{"model.kwargs": {"width": 16.0, "depth": 1, "activation": "relu"}})
+    with pytest.raises(TypeError, match=r"^get_model\('mlp'\): width: expected an integer >= 1, got float 16.0$"):
+        run_sweep(cfg, tmp_path / "sweep", log=lambda line: None)
