@@ -39,6 +39,14 @@ from jaxnn.models.resnet import (
 )
 from jaxnn.models.vgg import VGGSmall
 
+
+def from_nnx(build, **kwargs):
+    """An NNX module class as a model the engines take (:func:`jaxnn.models.nnx.from_nnx`; Flax NNX is imported on
+    first use)."""
+    from jaxnn.models.nnx import from_nnx as build_from_nnx
+
+    return build_from_nnx(build, **kwargs)
+
 __all__ = [
     "ACTIVATIONS",
     "BATCH_NORM_MOMENTUM",
@@ -55,6 +63,7 @@ __all__ = [
     "VGGSmall",
     "count_params",
     "default_param_dtype",
+    "from_nnx",
     "get_activation",
     "get_initializer",
     "get_model",

@@ -67,6 +67,8 @@ class ModelFactory:
       required: kwargs the caller must give (e.g. ``depth`` for ``resnet``).
       extra_kwargs: kwargs that are not module fields; ``translate`` turns them into fields.
       translate: ``kwargs -> kwargs`` applied before building (e.g. MLP width/depth -> features).
+      nnx: the name of an NNX twin in :mod:`jaxnn.models.nnx` (same fields as ``module``) to build instead,
+        through :func:`jaxnn.models.nnx.from_nnx` (imported on first use: Flax NNX is not loaded otherwise).
     """
 
     name: str
@@ -75,6 +77,7 @@ class ModelFactory:
     required: tuple[str, ...] = ()
     extra_kwargs: tuple[str, ...] = ()
     translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    nnx: str | None = None
 
     def accepted_kwargs(self) -> tuple[str, ...]:
         """The kwargs this entry accepts besides ``num_classes``."""
@@ -102,6 +105,10 @@ class ModelFactory:
             raise TypeError(f"{owner}: missing required keyword argument(s) {missing}")
         if self.translate is not None:
             kwargs = self.translate(dict(kwargs))
+        if self.nnx is not None:
+            from jaxnn.models import nnx as nnx_models
+
+            return nnx_models.from_nnx(getattr(nnx_models, self.nnx), num_classes=num_classes, **self.fixed, **kwargs)
         return self.module(num_classes=num_classes, **self.fixed, **kwargs)
 
 
@@ -111,6 +118,10 @@ def _build_registry() -> dict[str, ModelFactory]:
             "mlp", MLP, extra_kwargs=("width", "depth"), translate=_mlp_features_from_width_and_depth
         ),
         "lenet": ModelFactory("lenet", LeNet),
+        "nnx_mlp": ModelFactory(
+            "nnx_mlp", MLP, extra_kwargs=("width", "depth"), translate=_mlp_features_from_width_and_depth, nnx="MLP"
+        ),
+        "nnx_lenet": ModelFactory("nnx_lenet", LeNet, nnx="LeNet"),
         "vgg_small": ModelFactory("vgg_small", VGGSmall),
         "resnet": ModelFactory("resnet", CifarResNet, fixed={"plain": False}, required=("depth",)),
         "plain": ModelFactory("plain", CifarResNet, fixed={"plain": True}, required=("depth",)),
