@@ -22,6 +22,7 @@ from jaxnn.models.layers import (
 )
 from jaxnn.models.lenet import LeNet
 from jaxnn.models.mlp import MLP
+from jaxnn.models.recurrent import CELLS, RecurrentClassifier
 from jaxnn.models.registry import (
     MODELS,
     ModelFactory,
@@ -51,6 +52,7 @@ __all__ = [
     "ACTIVATIONS",
     "BATCH_NORM_MOMENTUM",
     "BasicBlock",
+    "CELLS",
     "CifarResNet",
     "INITIALIZERS",
     "LeNet",
@@ -60,6 +62,7 @@ __all__ = [
     "NORMALIZATIONS",
     "NORM_EPSILON",
     "RESNET_DEPTHS",
+    "RecurrentClassifier",
     "VGGSmall",
     "count_params",
     "default_param_dtype",

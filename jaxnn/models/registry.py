@@ -31,6 +31,7 @@ from jaxnn.runtime import quick_jit
 from jaxnn.models.layers import default_param_dtype
 from jaxnn.models.lenet import LeNet
 from jaxnn.models.mlp import MLP
+from jaxnn.models.recurrent import RecurrentClassifier
 from jaxnn.models.resnet import RESNET_DEPTHS, CifarResNet
 from jaxnn.models.vgg import VGGSmall
 from jaxnn.validation import check_int
@@ -122,6 +123,10 @@ def _build_registry() -> dict[str, ModelFactory]:
             "nnx_mlp", MLP, extra_kwargs=("width", "depth"), translate=_mlp_features_from_width_and_depth, nnx="MLP"
         ),
         "nnx_lenet": ModelFactory("nnx_lenet", LeNet, nnx="LeNet"),
+        "recurrent": ModelFactory("recurrent", RecurrentClassifier),
+        "rnn": ModelFactory("rnn", RecurrentClassifier, fixed={"cell": "elman"}),
+        "lstm": ModelFactory("lstm", RecurrentClassifier, fixed={"cell": "lstm"}),
+        "gru": ModelFactory("gru", RecurrentClassifier, fixed={"cell": "gru"}),
         "vgg_small": ModelFactory("vgg_small", VGGSmall),
         "resnet": ModelFactory("resnet", CifarResNet, fixed={"plain": False}, required=("depth",)),
         "plain": ModelFactory("plain", CifarResNet, fixed={"plain": True}, required=("depth",)),
