@@ -38,6 +38,13 @@ from jaxnn.models.resnet import (
     option_a_shortcut,
     resnet_blocks_per_stage,
 )
+from jaxnn.models.transformer import (
+    POSITIONS,
+    TransformerBlock,
+    TransformerClassifier,
+    TransformerLM,
+    sinusoidal_positions,
+)
 from jaxnn.models.vgg import VGGSmall
 
 
@@ -61,8 +68,12 @@ __all__ = [
     "ModelFactory",
     "NORMALIZATIONS",
     "NORM_EPSILON",
+    "POSITIONS",
     "RESNET_DEPTHS",
     "RecurrentClassifier",
+    "TransformerBlock",
+    "TransformerClassifier",
+    "TransformerLM",
     "VGGSmall",
     "count_params",
     "default_param_dtype",
@@ -75,4 +86,5 @@ __all__ = [
     "normalization_layer",
     "option_a_shortcut",
     "resnet_blocks_per_stage",
+    "sinusoidal_positions",
 ]

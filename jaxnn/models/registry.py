@@ -33,6 +33,7 @@ from jaxnn.models.lenet import LeNet
 from jaxnn.models.mlp import MLP
 from jaxnn.models.recurrent import RecurrentClassifier
 from jaxnn.models.resnet import RESNET_DEPTHS, CifarResNet
+from jaxnn.models.transformer import TransformerClassifier
 from jaxnn.models.vgg import VGGSmall
 from jaxnn.validation import check_int
 
@@ -127,6 +128,7 @@ def _build_registry() -> dict[str, ModelFactory]:
         "rnn": ModelFactory("rnn", RecurrentClassifier, fixed={"cell": "elman"}),
         "lstm": ModelFactory("lstm", RecurrentClassifier, fixed={"cell": "lstm"}),
         "gru": ModelFactory("gru", RecurrentClassifier, fixed={"cell": "gru"}),
+        "transformer": ModelFactory("transformer", TransformerClassifier),
         "vgg_small": ModelFactory("vgg_small", VGGSmall),
         "resnet": ModelFactory("resnet", CifarResNet, fixed={"plain": False}, required=("depth",)),
         "plain": ModelFactory("plain", CifarResNet, fixed={"plain": True}, required=("depth",)),
