@@ -103,6 +103,14 @@ class _Encoder(nn.Module):
         return nn.LayerNorm(param_dtype=dtype, name="norm")(h)
 
 
+def _encode(module, x: jax.Array, train: bool, sow_weights: bool, causal: bool, vocab_size: int | None,
+            name: str) -> jax.Array:
+    """The :class:`_Encoder` of a Transformer model's fields, as its submodule ``name`` (inside its ``__call__``)."""
+    owner = type(module).__name__
+    return _Encoder(module.dim, module.depth, module.num_heads, module.mlp_dim, module.positions, module.max_len,
+                    causal, module.dropout, vocab_size, module.param_dtype, owner, name=name)(x, train, sow_weights)
+
+
 def _check_fields(module, owner: str) -> None:
     check_int(module.dim, f"{owner}: dim", allow_bool=False)
     check_int(module.depth, f"{owner}: depth", allow_bool=False)
@@ -139,9 +147,7 @@ class TransformerClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, sow_weights: bool = False) -> jax.Array:
-        h = _Encoder(self.dim, self.depth, self.num_heads, self.mlp_dim, self.positions, self.max_len, self.causal,
-                     self.dropout, self.vocab_size, self.param_dtype, "TransformerClassifier",
-                     name="encoder")(x, train, sow_weights)
+        h = _encode(self, x, train, sow_weights, self.causal, self.vocab_size, "encoder")
         return nn.Dense(self.num_classes, param_dtype=resolve_param_dtype(self.param_dtype), name="head")(h.mean(1))
 
 
@@ -165,7 +171,5 @@ class TransformerLM(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, sow_weights: bool = False) -> jax.Array:
-        h = _Encoder(self.dim, self.depth, self.num_heads, self.mlp_dim, self.positions, self.max_len, True,
-                     self.dropout, self.vocab_size, self.param_dtype, "TransformerLM", name="decoder")(x, train,
-                                                                                                sow_weights)
+        h = _encode(self, x, train, sow_weights, True, self.vocab_size, "decoder")
         return nn.Dense(self.vocab_size, param_dtype=resolve_param_dtype(self.param_dtype), name="head")(h)

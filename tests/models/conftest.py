@@ -42,3 +42,22 @@ def he_filled():
         return jax.tree_util.tree_map_with_path(fill, abstract_tree)
 
     return fill_tree
+
+
+@pytest.fixture
+def assert_top_hessian_eigenvalues_match_dense():
+    """``check(model, input_shape, batch)``: the top-2 eigenvalues of the cross-entropy Hessian from jaxnn's Lanczos
+    (``curvature.hessian``, ``top_eigenvalues`` to 1e-10) equal a dense ``jax.hessian`` + ``eigvalsh`` (1e-8);
+    call it under float64."""
+    from jaxnn import curvature, losses
+
+    def check(model, input_shape, batch):
+        params, _ = init_model(model, jax.random.PRNGKey(0), input_shape)
+        loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", {})
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        dense = np.linalg.eigvalsh(np.asarray(jax.jit(jax.hessian(lambda f: loss_fn(unravel(f), batch)))(flat)))
+        top = curvature.top_eigenvalues(curvature.hessian(loss_fn, params, batch), k=2, key=jax.random.PRNGKey(2),
+                                        tol=1e-10, progress=False)[0]
+        np.testing.assert_allclose(np.asarray(top), dense[::-1][:2], rtol=1e-8)
+
+    return check

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnn import curvature, losses, models
+from jaxnn import models
 from jaxnn import data as data_lib
 from jaxnn.models.transformer import _Encoder
 from jaxnn.train import create_train_state, fit
@@ -83,18 +83,13 @@ def test_sinusoidal_positions_against_the_formula():
     assert models.sinusoidal_positions(4, 5).shape == (4, 5)
 
 
-def test_the_hessian_through_attention_against_a_dense_eigendecomposition(x64):
+def test_the_hessian_through_attention_against_a_dense_eigendecomposition(
+        x64, assert_top_hessian_eigenvalues_match_dense):
     rng = np.random.default_rng(1)
     batch = (jnp.asarray(rng.normal(size=(8, 4, 3))), jnp.asarray(rng.integers(0, 3, 8), jnp.int32))
     model = models.get_model("transformer", num_classes=3, dim=4, depth=1, num_heads=2, mlp_dim=4, max_len=4,
                              positions="sinusoidal")
-    params, _ = models.init_model(model, jax.random.PRNGKey(0), (4, 3))
-    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy", {})
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-    dense = np.linalg.eigvalsh(np.asarray(jax.jit(jax.hessian(lambda f: loss_fn(unravel(f), batch)))(flat)))
-    top = curvature.top_eigenvalues(curvature.hessian(loss_fn, params, batch), k=2, key=jax.random.PRNGKey(2),
-                                    tol=1e-10, progress=False)[0]
-    np.testing.assert_allclose(np.asarray(top), dense[::-1][:2], rtol=1e-8)
+    assert_top_hessian_eigenvalues_match_dense(model, (4, 3), batch)
 
 
 def test_a_transformer_learns_the_digits_read_row_by_row():
