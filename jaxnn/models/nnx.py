@@ -22,8 +22,8 @@ parameters sit under ``params['nnx']['module']``.
 
 :class:`MLP` and :class:`LeNet` here are the NNX twins of :class:`jaxnn.models.MLP` and
 :class:`jaxnn.models.LeNet`: the same layers, names, initializers and normalisation, so with the same weights they
-compute the same function (the tests train both to the same parameters); the registry has them as ``nnx_mlp`` and
-``nnx_lenet``. What finds layers by Linen's method interception sees no layers inside an NNX model: K-FAC (and the
+compute the same function without dropout (the tests train both to the same parameters; with dropout the masks are
+drawn differently); the registry has them as ``nnx_mlp`` and ``nnx_lenet``. What finds layers by Linen's method interception sees no layers inside an NNX model: K-FAC (and the
 K-FAC preconditioner) raises "found no Dense or 2-D Conv layer", a population refuses per-member dropout rates ("the
 model has no dropout layer"), and the per-layer activation statistics are empty (the per-parameter gradient
 statistics are there, named ``nnx/module/...``).
@@ -37,6 +37,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax.core import FrozenDict
 
@@ -70,10 +71,12 @@ class _Mode(nnx.Module):
 
     def __init__(self, build: Callable[..., nnx.Module], kwargs: Mapping[str, Any], *, rngs: nnx.Rngs):
         streams = {name: stream for name, stream in vars(rngs).items() if isinstance(stream, nnx.RngStream)}
-        if "default" not in streams:
-            # Initialisation brings a 'params' key only, but an nnx.Dropout takes its stream when it is built; the
-            # stream is not part of the stored state, and training calls bring their own 'dropout' key.
-            rngs = nnx.Rngs(default=0, **{name: stream.key[...] for name, stream in streams.items()})
+        if "default" not in streams and "params" in streams:
+            # Initialisation brings a 'params' key only, but an nnx.Dropout takes its stream when it is built (the
+            # stream is not part of the stored state; training calls bring their own 'dropout' key), and a module
+            # may draw weights from rngs() itself: a default stream derived from the init key, so seeds differ.
+            keys = {name: stream.key[...] for name, stream in streams.items()}
+            rngs = nnx.Rngs(default=jax.random.fold_in(keys["params"], 1), **keys)
         self.module = build(**kwargs, rngs=rngs)
         self.takes_train = _takes(type(self.module).__call__, "train")
 
@@ -135,9 +138,14 @@ class _Fields:
     def normalization(self, features: int, shape: tuple[int, ...], rngs: nnx.Rngs) -> nnx.Module | None:
         """Batch or layer norm over ``features`` for inputs of per-example ``shape`` (as the Linen models)."""
         if self.norm == "batch":
-            return nnx.BatchNorm(features, momentum=BATCH_NORM_MOMENTUM, epsilon=NORM_EPSILON,
+            norm = nnx.BatchNorm(features, momentum=BATCH_NORM_MOMENTUM, epsilon=NORM_EPSILON,
                                  param_dtype=self.param_dtype, use_fast_variance=False,
                                  axis_name=_BATCH_NORM_AXIS.get(), rngs=rngs)
+            # nnx.BatchNorm keeps its running statistics in float32 whatever param_dtype is; the Linen models keep
+            # them in param_dtype (float64 under x64), and so does the twin.
+            norm.mean = nnx.BatchStat(jnp.zeros(features, self.param_dtype))
+            norm.var = nnx.BatchStat(jnp.ones(features, self.param_dtype))
+            return norm
         if self.norm == "layer":
             return nnx.LayerNorm(features, epsilon=NORM_EPSILON, reduction_axes=tuple(range(-len(shape), 0)),
                                  feature_axes=-1, param_dtype=self.param_dtype, use_fast_variance=False, rngs=rngs)

@@ -13,8 +13,9 @@ hidden state at each sequence's last valid step. Cost per example: T · num_laye
 (gates) · hidden · (fan_in + hidden) multiply-adds (gates: 1 Elman, 4 LSTM, 3 GRU).
 
 Inputs: sequences (B, T, F), or images (B, H, W, C) read row by row (T = H steps of W·C features: the digits are
-8 steps of 8 pixels). Variable lengths: ``lengths`` (B,) ints, steps at and after a sequence's length are ignored
-(its final state is the one at its last valid step). Gradient clipping is the optimizer's (``optimizer.clip_norm``).
+8 steps of 8 pixels). Variable lengths: ``model.apply(..., lengths=)`` with (B,) ints in [1, T]; steps at and after
+a sequence's length are ignored (its final state is the one at its last valid step). ``fit`` does not pass lengths
+yet (its batches are (x, y)). Gradient clipping is the optimizer's (``optimizer.clip_norm``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ class RecurrentClassifier(nn.Module):
             if lengths.shape != (h.shape[0],):
                 raise ValueError(f"RecurrentClassifier: lengths: expected shape ({h.shape[0]},) (one per sequence), "
                                  f"got {lengths.shape}")
+            if not isinstance(lengths, jax.core.Tracer) and (lengths.min() < 1 or lengths.max() > h.shape[1]):
+                raise ValueError(f"RecurrentClassifier: lengths: expected lengths in [1, {h.shape[1]}] (the time "
+                                 f"steps), got {lengths.tolist()}")
         dtype = resolve_param_dtype(self.param_dtype)
         h = h.astype(dtype)
         carry = None

@@ -10,7 +10,9 @@ mixing) + 2·T·d·mlp_dim multiply-adds.
 
 Inputs: the classifier reads float sequences (B, T, F) (or images row by row: T = H steps of W·C features) through
 a dense embedding, or token ids (B, T) through a table when ``vocab_size`` is set; the language model reads token
-ids and returns next-token logits (B, T, vocab_size) (train it with labels = the inputs shifted by one).
+ids and returns next-token logits (B, T, vocab_size) (train it with labels = the inputs shifted by one). Token ids
+are cast to int32 (initialisation feeds zeros); there is no padding mask yet, so the classifier's mean pools every
+position. ``dropout`` also drops attention weights, with Flax's default of one mask shared across the batch and heads.
 """
 
 from __future__ import annotations

@@ -103,6 +103,9 @@ def test_bad_recurrent_input_is_named():
     with pytest.raises(ValueError, match=r"RecurrentClassifier: lengths: expected shape \(4,\) \(one per sequence\), "
                                          r"got \(3,\)"):
         model.apply({"params": params}, jnp.zeros((4, 5, 2)), lengths=jnp.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"RecurrentClassifier: lengths: expected lengths in \[1, 5\] \(the time "
+                                         r"steps\), got \[1, 0, 5, 6\]"):
+        model.apply({"params": params}, jnp.zeros((4, 5, 2)), lengths=jnp.array([1, 0, 5, 6]))
     with pytest.raises(ValueError, match=r"RecurrentClassifier: cell: expected one of \['elman', 'lstm', 'gru'\], "
                                          r"got 'rnn'"):
         models.get_model("recurrent", num_classes=3, cell="rnn")
