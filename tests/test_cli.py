@@ -12,7 +12,8 @@ from jaxnn.cli import main
 
 def test_configs_lists_shipped(capsys):
     assert main(["configs"]) == 0
-    assert capsys.readouterr().out.split() == ["cifar_resnet20", "digits_mlp", "mnist_lenet", "mnist_mlp"]
+    assert capsys.readouterr().out.split() == ["cifar_resnet20", "digits_lstm", "digits_mlp", "mnist_lenet",
+                                               "mnist_mlp"]
 
 
 def test_main_job_reaches_target_and_writes_run_folder(tmp_path, capsys):
@@ -34,7 +35,7 @@ def test_main_job_reaches_target_and_writes_run_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, words", [
     (["train", "digits_mlp", "--set", "optimizer.lr=-1"], "optimizer.lr"),
-    (["train", "digits_mlp", "--set", "model.name=transformer"], "valid models: lenet, mlp"),
+    (["train", "digits_mlp", "--set", "model.name=vit"], "unknown model 'vit'; valid models: gru, lenet, lstm, mlp"),
     (["train", "digits_mlp", "--set", "optimizer.name=adamax"], "valid optimizers"),
     (["train", "no_such_config"], "not a shipped config"),
     (["train", "digits_mlp", "--set", "data.name=mnist", "--set", "data.data_dir=/nonexistent/mnist",

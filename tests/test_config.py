@@ -6,7 +6,7 @@ from jaxnn import config as config_lib
 from jaxnn.config import ConfigError, load_config
 
 
-@pytest.mark.parametrize("name", ["digits_mlp", "mnist_mlp", "mnist_lenet", "cifar_resnet20"])
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_lstm", "mnist_mlp", "mnist_lenet", "cifar_resnet20"])
 def test_shipped_configs_load_and_validate(name):
     from jaxnn import train
 
