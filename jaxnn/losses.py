@@ -51,7 +51,23 @@ def weston_watkins_hinge(scores, labels, delta: float = 1.0):
     return jnp.sum(jnp.where(jax.nn.one_hot(labels, scores.shape[-1], dtype=bool), 0.0, margins), axis=-1)
 
 
+def sequence_cross_entropy(logits, labels):
+    """Per sequence, the mean over its scored positions of −log softmax(logits)[label]: logits (B, T, C), labels
+    (B, T) with ``IGNORE_LABEL`` (−1) at padded positions, which add nothing. exp of the batch mean is the per-token
+    perplexity when every sequence has the same number of scored positions. A sequence with none scores 0."""
+    labels = jnp.asarray(labels)
+    if logits.ndim != labels.ndim + 1 or labels.ndim < 2:
+        raise ValueError(f"sequence_cross_entropy: expected logits (batch, time, classes) and labels (batch, time), "
+                         f"got logits {logits.shape} and labels {labels.shape}")
+    scored = labels >= 0
+    tokens = optax.losses.softmax_cross_entropy_with_integer_labels(logits, jnp.where(scored, labels, 0))
+    axes = tuple(range(1, labels.ndim))
+    count = jnp.sum(scored, axis=axes)
+    return jnp.sum(jnp.where(scored, tokens, 0), axis=axes) / jnp.maximum(count, 1).astype(tokens.dtype)
+
+
 LOSSES: dict[str, Callable] = {
+    "sequence_cross_entropy": sequence_cross_entropy,
     "softmax_cross_entropy": softmax_cross_entropy,
     "sigmoid_binary_cross_entropy": sigmoid_binary_cross_entropy,
     "mse": mean_squared_error,
@@ -60,7 +76,8 @@ LOSSES: dict[str, Callable] = {
     "weston_watkins_hinge": weston_watkins_hinge,
 }
 
-CLASSIFICATION_LOSSES = ("softmax_cross_entropy", "sigmoid_binary_cross_entropy", "multiclass_hinge",
+CLASSIFICATION_LOSSES = ("softmax_cross_entropy", "sequence_cross_entropy", "sigmoid_binary_cross_entropy",
+                         "multiclass_hinge",
                          "crammer_singer_hinge", "weston_watkins_hinge")
 
 
@@ -140,9 +157,23 @@ def batch_mean(name: str) -> Callable:
     return output_loss
 
 
+def example_accuracy(logits, labels):
+    """Per example (B,): 1 where argmax(logits) == label, else 0; with sequence labels (B, T), the fraction of the
+    example's scored positions (label ≥ 0) that are right (1 for an example with none). Teacher-forced: a sequence
+    model's own decoding is scored by :func:`jaxnn.models.seq2seq.sequence_accuracy`."""
+    labels = jnp.asarray(labels)
+    right = jnp.argmax(logits, axis=-1) == labels
+    if labels.ndim < 2:
+        return right.astype(jnp.result_type(float))
+    axes = tuple(range(1, labels.ndim))
+    scored = labels >= 0
+    count = jnp.sum(scored, axis=axes)
+    return jnp.where(count > 0, jnp.sum(right & scored, axis=axes) / jnp.maximum(count, 1), 1.0)
+
+
 def accuracy(logits, labels):
-    """Fraction of argmax(logits) == label."""
-    return jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+    """Fraction of argmax(logits) == label: the batch mean of :func:`example_accuracy`."""
+    return jnp.mean(example_accuracy(logits, labels))
 
 
 def make_loss_fn(apply_fn: Callable, loss: Callable | str, model_state: Any = None, *, mode: str = "eval",

@@ -6,7 +6,8 @@ from jaxnn import config as config_lib
 from jaxnn.config import ConfigError, load_config
 
 
-@pytest.mark.parametrize("name", ["digits_mlp", "digits_lstm", "mnist_mlp", "mnist_lenet", "cifar_resnet20"])
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_lstm", "mnist_mlp", "mnist_lenet", "cifar_resnet20",
+                                  "seq2seq_reverse"])
 def test_shipped_configs_load_and_validate(name):
     from jaxnn import train
 

@@ -133,3 +133,19 @@ def test_resolve_loss_is_the_one_place_a_name_becomes_a_function():
         losses.resolve_loss("hinge")
     with pytest.raises(TypeError, match="expected a loss name .* or a function"):
         losses.resolve_loss(3)
+
+
+def test_sequence_cross_entropy_and_accuracy_skip_padding():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 4, 5))
+    labels = np.array([[1, 4, 0, -1], [2, -1, -1, -1], [-1, -1, -1, -1]])
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = [-(log_p[0, 0, 1] + log_p[0, 1, 4] + log_p[0, 2, 0]) / 3, -log_p[1, 0, 2], 0.0]
+    np.testing.assert_allclose(losses.sequence_cross_entropy(jnp.asarray(logits), labels), expected, rtol=1e-5)
+    predicted = logits.argmax(-1)
+    right = predicted == labels
+    expected_accuracy = [right[0, :3].mean(), float(right[1, 0]), 1.0]
+    np.testing.assert_allclose(losses.example_accuracy(jnp.asarray(logits), labels), expected_accuracy, rtol=1e-6)
+    assert float(losses.accuracy(jnp.asarray(logits), labels)) == pytest.approx(np.mean(expected_accuracy))
+    with pytest.raises(ValueError, match=r"sequence_cross_entropy: expected logits \(batch, time, classes\)"):
+        losses.sequence_cross_entropy(jnp.asarray(logits[:, 0]), labels[:, 0])

@@ -4,12 +4,14 @@
 seed, standardisation fitted on train); ``batch_iterator(split, batch_size, ...)`` yields shuffled,
 resumable ``(x, y)`` device batches. Registered data sets (`dataset_names()`): "digits" (default,
 embedded in scikit-learn), "mnist", "fashion_mnist" (IDX files), "cifar10" (python pickle batches),
-and the synthetic "blobs", "teacher_student" and "quadratic" (exact quadratic loss, closed-form Hessian
-`quadratic_hessian`).
+the synthetic "blobs", "teacher_student" and "quadratic" (exact quadratic loss, closed-form Hessian
+`quadratic_hessian`), and "seq2seq" (generated reverse/sort/add/dates problems of token ids with a label per
+position, `jaxnn.data.sequences`).
 """
 
 from jaxnn.data.cifar import read_cifar_batch
 from jaxnn.data.dataset import (
+    IGNORE_LABEL,
     CorruptFileError,
     Dataset,
     SourceData,
@@ -21,6 +23,7 @@ from jaxnn.data.dataset import (
     noisy_labels,
 )
 from jaxnn.data.download import DownloadError, file_md5
+from jaxnn.data import sequences
 from jaxnn.data.idx import read_idx
 from jaxnn.data.pipeline import (
     BatchIterator,
@@ -52,6 +55,7 @@ from jaxnn.data.synthetic import (
 __all__ = [
     "BatchIterator",
     "CorruptFileError",
+    "IGNORE_LABEL",
     "DATASETS",
     "DEFAULT_DATASET",
     "Dataset",
@@ -79,6 +83,7 @@ __all__ = [
     "read_cifar_batch",
     "read_idx",
     "register_dataset",
+    "sequences",
     "stacked_batches",
     "steps_per_epoch",
     "teacher_forward",

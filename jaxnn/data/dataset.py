@@ -16,6 +16,8 @@ import numpy as np
 
 TASKS = ("classification", "regression")
 SPLIT_NAMES = ("train", "val", "test")
+IGNORE_LABEL = -1
+"""In sequence labels (classification targets of shape (n, T)), the label of a padded position: no loss, no score."""
 
 DATA_DIR_ENV = "JAXNN_DATA"
 DATA_DIR_ENV_ALIAS = "JAXNN_DATA_DIR"  # the name this variable had first; still read
@@ -108,16 +110,21 @@ class Dataset:
                 raise TypeError(f"Dataset.num_classes must be an int for classification; got {self.num_classes!r}")
             if self.num_classes < 2:
                 raise ValueError(f"Dataset.num_classes must be >= 2 for classification; got {self.num_classes}")
+            label_shapes = {getattr(self, s).y.shape[1:] for s in SPLIT_NAMES}
+            if len(label_shapes) != 1:
+                raise ValueError(f"Dataset splits must share one per-example label shape; got {sorted(label_shapes)}")
             for split_name in SPLIT_NAMES:
                 y = getattr(self, split_name).y
-                if y.ndim != 1 or y.dtype != np.int32:
+                if y.ndim not in (1, 2) or y.dtype != np.int32:
                     raise ValueError(
-                        f"Dataset.{split_name}.y must be int32 labels of shape (n,); "
-                        f"got dtype {y.dtype} and shape {y.shape}"
+                        f"Dataset.{split_name}.y must be int32 labels of shape (n,), or sequence labels of shape "
+                        f"(n, T); got dtype {y.dtype} and shape {y.shape}"
                     )
-                if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+                low = IGNORE_LABEL if y.ndim == 2 else 0
+                if y.size and (y.min() < low or y.max() >= self.num_classes):
+                    padding = f" (or {IGNORE_LABEL} for padding)" if y.ndim == 2 else ""
                     raise ValueError(
-                        f"Dataset.{split_name}.y must lie in [0, num_classes={self.num_classes}); "
+                        f"Dataset.{split_name}.y must lie in [0, num_classes={self.num_classes}){padding}; "
                         f"got labels in [{y.min()}, {y.max()}]"
                     )
         else:
@@ -130,6 +137,11 @@ class Dataset:
                 y = getattr(self, split_name).y
                 if not np.issubdtype(y.dtype, np.floating):
                     raise ValueError(f"Dataset.{split_name}.y must be floating targets for regression; got {y.dtype}")
+
+    @property
+    def sequence_labels(self) -> bool:
+        """Whether the targets are a label per position, (n, T) with ``IGNORE_LABEL`` at padded positions."""
+        return self.task == "classification" and self.train.y.ndim == 2
 
     @property
     def output_dim(self) -> int:
@@ -237,6 +249,7 @@ class SourceData:
       x_test, y_test: the source's official test set, or None.
       input_divisor: raw inputs are divided by this when converted to float (255 for uint8 pixels), so
         the float inputs are the correctly rounded ``x / input_divisor``.
+      token_inputs: ``x`` holds integer token ids: kept as int32, never scaled nor standardised.
     """
 
     x: np.ndarray
@@ -247,8 +260,12 @@ class SourceData:
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
     input_divisor: float = 1.0
+    token_inputs: bool = False
 
     def __post_init__(self):
+        if self.token_inputs and not np.issubdtype(np.asarray(self.x).dtype, np.integer):
+            raise TypeError(f"SourceData.x: expected integer token ids with token_inputs=True, got dtype "
+                            f"{np.asarray(self.x).dtype}")
         if (self.x_test is None) != (self.y_test is None):
             raise ValueError("SourceData.x_test and SourceData.y_test must both be given or both be None")
         if self.x.shape[0] != self.y.shape[0]:

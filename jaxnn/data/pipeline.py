@@ -76,9 +76,14 @@ def batch_rows(num_examples: int, batch_size: int, seed: int, start: int, count:
 
 
 def device_dtypes(split: Split) -> tuple[np.dtype, np.dtype]:
-    """x: the split's float dtype canonicalised by jax (float64 only under x64), float32 for int inputs;
-    y: int32 for labels, canonicalised float for targets."""
-    x_dtype = split.x.dtype if np.issubdtype(split.x.dtype, np.floating) else np.dtype(np.float32)
+    """x: the split's float dtype canonicalised by jax (float64 only under x64), int32 for integer inputs (token
+    ids), float32 for other inputs (bool); y: int32 for labels, canonicalised float for targets."""
+    if np.issubdtype(split.x.dtype, np.floating):
+        x_dtype = split.x.dtype
+    elif np.issubdtype(split.x.dtype, np.integer):
+        x_dtype = np.dtype(np.int32)
+    else:
+        x_dtype = np.dtype(np.float32)
     if np.issubdtype(split.y.dtype, np.floating):
         y_dtype = split.y.dtype
     else:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxnn.data import cifar, digits, idx, synthetic
+from jaxnn.data import cifar, digits, idx, sequences, synthetic
 from jaxnn.data.dataset import Dataset, SourceData, Split, apply_standardization, fit_standardization
 
 DatasetLoader = Callable[..., SourceData]
@@ -29,6 +29,7 @@ DATASETS: dict[str, DatasetLoader] = {
     "blobs": synthetic.load_blobs,
     "teacher_student": synthetic.load_teacher_student,
     "quadratic": synthetic.load_quadratic,
+    "seq2seq": sequences.load_seq2seq,
 }
 DEFAULT_DATASET = "digits"
 STANDARDIZATION_MIN_STD = 1e-6
@@ -179,9 +180,13 @@ def load_dataset(name: str = DEFAULT_DATASET, *, data_dir=None, seed: int = 0, v
     else:
         raw["test"] = (x_pool[test_rows], y_pool[test_rows])
 
-    x_float = {split: _to_float(x, source.input_divisor, dtype) for split, (x, _) in raw.items()}
-    standardization: dict = {"applied": bool(standardize)}
-    if standardize:
+    if source.token_inputs:
+        x_float = {split: np.asarray(x, np.int32) for split, (x, _) in raw.items()}
+        standardization: dict = {"applied": False, "note": "token ids are neither scaled nor standardised"}
+    else:
+        x_float = {split: _to_float(x, source.input_divisor, dtype) for split, (x, _) in raw.items()}
+        standardization = {"applied": bool(standardize)}
+    if standardize and not source.token_inputs:
         statistics = fit_standardization(x_float["train"], min_std=STANDARDIZATION_MIN_STD)
         x_float = {split: apply_standardization(x, statistics.mean, statistics.scale, dtype, copy=False)
                    for split, x in x_float.items()}  # x_float are private copies: standardise in place

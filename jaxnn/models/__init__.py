@@ -38,6 +38,7 @@ from jaxnn.models.resnet import (
     option_a_shortcut,
     resnet_blocks_per_stage,
 )
+from jaxnn.models.seq2seq import ATTENTIONS, Seq2Seq, beam_search, greedy_decode, sequence_accuracy, sequence_log_prob
 from jaxnn.models.transformer import (
     POSITIONS,
     TransformerBlock,
@@ -57,6 +58,7 @@ def from_nnx(build, **kwargs):
 
 __all__ = [
     "ACTIVATIONS",
+    "ATTENTIONS",
     "BATCH_NORM_MOMENTUM",
     "BasicBlock",
     "CELLS",
@@ -71,14 +73,17 @@ __all__ = [
     "POSITIONS",
     "RESNET_DEPTHS",
     "RecurrentClassifier",
+    "Seq2Seq",
     "TransformerBlock",
     "TransformerClassifier",
     "TransformerLM",
     "VGGSmall",
+    "beam_search",
     "count_params",
     "default_param_dtype",
     "from_nnx",
     "get_activation",
+    "greedy_decode",
     "get_initializer",
     "get_model",
     "init_model",
@@ -86,5 +91,7 @@ __all__ = [
     "normalization_layer",
     "option_a_shortcut",
     "resnet_blocks_per_stage",
+    "sequence_accuracy",
+    "sequence_log_prob",
     "sinusoidal_positions",
 ]

@@ -33,14 +33,14 @@ CELLS = ("elman", "lstm", "gru")
 """Valid values of :attr:`RecurrentClassifier.cell`."""
 
 
-def cell_module(cell: str, hidden: int, param_dtype: Any) -> nn.RNNCellBase:
+def cell_module(cell: str, hidden: int, param_dtype: Any, name: str | None = None) -> nn.RNNCellBase:
     """Flax's cell for ``cell`` with ``hidden`` units (Flax's initializers: LeCun-normal input kernels, orthogonal
-    recurrent kernels, zero biases)."""
+    recurrent kernels, zero biases), named ``name`` in its parent (Flax's automatic name when None)."""
     if cell == "elman":
-        return nn.SimpleCell(hidden, param_dtype=param_dtype)
+        return nn.SimpleCell(hidden, param_dtype=param_dtype, name=name)
     if cell == "lstm":
-        return nn.LSTMCell(hidden, param_dtype=param_dtype)
-    return nn.GRUCell(hidden, param_dtype=param_dtype)
+        return nn.LSTMCell(hidden, param_dtype=param_dtype, name=name)
+    return nn.GRUCell(hidden, param_dtype=param_dtype, name=name)
 
 
 def as_sequences(x: jax.Array, owner: str) -> jax.Array:

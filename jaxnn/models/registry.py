@@ -33,6 +33,7 @@ from jaxnn.models.lenet import LeNet
 from jaxnn.models.mlp import MLP
 from jaxnn.models.recurrent import RecurrentClassifier
 from jaxnn.models.resnet import RESNET_DEPTHS, CifarResNet
+from jaxnn.models.seq2seq import Seq2Seq
 from jaxnn.models.transformer import TransformerClassifier
 from jaxnn.models.vgg import VGGSmall
 from jaxnn.validation import check_int
@@ -129,6 +130,7 @@ def _build_registry() -> dict[str, ModelFactory]:
         "lstm": ModelFactory("lstm", RecurrentClassifier, fixed={"cell": "lstm"}),
         "gru": ModelFactory("gru", RecurrentClassifier, fixed={"cell": "gru"}),
         "transformer": ModelFactory("transformer", TransformerClassifier),
+        "seq2seq": ModelFactory("seq2seq", Seq2Seq),
         "vgg_small": ModelFactory("vgg_small", VGGSmall),
         "resnet": ModelFactory("resnet", CifarResNet, fixed={"plain": False}, required=("depth",)),
         "plain": ModelFactory("plain", CifarResNet, fixed={"plain": True}, required=("depth",)),

@@ -75,11 +75,19 @@ def check_inputs(state: TrainState, dataset: data_lib.Dataset, loss_name: str | 
     if expected is not None and tuple(dataset.input_shape) != tuple(expected):
         raise ValueError(f"wrong input shape for the model: it was initialised for inputs of shape {tuple(expected)}, "
                          f"but dataset {dataset.name!r} has inputs of shape {tuple(dataset.input_shape)}")
+    sequence_loss = loss_name == "sequence_cross_entropy"
+    if isinstance(loss_name, str) and dataset.task == "classification" and sequence_loss != dataset.sequence_labels:
+        raise ValueError(f"loss {loss_name!r} does not fit dataset {dataset.name!r}: "
+                         + ("sequence labels (a label per position) need loss 'sequence_cross_entropy'"
+                            if dataset.sequence_labels else
+                            "'sequence_cross_entropy' needs sequence labels (a label per position), the data set has "
+                            "one label per example"))
     if dataset.task == "classification" and loss_name in losses.CLASSIFICATION_LOSSES:
         classes = num_outputs(state, dataset.input_shape)
         for split_name in ("train", "val", "test"):
             y = getattr(dataset, split_name).y
-            if len(y) and (y.min() < 0 or y.max() >= classes):
+            low = data_lib.IGNORE_LABEL if y.ndim == 2 else 0
+            if len(y) and (y.min() < low or y.max() >= classes):
                 raise ValueError(f"labels out of range in the {split_name} split: found labels in "
                                  f"[{int(y.min())}, {int(y.max())}], the model has {classes} outputs (valid: 0..{classes - 1})")
 

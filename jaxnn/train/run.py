@@ -257,6 +257,20 @@ def hunt_nonfinite(cfg: config_lib.Config, dataset: data_lib.Dataset, run_dir: p
     return find_nonfinite(state, (dataset.train.x[rows], dataset.train.y[rows]), loss=t.loss, step=step)
 
 
+def decoded_accuracy(model, state: TrainState, split: data_lib.Split, prefix: str, batch_size: int = 512) -> dict:
+    """``{prefix}_sequence_accuracy``: the fraction of ``split``'s examples a sequence-to-sequence model answers
+    exactly when it decodes greedily (each step feeds back its own most likely token)."""
+    if len(split) == 0:
+        return {}
+    batch_size = min(batch_size, len(split))
+    answers = []
+    for begin in range(0, len(split), batch_size):  # every batch batch_size rows (the last one padded): one compile
+        x = split.x[begin:begin + batch_size]
+        padded = np.concatenate([x, np.repeat(x[:1], batch_size - len(x), axis=0)])
+        answers.append(np.asarray(models.greedy_decode(model, state.params, padded, state.model_state))[:len(x)])
+    return {f"{prefix}_sequence_accuracy": models.sequence_accuracy(np.concatenate(answers), split.y)}
+
+
 def summarize(cfg, dataset, model, result: FitResult, wall_time_s: float, resumed_from: int | None) -> dict:
     classification = dataset.task == "classification"
     eval_step = make_eval_step(cfg.train.loss, classification=classification)
@@ -266,6 +280,9 @@ def summarize(cfg, dataset, model, result: FitResult, wall_time_s: float, resume
     sharding = parallel.batch_sharding(mesh) if mesh is not None else None
     for split in ("train", "val", "test"):
         final.update(evaluate(result.state, getattr(dataset, split), eval_step, size, classification, split, sharding))
+    if isinstance(model, models.Seq2Seq):  # the model's own answers, not the teacher-forced tokens
+        for split in ("val", "test"):
+            final.update(decoded_accuracy(model, result.state, getattr(dataset, split), split))
     return {
         "name": cfg.name, "dataset": dataset.name, "model": cfg.model.name,
         "num_params": int(models.count_params(result.state.params)),

@@ -240,7 +240,7 @@ def make_eval_step(loss: Callable | str, *, classification: bool = True) -> Call
         weight = jnp.ones(values.shape[0], values.dtype) if mask is None else mask.astype(values.dtype)
         sums = {"loss_sum": jnp.sum(jnp.where(weight > 0, values, 0)), "count": jnp.sum(weight)}
         if classification:
-            sums["correct"] = jnp.sum((jnp.argmax(outputs, -1) == y) * weight)
+            sums["correct"] = jnp.sum(losses.example_accuracy(outputs, y) * weight)
         return sums
 
     return jax.jit(step)

@@ -38,15 +38,18 @@ def test_model_names_are_the_sorted_registry_keys():
 @pytest.mark.parametrize("train", [False, True])
 def test_every_registered_model_maps_a_digits_batch_to_logits(name, train, abstract_init):
     model = build(name)
-    params, state = abstract_init(model, (8, 8, 1))
+    # the encoder-decoder reads a source and a decoder input of token ids and answers every position
+    input_shape, x, expected = ((2, 5), jnp.zeros((2, 2, 5), jnp.int32), (2, 5, 10)) if name == "seq2seq" else (
+        (8, 8, 1), jnp.zeros((2, 8, 8, 1)), (2, 10))
+    params, state = abstract_init(model, input_shape)
 
     def forward(params, state, x):
         out = model.apply({"params": params, **state}, x, train=train, rngs={"dropout": KEY},
                           mutable=["batch_stats"] if train else False)
         return out[0] if train else out
 
-    logits = jax.eval_shape(forward, params, state, jnp.zeros((2, 8, 8, 1)))
-    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+    logits = jax.eval_shape(forward, params, state, x)
+    assert logits.shape == expected and logits.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("name", ["mlp", "lenet"])
