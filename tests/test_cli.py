@@ -12,8 +12,8 @@ from jaxnn.cli import main
 
 def test_configs_lists_shipped(capsys):
     assert main(["configs"]) == 0
-    assert capsys.readouterr().out.split() == ["cifar_resnet20", "digits_lstm", "digits_mlp", "mnist_lenet",
-                                               "mnist_mlp", "seq2seq_reverse"]
+    assert capsys.readouterr().out.split() == ["char_transformer", "cifar_resnet20", "digits_lstm",
+                                               "digits_mlp", "mnist_lenet", "mnist_mlp", "seq2seq_reverse"]
 
 
 def test_main_job_reaches_target_and_writes_run_folder(tmp_path, capsys):

@@ -7,7 +7,7 @@ from jaxnn.config import ConfigError, load_config
 
 
 @pytest.mark.parametrize("name", ["digits_mlp", "digits_lstm", "mnist_mlp", "mnist_lenet", "cifar_resnet20",
-                                  "seq2seq_reverse"])
+                                  "seq2seq_reverse", "char_transformer"])
 def test_shipped_configs_load_and_validate(name):
     from jaxnn import train
 

@@ -6,7 +6,8 @@ resumable ``(x, y)`` device batches. Registered data sets (`dataset_names()`): "
 embedded in scikit-learn), "mnist", "fashion_mnist" (IDX files), "cifar10" (python pickle batches),
 the synthetic "blobs", "teacher_student" and "quadratic" (exact quadratic loss, closed-form Hessian
 `quadratic_hessian`), and "seq2seq" (generated reverse/sort/add/dates problems of token ids with a label per
-position, `jaxnn.data.sequences`).
+position, `jaxnn.data.sequences`) and "text" (language-model windows of a corpus folder or of a generated
+language, `jaxnn.data.text`).
 """
 
 from jaxnn.data.cifar import read_cifar_batch
@@ -23,7 +24,7 @@ from jaxnn.data.dataset import (
     noisy_labels,
 )
 from jaxnn.data.download import DownloadError, file_md5
-from jaxnn.data import sequences
+from jaxnn.data import language, sequences, text
 from jaxnn.data.idx import read_idx
 from jaxnn.data.pipeline import (
     BatchIterator,
@@ -83,7 +84,9 @@ __all__ = [
     "read_cifar_batch",
     "read_idx",
     "register_dataset",
+    "language",
     "sequences",
+    "text",
     "stacked_batches",
     "steps_per_epoch",
     "teacher_forward",

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxnn.data import cifar, digits, idx, sequences, synthetic
+from jaxnn.data import cifar, digits, idx, sequences, synthetic, text
 from jaxnn.data.dataset import Dataset, SourceData, Split, apply_standardization, fit_standardization
 
 DatasetLoader = Callable[..., SourceData]
@@ -30,6 +30,7 @@ DATASETS: dict[str, DatasetLoader] = {
     "teacher_student": synthetic.load_teacher_student,
     "quadratic": synthetic.load_quadratic,
     "seq2seq": sequences.load_seq2seq,
+    "text": text.load_text,
 }
 DEFAULT_DATASET = "digits"
 STANDARDIZATION_MIN_STD = 1e-6

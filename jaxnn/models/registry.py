@@ -6,6 +6,12 @@ Registered names:
   ``depth`` (number of hidden layers, default 2; 0 is a linear model).
 * ``lenet`` — :class:`~jaxnn.models.LeNet`.
 * ``vgg_small`` — :class:`~jaxnn.models.VGGSmall`.
+* ``rnn``, ``lstm``, ``gru`` — :class:`~jaxnn.models.RecurrentClassifier` with that cell (``recurrent`` takes
+  ``cell``).
+* ``transformer`` — :class:`~jaxnn.models.TransformerClassifier`; ``transformer_lm`` —
+  :class:`~jaxnn.models.TransformerLM`, whose ``vocab_size`` is the data set's ``num_classes`` (its tokens).
+* ``seq2seq`` — :class:`~jaxnn.models.Seq2Seq`, the encoder–decoder with attention.
+* ``nnx_mlp``, ``nnx_lenet`` — the Flax NNX twins of ``mlp`` and ``lenet`` (:mod:`jaxnn.models.nnx`).
 * ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``, ``resnet110`` — :class:`~jaxnn.models.CifarResNet`
   with that depth; ``plain20`` ... ``plain110`` the same without shortcuts; ``resnet`` and ``plain`` take
   ``depth`` (6n+2) as a required kwarg.
@@ -34,7 +40,7 @@ from jaxnn.models.mlp import MLP
 from jaxnn.models.recurrent import RecurrentClassifier
 from jaxnn.models.resnet import RESNET_DEPTHS, CifarResNet
 from jaxnn.models.seq2seq import Seq2Seq
-from jaxnn.models.transformer import TransformerClassifier
+from jaxnn.models.transformer import TransformerClassifier, TransformerLM
 from jaxnn.models.vgg import VGGSmall
 from jaxnn.validation import check_int
 
@@ -72,6 +78,8 @@ class ModelFactory:
       translate: ``kwargs -> kwargs`` applied before building (e.g. MLP width/depth -> features).
       nnx: the name of an NNX twin in :mod:`jaxnn.models.nnx` (same fields as ``module``) to build instead,
         through :func:`jaxnn.models.nnx.from_nnx` (imported on first use: Flax NNX is not loaded otherwise).
+      outputs_field: the module field that receives ``num_classes`` (``vocab_size`` for a language model, whose
+        outputs are the data set's tokens).
     """
 
     name: str
@@ -81,13 +89,14 @@ class ModelFactory:
     extra_kwargs: tuple[str, ...] = ()
     translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     nnx: str | None = None
+    outputs_field: str = "num_classes"
 
     def accepted_kwargs(self) -> tuple[str, ...]:
         """The kwargs this entry accepts besides ``num_classes``."""
         fields = [
             f.name
             for f in dataclasses.fields(self.module)
-            if f.init and f.name not in ("parent", "name", "num_classes") and f.name not in self.fixed
+            if f.init and f.name not in ("parent", "name", self.outputs_field) and f.name not in self.fixed
         ]
         return tuple(fields) + self.extra_kwargs
 
@@ -112,7 +121,7 @@ class ModelFactory:
             from jaxnn.models import nnx as nnx_models
 
             return nnx_models.from_nnx(getattr(nnx_models, self.nnx), num_classes=num_classes, **self.fixed, **kwargs)
-        return self.module(num_classes=num_classes, **self.fixed, **kwargs)
+        return self.module(**{self.outputs_field: num_classes}, **self.fixed, **kwargs)
 
 
 def _build_registry() -> dict[str, ModelFactory]:
@@ -130,6 +139,7 @@ def _build_registry() -> dict[str, ModelFactory]:
         "lstm": ModelFactory("lstm", RecurrentClassifier, fixed={"cell": "lstm"}),
         "gru": ModelFactory("gru", RecurrentClassifier, fixed={"cell": "gru"}),
         "transformer": ModelFactory("transformer", TransformerClassifier),
+        "transformer_lm": ModelFactory("transformer_lm", TransformerLM, outputs_field="vocab_size"),
         "seq2seq": ModelFactory("seq2seq", Seq2Seq),
         "vgg_small": ModelFactory("vgg_small", VGGSmall),
         "resnet": ModelFactory("resnet", CifarResNet, fixed={"plain": False}, required=("depth",)),

@@ -61,6 +61,11 @@ class Seq2Seq(nn.Module):
     eos_id: int = 2
     param_dtype: Any = None
 
+    @property
+    def input_vocab_size(self) -> int:
+        """The token ids the model reads lie in [0, input_vocab_size) (the source's and the answer's vocabulary)."""
+        return max(self.num_classes, self.vocab_size or 0)
+
     def __post_init__(self) -> None:
         owner = "Seq2Seq"
         check_int(self.num_classes, f"{owner}: num_classes", minimum=2, allow_bool=False)

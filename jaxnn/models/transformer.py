@@ -86,6 +86,9 @@ class _Encoder(nn.Module):
             if jnp.ndim(x) != 2:
                 raise ValueError(f"{self.owner}: x: expected token ids of shape (batch, time), got shape "
                                  f"{jnp.shape(x)}")
+            if not isinstance(x, jax.core.Tracer) and jnp.size(x) and (jnp.min(x) < 0 or jnp.max(x) >= self.vocab_size):
+                raise ValueError(f"{self.owner}: x: expected token ids in [0, {self.vocab_size}) (vocab_size), got ids "
+                                 f"in [{int(jnp.min(x))}, {int(jnp.max(x))}]")
             h = nn.Embed(self.vocab_size, self.dim, param_dtype=dtype, name="embed")(jnp.asarray(x).astype(jnp.int32))
         else:
             h = nn.Dense(self.dim, param_dtype=dtype, name="embed")(as_sequences(x, self.owner).astype(dtype))
@@ -142,6 +145,11 @@ class TransformerClassifier(nn.Module):
     vocab_size: int | None = None
     param_dtype: Any = None
 
+    @property
+    def input_vocab_size(self) -> int | None:
+        """The token ids the model reads lie in [0, input_vocab_size) (None: it reads float features)."""
+        return self.vocab_size
+
     def __post_init__(self) -> None:
         _check_fields(self, "TransformerClassifier")
         check_int(self.num_classes, "TransformerClassifier: num_classes", allow_bool=False)
@@ -165,6 +173,11 @@ class TransformerLM(nn.Module):
     max_len: int = 128
     dropout: float = 0.0
     param_dtype: Any = None
+
+    @property
+    def input_vocab_size(self) -> int:
+        """The token ids the model reads lie in [0, input_vocab_size)."""
+        return self.vocab_size
 
     def __post_init__(self) -> None:
         _check_fields(self, "TransformerLM")

@@ -271,6 +271,19 @@ def decoded_accuracy(model, state: TrainState, split: data_lib.Split, prefix: st
     return {f"{prefix}_sequence_accuracy": models.sequence_accuracy(np.concatenate(answers), split.y)}
 
 
+def language_model_perplexities(dataset: data_lib.Dataset, final: dict) -> dict:
+    """Per-token perplexity exp(loss) of every evaluated split, and on the test split (val when there is none) the
+    unigram and bigram perplexities fitted on the train split (:func:`jaxnn.data.text.ngram_perplexities`), the
+    numbers a language model has to beat."""
+    out = {f"{split}_perplexity": float(np.exp(final[f"{split}_loss"]))
+           for split in ("train", "val", "test") if f"{split}_loss" in final}
+    held_out = "test" if len(dataset.test) else "val"
+    if len(dataset.split(held_out)):
+        baselines = data_lib.text.ngram_perplexities(dataset.train, dataset.split(held_out), dataset.num_classes)
+        out.update({f"{held_out}_{name}_perplexity": value for name, value in baselines.items()})
+    return out
+
+
 def summarize(cfg, dataset, model, result: FitResult, wall_time_s: float, resumed_from: int | None) -> dict:
     classification = dataset.task == "classification"
     eval_step = make_eval_step(cfg.train.loss, classification=classification)
@@ -283,6 +296,8 @@ def summarize(cfg, dataset, model, result: FitResult, wall_time_s: float, resume
     if isinstance(model, models.Seq2Seq):  # the model's own answers, not the teacher-forced tokens
         for split in ("val", "test"):
             final.update(decoded_accuracy(model, result.state, getattr(dataset, split), split))
+    if dataset.info.get("language_model") and cfg.train.loss == "sequence_cross_entropy":
+        final.update(language_model_perplexities(dataset, final))
     return {
         "name": cfg.name, "dataset": dataset.name, "model": cfg.model.name,
         "num_params": int(models.count_params(result.state.params)),

@@ -25,7 +25,7 @@ def _row_keys(x, y):
 
 def test_registry_names_and_default():
     assert data.dataset_names() == sorted(
-        ["digits", "mnist", "fashion_mnist", "cifar10", "blobs", "teacher_student", "quadratic", "seq2seq"])
+        ["digits", "mnist", "fashion_mnist", "cifar10", "blobs", "teacher_student", "quadratic", "seq2seq", "text"])
     assert data.DEFAULT_DATASET == "digits"
     assert set(data.DATASETS) == set(data.dataset_names())
     assert data.dataset_options("blobs")["num_classes"] == 3

@@ -38,9 +38,12 @@ def test_model_names_are_the_sorted_registry_keys():
 @pytest.mark.parametrize("train", [False, True])
 def test_every_registered_model_maps_a_digits_batch_to_logits(name, train, abstract_init):
     model = build(name)
-    # the encoder-decoder reads a source and a decoder input of token ids and answers every position
-    input_shape, x, expected = ((2, 5), jnp.zeros((2, 2, 5), jnp.int32), (2, 5, 10)) if name == "seq2seq" else (
-        (8, 8, 1), jnp.zeros((2, 8, 8, 1)), (2, 10))
+    # the sequence models read token ids and answer every position: the encoder-decoder a source and a decoder
+    # input, the language model one sequence
+    input_shape, x, expected = {
+        "seq2seq": ((2, 5), jnp.zeros((2, 2, 5), jnp.int32), (2, 5, 10)),
+        "transformer_lm": ((5,), jnp.zeros((2, 5), jnp.int32), (2, 5, 10)),
+    }.get(name, ((8, 8, 1), jnp.zeros((2, 8, 8, 1)), (2, 10)))
     params, state = abstract_init(model, input_shape)
 
     def forward(params, state, x):
