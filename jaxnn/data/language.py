@@ -2,10 +2,10 @@
 
 Every sentence is drawn from a few templates over fixed word lists:
 
-* people: ``the king wears his crown and he smiles .`` / ``the kings wear their crown and they smile .`` — each
-  person noun comes in a male/female pair (king/queen, man/woman, father/mother, …) that shares its role's words
-  (crown, throne, …) and differs only in the pronouns (his/he against her/she); plurals differ from singulars only
-  in their/they and the verb's form;
+* people: ``the king guarded his crown and he smiles .`` / ``the kings guarded their crown and his friends smile
+  .`` — each person noun comes in a male/female pair (king/queen, man/woman, father/mother, …) that shares its
+  role's words (crown, throne, ruled, …) and differs only in the pronouns (his/he against her/she); plurals differ
+  from singulars only in the words every role shares (their/friends against he, smile against smiles);
 * places: ``france is a large country and they speak french there .``, ``paris is the capital of france and people
   in paris speak french .``, ``paris is a busy city with old streets .``;
 * filler: ``it is cold today and the rain is heavy .`` (frequent function words, as in real text).
@@ -23,14 +23,14 @@ from jaxnn.validation import check_int
 
 # (male, female, two words of this pair), grouped by role with the role's shared words and verbs
 _PEOPLE = {
-    "royal": (("crown", "throne", "palace"), ("rules", "rule", "guards", "guard"), [
+    "royal": (("crown", "throne", "palace"), ("ruled", "guarded"), [
         ("king", "queen", "kingdom", "reign"), ("prince", "princess", "horse", "sword"),
         ("lord", "lady", "estate", "castle")]),
-    "family": (("house", "garden", "dinner"), ("cooks", "cook", "cleans", "clean"), [
+    "family": (("house", "garden", "dinner"), ("cooked", "cleaned"), [
         ("father", "mother", "kitchen", "table"), ("son", "daughter", "school", "books"),
         ("brother", "sister", "bicycle", "room"), ("uncle", "aunt", "farm", "orchard"),
         ("husband", "wife", "wedding", "ring")]),
-    "work": (("office", "money", "job"), ("needs", "need", "likes", "like"), [
+    "work": (("office", "money", "job"), ("needed", "liked"), [
         ("man", "woman", "car", "road"), ("boy", "girl", "ball", "park"), ("actor", "actress", "stage", "film"),
         ("waiter", "waitress", "restaurant", "plates")]),
 }
@@ -56,11 +56,11 @@ def _person_sentence(rng: np.random.Generator) -> str:
     female_noun = bool(rng.integers(2))
     noun = female if female_noun else male
     thing = (shared + tuple(own))[int(rng.integers(len(shared) + len(own)))]
-    verb, mood = int(rng.integers(2)) * 2, _MOODS[int(rng.integers(len(_MOODS)))]
+    verb, mood = verbs[int(rng.integers(len(verbs)))], _MOODS[int(rng.integers(len(_MOODS)))]
+    his, he = ("her", "she") if female_noun else ("his", "he")
     if rng.random() < 0.5:  # singular
-        his, he = ("her", "she") if female_noun else ("his", "he")
-        return f"the {noun} {verbs[verb]} {his} {thing} and {he} {mood[0]} ."
-    return f"the {plural(noun)} {verbs[verb + 1]} their {thing} and they {mood[1]} ."
+        return f"the {noun} {verb} {his} {thing} and {he} {mood[0]} ."
+    return f"the {plural(noun)} {verb} their {thing} and {his} friends {mood[1]} ."
 
 
 def _place_sentence(rng: np.random.Generator) -> str:

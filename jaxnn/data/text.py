@@ -241,3 +241,33 @@ def load_text(*, data_dir=None, seed: int = 0, download: bool = True, corpus: st
             "vocabulary": vocabulary.tokens if len(vocabulary) <= 2000 else None}
     return SourceData(x=x, y=y, num_classes=len(vocabulary), task="classification", info=info, x_test=x_test,
                       y_test=y_test, token_inputs=True)
+
+
+def read_analogies(source: str | pathlib.Path, vocabulary: Vocabulary, *, lowercase: bool = True
+                   ) -> tuple[dict[str, np.ndarray], int]:
+    """Analogy questions in word2vec's ``questions-words.txt`` format (``: section`` lines, then ``a b c d`` lines)
+    as ``({section: ids (N, 4)}, skipped)``; a question with a word outside ``vocabulary`` is skipped and counted, as
+    word2vec's ``compute-accuracy`` does. ``source``: a file path, or the text itself when it contains a newline."""
+    if isinstance(source, pathlib.Path) or "\n" not in str(source):
+        path = pathlib.Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"analogy file {path} does not exist")
+        source = path.read_text(encoding="utf-8")
+    sections: dict[str, list] = {}
+    section, skipped = None, 0
+    for number, line in enumerate(str(source).splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith(":"):
+            section = line[1:].strip()
+            sections.setdefault(section, [])
+            continue
+        words = line.lower().split() if lowercase else line.split()
+        if len(words) != 4 or section is None:
+            raise ValueError(f"analogy line {number}: expected four words after a ': section' line, got {line!r}")
+        if all(word in vocabulary.ids for word in words):
+            sections[section].append([vocabulary.ids[word] for word in words])
+        else:
+            skipped += 1
+    return {name: np.asarray(rows, np.int32).reshape(-1, 4) for name, rows in sections.items()}, skipped

@@ -47,6 +47,8 @@ from jaxnn.models.transformer import (
     sinusoidal_positions,
 )
 from jaxnn.models.vgg import VGGSmall
+from jaxnn.models.word2vec import (SkipGram, analogy_accuracy, analogy_predictions, nearest_neighbours,
+                                   negative_sampling_loss)
 
 
 def from_nnx(build, **kwargs):
@@ -74,10 +76,13 @@ __all__ = [
     "RESNET_DEPTHS",
     "RecurrentClassifier",
     "Seq2Seq",
+    "SkipGram",
     "TransformerBlock",
     "TransformerClassifier",
     "TransformerLM",
     "VGGSmall",
+    "analogy_accuracy",
+    "analogy_predictions",
     "beam_search",
     "count_params",
     "default_param_dtype",
@@ -88,6 +93,8 @@ __all__ = [
     "get_model",
     "init_model",
     "model_names",
+    "nearest_neighbours",
+    "negative_sampling_loss",
     "normalization_layer",
     "option_a_shortcut",
     "resnet_blocks_per_stage",
