@@ -1,4 +1,4 @@
-"""Generated sequence-to-sequence problems with an exact answer: reverse, sort, add two numbers, normalise dates.
+"""Generated sequence-to-sequence problems with an exact answer: copy, reverse, sort, add two numbers, normalise dates.
 
 Every problem is over one character vocabulary (`VOCABULARY`: ``<pad>``, ``<bos>``, ``<eos>``, the digits, the
 lowercase letters and ``+ - / ,`` and space). An example is stored as
@@ -10,7 +10,9 @@ lowercase letters and ``+ - / ,`` and space). An example is stored as
 so ``y[t]`` is the token that follows the decoder input up to position t, and ``L`` is the longest source or target
 (with its ``<eos>``). Sources are drawn without repetition, so the train, validation and test splits share no source.
 
-* ``reverse``: ``length`` symbols drawn from the first ``alphabet`` letters, written backwards.
+* ``copy``: ``length`` symbols drawn from the first ``alphabet`` letters, written again (the alignment of a
+  translation: answer token i comes from source token i).
+* ``reverse``: the same symbols, written backwards.
 * ``sort``: the same symbols, sorted.
 * ``add``: ``a+b`` with a, b of 1 to ``length`` digits, answered by the decimal sum.
 * ``dates``: a date between 1950 and 2049 in one of six spellings ("7 march 1999", "march 7, 1999",
@@ -33,7 +35,7 @@ SPECIALS = ("<pad>", "<bos>", "<eos>")
 CHARACTERS = "0123456789abcdefghijklmnopqrstuvwxyz+-/, "
 VOCABULARY: tuple[str, ...] = SPECIALS + tuple(CHARACTERS)
 """Token id -> text: three special tokens, then one character each."""
-PROBLEMS = ("reverse", "sort", "add", "dates")
+PROBLEMS = ("reverse", "sort", "add", "dates", "copy")  # the order seeds the draws: append new ones
 
 _IDS = {character: index for index, character in enumerate(VOCABULARY)}
 _MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
@@ -63,10 +65,11 @@ def decode(tokens: Sequence[int]) -> str:
     return "".join(out)
 
 
-def _reverse_or_sort(problem: str, length: int, min_length: int, alphabet: int, rng: np.random.Generator):
+def _symbols(problem: str, length: int, min_length: int, alphabet: int, rng: np.random.Generator):
     size = int(rng.integers(min_length, length + 1))
     symbols = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"[:alphabet]), size))
-    return symbols, symbols[::-1] if problem == "reverse" else "".join(sorted(symbols))
+    answers = {"copy": symbols, "reverse": symbols[::-1], "sort": "".join(sorted(symbols))}
+    return symbols, answers[problem]
 
 
 def _add(length: int, rng: np.random.Generator):
@@ -84,7 +87,7 @@ def _date(rng: np.random.Generator):
 
 
 def _space_size(problem: str, length: int, min_length: int, alphabet: int) -> float:
-    if problem in ("reverse", "sort"):
+    if problem in ("copy", "reverse", "sort"):
         return float(sum(alphabet ** n for n in range(min_length, length + 1)))
     if problem == "add":
         return float(10 ** length) ** 2
@@ -108,8 +111,8 @@ def generate_pairs(problem: str, num_examples: int, *, length: int = 10, min_len
     rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(PROBLEMS.index(problem),)))
     pairs: dict[str, str] = {}
     while len(pairs) < num_examples:
-        if problem in ("reverse", "sort"):
-            source, answer = _reverse_or_sort(problem, length, min_length, alphabet, rng)
+        if problem in ("copy", "reverse", "sort"):
+            source, answer = _symbols(problem, length, min_length, alphabet, rng)
         elif problem == "add":
             source, answer = _add(length, rng)
         else:
@@ -143,8 +146,8 @@ def load_seq2seq(*, data_dir=None, seed: int = 0, download: bool = True, problem
                  reverse_source: bool = False) -> SourceData:
     """A generated problem (see the module docstring) as a data set of token ids with sequence labels.
 
-    ``length``: symbols per sequence (reverse, sort; ``min_length`` .. ``length``, default all ``length``) or most
-    digits per number (add); dates ignore it. ``alphabet``: letters used by reverse and sort. Nothing is read from
+    ``length``: symbols per sequence (copy, reverse, sort; ``min_length`` .. ``length``, default all ``length``) or
+    most digits per number (add); dates ignore it. ``alphabet``: letters used by copy, reverse and sort. Nothing is read from
     ``data_dir`` nor downloaded."""
     del data_dir, download
     pairs = generate_pairs(problem, num_examples, length=length, min_length=min_length, alphabet=alphabet, seed=seed)

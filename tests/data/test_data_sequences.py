@@ -83,3 +83,8 @@ def test_bad_options_and_labels_are_named():
     with pytest.raises(TypeError, match="expected integer token ids with token_inputs=True"):
         data.SourceData(x=x.astype(float), y=np.zeros(4), num_classes=2, task="classification", info={},
                         token_inputs=True)
+
+
+def test_copy_answers_its_source():
+    for source, answer in sequences.generate_pairs("copy", 20, length=5, seed=0):
+        assert answer == source and len(source) == 5
