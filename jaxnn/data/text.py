@@ -104,16 +104,24 @@ def read_corpus(folder: str | pathlib.Path, files: Sequence[str] = CORPUS_FILES)
         raise FileNotFoundError(f"corpus folder {folder} does not exist (it holds {', '.join(files)})")
     texts = {}
     for name in files:
-        path = folder / name
-        if not path.is_file():
+        if not (folder / name).is_file():
             raise FileNotFoundError(f"corpus folder {folder} lacks {name} (a corpus folder holds {', '.join(files)})")
-        try:
-            texts[name] = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise ValueError(f"corpus file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-        if not texts[name].strip():
-            raise ValueError(f"corpus file {path} is empty")
+        texts[name] = read_corpus_file(folder / name)
     return texts
+
+
+def read_corpus_file(path: str | pathlib.Path) -> str:
+    """One corpus file's text (UTF-8); a missing, empty or undecodable file is named in one line."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"corpus file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not text.strip():
+        raise ValueError(f"corpus file {path} is empty")
+    return text
 
 
 def windows(ids: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
