@@ -76,11 +76,12 @@ def batch_rows(num_examples: int, batch_size: int, seed: int, start: int, count:
 
 
 def device_dtypes(split: Split) -> tuple[np.dtype, np.dtype]:
-    """x: the split's float dtype canonicalised by jax (float64 only under x64), int32 for integer inputs (token
-    ids), float32 for other inputs (bool); y: int32 for labels, canonicalised float for targets."""
+    """x: the split's float dtype canonicalised by jax (float64 only under x64), int32 for signed integer inputs
+    (token ids), float32 for others (unsigned integers such as uint8 pixels, bool); y: int32 for labels,
+    canonicalised float for targets."""
     if np.issubdtype(split.x.dtype, np.floating):
         x_dtype = split.x.dtype
-    elif np.issubdtype(split.x.dtype, np.integer):
+    elif np.issubdtype(split.x.dtype, np.signedinteger):
         x_dtype = np.dtype(np.int32)
     else:
         x_dtype = np.dtype(np.float32)

@@ -79,6 +79,7 @@ class Vocabulary:
 
     def encode(self, tokens: Iterable[str], *, strict: bool = False) -> np.ndarray:
         """int32 ids; a token outside the vocabulary becomes ``<unk>``, or with ``strict`` is refused by name."""
+        tokens = list(tokens)
         ids = [self.ids.get(token, UNK) for token in tokens]
         if strict and UNK in ids:
             unknown = sorted({token for token in tokens if token not in self.ids})

@@ -62,9 +62,10 @@ class Seq2Seq(nn.Module):
     param_dtype: Any = None
 
     @property
-    def input_vocab_size(self) -> int:
-        """The token ids the model reads lie in [0, input_vocab_size) (the source's and the answer's vocabulary)."""
-        return max(self.num_classes, self.vocab_size or 0)
+    def input_vocab_size(self) -> tuple[int, int]:
+        """The token ids the model reads, per row of ``x``: the source's in [0, vocab_size), the decoder input's in
+        [0, num_classes)."""
+        return (self.num_classes if self.vocab_size is None else self.vocab_size, self.num_classes)
 
     def __post_init__(self) -> None:
         owner = "Seq2Seq"

@@ -84,11 +84,15 @@ def check_inputs(state: TrainState, dataset: data_lib.Dataset, loss_name: str | 
                             "one label per example"))
     vocab = getattr(getattr(state.apply_fn, "__self__", None), "input_vocab_size", None)
     if vocab is not None and np.issubdtype(dataset.train.x.dtype, np.integer):
+        rows = [(f" (row {row} of each example)", vocab[row], lambda x, row=row: x[:, row])
+                for row in range(len(vocab))] if isinstance(vocab, tuple) else [("", vocab, lambda x: x)]
         for split_name in ("train", "val", "test"):
-            x = getattr(dataset, split_name).x
-            if x.size and (x.min() < 0 or x.max() >= vocab):
-                raise ValueError(f"token ids out of range in the {split_name} split: found ids in [{int(x.min())}, "
-                                 f"{int(x.max())}], the model reads {vocab} tokens (valid: 0..{vocab - 1})")
+            for where, size, part in rows:
+                x = part(getattr(dataset, split_name).x)
+                if x.size and (x.min() < 0 or x.max() >= size):
+                    raise ValueError(f"token ids out of range in the {split_name} split{where}: found ids in "
+                                     f"[{int(x.min())}, {int(x.max())}], the model reads {size} tokens there (valid: "
+                                     f"0..{size - 1})")
     if dataset.task == "classification" and loss_name in losses.CLASSIFICATION_LOSSES:
         classes = num_outputs(state, dataset.input_shape)
         for split_name in ("train", "val", "test"):

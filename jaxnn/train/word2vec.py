@@ -98,7 +98,9 @@ def skipgram_pairs(ids: np.ndarray, keep: np.ndarray, window: int, rng: np.rando
 def noise_cdf(counts: Any, power: float = 0.75) -> jax.Array:
     """The cumulative noise distribution: counts^power, normalised, summed (float32)."""
     weights = np.asarray(counts, np.float64) ** power
-    return jnp.asarray(np.cumsum(weights / weights.sum()), jnp.float32)
+    cdf = np.cumsum(weights / weights.sum())
+    cdf[-1] = 1.0  # rounding must not leave mass past the last id
+    return jnp.asarray(cdf, jnp.float32)
 
 
 def draw_noise(key: jax.Array, cdf: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -187,3 +187,15 @@ def test_shipped_config_trains_and_reports_the_decoded_accuracy(tmp_path):
     state = create_train_state(loaded.model, optax.adam(1e-3), dataset.input_shape, jax.random.key(0))
     with pytest.raises(ValueError, match="sequence labels .* need loss 'sequence_cross_entropy'"):
         fit(state, dataset, loss="softmax_cross_entropy", batch_size=8, num_steps=1, progress=False)
+
+
+def test_fit_checks_each_row_against_its_own_vocabulary():
+    # a source vocabulary of 5 under an answer vocabulary of 10: source id 7 is out of range though 7 < 10
+    x = np.array([[[3, 7, 0], [1, 4, 2]]] * 4, np.int32)
+    split = data.Split(x, np.array([[4, 2, -1]] * 4, np.int32))
+    dataset = data.Dataset("s", split, split, split, 10, (2, 3), "classification", {})
+    model = models.Seq2Seq(num_classes=10, vocab_size=5)
+    state = create_train_state(model, optax.adam(1e-3), dataset.input_shape, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"token ids out of range in the train split \(row 0 of each example\): "
+                                         r"found ids in \[0, 7\], the model reads 5 tokens there"):
+        fit(state, dataset, loss="sequence_cross_entropy", batch_size=4, num_steps=1, progress=False)
