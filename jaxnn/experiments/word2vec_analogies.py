@@ -56,20 +56,21 @@ def _train(ids, vocabulary, questions, config, negatives, subsample, seed, progr
     pairs = np.unique(every[:, :2], axis=0)
     scores = []
 
-    ends = []
+    ends, resumed = [], []
 
     def score(epoch, params):
         vectors = np.asarray(params["words"]["embedding"])  # waits for the epoch's last step
         ends.append(time.perf_counter())
         scores.append({"epoch": epoch, "accuracy": models.analogy_accuracy(vectors, every),
                        "neighbours": neighbour_hits(vectors, pairs, config["neighbours"])})
+        resumed.append(time.perf_counter())  # scoring is not training time
 
     options = Word2VecOptions(dim=config["dim"], window=config["window"], negatives=negatives, subsample=subsample,
                               batch_size=config["batch_size"], epochs=config["epochs"],
                               learning_rate=config["learning_rate"], seed=seed)
     started = time.perf_counter()
     result = train_word2vec(ids, len(vocabulary), options, on_epoch=score, progress=progress)
-    epochs = np.diff([started] + ends)  # the first includes compiling; later ones are steady state
+    epochs = np.array(ends) - np.array([started] + resumed[:-1])  # the first includes compiling
     sections = {name: models.analogy_accuracy(result.embeddings, rows) for name, rows in questions.items()}
     return {"negatives": negatives, "subsample": subsample, "seed": seed, "by_epoch": scores,
             "sections": sections, "pairs_per_epoch": result.pairs_per_epoch[0],
