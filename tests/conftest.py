@@ -28,6 +28,19 @@ atexit.register(shutil.rmtree, os.environ["JAXNN_CACHE_DIR"], ignore_errors=True
 # comparison there has a tolerance). The bit-identity checks of tests/train that matter most (resume after SIGKILL,
 # 8 devices, 2 processes) start their processes without these flags, at XLA's default level, as users run; its
 # in-process checks compare programs compiled at the same level on both sides.
+# One OpenBLAS thread for numpy's and scipy's LAPACK (the dense eigendecompositions and solves that are the oracles of
+# many tests), here and in the processes the suite starts. On 2 cores shared with XLA's own threads (and other
+# processes) OpenBLAS's spinning threads made one float64 eigvalsh of a 1,482 x 1,482 Hessian take 0.3-6 s; with one
+# thread it takes 0.19 s every time. Only the thread count changes: the same LAPACK routines, the same checks. numpy
+# is already imported when this file runs (a pytest plugin imports it), so its library is limited at run time too.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+try:
+    import threadpoolctl
+
+    threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]), user_api="blas")
+except ImportError:  # threadpoolctl comes with scikit-learn (a test extra); without it only the speed differs
+    pass
+
 os.environ["JAXNN_TEST_XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = (os.environ["JAXNN_TEST_XLA_FLAGS"] + " --xla_backend_optimization_level=0").strip()
 
