@@ -41,6 +41,15 @@ NORM_EPSILON = 1e-5
 """ε added to the variance in batch and layer norm."""
 
 
+class ReadsTokens:
+    """Mixin of the models that read token ids from a ``vocab_size`` table: ``input_vocab_size`` is what ``fit``
+    checks the data's ids against (None: the model reads float features)."""
+
+    @property
+    def input_vocab_size(self) -> int | None:
+        return self.vocab_size
+
+
 def default_param_dtype() -> jnp.dtype:
     """The default float dtype: float32, or float64 when ``jax_enable_x64`` is on."""
     return jnp.result_type(float)

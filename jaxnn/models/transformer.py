@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnn.models.layers import resolve_param_dtype
+from jaxnn.models.layers import ReadsTokens, resolve_param_dtype
 from jaxnn.models.recurrent import as_sequences
 from jaxnn.validation import check_choice, check_float, check_int
 
@@ -128,7 +128,7 @@ def _check_fields(module, owner: str) -> None:
     check_float(module.dropout, f"{owner}: dropout", minimum=0.0, maximum=1.0, exclusive_maximum=True, strict=True)
 
 
-class TransformerClassifier(nn.Module):
+class TransformerClassifier(ReadsTokens, nn.Module):
     """A pre-LN Transformer encoder over the sequence, mean-pooled over time, then a dense head (see the module
     docstring). ``vocab_size``: read token ids (B, T) instead of float features; ``causal``: each position attends
     to itself and the past only."""
@@ -145,11 +145,6 @@ class TransformerClassifier(nn.Module):
     vocab_size: int | None = None
     param_dtype: Any = None
 
-    @property
-    def input_vocab_size(self) -> int | None:
-        """The token ids the model reads lie in [0, input_vocab_size) (None: it reads float features)."""
-        return self.vocab_size
-
     def __post_init__(self) -> None:
         _check_fields(self, "TransformerClassifier")
         check_int(self.num_classes, "TransformerClassifier: num_classes", allow_bool=False)
@@ -161,7 +156,7 @@ class TransformerClassifier(nn.Module):
         return nn.Dense(self.num_classes, param_dtype=resolve_param_dtype(self.param_dtype), name="head")(h.mean(1))
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(ReadsTokens, nn.Module):
     """A decoder-only (causal) Transformer language model: token ids (B, T) -> next-token logits (B, T, vocab)."""
 
     vocab_size: int
@@ -173,11 +168,6 @@ class TransformerLM(nn.Module):
     max_len: int = 128
     dropout: float = 0.0
     param_dtype: Any = None
-
-    @property
-    def input_vocab_size(self) -> int:
-        """The token ids the model reads lie in [0, input_vocab_size)."""
-        return self.vocab_size
 
     def __post_init__(self) -> None:
         _check_fields(self, "TransformerLM")

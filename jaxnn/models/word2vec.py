@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnn.models.layers import resolve_param_dtype
+from jaxnn.models.layers import ReadsTokens, resolve_param_dtype
 from jaxnn.validation import check_int
 
 
-class SkipGram(nn.Module):
+class SkipGram(ReadsTokens, nn.Module):
     """Input vectors ``words`` and output vectors ``contexts`` (vocab_size × dim each; word2vec's initialisation:
     inputs uniform in ±0.5/dim, outputs zero). ``x`` (B, 2 + K) ids -> scores (B, 1 + K) = v_{x[:, 0]}ᵀ u_{x[:, j]}."""
 
@@ -35,10 +35,6 @@ class SkipGram(nn.Module):
         check_int(self.vocab_size, "SkipGram: vocab_size", minimum=2, allow_bool=False)
         check_int(self.dim, "SkipGram: dim", allow_bool=False)
         super().__post_init__()
-
-    @property
-    def input_vocab_size(self) -> int:
-        return self.vocab_size
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -5,7 +5,8 @@ the corpus, t = ``subsample``; t = 0 keeps all), each kept token draws a window 
 the kept tokens within r on each side, and the pairs are shuffled. On the device, each batch of pairs draws
 ``negatives`` noise contexts per pair from the unigram distribution raised to ``noise_power`` (0.75 in word2vec)
 and takes one optimizer step on :func:`jaxnn.models.word2vec.negative_sampling_loss`; ``steps_per_call`` steps run
-in one ``lax.scan``. The loss is the pure ``loss_fn(params, batch)`` of :func:`skipgram_loss_fn`, so the curvature
+in one ``lax.scan`` (an epoch's remainder one step per call: every epoch reuses the same two compiled programs,
+where a remainder of its own length compiled anew each epoch). The loss is the pure ``loss_fn(params, batch)`` of :func:`skipgram_loss_fn`, so the curvature
 and landscape engines take it too.
 """
 
@@ -187,9 +188,11 @@ def train_word2vec(ids: Any, vocab_size: int, options: Word2VecOptions | None = 
         pairs_per_epoch.append(len(pairs))
         count = len(pairs) // options.batch_size
         batches = pairs[:count * options.batch_size].reshape(count, options.batch_size, 2)
-        for begin in range(0, count, options.steps_per_call):
+        full = count - count % options.steps_per_call  # full calls, then single steps: two compiled shapes in all
+        for begin, end in [(b, b + options.steps_per_call) for b in range(0, full, options.steps_per_call)] + [
+                (b, b + 1) for b in range(full, count)]:
             key, call_key = jax.random.split(key)
-            chunk = batches[begin:begin + options.steps_per_call]
+            chunk = batches[begin:end]
             params, opt_state, loss = _train_steps(model, tx, options.negatives, params, opt_state, chunk,
                                                    cdf, call_key)
             losses.append(float(loss))
