@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax.numpy as jnp
 import optax
 
 from jaxnn.config import OptimizerConfig
@@ -85,18 +86,26 @@ def _cosine(o, total):
     return optax.cosine_decay_schedule(o.lr, decay_steps=o.decay_steps or total, alpha=o.end_lr_fraction)
 
 
+def _warmup_then_cosine(init, lr, warmup_steps, decay_steps, end_fraction):
+    """``optax.warmup_cosine_decay_schedule(init, lr, warmup_steps, decay_steps, lr * end_fraction)``, built from the
+    same two optax pieces but given the end as a fraction of the peak: optax recovers that fraction as end / peak
+    behind a Python ``if peak == 0``, which a traced learning rate (a sweep member's) cannot pass."""
+    return optax.join_schedules([optax.linear_schedule(init, lr, warmup_steps),
+                                 optax.cosine_decay_schedule(lr, decay_steps - warmup_steps, alpha=end_fraction)],
+                                [warmup_steps])
+
+
 def _warmup_cosine(o, total):
-    decay = o.decay_steps or total
-    return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup_steps=o.warmup_steps, decay_steps=max(decay, o.warmup_steps + 1),
-                                              end_value=o.lr * o.end_lr_fraction)
+    decay = max(o.decay_steps or total, o.warmup_steps + 1)
+    return _warmup_then_cosine(0.0, o.lr, o.warmup_steps, decay, o.end_lr_fraction)
 
 
 def _warm_restarts(o, total):
+    """optax.sgdr_schedule's cycles (each a warmup then a cosine decay over ``restart_period`` steps)."""
     period = o.restart_period
     cycles = max(1, -(-total // period))
-    return optax.sgdr_schedule([dict(init_value=0.0 if o.warmup_steps else o.lr, peak_value=o.lr,
-                                     warmup_steps=o.warmup_steps, decay_steps=period,
-                                     end_value=o.lr * o.end_lr_fraction)] * cycles)
+    cycle = _warmup_then_cosine(0.0 if o.warmup_steps else o.lr, o.lr, o.warmup_steps, period, o.end_lr_fraction)
+    return optax.join_schedules([cycle] * cycles, [period * (i + 1) for i in range(cycles - 1)])
 
 
 SCHEDULES: dict[str, Callable] = {
@@ -114,7 +123,14 @@ def build_schedule(o: OptimizerConfig, total_steps: int) -> optax.Schedule:
     if o.warmup_steps and o.schedule not in ("warmup_cosine", "warm_restarts"):
         warmup = optax.linear_schedule(0.0, o.lr, o.warmup_steps)
         schedule = optax.join_schedules([warmup, schedule], [o.warmup_steps])
-    return schedule
+    return _float_count(schedule)
+
+
+def _float_count(schedule: optax.Schedule) -> optax.Schedule:
+    """``schedule`` with the step count cast to the default float first. optax's schedules divide the int32 count
+    (``count / steps``), which JAX computes in float32 even under x64, so a float64 run's learning rate was rounded
+    to float32 (~1e-10 relative; a sweep member's traced float64 rate was not, and the two drifted apart)."""
+    return lambda count: schedule(jnp.asarray(count, jnp.result_type(float)))
 
 
 def build_optimizer(o: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

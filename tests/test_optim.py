@@ -108,6 +108,34 @@ def test_schedules_closed_forms(name):
         assert float(s(12)) == pytest.approx(0.5 * (1 + math.cos(math.pi * 12 / 25)), abs=1e-5)
 
 
+@pytest.mark.parametrize("name", ["constant", "step", "exponential", "cosine", "warmup_cosine", "warm_restarts"])
+def test_every_schedule_takes_a_traced_learning_rate(name, x64):
+    """A sweep over optimizer.lr builds each member's schedule inside a vmap: a traced lr. Its values equal the
+    schedule of the float lr; warmup_cosine and warm_restarts equal optax's own schedules, which refuse a traced lr
+    (their end / peak division sits behind a Python ``if``). Float64 throughout: the int32 step count of an
+    optimizer state gives float64 rates (optax's count / steps alone computes in float32)."""
+    cfg = dict(name="sgd", schedule=name, boundaries=(0.5, 75), decay_rate=0.1, warmup_steps=10, restart_period=25,
+               end_lr_fraction=0.05)
+    steps = jnp.arange(0, 101, 3)
+    traced = jax.jit(jax.vmap(lambda lr: jax.vmap(optim.build_schedule(OptimizerConfig(lr=lr, **cfg), 100))(steps)))
+    lrs = [0.3, 2.0]
+    plain = [np.asarray([optim.build_schedule(OptimizerConfig(lr=lr, **cfg), 100)(int(t)) for t in steps])
+             for lr in lrs]
+    np.testing.assert_allclose(np.asarray(traced(jnp.asarray(lrs))), np.stack(plain), rtol=1e-14, atol=1e-16)
+    counted = optim.build_schedule(OptimizerConfig(lr=0.3, **cfg), 100)(jnp.asarray(9, jnp.int32))
+    assert counted.dtype == jnp.float64 and float(counted) == pytest.approx(plain[0][steps.tolist().index(9)],
+                                                                            rel=1e-15)
+    for lr, values in zip(lrs, plain):
+        if name == "warmup_cosine":
+            reference = optax.warmup_cosine_decay_schedule(0.0, lr, 10, 100, end_value=0.05 * lr)
+        elif name == "warm_restarts":
+            reference = optax.sgdr_schedule([dict(init_value=0.0, peak_value=lr, warmup_steps=10, decay_steps=25,
+                                                  end_value=0.05 * lr)] * 4)
+        else:
+            continue
+        np.testing.assert_allclose(values, [float(reference(float(t))) for t in steps], rtol=1e-14, atol=1e-16)
+
+
 def test_linear_warmup_prepended():
     s = optim.build_schedule(OptimizerConfig(lr=2.0, warmup_steps=4), 100)
     assert [float(s(t)) for t in (0, 2, 4, 50)] == pytest.approx([0.0, 1.0, 2.0, 2.0])
