@@ -677,6 +677,24 @@ class _PopulationRun:
         return rows
 
 
+def _example_scores(log_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per example (leading axes of ``log_probs`` kept): the negative log-likelihood and accuracy, as the losses
+    score them. ``log_probs`` (..., n, C) with labels (n,); or per position (..., n, T, C) with labels (n, T) and
+    ``IGNORE_LABEL`` (< 0) at padding: the mean over an example's scored positions (NLL 0, accuracy 1 for none),
+    as ``sequence_cross_entropy`` and ``example_accuracy``."""
+    scored = labels >= 0
+    index = np.broadcast_to(np.where(scored, labels, 0)[..., None], log_probs.shape[:-1] + (1,))
+    nll = -np.take_along_axis(log_probs, index, axis=-1)[..., 0]
+    right = log_probs.argmax(-1) == labels
+    if labels.ndim == 1:
+        return nll, right.astype(float)
+    axes = tuple(range(-(labels.ndim - 1), 0))
+    count = scored.sum(axis=axes)
+    nll = np.where(scored, nll, 0.0).sum(axis=axes) / np.maximum(count, 1)
+    accuracy = np.where(count > 0, (right & scored).sum(axis=axes) / np.maximum(count, 1), 1.0)
+    return nll, accuracy
+
+
 def ensemble_metrics(result: PopulationResult, split: data_lib.Split, batch_size: int = 1024) -> dict[str, float]:
     """The members as an ensemble on ``split``: accuracy and mean negative log-likelihood of the averaged
     probabilities, against the mean member and the best member (by accuracy on ``split``)."""
@@ -688,13 +706,12 @@ def ensemble_metrics(result: PopulationResult, split: data_lib.Split, batch_size
     log_probs = np.concatenate([np.asarray(apply(result.state, np.asarray(split.x[i:i + batch_size], x_dtype)))
                                 for i in range(0, len(split), batch_size)], axis=1)  # (N, n, C)
     labels = np.asarray(split.y, np.int64)
-    picked = np.take_along_axis(log_probs, labels[None, :, None], axis=2)[..., 0]  # (N, n)
-    member_nll = -picked.mean(axis=1)
-    member_accuracy = (log_probs.argmax(-1) == labels[None]).mean(axis=1)
+    member_nll, member_accuracy = _example_scores(log_probs, labels)
+    member_nll, member_accuracy = member_nll.mean(axis=1), member_accuracy.mean(axis=1)
     mixed = np.logaddexp.reduce(log_probs, axis=0) - math.log(log_probs.shape[0])  # log of the mean probability
+    ensemble_nll, ensemble_accuracy = _example_scores(mixed, labels)
     best = int(np.argmax(member_accuracy))
-    return {"ensemble_accuracy": float((mixed.argmax(-1) == labels).mean()),
-            "ensemble_nll": float(-np.take_along_axis(mixed, labels[:, None], axis=1).mean()),
+    return {"ensemble_accuracy": float(ensemble_accuracy.mean()), "ensemble_nll": float(ensemble_nll.mean()),
             "mean_member_accuracy": float(member_accuracy.mean()), "mean_member_nll": float(member_nll.mean()),
             "best_member": best, "best_member_accuracy": float(member_accuracy[best]),
             "best_member_nll": float(member_nll[best])}

@@ -101,6 +101,27 @@ def test_members_equal_single_runs_and_the_best_is_an_ordinary_run_folder(tmp_pa
     assert json.loads((out / "best" / "summary.json").read_text())["optimizer_state"] == "from the sweep"
 
 
+def test_a_sequence_model_sweeps_over_a_warmup_cosine_learning_rate(tmp_path, x64):
+    """An encoder-decoder on per-position labels, its learning rate swept under warmup_cosine (optax's own schedule
+    refused a member's traced rate; the ensemble read one label per example): each member equals its single run
+    (1e-12) and the ensemble's member columns equal the eval step's test metrics."""
+    cfg = small_config(tmp_path, {"optimizer.lr": [0.003, 0.01]}, **{
+        "data.name": "seq2seq", "data.kwargs": {"problem": "reverse", "num_examples": 400, "length": 5, "alphabet": 5},
+        "model.name": "seq2seq", "model.kwargs": {"cell": "gru", "embed_dim": 8, "hidden": 8, "attention": "dot"},
+        "train.loss": "sequence_cross_entropy", "optimizer.name": "adam", "optimizer.schedule": "warmup_cosine",
+        "optimizer.warmup_steps": 4, "optimizer.eps": 1e-4, "train.steps": 12, "train.log_every": 6})
+    summary = run_sweep(cfg, tmp_path / "sweep", log=lambda line: None)
+    rows = summary["rows"]
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    ensemble = summary["ensemble_test"]
+    assert ensemble["mean_member_accuracy"] == pytest.approx(np.mean([r["test_accuracy"] for r in rows]), abs=1e-9)
+    assert ensemble["mean_member_nll"] == pytest.approx(np.mean([r["test_loss"] for r in rows]), rel=1e-9)
+    assert 0 < ensemble["ensemble_accuracy"] <= 1
+    plan = sweep_members(cfg)
+    alone = train_from_config(member_config(cfg, plan, 1).replace(**{"name": "alone"}))
+    np.testing.assert_allclose(rows[1]["test_loss"], alone["final"]["test_loss"], rtol=1e-12)
+
+
 def test_killed_sweep_resumes_without_retraining_finished_chunks(tmp_path):
     cfg = small_config(tmp_path, {"optimizer.lr": [0.02, 0.05, 0.1, 0.2]}, **{"population.chunk": 2})
     out = tmp_path / "sweep"
