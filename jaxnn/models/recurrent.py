@@ -12,10 +12,18 @@ Layers stack (the hidden sequence of one is the input of the next); the logits a
 hidden state at each sequence's last valid step. Cost per example: T · num_layers cell steps, each
 (gates) · hidden · (fan_in + hidden) multiply-adds (gates: 1 Elman, 4 LSTM, 3 GRU).
 
-Inputs: sequences (B, T, F), or images (B, H, W, C) read row by row (T = H steps of W·C features: the digits are
-8 steps of 8 pixels). Variable lengths: ``model.apply(..., lengths=)`` with (B,) ints in [1, T]; steps at and after
-a sequence's length are ignored (its final state is the one at its last valid step). ``fit`` does not pass lengths
-yet (its batches are (x, y)). Gradient clipping is the optimizer's (``optimizer.clip_norm``).
+Inputs: sequences (B, T, F), images (B, H, W, C) read row by row (T = H steps of W·C features: the digits are
+8 steps of 8 pixels), or token ids (B, T) through an embedding table when ``vocab_size`` is set.
+
+Variable lengths: steps at and after a sequence's length are ignored (its final state is the one at its last valid
+step). Either ``model.apply(..., lengths=)`` with (B,) ints in [1, T], or — the way ``fit``'s (x, y) batches carry
+them — padding after each sequence's end marked by ``pad_value``: a token id, or for features a value that every
+feature of a padded step equals (Keras's ``Masking``). A sequence's length is then one past its last step that is
+not padding (at least 1), so padding inside a sequence counts as data.
+
+Truncated backpropagation through time: ``truncation=k`` cuts the gradient every k steps (the state carried into
+steps k, 2k, ... is ``stop_gradient``-ed); the forward pass is unchanged, so only the last segments of each sequence
+get gradient. Gradient clipping is the optimizer's (``optimizer.clip_norm``).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxnn.models.layers import resolve_param_dtype
+from jaxnn.models.layers import ReadsTokens, resolve_param_dtype
 from jaxnn.validation import check_choice, check_int
 
 CELLS = ("elman", "lstm", "gru")
@@ -53,14 +61,60 @@ def as_sequences(x: jax.Array, owner: str) -> jax.Array:
     return x
 
 
-class RecurrentClassifier(nn.Module):
+def lengths_from_padding(x: jax.Array, pad_value: float) -> jax.Array:
+    """(B,) int32: one past each sequence's last step that is not padding (at least 1). ``x``: token ids (B, T), or
+    features (B, T, F) where a padded step has every feature equal to ``pad_value``."""
+    padded = x == pad_value if x.ndim == 2 else jnp.all(x == pad_value, axis=-1)
+    steps = jnp.arange(1, x.shape[1] + 1)
+    return jnp.maximum(jnp.max(jnp.where(padded, 0, steps), axis=1), 1).astype(jnp.int32)
+
+
+def check_pad_value(pad_value: Any, vocab_size: int | None, owner: str) -> None:
+    """A model's ``pad_value``: None, a number, and with ``vocab_size`` a token id in [0, vocab_size)."""
+    if pad_value is None:
+        return
+    if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)):
+        raise TypeError(f"{owner}: pad_value: expected a number (a token id, or the value of a padded step's "
+                        f"features), got {pad_value!r}")
+    if vocab_size is not None and (int(pad_value) != pad_value or not 0 <= pad_value < vocab_size):
+        raise ValueError(f"{owner}: pad_value: expected a token id in [0, {vocab_size}) (vocab_size), got "
+                         f"{pad_value!r}")
+
+
+def truncated_rnn(rnn: nn.RNN, h: jax.Array, lengths: jax.Array | None, truncation: int) -> tuple[Any, jax.Array]:
+    """``rnn`` (one ``nn.RNN``, so one set of weights) over ``h`` (B, T, F) in segments of ``truncation`` steps, the
+    state carried from one segment into the next through ``stop_gradient``: (final carry, outputs (B, T, H)). A
+    sequence whose length ends before a segment keeps its carry (the segment's own carry is discarded)."""
+    carry, outputs = None, []
+    for start in range(0, h.shape[1], truncation):
+        segment = h[:, start:start + truncation]
+        cut = None if carry is None else jax.tree.map(jax.lax.stop_gradient, carry)
+        if lengths is None:
+            carry, out = rnn(segment, initial_carry=cut, return_carry=True)
+        else:
+            # a length of at least 1 inside each segment; sequences already ended keep their carry, uncut
+            inside = jnp.clip(lengths - start, 1, segment.shape[1])
+            new_carry, out = rnn(segment, initial_carry=cut, seq_lengths=inside, return_carry=True)
+            carry = new_carry if carry is None else jax.tree.map(
+                lambda new, old: jnp.where((lengths > start)[:, None], new, old), new_carry, carry)
+        outputs.append(out)
+    return carry, jnp.concatenate(outputs, axis=1)
+
+
+class RecurrentClassifier(ReadsTokens, nn.Module):
     """``num_layers`` recurrent layers of ``hidden`` units (``cell``: "elman", "lstm" or "gru"; see the module
-    docstring), then a dense head on the last valid step's hidden state."""
+    docstring), then a dense head on the last valid step's hidden state. ``vocab_size``: read token ids through an
+    embedding of ``embed_dim`` (default ``hidden``) units; ``pad_value``: what marks padding after a sequence's end;
+    ``truncation``: truncated BPTT every that many steps (None: full backpropagation)."""
 
     num_classes: int
     cell: str = "lstm"
     hidden: int = 64
     num_layers: int = 1
+    vocab_size: int | None = None
+    embed_dim: int | None = None
+    pad_value: float | None = None
+    truncation: int | None = None
     param_dtype: Any = None
 
     def __post_init__(self) -> None:
@@ -69,12 +123,34 @@ class RecurrentClassifier(nn.Module):
         check_int(self.hidden, f"{owner}: hidden", allow_bool=False)
         check_int(self.num_layers, f"{owner}: num_layers", allow_bool=False)
         check_int(self.num_classes, f"{owner}: num_classes", allow_bool=False)
+        for field in ("vocab_size", "embed_dim", "truncation"):
+            if getattr(self, field) is not None:
+                check_int(getattr(self, field), f"{owner}: {field}", allow_bool=False)
+        if self.embed_dim is not None and self.vocab_size is None:
+            raise ValueError(f"{owner}: embed_dim={self.embed_dim} needs vocab_size (the embedding reads token ids)")
+        check_pad_value(self.pad_value, self.vocab_size, owner)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, lengths: jax.Array | None = None) -> jax.Array:
         """Logits (B, num_classes); ``train`` changes nothing (no dropout or batch norm here)."""
-        h = as_sequences(x, "RecurrentClassifier")
+        owner = "RecurrentClassifier"
+        dtype = resolve_param_dtype(self.param_dtype)
+        if self.vocab_size is not None:
+            if jnp.ndim(x) != 2:
+                raise ValueError(f"{owner}: x: expected token ids (batch, time) (vocab_size={self.vocab_size}), got "
+                                 f"shape {jnp.shape(x)}")
+            if not isinstance(x, jax.core.Tracer) and jnp.size(x) and (jnp.min(x) < 0 or jnp.max(x) >= self.vocab_size):
+                raise ValueError(f"{owner}: x: expected token ids in [0, {self.vocab_size}) (vocab_size), got ids "
+                                 f"from {int(jnp.min(x))} to {int(jnp.max(x))}")
+            ids = jnp.asarray(x).astype(jnp.int32)
+            if lengths is None and self.pad_value is not None:
+                lengths = lengths_from_padding(ids, self.pad_value)
+            h = nn.Embed(self.vocab_size, self.embed_dim or self.hidden, param_dtype=dtype, name="embed")(ids)
+        else:
+            h = as_sequences(x, owner)
+            if lengths is None and self.pad_value is not None:
+                lengths = lengths_from_padding(h, self.pad_value)
         if lengths is not None:
             lengths = jnp.asarray(lengths)
             if lengths.shape != (h.shape[0],):
@@ -83,11 +159,13 @@ class RecurrentClassifier(nn.Module):
             if not isinstance(lengths, jax.core.Tracer) and (lengths.min() < 1 or lengths.max() > h.shape[1]):
                 raise ValueError(f"RecurrentClassifier: lengths: expected lengths in [1, {h.shape[1]}] (the time "
                                  f"steps), got {lengths.tolist()}")
-        dtype = resolve_param_dtype(self.param_dtype)
         h = h.astype(dtype)
         carry = None
         for layer in range(self.num_layers):
             rnn = nn.RNN(cell_module(self.cell, self.hidden, dtype), return_carry=True)
-            carry, h = rnn(h, seq_lengths=lengths)
+            if self.truncation is None or self.truncation >= h.shape[1]:
+                carry, h = rnn(h, seq_lengths=lengths)
+            else:
+                carry, h = truncated_rnn(rnn, h, lengths, self.truncation)
         last = carry[1] if self.cell == "lstm" else carry  # an LSTM's carry is (c, h)
         return nn.Dense(self.num_classes, param_dtype=dtype, name="head")(last)

@@ -11,8 +11,10 @@ mixing) + 2·T·d·mlp_dim multiply-adds.
 Inputs: the classifier reads float sequences (B, T, F) (or images row by row: T = H steps of W·C features) through
 a dense embedding, or token ids (B, T) through a table when ``vocab_size`` is set; the language model reads token
 ids and returns next-token logits (B, T, vocab_size) (train it with labels = the inputs shifted by one). Token ids
-are cast to int32 (initialisation feeds zeros); there is no padding mask yet, so the classifier's mean pools every
-position. ``dropout`` also drops attention weights, with Flax's default of one mask shared across the batch and heads.
+are cast to int32 (initialisation feeds zeros). The classifier's ``pad_value`` marks padding after each sequence's
+end (a token id, or the value every feature of a padded step takes; as the recurrent models read it): no position
+attends to the padding and the mean pools the valid positions only, so a padded sequence is classified as it is
+alone; without it every position counts. ``dropout`` also drops attention weights, with Flax's default of one mask shared across the batch and heads.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnn.models.layers import ReadsTokens, resolve_param_dtype
-from jaxnn.models.recurrent import as_sequences
+from jaxnn.models.recurrent import as_sequences, check_pad_value, lengths_from_padding
 from jaxnn.validation import check_choice, check_float, check_int
 
 POSITIONS = ("learned", "sinusoidal", None)
@@ -78,6 +80,7 @@ class _Encoder(nn.Module):
     vocab_size: int | None
     param_dtype: Any
     owner: str
+    pad_value: float | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, sow_weights: bool = False) -> jax.Array:
@@ -102,18 +105,29 @@ class _Encoder(nn.Module):
         elif self.positions == "sinusoidal":
             h = h + jnp.asarray(sinusoidal_positions(length, self.dim), dtype)
         mask = nn.make_causal_mask(jnp.zeros(h.shape[:2])) if self.causal else None
+        if self.pad_value is not None:
+            valid = valid_positions(x, self.pad_value, self.owner)
+            mask = nn.combine_masks(mask, nn.make_attention_mask(jnp.ones_like(valid), valid))
         for i in range(self.depth):
             h = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout, self.param_dtype,
                                  name=f"block_{i}")(h, mask, train, sow_weights)
         return nn.LayerNorm(param_dtype=dtype, name="norm")(h)
 
 
+def valid_positions(x: jax.Array, pad_value: float, owner: str) -> jax.Array:
+    """(B, T) bool: the positions before each sequence's length (one past its last step that is not padding)."""
+    steps = x if jnp.ndim(x) == 2 else as_sequences(x, owner)
+    lengths = lengths_from_padding(jnp.asarray(steps), pad_value)
+    return jnp.arange(steps.shape[1])[None] < lengths[:, None]
+
+
 def _encode(module, x: jax.Array, train: bool, sow_weights: bool, causal: bool, vocab_size: int | None,
-            name: str) -> jax.Array:
+            name: str, pad_value: float | None = None) -> jax.Array:
     """The :class:`_Encoder` of a Transformer model's fields, as its submodule ``name`` (inside its ``__call__``)."""
     owner = type(module).__name__
     return _Encoder(module.dim, module.depth, module.num_heads, module.mlp_dim, module.positions, module.max_len,
-                    causal, module.dropout, vocab_size, module.param_dtype, owner, name=name)(x, train, sow_weights)
+                    causal, module.dropout, vocab_size, module.param_dtype, owner, pad_value,
+                    name=name)(x, train, sow_weights)
 
 
 def _check_fields(module, owner: str) -> None:
@@ -143,17 +157,24 @@ class TransformerClassifier(ReadsTokens, nn.Module):
     causal: bool = False
     dropout: float = 0.0
     vocab_size: int | None = None
+    pad_value: float | None = None
     param_dtype: Any = None
 
     def __post_init__(self) -> None:
         _check_fields(self, "TransformerClassifier")
         check_int(self.num_classes, "TransformerClassifier: num_classes", allow_bool=False)
+        check_pad_value(self.pad_value, self.vocab_size, "TransformerClassifier")
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, sow_weights: bool = False) -> jax.Array:
-        h = _encode(self, x, train, sow_weights, self.causal, self.vocab_size, "encoder")
-        return nn.Dense(self.num_classes, param_dtype=resolve_param_dtype(self.param_dtype), name="head")(h.mean(1))
+        h = _encode(self, x, train, sow_weights, self.causal, self.vocab_size, "encoder", self.pad_value)
+        if self.pad_value is None:
+            pooled = h.mean(1)
+        else:
+            valid = valid_positions(x, self.pad_value, "TransformerClassifier")[..., None]
+            pooled = jnp.sum(jnp.where(valid, h, 0), axis=1) / jnp.sum(valid, axis=1).astype(h.dtype)
+        return nn.Dense(self.num_classes, param_dtype=resolve_param_dtype(self.param_dtype), name="head")(pooled)
 
 
 class TransformerLM(ReadsTokens, nn.Module):

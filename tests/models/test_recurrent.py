@@ -3,6 +3,7 @@ unrolled step by step (float64), variable lengths against the unpadded sequences
 against a dense eigendecomposition, training on the digits read row by row, and bad input named."""
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -13,31 +14,32 @@ from jaxnn import data as data_lib
 from jaxnn.train import create_train_state, fit
 
 
-def _sigmoid(a):
-    return 1.0 / (1.0 + np.exp(-a))
+def _sigmoid(a, xp=np):
+    return 1.0 / (1.0 + xp.exp(-a))
 
 
-def _step(cell, p, x, carry):
-    """One step of the cell from its equations (the module docstring), on numpy parameters."""
+def _step(cell, p, x, carry, xp=np):
+    """One step of the cell from its equations (the module docstring), on numpy parameters (``xp=jnp``: on jax
+    arrays, to differentiate)."""
     def lin(name, v):
         out = v @ p[name]["kernel"]
         return out + p[name]["bias"] if "bias" in p[name] else out
 
     if cell == "elman":
-        h = np.tanh(lin("i", x) + lin("h", carry))
+        h = xp.tanh(lin("i", x) + lin("h", carry))
         return h, h
     if cell == "lstm":
         c, h = carry
-        i = _sigmoid(lin("ii", x) + lin("hi", h))
-        f = _sigmoid(lin("if", x) + lin("hf", h))
-        g = np.tanh(lin("ig", x) + lin("hg", h))
-        o = _sigmoid(lin("io", x) + lin("ho", h))
+        i = _sigmoid(lin("ii", x) + lin("hi", h), xp)
+        f = _sigmoid(lin("if", x) + lin("hf", h), xp)
+        g = xp.tanh(lin("ig", x) + lin("hg", h))
+        o = _sigmoid(lin("io", x) + lin("ho", h), xp)
         c = f * c + i * g
-        h = o * np.tanh(c)
+        h = o * xp.tanh(c)
         return (c, h), h
-    r = _sigmoid(lin("ir", x) + lin("hr", carry))
-    z = _sigmoid(lin("iz", x) + lin("hz", carry))
-    n = np.tanh(lin("in", x) + r * lin("hn", carry))
+    r = _sigmoid(lin("ir", x) + lin("hr", carry), xp)
+    z = _sigmoid(lin("iz", x) + lin("hz", carry), xp)
+    n = xp.tanh(lin("in", x) + r * lin("hn", carry))
     h = (1.0 - z) * n + z * carry
     return h, h
 
@@ -77,6 +79,93 @@ def test_the_scan_equals_the_cell_equations_unrolled_with_variable_lengths(cell,
     scrambled[1, 4:] = 100.0
     np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, scrambled, lengths=lengths)), scanned)
     assert not np.allclose(np.asarray(model.apply({"params": params}, x))[1], scanned[1])
+
+
+def _truncated_loss(cell, params, x, lengths, layers, truncation):
+    """Sum of squared logits of each sequence alone, a Python loop over its valid steps in jax.numpy, the state
+    entering steps truncation, 2·truncation, ... passed through stop_gradient (truncated BPTT written out)."""
+    names = sorted(k for k in params if k != "head")
+    total = 0.0
+    for sequence, length in zip(x, lengths):
+        h_seq = sequence[:length]
+        for layer in range(layers):
+            p = params[names[layer]]
+            hidden = p[next(iter(p))]["kernel"].shape[1]
+            carry = (jnp.zeros(hidden), jnp.zeros(hidden)) if cell == "lstm" else jnp.zeros(hidden)
+            outputs = []
+            for t, x_t in enumerate(h_seq):
+                if truncation is not None and t > 0 and t % truncation == 0:
+                    carry = jax.tree.map(jax.lax.stop_gradient, carry)
+                carry, out = _step(cell, p, x_t, carry, jnp)
+                outputs.append(out)
+            h_seq = jnp.stack(outputs)
+        total = total + jnp.sum((h_seq[-1] @ params["head"]["kernel"] + params["head"]["bias"]) ** 2)
+    return total
+
+
+@pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
+def test_truncated_bptt_equals_the_unrolled_loop_with_the_gradient_cut_every_k_steps(cell, x64):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(3, 7, 4)))
+    lengths = np.array([7, 5, 2])
+    full = models.get_model("recurrent", num_classes=3, cell=cell, hidden=5, num_layers=2)
+    cut = models.get_model("recurrent", num_classes=3, cell=cell, hidden=5, num_layers=2, truncation=3)
+    params, _ = models.init_model(full, jax.random.PRNGKey(0), (7, 4))
+
+    def loss(model):
+        return lambda p: jnp.sum(model.apply({"params": p}, x, lengths=jnp.asarray(lengths)) ** 2)
+
+    # the forward pass is unchanged, to rounding
+    np.testing.assert_allclose(loss(cut)(params), loss(full)(params), rtol=1e-13)
+    grad_cut = jax.grad(loss(cut))(params)
+    oracle = jax.grad(lambda p: _truncated_loss(cell, p, x, lengths, 2, 3))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), grad_cut, oracle)
+    # the cut matters (sequence 0 and 1 run past 3 steps), and without it the loop gives the full gradient
+    grad_full = jax.grad(loss(full))(params)
+    assert not np.allclose(jax.flatten_util.ravel_pytree(grad_cut)[0], jax.flatten_util.ravel_pytree(grad_full)[0])
+    no_cut = jax.grad(lambda p: _truncated_loss(cell, p, x, lengths, 2, None))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), grad_full, no_cut)
+
+
+def test_padding_marked_by_pad_value_gives_each_sequence_its_own_length(x64):
+    rng = np.random.default_rng(3)
+    lengths = np.array([6, 3, 1])
+    ids = rng.integers(1, 9, size=(3, 6))
+    ids[np.arange(6)[None] >= lengths[:, None]] = 0
+    ids[0, 2] = 0  # a pad id inside a sequence is data: the length stays 6
+    tokens = models.get_model("lstm", num_classes=2, hidden=4, vocab_size=9, pad_value=0)
+    params, _ = models.init_model(tokens, jax.random.PRNGKey(0), (6,))
+    padded = np.asarray(tokens.apply({"params": params}, ids))
+    np.testing.assert_array_equal(padded, np.asarray(tokens.apply({"params": params}, ids, lengths=lengths)))
+    for row, length in enumerate(lengths):  # each sequence alone, unpadded
+        alone = tokens.apply({"params": params}, ids[row:row + 1, :length])
+        np.testing.assert_allclose(padded[row], np.asarray(alone)[0], rtol=1e-12)
+    # features: a padded step has every feature equal to pad_value; a step with one feature equal to it is data
+    x = rng.normal(size=(3, 6, 2))
+    x[np.arange(6)[None] >= lengths[:, None]] = -1.0
+    x[1, 1, 0] = -1.0
+    features = models.get_model("gru", num_classes=2, hidden=4, pad_value=-1.0)
+    params, _ = models.init_model(features, jax.random.PRNGKey(0), (6, 2))
+    np.testing.assert_array_equal(np.asarray(features.apply({"params": params}, x)),
+                                  np.asarray(features.apply({"params": params}, x, lengths=lengths)))
+
+
+def test_fit_trains_on_padded_token_sequences_through_pad_value():
+    """The class is the parity of a sequence's last token; sequences of 2 to 12 tokens padded with id 0 to 12.
+    With pad_value the final state is the one after the last token: the LSTM learns it; reading the padding it
+    must carry the answer across up to 10 pad steps."""
+    rng = np.random.default_rng(4)
+    n, width = 1200, 12
+    lengths = rng.integers(2, width + 1, n)
+    ids = rng.integers(1, 11, size=(n, width)).astype(np.int32)
+    ids[np.arange(width)[None] >= lengths[:, None]] = 0
+    y = (ids[np.arange(n), lengths - 1] % 2).astype(np.int32)
+    train, val = data_lib.Split(ids[:1000], y[:1000]), data_lib.Split(ids[1000:], y[1000:])
+    dataset = data_lib.Dataset("last_token_parity", train, val, val, 2, (width,), "classification", {})
+    state = create_train_state(models.get_model("lstm", num_classes=2, hidden=16, vocab_size=11, pad_value=0),
+                               optax.adam(1e-2), dataset.input_shape, jax.random.PRNGKey(0))
+    result = fit(state, dataset, batch_size=50, num_steps=150, log_every=150, eval_every=150, progress=False)
+    assert result.history[-1]["val_accuracy"] > 0.95
 
 
 def test_the_hessian_through_the_scan_against_a_dense_eigendecomposition(x64,

@@ -100,6 +100,33 @@ def test_a_transformer_learns_the_digits_read_row_by_row():
     assert result.history[-1]["val_accuracy"] > 0.9
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_padded_sequence_is_classified_as_it_is_alone(causal, x64):
+    """pad_value: each sequence of a padded batch gets the logits of the same sequence alone and unpadded, no
+    attention weight falls on the padding, and without pad_value the padding changes the answer."""
+    rng = np.random.default_rng(0)
+    lengths = np.array([6, 4, 1])
+    ids = rng.integers(1, 9, size=(3, 6))
+    ids[np.arange(6)[None] >= lengths[:, None]] = 0
+    model = models.get_model("transformer", num_classes=3, dim=8, depth=2, num_heads=2, mlp_dim=16, max_len=6,
+                             vocab_size=9, pad_value=0, causal=causal)
+    params, _ = models.init_model(model, jax.random.PRNGKey(0), (6,))
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
+    padded, state = model.apply({"params": params}, ids, sow_weights=True, mutable=["intermediates"])
+    for row, length in enumerate(lengths):
+        alone = model.apply({"params": params}, ids[row:row + 1, :length])
+        np.testing.assert_allclose(np.asarray(padded)[row], np.asarray(alone)[0], rtol=1e-12, atol=1e-12)
+    padding_keys = (np.arange(6)[None] >= lengths[:, None])[:, None, None, :]
+    for weights in jax.tree.leaves(state["intermediates"]):  # (batch, heads, query, key)
+        assert np.all(np.where(padding_keys, np.asarray(weights), 0.0) == 0.0)
+        np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-12)
+    plain = model.clone(pad_value=None)
+    assert not np.allclose(np.asarray(plain.apply({"params": params}, ids))[1], np.asarray(padded)[1])
+    with pytest.raises(ValueError, match=r"TransformerClassifier: pad_value: expected a token id in \[0, 9\) "
+                                         r"\(vocab_size\), got 9"):
+        models.get_model("transformer", num_classes=3, vocab_size=9, pad_value=9)
+
+
 def test_bad_transformer_input_is_named():
     model = models.get_model("transformer", num_classes=3, dim=8, num_heads=2, max_len=4)
     with pytest.raises(ValueError, match=r"TransformerClassifier: x: expected sequences of at most max_len=4 steps "
