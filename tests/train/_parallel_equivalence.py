@@ -21,6 +21,11 @@ MODELS = {
     "mlp_bn": dict(name="mlp", num_classes=10, width=32, depth=2, norm="batch"),
     "mlp": dict(name="mlp", num_classes=10, width=32, depth=2),
     "resnet_bn": dict(name="resnet", num_classes=10, depth=8, base_width=4),
+    # the sequence models (a scan; attention) and an NNX module: no batch norm, so the data-parallel paths that
+    # differ most for them are shard_map (the gradient summed over devices) and jit with the kernels sharded
+    "lstm": dict(name="lstm", num_classes=10, hidden=8),
+    "transformer": dict(name="transformer", num_classes=10, dim=8, depth=1, num_heads=2, mlp_dim=16, max_len=8),
+    "nnx_mlp": dict(name="nnx_mlp", num_classes=10, width=16, depth=2),
 }
 
 
@@ -62,6 +67,8 @@ def main():
     # ResNet on the replicated jit and pmap paths (the MLP + BN cases run batch norm there), the float32 ResNet.
     cases = ([("mlp_bn", "sgd", PATHS), ("mlp_bn", "adam_eps", PATHS),
               ("resnet_bn", "adam_eps", [("shard_map", "replicated"), ("jit", "sharded")])]
+             + [(name, "adam_eps", [("shard_map", "replicated"), ("jit", "sharded")])
+                for name in ("lstm", "transformer", "nnx_mlp")]
              if precision == "float64" else [("mlp_bn", "adam_eps3", PATHS),
                                              ("mlp", "kfac", [("shard_map", "replicated")])])
     results = []

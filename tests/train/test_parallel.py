@@ -27,15 +27,18 @@ def _equivalence(precision):
 
 def test_eight_devices_train_like_one_on_every_path_float64():
     """20 steps, batch 64, digits: MLP + batch norm (global-batch statistics on every path) with SGD + momentum and
-    with Adam, ResNet-8 with batch norm on the shard_map and sharded-jit paths. Oracle: the same training on one
+    with Adam, ResNet-8 with batch norm, an LSTM, a Transformer and an NNX MLP on the shard_map and sharded-jit
+    paths. Oracle: the same training on one
     device."""
     results = _equivalence("float64")
     paths = {(r["model"], r["optimizer"]): set() for r in results}
     for r in results:
         paths[(r["model"], r["optimizer"])].add((r["mode"], r["layout"]))
     every_path = {("jit", "replicated"), ("shard_map", "replicated"), ("pmap", "replicated"), ("jit", "sharded")}
+    two_paths = {("shard_map", "replicated"), ("jit", "sharded")}
     assert paths == {("mlp_bn", "sgd"): every_path, ("mlp_bn", "adam_eps"): every_path,
-                     ("resnet_bn", "adam_eps"): {("shard_map", "replicated"), ("jit", "sharded")}}
+                     ("resnet_bn", "adam_eps"): two_paths, ("lstm", "adam_eps"): two_paths,
+                     ("transformer", "adam_eps"): two_paths, ("nnx_mlp", "adam_eps"): two_paths}
     for r in results:
         # Adam with eps 1e-4 in front of batch norm ("adam_eps"): the default eps turns the rounding noise of
         # exactly-zero gradient coordinates (biases before batch norm) into ~1e-10 updates on any summation order.
