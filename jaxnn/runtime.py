@@ -13,6 +13,7 @@ import logging
 import os
 import pathlib
 import sys
+import warnings
 from collections.abc import Mapping
 
 CACHE_ENV = "JAXNN_CACHE_DIR"
@@ -238,3 +239,37 @@ def prefers_python_loops(fn, *example_args) -> bool:
     if jax.default_backend() != "cpu":
         return False
     return applies_convolution(jax.make_jaxpr(fn)(*example_args).jaxpr)
+
+MAP_COUNT_LIMIT_FILE = "/proc/sys/vm/max_map_count"
+"""Linux's limit on a process's memory mappings (default 65,530)."""
+
+
+def memory_mappings() -> tuple[int, int] | None:
+    """(mappings this process holds, the system's limit), or None where ``/proc`` does not tell (not Linux)."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            used = sum(1 for _ in maps)
+        with open(MAP_COUNT_LIMIT_FILE) as limit:
+            return used, int(limit.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def release_programs_near_map_limit(fraction: float = 0.75) -> bool:
+    """Empty JAX's compiled-program caches (``jax.clear_caches()``) when this process holds more than ``fraction`` of
+    Linux's memory mappings, with a warning; True when it did.
+
+    XLA:CPU keeps the machine code of every cached program mapped into the process (JAX issue #27201). A script that
+    compiles many programs in one process (a loop of ``fit`` calls over learning rates, each its own program) passes
+    the limit, and the next compilation fails with "LLVM compilation error: Cannot allocate memory", then crashes or
+    hangs. Released programs compile again when next used; ``fit`` checks before it starts."""
+    held = memory_mappings()
+    if held is None or held[0] <= fraction * held[1]:
+        return False
+    import jax
+
+    jax.clear_caches()
+    warnings.warn(f"jaxnn: this process held {held[0]:,} of the system's {held[1]:,} memory mappings (XLA:CPU keeps "
+                  f"every compiled program mapped); released JAX's compiled programs (jax.clear_caches()) so that "
+                  f"the next compilation does not fail. They compile again when used.", RuntimeWarning, stacklevel=2)
+    return True

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxnn import data as data_lib
-from jaxnn import losses, parallel
+from jaxnn import losses, parallel, runtime
 from jaxnn.validation import merge_options
 from jaxnn.train.callbacks import Callback, FitContext
 from jaxnn.train.checkpoint import Checkpointer
@@ -240,8 +240,10 @@ class StepOptions:
     per step; batch-norm statistics and dropout keys are per micro-batch), what the optimizer's ``update`` needs
     (``needs_value_fn``, ``needs_batch``: see :mod:`jaxnn.optim`), ``steps_per_call`` steps per dispatch, the training
     split on the device (``device_resident``; None: when it takes at most 1 GiB), and the devices: ``mode`` (``jit``,
-    ``shard_map`` or ``pmap``) over ``mesh`` (default: every device). The last four do not change the result:
-    ``steps_per_call`` and ``device_resident`` give the same bits, other devices the same numbers to rounding."""
+    ``shard_map`` or ``pmap``) over ``mesh`` (default: every device), and whether the old state's buffers are donated
+    to the new one (``donate``: one copy of the state in device memory; on CPU faster for some models and slower for
+    others, see ``make_train_step``). The last five do not change the result: ``steps_per_call``,
+    ``device_resident`` and ``donate`` give the same bits, other devices the same numbers to rounding."""
 
     grad_accum_steps: int = 1
     needs_value_fn: bool = False
@@ -250,6 +252,7 @@ class StepOptions:
     device_resident: bool | None = None
     mode: str = "jit"
     mesh: Any = None
+    donate: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +298,7 @@ class _Steps:
                  classification: bool, o: StepOptions, mesh, resident: bool):
         common = dict(grad_accum_steps=o.grad_accum_steps, classification=classification,
                       needs_value_fn=o.needs_value_fn, needs_batch=o.needs_batch, mode=o.mode,
-                      mesh=None if o.mode == "jit" else mesh)
+                      mesh=None if o.mode == "jit" else mesh, donate=bool(o.donate))
         self.mesh, self.resident = mesh, resident
         batch_sharding = parallel.batch_sharding(mesh)
         if resident:
@@ -403,6 +406,7 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, num_steps: int, loss: s
     resident = _use_resident(dataset, so)
     classification = dataset.task == "classification"
     check_inputs(state, dataset, loss if isinstance(loss, str) else None)
+    runtime.release_programs_near_map_limit()  # many fits in one process: XLA:CPU's programs stay mapped
     if num_steps < start_step:
         raise ValueError(f"num_steps={num_steps} is less than the step to resume from ({start_step})")
     steps_per_epoch = data_lib.steps_per_epoch(len(dataset.train), batch_size, True)

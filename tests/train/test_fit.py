@@ -288,3 +288,42 @@ def test_options_objects_and_keywords_train_alike(digits):
         run(log_evry=4)
     with pytest.raises(TypeError, match="log_options must be a LogOptions, got dict"):
         run(log_options={"log_every": 4})
+
+
+def test_fit_releases_compiled_programs_near_the_memory_map_limit(digits, monkeypatch):
+    """XLA:CPU keeps every compiled program mapped; past Linux's limit the next compilation crashed (a full experiment
+    of ~110 trainings and Hessian programs did). fit empties JAX's caches first when the process is near it."""
+    from jaxnn import runtime
+
+    held = runtime.memory_mappings()
+    assert held is not None and 0 < held[0] < held[1]  # Linux: /proc tells
+    cleared = []
+    monkeypatch.setattr(jax, "clear_caches", lambda: cleared.append(True))
+    state = lambda: create_train_state(small_mlp(), optax.sgd(0.1), digits.input_shape,  # noqa: E731
+                                       jax.random.PRNGKey(0))
+    monkeypatch.setattr(runtime, "memory_mappings", lambda: (1_000, 65_530))
+    fit(state(), digits, batch_size=32, num_steps=2, log_every=2, eval_every=2, progress=False)
+    assert cleared == []
+    monkeypatch.setattr(runtime, "memory_mappings", lambda: (60_000, 65_530))
+    with pytest.warns(RuntimeWarning, match=r"held 60,000 of the system's 65,530 memory mappings .*released JAX's "
+                                            r"compiled programs"):
+        fit(state(), digits, batch_size=32, num_steps=2, log_every=2, eval_every=2, progress=False)
+    assert cleared == [True]
+
+
+def test_donate_false_keeps_the_input_state_and_trains_to_the_same_bits(digits):
+    """fit donates the state's buffers by default (the passed state is consumed); donate=False keeps it alive, on
+    the device-resident and the host-batch paths, with the same parameters bit for bit."""
+    def trained(**options):
+        state = create_train_state(small_mlp(), optax.adam(1e-2), digits.input_shape, jax.random.PRNGKey(0))
+        result = fit(state, digits, batch_size=32, num_steps=6, log_every=3, eval_every=6, progress=False,
+                     **options)
+        return state, result.state
+
+    for resident in (True, False):
+        kept, trained_kept = trained(donate=False, device_resident=resident)
+        consumed, trained_donated = trained(device_resident=resident)
+        assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(kept.params))
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(consumed.params))
+        for a, b in zip(jax.tree.leaves(trained_kept.params), jax.tree.leaves(trained_donated.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
