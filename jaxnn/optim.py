@@ -127,10 +127,13 @@ def build_schedule(o: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def _float_count(schedule: optax.Schedule) -> optax.Schedule:
-    """``schedule`` with the step count cast to the default float first. optax's schedules divide the int32 count
+    """Under x64, ``schedule`` with the step count cast to float64 first. optax's schedules divide the int32 count
     (``count / steps``), which JAX computes in float32 even under x64, so a float64 run's learning rate was rounded
-    to float32 (~1e-10 relative; a sweep member's traced float64 rate was not, and the two drifted apart)."""
-    return lambda count: schedule(jnp.asarray(count, jnp.result_type(float)))
+    to float32 (~1e-10 relative; a sweep member's traced float64 rate was not, and the two drifted apart). Without
+    x64 the count stays an integer (a float32 count would round step boundaries past 2^24)."""
+    if jnp.result_type(float) != jnp.float64:
+        return schedule
+    return lambda count: schedule(jnp.asarray(count, jnp.float64))
 
 
 def build_optimizer(o: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

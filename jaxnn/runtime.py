@@ -255,6 +255,9 @@ def memory_mappings() -> tuple[int, int] | None:
         return None
 
 
+_clearing_did_not_help_at: list[int] = []  # the mappings left after a release that did not get below the threshold
+
+
 def release_programs_near_map_limit(fraction: float = 0.75) -> bool:
     """Empty JAX's compiled-program caches (``jax.clear_caches()``) when this process holds more than ``fraction`` of
     Linux's memory mappings, with a warning; True when it did.
@@ -262,14 +265,26 @@ def release_programs_near_map_limit(fraction: float = 0.75) -> bool:
     XLA:CPU keeps the machine code of every cached program mapped into the process (JAX issue #27201). A script that
     compiles many programs in one process (a loop of ``fit`` calls over learning rates, each its own program) passes
     the limit, and the next compilation fails with "LLVM compilation error: Cannot allocate memory", then crashes or
-    hangs. Released programs compile again when next used; ``fit`` checks before it starts."""
+    hangs. Released programs compile again when next used; ``fit`` checks before it starts. When a release leaves
+    the process above the threshold (the mappings belong to programs the caller still holds, or to something else),
+    that is said once and nothing is released again until the count has grown by another 5% of the limit."""
     held = memory_mappings()
     if held is None or held[0] <= fraction * held[1]:
+        return False
+    used, limit = held
+    if _clearing_did_not_help_at and used <= _clearing_did_not_help_at[-1] + 0.05 * limit:
         return False
     import jax
 
     jax.clear_caches()
-    warnings.warn(f"jaxnn: this process held {held[0]:,} of the system's {held[1]:,} memory mappings (XLA:CPU keeps "
-                  f"every compiled program mapped); released JAX's compiled programs (jax.clear_caches()) so that "
-                  f"the next compilation does not fail. They compile again when used.", RuntimeWarning, stacklevel=2)
+    after = memory_mappings()
+    left = used if after is None else after[0]
+    message = (f"jaxnn: this process held {used:,} of the system's {limit:,} memory mappings (XLA:CPU keeps every "
+               f"compiled program mapped); released JAX's compiled programs (jax.clear_caches()) so that the next "
+               f"compilation does not fail ({left:,} left). They compile again when used.")
+    if left > fraction * limit:
+        _clearing_did_not_help_at.append(left)
+        message += (" Releasing did not bring the count below the threshold: the mappings belong to programs still "
+                    "held elsewhere; nothing more is released until the count grows further.")
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
     return True

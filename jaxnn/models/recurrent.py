@@ -21,18 +21,22 @@ them — padding after each sequence's end marked by ``pad_value``: a token id, 
 feature of a padded step equals (Keras's ``Masking``). A sequence's length is then one past its last step that is
 not padding (at least 1), so padding inside a sequence counts as data.
 
-Truncated backpropagation through time: ``truncation=k`` cuts the gradient every k steps (the state carried into
-steps k, 2k, ... is ``stop_gradient``-ed); the forward pass is unchanged, so only the last segments of each sequence
-get gradient. Gradient clipping is the optimizer's (``optimizer.clip_norm``).
+Truncated backpropagation through time: ``truncation=k`` cuts the gradient every k steps counted back from each
+sequence's end (the state carried into steps L − k, L − 2k, ... of a sequence of length L is ``stop_gradient``-ed),
+so the loss on the final state reaches the last k steps of every sequence, whatever its length; the forward pass is
+unchanged. Gradient clipping is the optimizer's (``optimizer.clip_norm``).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxnn.models.layers import ReadsTokens, resolve_param_dtype
 from jaxnn.validation import check_choice, check_int
@@ -73,32 +77,45 @@ def check_pad_value(pad_value: Any, vocab_size: int | None, owner: str) -> None:
     """A model's ``pad_value``: None, a number, and with ``vocab_size`` a token id in [0, vocab_size)."""
     if pad_value is None:
         return
-    if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)):
+    if isinstance(pad_value, (bool, np.bool_)) or not isinstance(pad_value, numbers.Real):
         raise TypeError(f"{owner}: pad_value: expected a number (a token id, or the value of a padded step's "
                         f"features), got {pad_value!r}")
+    if not math.isfinite(pad_value):
+        raise ValueError(f"{owner}: pad_value: expected a finite number (x == pad_value must be able to hold), got "
+                         f"{pad_value!r}")
     if vocab_size is not None and (int(pad_value) != pad_value or not 0 <= pad_value < vocab_size):
         raise ValueError(f"{owner}: pad_value: expected a token id in [0, {vocab_size}) (vocab_size), got "
                          f"{pad_value!r}")
 
 
-def truncated_rnn(rnn: nn.RNN, h: jax.Array, lengths: jax.Array | None, truncation: int) -> tuple[Any, jax.Array]:
-    """``rnn`` (one ``nn.RNN``, so one set of weights) over ``h`` (B, T, F) in segments of ``truncation`` steps, the
-    state carried from one segment into the next through ``stop_gradient``: (final carry, outputs (B, T, H)). A
-    sequence whose length ends before a segment keeps its carry (the segment's own carry is discarded)."""
-    carry, outputs = None, []
-    for start in range(0, h.shape[1], truncation):
-        segment = h[:, start:start + truncation]
-        cut = None if carry is None else jax.tree.map(jax.lax.stop_gradient, carry)
-        if lengths is None:
-            carry, out = rnn(segment, initial_carry=cut, return_carry=True)
-        else:
-            # a length of at least 1 inside each segment; sequences already ended keep their carry, uncut
-            inside = jnp.clip(lengths - start, 1, segment.shape[1])
-            new_carry, out = rnn(segment, initial_carry=cut, seq_lengths=inside, return_carry=True)
-            carry = new_carry if carry is None else jax.tree.map(
-                lambda new, old: jnp.where((lengths > start)[:, None], new, old), new_carry, carry)
-        outputs.append(out)
-    return carry, jnp.concatenate(outputs, axis=1)
+class TruncatedCell(nn.RNNCellBase):
+    """``cell`` with its incoming state passed through ``stop_gradient`` at the steps flagged in its input's last
+    feature (1: cut before this step); the other features are the cell's input. The wrapped cell keeps its own
+    parameters and names (this module has none)."""
+
+    cell: nn.RNNCellBase
+
+    def __call__(self, carry, inputs):
+        x, cut = inputs[..., :-1], inputs[..., -1:] > 0
+        carry = jax.tree.map(lambda c: jnp.where(cut, jax.lax.stop_gradient(c), c), carry)
+        return self.cell(carry, x)
+
+    def initialize_carry(self, rng, input_shape):
+        return self.cell.initialize_carry(rng, input_shape[:-1] + (input_shape[-1] - 1,))
+
+    @property
+    def num_feature_axes(self) -> int:
+        return self.cell.num_feature_axes
+
+
+def truncation_cuts(batch: int, steps: int, lengths: jax.Array | None, truncation: int) -> jax.Array:
+    """(B, T) 1.0 before the steps t > 0 where (length − t) is a multiple of ``truncation``: each sequence's last
+    ``truncation`` steps form one segment, the ones before it the next, and so on back to its start (the first
+    segment is the short one), so every sequence gets the same last ``truncation`` steps of gradient whatever its
+    length."""
+    t = jnp.arange(steps)[None]
+    length = jnp.full((batch, 1), steps) if lengths is None else jnp.asarray(lengths)[:, None]
+    return ((t > 0) & ((length - t) % truncation == 0)).astype(jnp.float32)
 
 
 class RecurrentClassifier(ReadsTokens, nn.Module):
@@ -162,10 +179,12 @@ class RecurrentClassifier(ReadsTokens, nn.Module):
         h = h.astype(dtype)
         carry = None
         for layer in range(self.num_layers):
-            rnn = nn.RNN(cell_module(self.cell, self.hidden, dtype), return_carry=True)
+            cell = cell_module(self.cell, self.hidden, dtype)
             if self.truncation is None or self.truncation >= h.shape[1]:
-                carry, h = rnn(h, seq_lengths=lengths)
-            else:
-                carry, h = truncated_rnn(rnn, h, lengths, self.truncation)
+                carry, h = nn.RNN(cell, return_carry=True)(h, seq_lengths=lengths)
+            else:  # one scan whatever the truncation; the cut flags travel as a last input feature
+                cuts = truncation_cuts(h.shape[0], h.shape[1], lengths, self.truncation).astype(h.dtype)
+                carry, h = nn.RNN(TruncatedCell(cell), return_carry=True)(
+                    jnp.concatenate([h, cuts[..., None]], axis=-1), seq_lengths=lengths)
         last = carry[1] if self.cell == "lstm" else carry  # an LSTM's carry is (c, h)
         return nn.Dense(self.num_classes, param_dtype=dtype, name="head")(last)

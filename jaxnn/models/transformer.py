@@ -106,7 +106,7 @@ class _Encoder(nn.Module):
             h = h + jnp.asarray(sinusoidal_positions(length, self.dim), dtype)
         mask = nn.make_causal_mask(jnp.zeros(h.shape[:2])) if self.causal else None
         if self.pad_value is not None:
-            valid = valid_positions(x, self.pad_value, self.owner)
+            valid = valid_positions(x, self.pad_value, self.owner, self.vocab_size is not None)
             mask = nn.combine_masks(mask, nn.make_attention_mask(jnp.ones_like(valid), valid))
         for i in range(self.depth):
             h = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout, self.param_dtype,
@@ -114,9 +114,10 @@ class _Encoder(nn.Module):
         return nn.LayerNorm(param_dtype=dtype, name="norm")(h)
 
 
-def valid_positions(x: jax.Array, pad_value: float, owner: str) -> jax.Array:
-    """(B, T) bool: the positions before each sequence's length (one past its last step that is not padding)."""
-    steps = x if jnp.ndim(x) == 2 else as_sequences(x, owner)
+def valid_positions(x: jax.Array, pad_value: float, owner: str, tokens: bool) -> jax.Array:
+    """(B, T) bool: the positions before each sequence's length (one past its last step that is not padding);
+    ``tokens``: ``x`` holds token ids, compared as the embedding reads them (int32)."""
+    steps = jnp.asarray(x).astype(jnp.int32) if tokens else as_sequences(x, owner)
     lengths = lengths_from_padding(jnp.asarray(steps), pad_value)
     return jnp.arange(steps.shape[1])[None] < lengths[:, None]
 
@@ -172,7 +173,7 @@ class TransformerClassifier(ReadsTokens, nn.Module):
         if self.pad_value is None:
             pooled = h.mean(1)
         else:
-            valid = valid_positions(x, self.pad_value, "TransformerClassifier")[..., None]
+            valid = valid_positions(x, self.pad_value, "TransformerClassifier", self.vocab_size is not None)[..., None]
             pooled = jnp.sum(jnp.where(valid, h, 0), axis=1) / jnp.sum(valid, axis=1).astype(h.dtype)
         return nn.Dense(self.num_classes, param_dtype=resolve_param_dtype(self.param_dtype), name="head")(pooled)
 

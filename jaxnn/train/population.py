@@ -703,13 +703,14 @@ def ensemble_metrics(result: PopulationResult, split: data_lib.Split, batch_size
     apply = jax.jit(jax.vmap(lambda s, x: jax.nn.log_softmax(s.apply_fn({"params": s.params, **s.model_state}, x,
                                                                         train=False)), in_axes=(0, None)))
     x_dtype, _ = data_lib.pipeline.device_dtypes(split)
-    log_probs = np.concatenate([np.asarray(apply(result.state, np.asarray(split.x[i:i + batch_size], x_dtype)))
-                                for i in range(0, len(split), batch_size)], axis=1)  # (N, n, C)
-    labels = np.asarray(split.y, np.int64)
-    member_nll, member_accuracy = _example_scores(log_probs, labels)
-    member_nll, member_accuracy = member_nll.mean(axis=1), member_accuracy.mean(axis=1)
-    mixed = np.logaddexp.reduce(log_probs, axis=0) - math.log(log_probs.shape[0])  # log of the mean probability
-    ensemble_nll, ensemble_accuracy = _example_scores(mixed, labels)
+    scores = []  # per batch: member NLL, member accuracy (N, b), ensemble NLL, accuracy (b,); log-probs not kept
+    for i in range(0, len(split), batch_size):
+        log_probs = np.asarray(apply(result.state, np.asarray(split.x[i:i + batch_size], x_dtype)))  # (N, b, [T,] C)
+        labels = np.asarray(split.y[i:i + batch_size], np.int64)
+        mixed = np.logaddexp.reduce(log_probs, axis=0) - math.log(log_probs.shape[0])  # log of the mean probability
+        scores.append(_example_scores(log_probs, labels) + _example_scores(mixed, labels))
+    member_nll, member_accuracy = (np.concatenate([s[k] for s in scores], axis=1).mean(axis=1) for k in (0, 1))
+    ensemble_nll, ensemble_accuracy = (np.concatenate([s[k] for s in scores]) for k in (2, 3))
     best = int(np.argmax(member_accuracy))
     return {"ensemble_accuracy": float(ensemble_accuracy.mean()), "ensemble_nll": float(ensemble_nll.mean()),
             "mean_member_accuracy": float(member_accuracy.mean()), "mean_member_nll": float(member_nll.mean()),

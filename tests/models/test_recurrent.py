@@ -83,7 +83,8 @@ def test_the_scan_equals_the_cell_equations_unrolled_with_variable_lengths(cell,
 
 def _truncated_loss(cell, params, x, lengths, layers, truncation):
     """Sum of squared logits of each sequence alone, a Python loop over its valid steps in jax.numpy, the state
-    entering steps truncation, 2·truncation, ... passed through stop_gradient (truncated BPTT written out)."""
+    entering steps L − truncation, L − 2·truncation, ... (L its length) passed through stop_gradient (truncated BPTT
+    written out, counted back from each sequence's end)."""
     names = sorted(k for k in params if k != "head")
     total = 0.0
     for sequence, length in zip(x, lengths):
@@ -94,7 +95,7 @@ def _truncated_loss(cell, params, x, lengths, layers, truncation):
             carry = (jnp.zeros(hidden), jnp.zeros(hidden)) if cell == "lstm" else jnp.zeros(hidden)
             outputs = []
             for t, x_t in enumerate(h_seq):
-                if truncation is not None and t > 0 and t % truncation == 0:
+                if truncation is not None and t > 0 and (length - t) % truncation == 0:
                     carry = jax.tree.map(jax.lax.stop_gradient, carry)
                 carry, out = _step(cell, p, x_t, carry, jnp)
                 outputs.append(out)
@@ -107,10 +108,12 @@ def _truncated_loss(cell, params, x, lengths, layers, truncation):
 def test_truncated_bptt_equals_the_unrolled_loop_with_the_gradient_cut_every_k_steps(cell, x64):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(3, 7, 4)))
-    lengths = np.array([7, 5, 2])
+    lengths = np.array([7, 5, 4])  # cuts before steps 1 and 4, 2, 1
     full = models.get_model("recurrent", num_classes=3, cell=cell, hidden=5, num_layers=2)
     cut = models.get_model("recurrent", num_classes=3, cell=cell, hidden=5, num_layers=2, truncation=3)
     params, _ = models.init_model(full, jax.random.PRNGKey(0), (7, 4))
+    cut_params, _ = models.init_model(cut, jax.random.PRNGKey(0), (7, 4))  # the same weights, names and draws
+    jax.tree.map(np.testing.assert_array_equal, cut_params, params)
 
     def loss(model):
         return lambda p: jnp.sum(model.apply({"params": p}, x, lengths=jnp.asarray(lengths)) ** 2)
@@ -200,3 +203,14 @@ def test_bad_recurrent_input_is_named():
         models.get_model("recurrent", num_classes=3, cell="rnn")
     with pytest.raises(TypeError, match=r"get_model\('lstm'\): keyword argument\(s\) \['cell'\] are fixed"):
         models.get_model("lstm", num_classes=3, cell="gru")
+    for bad, error, words in [(float("nan"), ValueError, r"expected a finite number .*got nan"),
+                              (True, TypeError, r"expected a number .*got True"),
+                              ("0", TypeError, r"expected a number .*got '0'")]:
+        with pytest.raises(error, match=r"RecurrentClassifier: pad_value: " + words):
+            models.get_model("gru", num_classes=3, pad_value=bad)
+    with pytest.raises(ValueError, match=r"RecurrentClassifier: pad_value: expected a token id in \[0, 5\) "
+                                         r"\(vocab_size\), got 5"):
+        models.get_model("gru", num_classes=3, vocab_size=5, pad_value=5)
+    with pytest.raises(ValueError, match=r"RecurrentClassifier: embed_dim=8 needs vocab_size"):
+        models.get_model("gru", num_classes=3, embed_dim=8)
+    models.get_model("gru", num_classes=3, vocab_size=5, pad_value=np.int32(0))  # a numpy integer is a token id

@@ -85,6 +85,7 @@ def test_ensemble_against_its_members(digits):
     result = train_population(_model(), optax.adam, digits, members={"seed": [0, 1, 2], "learning_rate": [1e-2] * 3},
                               num_steps=60, batch_size=BATCH, progress=False)
     metrics = ensemble_metrics(result, digits.test)
+    assert ensemble_metrics(result, digits.test, batch_size=50) == pytest.approx(metrics, rel=1e-6)  # 8 batches
     accuracies = [row["test_accuracy"] for row in result.members]  # computed by the eval step, not by the ensemble
     assert metrics["mean_member_accuracy"] == pytest.approx(np.mean(accuracies), abs=1e-6)
     assert metrics["best_member_accuracy"] == pytest.approx(max(accuracies), abs=1e-6)
@@ -94,6 +95,28 @@ def test_ensemble_against_its_members(digits):
                                                num_steps=10, batch_size=BATCH, progress=False), digits.test)
     assert single["ensemble_accuracy"] == pytest.approx(single["mean_member_accuracy"])
     assert single["ensemble_nll"] == pytest.approx(single["mean_member_nll"], rel=1e-5)
+
+
+def test_example_scores_of_padded_sequences_equal_the_losses():
+    """Per-position labels with -1 padding (and a row that is all padding): the ensemble's per-example scores are
+    sequence_cross_entropy and example_accuracy of the log-probabilities."""
+    from jaxnn import losses
+    from jaxnn.train.population import _example_scores
+
+    rng = np.random.default_rng(0)
+    log_probs = np.asarray(jax.nn.log_softmax(rng.normal(size=(3, 4, 5, 6))))  # (members, n, T, C)
+    labels = rng.integers(0, 6, size=(4, 5))
+    labels[1, 3:] = -1
+    labels[2, :] = -1
+    nll, accuracy = _example_scores(log_probs, labels)
+    for member in range(3):
+        np.testing.assert_allclose(nll[member], losses.sequence_cross_entropy(log_probs[member], labels), rtol=1e-6)
+        np.testing.assert_allclose(accuracy[member], losses.example_accuracy(log_probs[member], labels), rtol=1e-6)
+    assert nll[0, 2] == 0.0 and accuracy[0, 2] == 1.0  # nothing scored
+    flat_nll, flat_accuracy = _example_scores(log_probs[:, :, 0], labels[:, 0].clip(0))  # one label per example
+    np.testing.assert_allclose(flat_nll, -np.take_along_axis(log_probs[:, :, 0], labels[None, :, 0, None].clip(0),
+                                                             axis=-1)[..., 0])
+    np.testing.assert_array_equal(flat_accuracy, log_probs[:, :, 0].argmax(-1) == labels[None, :, 0].clip(0))
 
 
 @pytest.mark.parametrize("members, kwargs, words", [
