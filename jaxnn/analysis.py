@@ -247,7 +247,7 @@ def describe_curvature(report: dict) -> str:
             f"lambda_min={honest(c['lambda_min'], e['bottom_residuals'], e.get('bottom_converged'))} "
             f"kappa={fmt(c['condition_number'])} "
             f"|lambda_min|/lambda_max={fmt(c['nonconvexity_ratio'])} ({c['verdict']}); "
-            f"trace={fmt(t['estimate'])}±{fmt(t['standard_error'])}; 2/lambda_max={fmt(g['sharpness_threshold'])}; "
+            f"trace={fmt(t['estimate'])}±{fmt(t['standard_error'])}; 2/lambda_max={fmt(g['stable_lr_bound'])}; "
             f"{report['num_hvps']} HVPs in {report['timing_seconds']['total']:.1f}s")
     if report.get("blocks"):
         parts = [f"{name} {honest(b['top'][0], b['residuals'], b['converged'])}" for name, b in report["blocks"].items()]

@@ -165,7 +165,7 @@ def curvature_report(
             "directional_curvature": _json_number(along_gradient.directional_curvature),
             "optimal_step": _json_number(along_gradient.optimal_step),
             "largest_nonincreasing_step": _json_number(along_gradient.largest_nonincreasing_step),
-            "sharpness_threshold": _json_number(2.0 / conditioning.lambda_max) if conditioning.lambda_max > 0 else None,
+            "stable_lr_bound": _json_number(2.0 / conditioning.lambda_max) if conditioning.lambda_max > 0 else None,
             "quadratic_model_check": check_step,
         },
     }

@@ -6,7 +6,10 @@ A callback is any object with some of ``on_train_begin(ctx)``, ``on_step_end(ctx
 - ``ctx.step``          number of optimizer steps done so far (int)
 - ``ctx.state``         the current :class:`~jaxnn.train.state.TrainState`
 - ``ctx.loss_fn()``     the current eval-mode pure ``loss_fn(params, batch)`` (model state closed over)
-- ``ctx.analysis_batch`` a fixed batch ``(x, y)`` from the training split, on device
+- ``ctx.analysis_batch`` a fixed batch ``(x, y)`` of ``batch_size`` training examples, on device
+- ``ctx.analysis_examples(n)`` a fixed set ``(x, y)`` of ``n`` training examples (all of them when the split is
+  smaller), on device: the first ``n`` of one fixed shuffle (seeded by ``fit``'s seed), the same set at every call
+- ``ctx.learning_rate(step)`` the schedule's learning rate at ``step`` (None when ``fit`` was given no schedule)
 - ``ctx.log(d)``        merge a dict of floats into this step's ``metrics.jsonl`` record
 - ``ctx.metrics``       the last logged train metrics (host floats), ``ctx.eval_metrics`` the last eval
 - ``ctx.run_dir``       the run folder (or None), ``ctx.request_stop(reason)`` ends training cleanly
@@ -47,6 +50,8 @@ class FitContext:
     metrics: dict = dataclasses.field(default_factory=dict)
     eval_metrics: dict = dataclasses.field(default_factory=dict)
     stop_reason: str | None = None
+    analysis_examples: Callable[[int], Any] | None = None
+    learning_rate: Callable[[int], float] | None = None
     _pending: dict = dataclasses.field(default_factory=dict)
 
     def loss_fn(self) -> Callable:

@@ -426,9 +426,21 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, num_steps: int, loss: s
     analysis_x, analysis_y = data_lib.host_stacked_batches(dataset.train, min(batch_size, len(dataset.train)), 1,
                                                            seed=seed + 1, shuffle=True)
     analysis_batch = tuple(parallel.global_array(a[0], parallel.replicated(mesh)) for a in (analysis_x, analysis_y))
+    analysis_sets: dict[int, tuple] = {}
+
+    def analysis_examples(count: int) -> tuple:
+        """The first ``count`` examples of the analysis batch's shuffle of the training split, on the devices."""
+        count = min(int(count), len(dataset.train))
+        if count not in analysis_sets:
+            x, y = data_lib.host_stacked_batches(dataset.train, count, 1, seed=seed + 1, shuffle=True)
+            analysis_sets[count] = tuple(parallel.global_array(a[0], parallel.replicated(mesh)) for a in (x, y))
+        return analysis_sets[count]
+
     per_example = losses.resolve_loss(loss)
     ctx = FitContext(state=state, analysis_batch=analysis_batch, run_dir=run_dir, step=start_step,
-                     make_loss_fn=lambda s: losses.make_loss_fn(s.apply_fn, per_example, s.model_state))
+                     make_loss_fn=lambda s: losses.make_loss_fn(s.apply_fn, per_example, s.model_state),
+                     analysis_examples=analysis_examples,
+                     learning_rate=None if schedule is None else (lambda at: float(schedule(at))))
     # Calls end where a callback's on_step_end needs the state: at its every_k_steps, or every step if it has none.
     callback_periods = [int(getattr(cb, "every_k_steps", None) or 1) for cb in callbacks if _wants_step_end(cb)]
 
@@ -441,6 +453,9 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, num_steps: int, loss: s
 
     notify("on_train_begin")
     recorder = _Recorder(writer, steps_per_epoch, lo.nan_guard, checkpointer.latest_step() if checkpointer else None)
+    measured_at_start = ctx.pop_pending()
+    if measured_at_start:  # a callback measured the initial parameters (a fresh run's step 0): its own record
+        ctx.metrics = recorder.record(start_step, measured_at_start)
     best_step = checkpointer.best_step() if checkpointer else None
     stop_reason = "completed"
     bar = tqdm(total=num_steps, initial=start_step, disable=not (lo.progress and primary), desc="train", unit="step",

@@ -4,6 +4,7 @@ import json
 from types import SimpleNamespace
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -32,9 +33,9 @@ def test_hessian_callback_logs_every_k_steps(x64):
     batch = classification_data(1)
     ctx = FakeTrainingContext(jax.tree.map(jnp.asarray, mlp_params(0)), batch)
     callback = curvature.HessianCallback(every_k_steps=2, k=2, trace_samples=40, num_iters=60, tol=1e-6)
-    callback.on_train_begin(ctx)
+    expected = {0: np.linalg.eigvalsh(dense_hessian_of(mlp_loss, ctx.state.params, batch))}
+    callback.on_train_begin(ctx)  # step 0: the initial parameters
     gradient = jax.jit(jax.grad(mlp_loss))
-    expected = {}
     for step in range(1, 6):
         ctx.step = step
         ctx.state = SimpleNamespace(params=jax.tree.map(lambda p, g: p - 0.5 * g, ctx.state.params, gradient(ctx.state.params, batch)))
@@ -42,18 +43,54 @@ def test_hessian_callback_logs_every_k_steps(x64):
             expected[step] = np.linalg.eigvalsh(dense_hessian_of(mlp_loss, ctx.state.params, batch))
         callback.on_step_end(ctx)
     callback.on_train_end(ctx)
-    assert [step for step, _ in ctx.logged] == [2, 4]
+    assert [step for step, _ in ctx.logged] == [0, 2, 4]
     for step, metrics in ctx.logged:
         exact = expected[step]
-        assert set(metrics) == {"lambda_max", "lambda_2", "sharpness_threshold", "trace", "trace_se", "hessian_seconds",
-                                "lanczos_iters"}
+        assert set(metrics) == {"lambda_max", "lambda_2", "stable_lr_bound", "trace", "trace_se", "hessian_seconds",
+                                "lanczos_iters", "hessian_examples"}
+        assert metrics["hessian_examples"] == len(batch[0])
         assert all(isinstance(value, float) for value in metrics.values())
         assert 2 <= metrics["lanczos_iters"] < 60  # adaptive: stopped before the cap once both pairs converged
         assert metrics["lambda_max"] == pytest.approx(exact[-1], rel=1e-6)
         assert metrics["lambda_2"] == pytest.approx(exact[-2], rel=1e-6)
-        assert metrics["sharpness_threshold"] == pytest.approx(2.0 / exact[-1], rel=1e-6)
+        assert metrics["stable_lr_bound"] == pytest.approx(2.0 / exact[-1], rel=1e-6)
         assert abs(metrics["trace"] - exact.sum()) <= 3 * metrics["trace_se"]
-    assert [record["step"] for record in callback.history] == [2, 4]
+    assert [record["step"] for record in callback.history] == [0, 2, 4]
+
+
+def test_hessian_callback_in_fit_measures_a_fixed_set_from_step_0(x64):
+    """In fit, by default: 1,024 training examples (the same set at every measurement, the first of the analysis
+    shuffle), at step 0 and every k steps, each in its step's metrics record, λmax·η/2 with the schedule's η.
+    Oracle: the dense Hessian of the loss on those examples (jax.hessian + eigvalsh) at the final parameters."""
+    import optax
+
+    from jaxnn import data as data_lib
+    from jaxnn import losses, models
+    from jaxnn.train import create_train_state, fit
+
+    digits = data_lib.load_dataset("digits", seed=0)
+    model = models.get_model("mlp", num_classes=10, width=8, depth=1)
+    state = create_train_state(model, optax.sgd(0.05), digits.input_shape, jax.random.PRNGKey(0))
+    callback = curvature.HessianCallback(every_k_steps=5, num_iters=80, tol=1e-10)
+    result = fit(state, digits, batch_size=32, num_steps=10, schedule=optax.constant_schedule(0.05), seed=3,
+                 log_every=5, eval_every=10, progress=False, callbacks=[callback])
+    assert [h["step"] for h in callback.history] == [0, 5, 10]
+    assert result.history[0]["step"] == 0 and result.history[0]["lambda_max"] == callback.history[0]["lambda_max"]
+    assert [r["step"] for r in result.history if "lambda_max" in r] == [0, 5, 10]
+    last = callback.history[-1]
+    assert last["hessian_examples"] == 1024 < len(digits.train)
+    x, y = data_lib.host_stacked_batches(digits.train, 1024, 1, seed=4, shuffle=True)
+    loss_fn = losses.make_loss_fn(model.apply, "softmax_cross_entropy")
+    flat, unravel = jax.flatten_util.ravel_pytree(result.state.params)
+    dense = jax.hessian(lambda f: loss_fn(unravel(f), (jnp.asarray(x[0]), jnp.asarray(y[0]))))(flat)
+    exact = np.linalg.eigvalsh(np.asarray(dense))[-1]
+    assert last["lambda_max"] == pytest.approx(exact, rel=1e-8)
+    assert last["edge_of_stability_ratio"] == pytest.approx(exact * 0.05 / 2, rel=1e-8)
+    assert last["stable_lr_bound"] == pytest.approx(2 / exact, rel=1e-8)
+    # one training batch, as the callback measured before: a different, noisier number
+    batch_only = curvature.HessianCallback(every_k_steps=5, batch=(jnp.asarray(x[0, :32]), jnp.asarray(y[0, :32])))
+    assert batch_only.measure(loss_fn, result.state.params, batch_only.batch, 10)["lambda_max"] != pytest.approx(
+        exact, rel=1e-3)
 
 
 def test_hessian_callback_bad_input():
@@ -61,6 +98,8 @@ def test_hessian_callback_bad_input():
         curvature.HessianCallback(every_k_steps=0)
     with pytest.raises(ValueError, match="trace_samples: expected 0 \\(no trace\\) or >= 2"):
         curvature.HessianCallback(every_k_steps=1, trace_samples=1)
+    with pytest.raises(ValueError, match="examples: expected an integer >= 1, got 0"):
+        curvature.HessianCallback(every_k_steps=1, examples=0)
     ctx = FakeTrainingContext(mlp_params(0), None)
     ctx.step = 3
     with pytest.raises(ValueError, match="batch: HessianCallback needs data"):
