@@ -123,6 +123,7 @@ class AnalysisConfig:
     landscape_span: float = 1.0
     landscape_batches: int = 2
     hessian_every: int | None = None      # HessianCallback period during training (None: off)
+    hessian_examples: int = 1024          # HessianCallback: the fixed training examples it measures on
     diagnostics_every: int | None = None  # per-layer statistics into metrics.jsonl every k steps (None: off)
 
 
@@ -412,6 +413,7 @@ def validate(values: dict | Config) -> Config:
     check(a.landscape_span > 0, "analysis.landscape_span", f"must be positive, got {a.landscape_span}")
     check(a.landscape_batches >= 1, "analysis.landscape_batches", "must be >= 1")
     check(a.hessian_every is None or a.hessian_every >= 1, "analysis.hessian_every", "must be >= 1 or null")
+    check(a.hessian_examples >= 1, "analysis.hessian_examples", "must be >= 1")
     check(a.diagnostics_every is None or a.diagnostics_every >= 1, "analysis.diagnostics_every",
           "must be >= 1 or null")
     if cfg.sweep:

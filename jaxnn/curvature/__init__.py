@@ -26,7 +26,7 @@ from jaxnn.curvature.blocks import (
     parameter_paths,
     restrict,
 )
-from jaxnn.curvature.callback import HessianCallback
+from jaxnn.curvature.callback import STABILITY_RULES, HessianCallback, stable_curvature
 from jaxnn.curvature.conditioning import (
     ConditionNumber,
     CriticalPoint,
@@ -84,6 +84,8 @@ __all__ = [
     "DiagonalEstimate",
     "GradientCurvature",
     "HessianCallback",
+    "STABILITY_RULES",
+    "stable_curvature",
     "InfluenceResult",
     "KFAC",
     "LanczosResult",

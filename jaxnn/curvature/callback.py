@@ -7,19 +7,24 @@ It follows the training loop's callback protocol (``on_train_begin(ctx)``, ``on_
 
 What it measures on: ``batch`` when given; otherwise a fixed set of ``examples`` training examples (default 1,024, or
 the whole split when it is smaller) from ``fit``, the same set at every measurement, so the numbers follow the
-parameters and not the draw of a batch. One training batch is a noisy, biased estimate: on the digits LeNet a
-128-example batch gave λmax 11.86 where 1,024 examples gave 6.99, at the same weights.
+parameters and not the draw of a batch; it is fed to the Hessian in chunks of at most ``chunk_size`` examples, so
+memory stays that of a ``chunk_size`` batch. One training batch is a noisy, biased estimate: on the digits LeNet a
+128-example batch gave λmax 11.86 where 1,024 examples gave 6.99, at the same weights. Measurements use the
+eval-mode loss (batch norm with its running statistics: at step 0 those are their initial values).
 
-When: at step 0 of a fresh run (the initial parameters), then every ``every_k_steps`` steps. Each measurement logs
-(and appends to ``history``):
+When: at step 0 of a fresh run (the initial parameters; a resumed run does not measure at its start), then every
+``every_k_steps`` steps. Each measurement logs (and appends to ``history``):
 
 - ``lambda_max``, and ``lambda_2`` … ``lambda_k`` with ``k > 1``: the top Hessian eigenvalues (Lanczos, stopped once
   the top-k pairs' residual bounds are below ``tol``·|λ|, default 1e-3; at most ``num_iters`` HVPs);
 - ``stable_lr_bound`` = 2 / ``lambda_max``: the largest learning rate at which gradient descent is stable along the
   top eigenvector of a quadratic (inf when λmax ≤ 0);
-- ``edge_of_stability_ratio`` = ``lambda_max`` · η / 2 with η the schedule's learning rate at that step (when ``fit``
-  has a schedule): 1 at the edge of stability of gradient descent (Cohen et al. 2021; for adaptive optimizers the
-  preconditioned sharpness is the relevant quantity, not this one);
+- ``edge_of_stability_ratio`` when ``optimizer`` names the update rule and ``fit`` has a schedule: ``lambda_max``
+  over the largest curvature that update is stable on at the learning rate η = schedule(step) (the rate of the next
+  update, applied at the measured parameters; the record's ``lr`` is the previous step's), 1 at the edge of
+  stability (Cohen et al. 2021): λ·η/2 for ``"sgd"``, λ·η/(2(1+β)) for ``"momentum"`` (heavy ball, β =
+  ``momentum``), λ·η(1+2β)/(2(1+β)) for ``"nesterov"`` (optax's form). Adaptive optimizers have no such bound on
+  the raw Hessian (their preconditioned sharpness is the relevant quantity), so nothing is logged for them;
 - ``lanczos_iters``: the Lanczos iterations used;
 - ``trace`` and ``trace_se`` with ``trace_samples > 0``: the Hutchinson (or ``trace_method``) estimate of the
   Hessian's trace and its standard error;
@@ -43,6 +48,21 @@ from jaxnn.curvature.krylov import default_num_iters, lanczos
 from jaxnn.curvature.operators import hessian
 from jaxnn.curvature.trace_estimators import TRACE_METHODS, trace
 from jaxnn.validation import check_choice, check_int, check_key
+
+
+STABILITY_RULES = ("sgd", "momentum", "nesterov")
+"""The update rules :func:`stable_curvature` knows (optax's ``sgd`` without, with heavy-ball and Nesterov momentum)."""
+
+
+def stable_curvature(rule: str, learning_rate: float, momentum: float = 0.0) -> float:
+    """The largest curvature λ of a quadratic on which ``rule`` with ``learning_rate`` η is stable: 2/η for gradient
+    descent, 2(1+β)/η with heavy-ball momentum β, 2(1+β)/((1+2β)η) with optax's Nesterov momentum (the roots of
+    each iteration's characteristic polynomial reach −1 there)."""
+    if rule == "sgd":
+        return 2.0 / learning_rate
+    if rule == "momentum":
+        return 2.0 * (1.0 + momentum) / learning_rate
+    return 2.0 * (1.0 + momentum) / ((1.0 + 2.0 * momentum) * learning_rate)
 
 
 def _examples_in(batch: Any) -> int | None:
@@ -116,9 +136,17 @@ class HessianCallback(PeriodicMeasurement):
         block_size: int = 1,
         tol: float | None = 1e-3,
         examples: int = 1024,
+        chunk_size: int = 256,
+        optimizer: str | None = None,
+        momentum: float = 0.0,
     ):
         super().__init__(check_int(every_k_steps, "every_k_steps"), batch)
         self.examples = check_int(examples, "examples")
+        self.chunk_size = check_int(chunk_size, "chunk_size")
+        self.optimizer = None if optimizer is None else check_choice(optimizer, "optimizer", choices=STABILITY_RULES)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
         self.k = check_int(k, "k")
         self.trace_samples = check_int(trace_samples, "trace_samples", minimum=0)
         if self.trace_samples == 1:
@@ -158,8 +186,9 @@ class HessianCallback(PeriodicMeasurement):
         step = int(ctx.step)
         metrics = self.measure(ctx.loss_fn(), ctx.state.params, batch, step)
         learning_rate = getattr(ctx, "learning_rate", None)
-        if learning_rate is not None:
-            metrics["edge_of_stability_ratio"] = metrics["lambda_max"] * float(learning_rate(step)) / 2.0
+        if learning_rate is not None and self.optimizer is not None:
+            limit = stable_curvature(self.optimizer, float(learning_rate(step)), self.momentum)
+            metrics["edge_of_stability_ratio"] = metrics["lambda_max"] / limit
         examples = _examples_in(batch)
         if examples is not None:
             metrics["hessian_examples"] = float(examples)
@@ -168,7 +197,8 @@ class HessianCallback(PeriodicMeasurement):
     def data(self, ctx: Any) -> Any:
         """``batch``, else ``examples`` examples from the context (else its analysis batch)."""
         if self.batch is None and getattr(ctx, "analysis_examples", None) is not None:
-            return ctx.analysis_examples(self.examples)
+            x, y = ctx.analysis_examples(self.examples)
+            return [(x[i:i + self.chunk_size], y[i:i + self.chunk_size]) for i in range(0, len(x), self.chunk_size)]
         return super().data(ctx)
 
     def on_train_begin(self, ctx: Any) -> None:

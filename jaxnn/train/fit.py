@@ -453,9 +453,8 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, num_steps: int, loss: s
 
     notify("on_train_begin")
     recorder = _Recorder(writer, steps_per_epoch, lo.nan_guard, checkpointer.latest_step() if checkpointer else None)
-    measured_at_start = ctx.pop_pending()
-    if measured_at_start:  # a callback measured the initial parameters (a fresh run's step 0): its own record
-        ctx.metrics = recorder.record(start_step, measured_at_start)
+    if start_step == 0 and ctx._pending:  # a callback measured the initial parameters: step 0's own record
+        ctx.metrics = recorder.record(0, ctx.pop_pending())
     best_step = checkpointer.best_step() if checkpointer else None
     stop_reason = "completed"
     bar = tqdm(total=num_steps, initial=start_step, disable=not (lo.progress and primary), desc="train", unit="step",

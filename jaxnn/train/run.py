@@ -184,7 +184,10 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
                                        mode="max" if "accuracy" in t.early_stop_metric else "min"))
     if cfg.analysis.hessian_every:
         from jaxnn import curvature
-        callbacks.append(curvature.HessianCallback(every_k_steps=cfg.analysis.hessian_every))
+        rule = cfg.optimizer.name if cfg.optimizer.name in curvature.STABILITY_RULES else None
+        callbacks.append(curvature.HessianCallback(every_k_steps=cfg.analysis.hessian_every,
+                                                   examples=cfg.analysis.hessian_examples, optimizer=rule,
+                                                   momentum=cfg.optimizer.momentum if rule != "sgd" else 0.0))
     if cfg.analysis.diagnostics_every:
         from jaxnn.diagnostics import LayerStatisticsCallback
         callbacks.append(LayerStatisticsCallback(cfg.analysis.diagnostics_every, loss=t.loss))
