@@ -50,6 +50,17 @@ class ReadsTokens:
         return self.vocab_size
 
 
+def token_ids(x: Any, vocab_size: int, owner: str) -> jax.Array:
+    """``x`` as int32 token ids (batch, time), after checking its shape and (when concrete) that every id is in
+    [0, vocab_size); each problem named in one line that starts with ``owner``."""
+    if jnp.ndim(x) != 2:
+        raise ValueError(f"{owner}: x: expected token ids of shape (batch, time), got shape {jnp.shape(x)}")
+    if not isinstance(x, jax.core.Tracer) and jnp.size(x) and (jnp.min(x) < 0 or jnp.max(x) >= vocab_size):
+        raise ValueError(f"{owner}: x: expected token ids in [0, {vocab_size}) (vocab_size), got ids in "
+                         f"[{int(jnp.min(x))}, {int(jnp.max(x))}]")
+    return jnp.asarray(x).astype(jnp.int32)
+
+
 def default_param_dtype() -> jnp.dtype:
     """The default float dtype: float32, or float64 when ``jax_enable_x64`` is on."""
     return jnp.result_type(float)

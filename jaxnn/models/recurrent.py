@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnn.models.layers import ReadsTokens, resolve_param_dtype
+from jaxnn.models.layers import ReadsTokens, resolve_param_dtype, token_ids
 from jaxnn.validation import check_choice, check_int
 
 CELLS = ("elman", "lstm", "gru")
@@ -154,13 +154,7 @@ class RecurrentClassifier(ReadsTokens, nn.Module):
         owner = "RecurrentClassifier"
         dtype = resolve_param_dtype(self.param_dtype)
         if self.vocab_size is not None:
-            if jnp.ndim(x) != 2:
-                raise ValueError(f"{owner}: x: expected token ids (batch, time) (vocab_size={self.vocab_size}), got "
-                                 f"shape {jnp.shape(x)}")
-            if not isinstance(x, jax.core.Tracer) and jnp.size(x) and (jnp.min(x) < 0 or jnp.max(x) >= self.vocab_size):
-                raise ValueError(f"{owner}: x: expected token ids in [0, {self.vocab_size}) (vocab_size), got ids "
-                                 f"from {int(jnp.min(x))} to {int(jnp.max(x))}")
-            ids = jnp.asarray(x).astype(jnp.int32)
+            ids = token_ids(x, self.vocab_size, owner)
             if lengths is None and self.pad_value is not None:
                 lengths = lengths_from_padding(ids, self.pad_value)
             h = nn.Embed(self.vocab_size, self.embed_dim or self.hidden, param_dtype=dtype, name="embed")(ids)

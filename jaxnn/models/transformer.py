@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnn.models.layers import ReadsTokens, resolve_param_dtype
+from jaxnn.models.layers import ReadsTokens, resolve_param_dtype, token_ids
 from jaxnn.models.recurrent import as_sequences, check_pad_value, lengths_from_padding
 from jaxnn.validation import check_choice, check_float, check_int
 
@@ -86,13 +86,8 @@ class _Encoder(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False, sow_weights: bool = False) -> jax.Array:
         dtype = resolve_param_dtype(self.param_dtype)
         if self.vocab_size is not None:
-            if jnp.ndim(x) != 2:
-                raise ValueError(f"{self.owner}: x: expected token ids of shape (batch, time), got shape "
-                                 f"{jnp.shape(x)}")
-            if not isinstance(x, jax.core.Tracer) and jnp.size(x) and (jnp.min(x) < 0 or jnp.max(x) >= self.vocab_size):
-                raise ValueError(f"{self.owner}: x: expected token ids in [0, {self.vocab_size}) (vocab_size), got ids "
-                                 f"in [{int(jnp.min(x))}, {int(jnp.max(x))}]")
-            h = nn.Embed(self.vocab_size, self.dim, param_dtype=dtype, name="embed")(jnp.asarray(x).astype(jnp.int32))
+            h = nn.Embed(self.vocab_size, self.dim, param_dtype=dtype, name="embed")(
+                token_ids(x, self.vocab_size, self.owner))
         else:
             h = nn.Dense(self.dim, param_dtype=dtype, name="embed")(as_sequences(x, self.owner).astype(dtype))
         length = h.shape[1]

@@ -213,4 +213,11 @@ def test_bad_recurrent_input_is_named():
         models.get_model("gru", num_classes=3, vocab_size=5, pad_value=5)
     with pytest.raises(ValueError, match=r"RecurrentClassifier: embed_dim=8 needs vocab_size"):
         models.get_model("gru", num_classes=3, embed_dim=8)
-    models.get_model("gru", num_classes=3, vocab_size=5, pad_value=np.int32(0))  # a numpy integer is a token id
+    tokens = models.get_model("gru", num_classes=3, vocab_size=5, pad_value=np.int32(0))  # a numpy integer is an id
+    token_params, _ = models.init_model(tokens, jax.random.PRNGKey(0), (4,))
+    with pytest.raises(ValueError, match=r"RecurrentClassifier: x: expected token ids in \[0, 5\) \(vocab_size\), "
+                                         r"got ids in \[0, 7\]"):
+        tokens.apply({"params": token_params}, jnp.array([[0, 7, 1, 2]]))
+    with pytest.raises(ValueError, match=r"RecurrentClassifier: x: expected token ids of shape \(batch, time\), got "
+                                         r"shape \(1, 4, 2\)"):
+        tokens.apply({"params": token_params}, jnp.zeros((1, 4, 2), jnp.int32))
