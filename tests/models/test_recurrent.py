@@ -44,9 +44,12 @@ def _step(cell, p, x, carry, xp=np):
     return h, h
 
 
-def _unrolled_logits(cell, params, x, lengths, layers):
-    """Each sequence alone, a Python loop over its valid steps, layer after layer, then the head."""
-    params = jax.tree.map(np.asarray, params)
+def _unrolled_logits(cell, params, x, lengths, layers, xp=np, truncation=None):
+    """Each sequence alone, a Python loop over its valid steps, layer after layer, then the head. ``xp=jnp``: in
+    jax.numpy, to differentiate; ``truncation``: the state entering steps L − truncation, L − 2·truncation, ...
+    (L the sequence's length) passes through stop_gradient (truncated BPTT written out from each sequence's end)."""
+    if xp is np:
+        params = jax.tree.map(np.asarray, params)
     names = sorted(k for k in params if k != "head")
     logits = []
     for sequence, length in zip(x, lengths):
@@ -54,14 +57,16 @@ def _unrolled_logits(cell, params, x, lengths, layers):
         for layer in range(layers):
             p = params[names[layer]]
             hidden = p[next(iter(p))]["kernel"].shape[1]
-            carry = (np.zeros(hidden), np.zeros(hidden)) if cell == "lstm" else np.zeros(hidden)
+            carry = (xp.zeros(hidden), xp.zeros(hidden)) if cell == "lstm" else xp.zeros(hidden)
             outputs = []
-            for x_t in h_seq:
-                carry, out = _step(cell, p, x_t, carry)
+            for t, x_t in enumerate(h_seq):
+                if truncation is not None and t > 0 and (length - t) % truncation == 0:
+                    carry = jax.tree.map(jax.lax.stop_gradient, carry)
+                carry, out = _step(cell, p, x_t, carry, xp)
                 outputs.append(out)
-            h_seq = np.stack(outputs)
+            h_seq = xp.stack(outputs)
         logits.append(h_seq[-1] @ params["head"]["kernel"] + params["head"]["bias"])
-    return np.stack(logits)
+    return xp.stack(logits)
 
 
 @pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
@@ -82,26 +87,8 @@ def test_the_scan_equals_the_cell_equations_unrolled_with_variable_lengths(cell,
 
 
 def _truncated_loss(cell, params, x, lengths, layers, truncation):
-    """Sum of squared logits of each sequence alone, a Python loop over its valid steps in jax.numpy, the state
-    entering steps L − truncation, L − 2·truncation, ... (L its length) passed through stop_gradient (truncated BPTT
-    written out, counted back from each sequence's end)."""
-    names = sorted(k for k in params if k != "head")
-    total = 0.0
-    for sequence, length in zip(x, lengths):
-        h_seq = sequence[:length]
-        for layer in range(layers):
-            p = params[names[layer]]
-            hidden = p[next(iter(p))]["kernel"].shape[1]
-            carry = (jnp.zeros(hidden), jnp.zeros(hidden)) if cell == "lstm" else jnp.zeros(hidden)
-            outputs = []
-            for t, x_t in enumerate(h_seq):
-                if truncation is not None and t > 0 and (length - t) % truncation == 0:
-                    carry = jax.tree.map(jax.lax.stop_gradient, carry)
-                carry, out = _step(cell, p, x_t, carry, jnp)
-                outputs.append(out)
-            h_seq = jnp.stack(outputs)
-        total = total + jnp.sum((h_seq[-1] @ params["head"]["kernel"] + params["head"]["bias"]) ** 2)
-    return total
+    """Sum of squared logits of the unrolled loop in jax.numpy, with the gradient cut every ``truncation`` steps."""
+    return jnp.sum(_unrolled_logits(cell, params, x, lengths, layers, jnp, truncation) ** 2)
 
 
 @pytest.mark.parametrize("cell", ["elman", "lstm", "gru"])
