@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 from jaxnn import data as data_lib
+from jaxnn import losses
 from jaxnn.train.callbacks import Patience
 from jaxnn.train.state import TrainState
 from jaxnn.train.fit import mean_metrics, padded_batches
@@ -678,21 +679,15 @@ class _PopulationRun:
 
 
 def _example_scores(log_probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per example (leading axes of ``log_probs`` kept): the negative log-likelihood and accuracy, as the losses
-    score them. ``log_probs`` (..., n, C) with labels (n,); or per position (..., n, T, C) with labels (n, T) and
-    ``IGNORE_LABEL`` (< 0) at padding: the mean over an example's scored positions (NLL 0, accuracy 1 for none),
-    as ``sequence_cross_entropy`` and ``example_accuracy``."""
-    scored = labels >= 0
-    index = np.broadcast_to(np.where(scored, labels, 0)[..., None], log_probs.shape[:-1] + (1,))
-    nll = -np.take_along_axis(log_probs, index, axis=-1)[..., 0]
-    right = log_probs.argmax(-1) == labels
-    if labels.ndim == 1:
-        return nll, right.astype(float)
-    axes = tuple(range(-(labels.ndim - 1), 0))
-    count = scored.sum(axis=axes)
-    nll = np.where(scored, nll, 0.0).sum(axis=axes) / np.maximum(count, 1)
-    accuracy = np.where(count > 0, (right & scored).sum(axis=axes) / np.maximum(count, 1), 1.0)
-    return nll, accuracy
+    """Per example (leading axes of ``log_probs`` kept): the training losses' own scores, negative log-likelihood
+    (``softmax_cross_entropy``, or ``sequence_cross_entropy`` for per-position labels with ``IGNORE_LABEL``
+    padding) and ``example_accuracy``. ``log_probs`` (..., n, C) with labels (n,), or (..., n, T, C) with (n, T)."""
+    per_example = losses.sequence_cross_entropy if labels.ndim > 1 else losses.softmax_cross_entropy
+    lead = log_probs.shape[:log_probs.ndim - labels.ndim - 1]
+    flat = log_probs.reshape((-1,) + log_probs.shape[len(lead):])
+    scores = [np.stack([np.asarray(score(member, labels)) for member in flat]).reshape(lead + labels.shape[:1])
+              for score in (per_example, losses.example_accuracy)]
+    return scores[0], scores[1]
 
 
 def ensemble_metrics(result: PopulationResult, split: data_lib.Split, batch_size: int = 1024) -> dict[str, float]:
