@@ -293,11 +293,21 @@ def _padded_projected_matrix(state: _LanczosState, size: Any) -> jax.Array:
     return matrix + jnp.diag(jnp.where(rows >= size, sentinel, 0))
 
 
+@jax.custom_batching.sequential_vmap
+def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``jnp.linalg.eigh``, one matrix per LAPACK call also under ``vmap`` (a loop over the batch). jaxlib's batched
+    CPU eigh spreads the batch over XLA's intra-op thread pool and waits for it from a thread of that pool; in
+    programs that vmap the Ritz analysis (several probes, blocks or population members) it hung in about half of
+    the runs here, every thread waiting (jaxlib 0.10.2; the same wedge as PyAutoFit issue 1528, whose workaround
+    turns the pool off for everything). The matrices are at most a few hundred wide: the loop costs nothing."""
+    return jnp.linalg.eigh(matrix)
+
+
 def _analyze(state: _LanczosState, num_params: int, block_size: int) -> _RitzAnalysis:
     """Ritz values (ascending; the first ``size`` are real), coordinates and residual bounds of the basis built so
     far (traced size)."""
     size = state.step * block_size
-    values, coordinates = jnp.linalg.eigh(_padded_projected_matrix(state, size))
+    values, coordinates = _eigh(_padded_projected_matrix(state, size))
     valid = jnp.arange(values.shape[0]) < size
     # M Q − Q T is non-zero only in its last block of columns, (next block)·B, so ||M y − θ y|| = ||B s_last||.
     coupling = jax.lax.dynamic_slice(state.projected, (size, size - block_size), (block_size, block_size))
