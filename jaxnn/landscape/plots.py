@@ -42,6 +42,39 @@ def _check_plane(surface: Surface, name: str) -> None:
         raise ValueError(f"{name}: expected a 2-D (plane) surface, got a 1-D {surface.kind!r} surface")
 
 
+_DIRECTION_NAMES = {"filter_normalized": "random, filter-normalised", "layer_normalized": "random, layer-normalised",
+                    "random": "random Gaussian"}
+
+
+def axis_label(surface: Surface, axis: int) -> str:
+    """``α along d₁ (random, filter-normalised)``: the coordinate and what its direction is, from the surface's
+    direction descriptions (``α (d₁)`` when it has none)."""
+    symbol, index = ("α", "₁") if axis == 0 else ("β", "₂")
+    if axis >= len(surface.directions):
+        return f"{symbol} (d{index})"
+    description = surface.directions[axis]
+    kind, options = description.get("kind", ""), description.get("options", {})
+    index_ = _number(options.get("index"))
+    number = axis + 1 if index_ is None else int(index_) + 1
+    if kind == "hessian_eigenvector":
+        value = _number(options.get("eigenvalue"))
+        what = f"Hessian eigenvector {number}" + ("" if value is None else f", λ = {value:.4g}")
+    elif kind == "trajectory_pca":
+        ratio = _number(options.get("explained_variance_ratio"))
+        what = f"trajectory PCA {number}" + ("" if ratio is None else f", {ratio:.0%} of variance")
+    else:
+        what = _DIRECTION_NAMES.get(kind, kind)
+    return f"{symbol} along d{index} ({what})"
+
+
+def _number(value: Any) -> float | None:
+    """A description's number (stored as a number or, by older writers, as its text), else None."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _save(figure: Figure, path: Any) -> None:
     if path is not None:
         path = os.fspath(path)
@@ -102,7 +135,8 @@ def plot_line(surfaces: Surface | Sequence[Surface], path: Any = None, *, metric
             accuracy_axis.set_ylabel("accuracy")
     if log_scale:
         axis.set_yscale("log")
-    axis.set_xlabel(f"α ({surfaces[0].kind}: 0 = θ₀, 1 = θ₁)" if surfaces[0].kind in PATH_KINDS else "α")
+    axis.set_xlabel(f"α ({surfaces[0].kind}: 0 = θ₀, 1 = θ₁)" if surfaces[0].kind in PATH_KINDS
+                    else axis_label(surfaces[0], 0))
     axis.set_ylabel(metric)
     handles, names = axis.get_legend_handles_labels()
     if accuracy_axis is not None:
@@ -135,8 +169,8 @@ def _draw_contour(axis: Any, surface: Surface, metric: str, vmin: float, vmax: f
         axis.plot(t_alpha, t_beta, "o-", color="tab:red", markersize=3, linewidth=1, label="trajectory")
         axis.plot(t_alpha[-1:], t_beta[-1:], "*", color="yellow", markersize=10, markeredgecolor="black")
         axis.legend(loc="upper right", fontsize=8)
-    axis.set_xlabel("α (d₁)")
-    axis.set_ylabel("β (d₂)")
+    axis.set_xlabel(axis_label(surface, 0))
+    axis.set_ylabel(axis_label(surface, 1))
     axis.set_aspect("auto")
     return filled
 
@@ -215,8 +249,8 @@ def plot_surface_3d(surface: Surface, path: Any = None, *, metric: str = "loss",
     grid_alpha, grid_beta = np.meshgrid(surface.alphas, surface.betas, indexing="ij")
     axis.plot_surface(grid_alpha, grid_beta, np.ma.masked_invalid(values), cmap="viridis", vmin=vmin, vmax=vmax,
                       linewidth=0, antialiased=True, rstride=1, cstride=1)
-    axis.set_xlabel("α (d₁)")
-    axis.set_ylabel("β (d₂)")
+    axis.set_xlabel(axis_label(surface, 0))
+    axis.set_ylabel(axis_label(surface, 1))
     axis.set_zlabel(f"log10 {metric}" if log_scale else metric)
     count = surface.nonfinite_counts.get(metric, 0)
     axis.set_title((title or f"{metric} surface") + (f"  ({count} non-finite, blank)" if count else ""))

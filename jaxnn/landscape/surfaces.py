@@ -116,6 +116,16 @@ class Surface:
         j = np.flatnonzero(np.isclose(self.betas, beta if beta is not None else 0.0, rtol=0, atol=1e-12))
         return None if j.size == 0 else float(self.metrics[name][i[0], j[0]])
 
+    def plot(self, path: Any = None, *, metric: str = "loss", log_scale: bool = False, **options: Any) -> Any:
+        """The picture of this surface, saved to ``path`` when given; returns the matplotlib Figure: a line (with
+        accuracy on a second axis) for a 1-D surface, a filled contour for a plane (``trajectory=(alphas, betas)``
+        overlays a path). Axes name their directions. Other options: ``jaxnn.landscape.plots``."""
+        from jaxnn.landscape import plots
+
+        if self.betas is None:
+            return plots.plot_line(self, path, metric=metric, log_scale=log_scale, **options)
+        return plots.plot_contour(self, path, metric=metric, log_scale=log_scale, **options)
+
     def summary(self) -> dict:
         """JSON-able: grid, per-metric min/max/argmin/value at the origin, non-finite counts, directions, timing.
 

@@ -232,3 +232,24 @@ def test_report_bad_input(tmp_path):
         landscape_report(loss, params, batches, key=0, dirs="eigen", recompute_state_fn=lambda p, b: {}, progress=False)
     with pytest.raises(ValueError, match="report: expected the dict returned by landscape_report"):
         write_landscape_report({"line": None}, tmp_path)
+
+
+def test_surface_plot_names_its_directions(tmp_path):
+    """Surface.plot: a contour for a plane, a line for a 1-D surface, saved where asked; the axes say what d₁ and d₂
+    are (from the surface's direction descriptions), and a surface without descriptions keeps the bare symbols."""
+    plane = _plane()
+    figure = plane.plot(tmp_path / "plane.png")
+    assert (tmp_path / "plane.png").read_bytes()[:8] == PNG_MAGIC
+    axis = figure.axes[0]
+    assert axis.get_xlabel() == "α along d₁ (random, filter-normalised)"
+    eigen = Surface(kind="plane", alphas=plane.alphas, betas=plane.betas, metrics=plane.metrics,
+                    nonfinite_counts=plane.nonfinite_counts,
+                    directions=tuple({"kind": "hessian_eigenvector", "seed": None,
+                                      "options": {"index": i, "eigenvalue": value}} for i, value in enumerate((6.99, 5.73))))
+    labels = eigen.plot().axes[0]
+    assert labels.get_xlabel() == "α along d₁ (Hessian eigenvector 1, λ = 6.99)"
+    assert labels.get_ylabel() == "β along d₂ (Hessian eigenvector 2, λ = 5.73)"
+    line = Surface(kind="line", alphas=plane.alphas, betas=None, metrics={"loss": plane.losses[:, 0]},
+                   nonfinite_counts={"loss": 0})
+    assert line.plot(tmp_path / "line.png").axes[0].get_xlabel() == "α (d₁)"
+    assert (tmp_path / "line.png").exists()
