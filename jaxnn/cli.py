@@ -20,6 +20,7 @@ from __future__ import annotations
 # Only the standard library at module level: ``jaxnn --help`` must not wait for jax, and the runtime settings
 # (compilation cache, simulated devices) must be in place before jax is imported.
 import argparse
+import contextlib
 import os
 import sys
 
@@ -38,7 +39,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optimizer.lr=0.05 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its latest checkpoint")
-    p.add_argument("--run-dir", help="run folder (default: OUTPUT_DIR/NAME from the config)")
+    p.add_argument("--run-dir", help="run folder (default: a fresh OUTPUT_DIR/NAME/version_N; with --resume the "
+                                     "latest one, or the folder CONFIG lies in)")
     _add_runtime_args(p)
 
 
@@ -115,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["minres", "cg", "lissa"], default="minres",
                    help="inverse-product solver (default minres: a network's Hessian is indefinite)")
     p.add_argument("--tol", type=float, default=1e-3, help="relative residual of the solve (default 1e-3)")
+    p.add_argument("--max-iters", type=int, default=1000,
+                   help="solver iterations at most (default 1000, ~10 s for an 84k-parameter MLP; a result that "
+                        "misses --tol is marked NOT converged: raise this or --damping)")
     p.add_argument("--train-limit", type=int, default=None, help="score only the first N training examples")
     p.add_argument("--data-batches", type=int, default=4, help="training batches the Hessian averages over")
     p.add_argument("--step", default="latest", help="checkpoint: latest, best or a step number")
@@ -141,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", action="store_true",
                    help="regenerate the table in experiments/README.md from results/*/result.json")
     p.add_argument("--results", default="results", help="the results folder --table reads (default: results)")
-    p.add_argument("--readme", default="experiments/README.md",
-                   help="the file --table writes between its markers (default: experiments/README.md)")
+    p.add_argument("--readme", default=None,
+                   help="the file --table writes between its markers (default: README.md beside the results; in "
+                        "a source checkout: --readme experiments/README.md)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not read or write the persistent compilation cache")
 
@@ -161,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a YAML path or a shipped config name (see `jaxnn configs`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set 'sweep.seed=[0, 1, 2]' (repeatable)")
-    p.add_argument("--out", help="sweep folder (default: OUTPUT_DIR/NAME-sweep)")
+    p.add_argument("--out", help="sweep folder (default: a fresh OUTPUT_DIR/NAME-sweep/version_N; with --resume the "
+                                  "latest one)")
     p.add_argument("--curvature", action="store_true",
                    help="also measure every member's lambda_max and Hessian trace (one program for all)")
     p.add_argument("--resume", action="store_true", help="continue a killed sweep: finished chunks are not retrained")
@@ -217,10 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "launch":  # no jax in the launcher: it only starts and watches the processes
         from jaxnn import launch
 
+        from jaxnn.config import ConfigError
+        from jaxnn.runfolders import RunFolderError
+
         try:
-            return launch.launch(args.processes, args.job, devices_per_process=args.devices_per_process,
+            return launch.launch(args.processes, _pin_job_folder(args.job), devices_per_process=args.devices_per_process,
                                  timeout=args.timeout, grace=args.grace)
-        except ValueError as exc:
+        except (ValueError, ConfigError, RunFolderError, FileNotFoundError) as exc:
             print(f"jaxnn: error: {exc}", file=sys.stderr)
             return 2
     try:
@@ -230,8 +240,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"jaxnn: error: {exc}", file=sys.stderr)
         return 2
-    import contextlib
-
     import jax
 
     precision = jax.enable_x64(True) if getattr(args, "x64", False) else contextlib.nullcontext()
@@ -274,6 +282,58 @@ def _experiment_command(args, progress: bool) -> int:
     return 0
 
 
+def _config_overrides(args, progress: bool) -> list[str]:
+    """A run/train/sweep command's config overrides: its --set items, the device count of --devices, and no
+    training bar off a terminal (in a log file or a pipe it is carriage-return noise)."""
+    quiet = [] if progress else ["train.progress=false"]
+    return quiet + list(args.overrides) + ([f"parallel.devices={args.devices}"] if args.devices else [])
+
+
+def _continue_config_folder(args) -> None:
+    """``jaxnn train X/config.yaml --resume`` continues the run folder X (its config lies in it)."""
+    from jaxnn import runfolders
+
+    if args.resume and args.run_dir is None:
+        folder = runfolders.run_folder_of_config(args.config)
+        if folder is not None:
+            args.run_dir = str(folder)
+
+
+def _latest_run(run_dir: str) -> str:
+    """An analysis command given ``runs/NAME`` reads its latest ``version_N`` (and says so)."""
+    from jaxnn import runfolders
+
+    latest = runfolders.latest_run(run_dir)
+    if str(latest) != str(run_dir):
+        print(f"reading {latest} (the latest run in {run_dir})")
+    return str(latest)
+
+
+def _pin_job_folder(job: list[str]) -> list[str]:
+    """Before ``jaxnn launch`` starts any process: the run (or sweep) folder a ``run``/``train``/``sweep`` job
+    writes is resolved and checked here, so a refusal comes at once, and passed to every process as --run-dir
+    (--out), so all of them write the same folder."""
+    from jaxnn import config as config_lib, runfolders
+
+    job = job[1:] if job and job[0] == "--" else list(job)
+    try:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
+            args = build_parser().parse_args(job)
+    except SystemExit:
+        return job  # not a jaxnn command: launch() says so
+    if args.command not in ("run", "train", "sweep"):
+        return job
+    sweep = args.command == "sweep"
+    pinned = args.out if sweep else args.run_dir
+    if not sweep and pinned is None and args.resume:
+        pinned = runfolders.run_folder_of_config(args.config)
+    cfg = config_lib.load_config(args.config, overrides=_config_overrides(args, progress=False))
+    folder = runfolders.prepare(cfg, pinned, args.resume, sweep=sweep)
+    if (args.out if sweep else args.run_dir) is None:
+        job += ["--out" if sweep else "--run-dir", str(folder)]
+    return job
+
+
 def _dispatch(args) -> int:
     from jaxnn import analysis, config as config_lib
     from jaxnn.plotting import FigureWorker
@@ -288,20 +348,21 @@ def _dispatch(args) -> int:
     # Progress bars only on a terminal: in a log file or a pipe they are carriage-return noise. On a terminal
     # train.progress (default true) still turns the training bar off.
     progress = sys.stderr.isatty()
-    quiet = [] if progress else ["train.progress=false"]
-    config_overrides = lambda: quiet + list(args.overrides) + (  # noqa: E731  (run, train, sweep)
-        [f"parallel.devices={args.devices}"] if args.devices else [])
+    config_overrides = lambda: _config_overrides(args, progress)  # noqa: E731  (run, train, sweep)
     # Figures are drawn by a background process while the next computation runs; all are written before exit.
     with FigureWorker(start=primary, preload=("jaxnn.curvature.plots", "jaxnn.landscape.plots")) as figures:
         draw = figures.submit if primary else (lambda *args, **kwargs: None)
         if args.command in ("run", "train"):
             cfg = config_lib.load_config(args.config, overrides=config_overrides())
+            _continue_config_folder(args)
             report = analysis.run_report(cfg, run_dir=args.run_dir, resume=args.resume,
                                          analyse=args.command == "run" and not args.no_analysis, draw=draw,
                                          progress=progress, echo=print)
             figures.wait()
             print(f"run folder: {report['run_dir']}")
             return 0
+        if getattr(args, "run_dir", None) is not None and args.command not in ("run", "train"):
+            args.run_dir = _latest_run(args.run_dir)
         if args.command == "diagnose":
             stats = analysis.diagnose_run(args.run_dir, batch_size=args.batch_size, step=args.step, out_dir=args.out,
                                           layers=args.layers.split(",") if args.layers else None, draw=draw)
@@ -346,6 +407,7 @@ def _dispatch(args) -> int:
         if args.command == "influence":
             report = analysis.influence_for_run(args.run_dir, test_indices=tuple(args.test_index), top=args.top,
                                                 damping=args.damping, method=args.method, tol=args.tol,
+                                                max_iters=args.max_iters,
                                                 train_limit=args.train_limit,
                                                 data_batches=args.data_batches, step=args.step, out_dir=args.out,
                                                 draw=draw)

@@ -228,6 +228,7 @@ def _parse_value(text: str) -> Any:
 def _apply_overrides(base: dict, overrides: dict) -> dict:
     result = json.loads(json.dumps(base, default=list))
     for dotted, value in overrides.items():
+        dotted = _canonical(dotted, overrides)
         if dotted.startswith("sweep."):  # sweep keys are dotted field names themselves: sweep.optimizer.lr=[...]
             result["sweep"][dotted[len("sweep."):]] = value
             continue
@@ -296,10 +297,25 @@ def shipped_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+# Other names a field is known by: optax and train_population call the rate learning_rate.
+FIELD_ALIASES = {"optimizer.learning_rate": "optimizer.lr"}
+
+
+def _canonical(dotted: str, given: Any = None) -> str:
+    """The field an alias names; ConfigError when ``given`` (the keys of the same mapping, dotted) holds both."""
+    canonical = FIELD_ALIASES.get(dotted, dotted)
+    if canonical != dotted and given is not None and canonical in given:
+        raise ConfigError(dotted, f"{dotted} and {canonical} name the same field; give one")
+    return canonical
+
+
 def _merge(base: dict, values: dict, prefix: str) -> dict:
     out = dict(base)
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else key
+        canonical = _canonical(dotted, {f"{prefix}.{k}" if prefix else k for k in values})
+        if canonical != dotted:
+            dotted, key = canonical, canonical.rsplit(".", 1)[-1]
         if key not in base:
             section = prefix or "the config"
             raise ConfigError(dotted, f"unknown field; valid fields of {section}: {', '.join(base)}")
@@ -437,7 +453,8 @@ SWEEPABLE = {
     "optimizer.weight_decay": "weight_decay",
     "model.kwargs.dropout": "dropout",
 }
-ALIASES = {"seed": "train.seed", "lr": "optimizer.lr", "learning_rate": "optimizer.lr", "dropout": "model.kwargs.dropout"}
+ALIASES = {"seed": "train.seed", "lr": "optimizer.lr", "learning_rate": "optimizer.lr",
+           "optimizer.learning_rate": "optimizer.lr", "dropout": "model.kwargs.dropout"}
 # The optimizer fields each optimizer reads (a population holds them in its state: optax.inject_hyperparams).
 OPTIMIZER_FIELDS = {
     "sgd": ("lr", "weight_decay"),

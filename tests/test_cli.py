@@ -390,8 +390,9 @@ def test_run_report_is_jaxnn_run_from_python(tmp_path, capsys):
     lines = []
     report = analysis.run_report(cfg, run_dir=tmp_path / "py", echo=lines.append)
     assert report["run_dir"] == tmp_path / "py"
-    assert len(lines) == 2 and lines[0].startswith(f"trained {report['summary']['steps']} steps")
-    assert "lambda_max" in lines[1] or "λmax" in lines[1]
+    assert len(lines) == 3 and lines[0].startswith(f"training digits_mlp in {tmp_path / 'py'}; data: digits: ")
+    assert lines[1].startswith(f"trained {report['summary']['steps']} steps")
+    assert "lambda_max" in lines[2] or "λmax" in lines[2]
     written = json.loads((tmp_path / "py" / "curvature.json").read_text())
     assert written["conditioning"]["lambda_max"] == report["curvature"]["conditioning"]["lambda_max"]
     assert report["landscape"] is not None and any(p.name.startswith("landscape") for p in (tmp_path / "py").iterdir())
@@ -400,3 +401,33 @@ def test_run_report_is_jaxnn_run_from_python(tmp_path, capsys):
     np.testing.assert_allclose(cli["conditioning"]["lambda_max"], written["conditioning"]["lambda_max"], rtol=1e-6)
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["final"] == report["summary"]["final"]
     assert analysis.run_report(cfg, run_dir=tmp_path / "bare", analyse=False)["curvature"] is None
+
+
+def test_run_folders_from_the_command_line(tmp_path, capsys):
+    """A second `jaxnn train` gets version_2; `train X/config.yaml --resume` continues X; `jaxnn launch` resolves
+    and checks the folder before it starts a process, and pins it for every process."""
+    from jaxnn import cli
+
+    tiny = ["--set", f"output_dir={tmp_path}", "--set", "train.steps=4", "--set", "train.eval_every=2",
+            "--set", "train.progress=false", "--set", "model.kwargs={width: 8, depth: 1}"]
+    assert main(["train", "digits_mlp", *tiny]) == 0
+    assert main(["train", "digits_mlp", *tiny]) == 0
+    out = capsys.readouterr().out
+    first, second = tmp_path / "digits_mlp" / "version_1", tmp_path / "digits_mlp" / "version_2"
+    assert f"training digits_mlp in {first}; data: digits: 1258/180/359 train/val/test examples" in out
+    assert f"run folder: {second}" in out
+    more = [a if a != "train.steps=4" else "train.steps=6" for a in tiny]
+    assert main(["train", str(first / "config.yaml"), "--resume", *more]) == 0
+    assert json.loads((first / "summary.json").read_text())["resumed_from_step"] == 4
+    assert json.loads((second / "summary.json").read_text())["steps"] == 4  # the other run untouched
+    assert main(["diagnose", str(tmp_path / "digits_mlp"), "--batch-size", "32"]) == 0
+    assert f"reading {second} (the latest run in" in capsys.readouterr().out
+    # The launcher: a refusal before any process starts, and the resolved folder passed to every process.
+    assert main(["launch", "--processes", "2", "--", "train", "digits_mlp", *tiny, "--run-dir", str(first)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxnn: error: run folder") and "add --resume" in err and "process" not in err
+    assert cli._pin_job_folder(["--", "train", "digits_mlp", *tiny]) == ["train", "digits_mlp", *tiny, "--run-dir",
+                                                                         str(tmp_path / "digits_mlp" / "version_3")]
+    assert cli._pin_job_folder(["train", "digits_mlp", *tiny, "--resume"])[-2:] == ["--run-dir", str(second)]
+    assert cli._pin_job_folder(["curvature", str(first)]) == ["curvature", str(first)]
+    assert not (tmp_path / "digits_mlp" / "version_3").exists()

@@ -213,6 +213,11 @@ def test_verdict_rule_and_generated_table(tmp_path):
     first = readme.read_text()
     write_table(tmp_path / "results", readme)
     assert readme.read_text() == first and first.startswith("# Experiments\n\nText before.")
+    write_table(tmp_path / "results")  # by default beside the results it read
+    assert "![](demo/demo.png)" in (tmp_path / "results" / "README.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no result files in"):
+        write_table(tmp_path / "empty", tmp_path / "never.md")
+    assert not (tmp_path / "never.md").exists()
 
 
 def test_committed_results_come_from_todays_experiment_code():
@@ -241,7 +246,8 @@ def test_committed_results_come_from_todays_experiment_code():
         copy.write_text(text)
         (pathlib.Path(scratch) / "results").symlink_to(ROOT / "results")
         write_table(pathlib.Path(scratch) / "results", copy)
-        assert copy.read_text() == text, "experiments/README.md is not the table of results/: jaxnn experiment --table"
+        assert copy.read_text() == text, ("experiments/README.md is not the table of results/: jaxnn experiment "
+                                          "--table --readme experiments/README.md")
 
 
 def test_result_records_its_code_and_reads_data_from_jaxnn_data(tmp_path, monkeypatch):

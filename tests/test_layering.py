@@ -12,7 +12,7 @@ ROOT = pathlib.Path(jaxnn.__file__).parent
 # Data flows one way (GUIDE.md): config -> data, model, optimizer -> training -> analysis -> the command.
 FLOORS = {
     "config": 0, "runtime": 0, "plotting": 0,
-    "validation": 1,
+    "validation": 1, "runfolders": 1,
     "data": 2, "losses": 2, "models": 2, "parallel": 2, "launch": 2,
     "curvature": 3,
     "optim": 4, "diagnostics": 4, "landscape": 4, "laplace": 4,

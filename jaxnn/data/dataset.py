@@ -150,6 +150,23 @@ class Dataset:
             return int(self.num_classes)
         return int(np.prod(self.train.y.shape[1:], dtype=np.int64))
 
+    def describe(self) -> str:
+        """One line: the split sizes and where they come from, e.g. ``mnist: 7000/1000/2000 train/val/test
+        examples, all three drawn (seed 0) from mnist IDX files (t10k pair only: no training files in ...)``."""
+        sizes = "/".join(str(len(getattr(self, s))) for s in SPLIT_NAMES)
+        split = self.info.get("split", {})
+        source = self.info.get("source", "the source")
+        layout = self.info.get("layout", "")
+        if split.get("official_test"):
+            origin = f"train/val from {source}'s training files, test its own test files"
+        else:
+            missing = "training" if layout.startswith("t10k") else "t10k (test)"
+            files = f" ({layout.split(':')[0]}: no {missing} files in {self.info.get('directory')})" \
+                if "pair only" in layout else ""
+            limit = f", at most {split['limit']} examples" if split.get("limit") else ""
+            origin = f"all three drawn (seed {self.info.get('seed')}) from {source}{files}{limit}"
+        return f"{self.name}: {sizes} train/val/test examples, {origin}"
+
     def split(self, name: str) -> Split:
         """The partition called ``name`` (``"train"``, ``"val"`` or ``"test"``)."""
         if name not in SPLIT_NAMES:

@@ -61,9 +61,10 @@ def download_verified(urls: Sequence[str], destination: str | os.PathLike, md5: 
     """Fetch ``destination`` from the first of ``urls`` (mirrors) that works and whose MD5 equals ``md5``.
 
     A file with the wrong checksum is deleted and the next mirror tried. Raises `DownloadError` listing
-    every URL tried and why it failed.
+    every URL tried and why it failed, after removing the folders it created (it leaves nothing behind).
     """
     destination = Path(destination)
+    created = [folder for folder in (destination.parent, *destination.parent.parents) if not folder.exists()]
     destination.parent.mkdir(parents=True, exist_ok=True)
     failures = []
     for url in urls:
@@ -82,5 +83,10 @@ def download_verified(urls: Sequence[str], destination: str | os.PathLike, md5: 
                 failures.append(f"{url}: MD5 mismatch (expected {md5}, got {actual})")
                 continue
         return destination
+    for folder in created:  # deepest first: a failed download leaves no empty folders behind
+        try:
+            folder.rmdir()
+        except OSError:
+            break
     raise DownloadError(f"could not download {destination.name}: " + "; ".join(failures))
 

@@ -178,7 +178,7 @@ def _download_missing(name: str, directory: Path, found: dict, progress: bool) -
                                                          progress=progress)
         except OSError as error:  # stop at the first failure: without a network every file would time out
             raise FileNotFoundError(
-                f"{name}: IDX files missing in {directory}; expected {_expected_names_message()}; "
+                f"{name}: IDX files missing in {directory.absolute()}; expected {_expected_names_message()}; "
                 f"download failed: {error}"
             ) from error
         fetched.append(gz_name)

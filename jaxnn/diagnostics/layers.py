@@ -81,12 +81,14 @@ class LayerStatistics:
 
 
 def layer_statistics(state: Any, batch: Any, *, loss: Any = "softmax_cross_entropy", layers: Any = None,
-                     saturation: str | None = "auto", bins: int = 40, mode: str = "eval") -> LayerStatistics:
+                     saturation: str | None = "auto", bins: int = 40, mode: str = "eval",
+                     flag_small_updates: bool = True) -> LayerStatistics:
     """Statistics of every parameterised layer of ``state``'s model on ``batch`` = (x, y) (see the module
     docstring). ``layers``: names (e.g. ``["dense_1"]``) to keep, default all; an unknown name is an error that lists
     the layers. ``saturation``: "auto" (from the model's ``activation``), "tanh", "sigmoid" or None. ``mode``:
     "eval" (running batch-norm statistics, as at test time) or "train" (the batch's own statistics, as a training
-    step sees them; dropout stays off)."""
+    step sees them; dropout stays off). ``flag_small_updates``: flag update/weight ratios far below ~1e-3 too (during
+    training; a finished run's last updates are small by design when its schedule decays)."""
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
     x, y = batch
@@ -119,7 +121,8 @@ def layer_statistics(state: Any, batch: Any, *, loss: Any = "softmax_cross_entro
                                        None if update is None else np.asarray(update), bins))
     position = {name: index for index, name in enumerate(records)}  # call order, not the sorted parameter keys
     gradients.sort(key=lambda g: (position.get(g["name"].rsplit("/", 1)[0], len(position)), g["name"]))
-    return LayerStatistics(activations, gradients, _flags(activations, gradients, saturation), saturation)
+    return LayerStatistics(activations, gradients, _flags(activations, gradients, saturation, flag_small_updates),
+                           saturation)
 
 
 def _forward_records(state: Any, x: jax.Array, train: bool = False) -> dict[str, tuple[jax.Array, jax.Array]]:
@@ -173,8 +176,10 @@ def _gradients_jit(state, batch, loss, mode):
 
 
 def _gradients_and_updates(state, batch, loss, mode="eval"):
-    """(gradients, the optimizer's updates from them — None when its update needs more than the gradient, e.g. a
-    line search's loss)."""
+    """(gradients, the optimizer's updates from them — None without an optimizer state, or when its update needs
+    more than the gradient, e.g. a line search's loss)."""
+    if getattr(state, "opt_state", None) is None:  # a run read back without its optimizer's state: no updates
+        return jax.device_get(_gradients_jit(state, batch, loss, mode)), None
     try:
         return jax.device_get(_gradients_and_updates_jit(state, batch, loss, mode))
     except TypeError:
@@ -220,7 +225,8 @@ def _gradient_row(name, param, grad, update, bins) -> dict:
             "update_ratio": ratio, "histogram": _histogram(grad.ravel().astype(np.float64), bins)}
 
 
-def _flags(activations: list[dict], gradients: list[dict], saturation: str | None) -> list[str]:
+def _flags(activations: list[dict], gradients: list[dict], saturation: str | None,
+           flag_small_updates: bool = True) -> list[str]:
     flags = []
     for index, a in enumerate(activations):
         if index == 0 and a["reads"] == "the data":
@@ -238,8 +244,8 @@ def _flags(activations: list[dict], gradients: list[dict], saturation: str | Non
         if g["grad_norm"] == 0 and g["param_norm"] > 0:
             flags.append(f"{g['name']}: no gradient reaches it")
         ratio = g["update_ratio"]
-        if ratio is not None and g["param_norm"] > 0 and g["name"].endswith("kernel") and not (
-                UPDATE_RATIO_BAND[0] <= ratio <= UPDATE_RATIO_BAND[1]):
+        if ratio is not None and g["param_norm"] > 0 and g["name"].endswith("kernel") and (
+                ratio > UPDATE_RATIO_BAND[1] or (flag_small_updates and ratio < UPDATE_RATIO_BAND[0])):
             flags.append(f"{g['name']}: update/weight ratio {ratio:.1e}, far from ~1e-3 (learning rate too "
                          f"{'high' if ratio > UPDATE_RATIO_BAND[1] else 'low'} for this layer?)")
         if not math.isfinite(g["grad_norm"]):

@@ -10,9 +10,10 @@ An experiment is a module ``jaxnn/experiments/<name>.py`` (installed with the pa
 
 :func:`run_experiment` writes ``results/<name>/result.json`` (claim, setting, measured numbers, verdict and why,
 where the notes were wrong, and the code that produced it: the sha256 of the experiment's source file, jaxnn's
-version, the git commit where known), the figures and ``summary.md``; :func:`write_table` regenerates the table in
-``experiments/README.md`` from the result files (``jaxnn experiment --table``). Both paths are read from the working
-directory (a source checkout's root keeps them).
+version, the git commit where known), the figures and ``summary.md``; :func:`write_table` writes the table of the
+result files into ``README.md`` beside them (``jaxnn experiment --table``), or into the file given
+(``--readme experiments/README.md`` in a source checkout, whose root keeps both). Relative paths are read from the
+working directory.
 
 Data: an experiment's ``data_dir`` setting (``--set data_dir=PATH``: the data set's folder or its parent), else
 ``$JAXNN_DATA/<name>`` (``$JAXNN_DATA_DIR`` is read too), else ``~/.cache/jaxnn/data/<name>``; never downloaded.
@@ -33,7 +34,6 @@ from typing import Any
 
 EXPERIMENTS_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 DEFAULT_RESULTS_DIR = "results"
-DEFAULT_README = "experiments/README.md"
 VERDICTS = ("agrees", "partly", "disagrees")
 
 
@@ -257,10 +257,14 @@ def _cell(text: str) -> str:
 def write_table(results_dir: str | pathlib.Path = DEFAULT_RESULTS_DIR,
                 readme: str | pathlib.Path | None = None) -> str:
     """The table claim | checks (each with its label, measured value and ✓/✗) | verdict | figure from every
-    ``results/*/result.json``, written between the markers of ``experiments/README.md`` (created if missing; both
-    paths relative to the working directory); returns the table."""
+    ``results_dir/*/result.json``, written between the markers of ``readme`` (default: ``README.md`` beside the
+    results it read; created if missing; relative paths from the working directory); returns the table. No result
+    files: FileNotFoundError, and nothing is written."""
     results_dir = pathlib.Path(results_dir)
-    readme = pathlib.Path(readme or DEFAULT_README)
+    readme = pathlib.Path(readme or results_dir / "README.md")
+    if not any(results_dir.glob("*/result.json")):
+        raise FileNotFoundError(f"no result files in {results_dir.absolute()} (*/result.json): run an experiment "
+                                "first, or point --results at the folder holding them")
     rows = ["| experiment | claim | checks: what was measured, the value, agrees (✓) or not (✗) | verdict | figure |",
             "| --- | --- | --- | --- | --- |"]
     for path in sorted(results_dir.glob("*/result.json")):

@@ -30,6 +30,7 @@ from jaxnn.models.registry import (
     get_model,
     init_model,
     model_names,
+    registry_spec,
 )
 from jaxnn.models.resnet import (
     RESNET_DEPTHS,
@@ -69,6 +70,7 @@ __all__ = [
     "LeNet",
     "MLP",
     "MODELS",
+    "registry_spec",
     "ModelFactory",
     "NORMALIZATIONS",
     "NORM_EPSILON",

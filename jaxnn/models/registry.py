@@ -172,7 +172,18 @@ def get_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
         raise TypeError(f"get_model: name must be a str; got {name!r}")
     if name not in MODELS:
         raise ValueError(f"get_model: unknown model name {name!r}; valid names: {model_names()}")
-    return MODELS[name](num_classes=num_classes, **kwargs)
+    module = MODELS[name](num_classes=num_classes, **kwargs)
+    # How it was built, so a run folder written by fit() can name it in config.yaml (see registry_spec).
+    object.__setattr__(module, _SPEC_ATTRIBUTE, (name, dict(kwargs)))
+    return module
+
+
+_SPEC_ATTRIBUTE = "_jaxnn_registry_spec"
+
+
+def registry_spec(module: Any) -> tuple[str, dict] | None:
+    """``(name, kwargs)`` of a module built by :func:`get_model` (``num_classes`` apart), else None."""
+    return getattr(module, _SPEC_ATTRIBUTE, None)
 
 
 def _check_key(key: Any) -> None:

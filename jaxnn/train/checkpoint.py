@@ -69,9 +69,11 @@ class Checkpointer:
                           metrics={k: float(v) for k, v in (metrics or {}).items()} or None)
         self.manager.wait_until_finished()
 
-    def restore(self, template: Any, step: int | None = None) -> Any:
+    def restore(self, template: Any, step: int | None = None, partial: bool = False) -> Any:
         """Restore into the structure, shapes, dtypes and shardings of ``template`` (arrays, or ShapeDtypeStructs
-        with shardings), whatever devices the checkpoint was saved from; clear errors otherwise."""
+        with shardings), whatever devices the checkpoint was saved from; clear errors otherwise. ``partial``: the
+        template (a dict) names only some of the saved tree's top-level entries (e.g. ``params`` and
+        ``model_state`` without the ``opt_state`` of an optimizer the reader does not know); only those return."""
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"no checkpoint found in {self.directory}")
@@ -83,12 +85,27 @@ class Checkpointer:
             saved = self.manager.item_metadata(step)
         except Exception as exc:  # noqa: BLE001 - orbax raises many types for unreadable metadata
             raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {exc}") from exc
-        _check_compatible(saved, template, path)
         abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, template)
+        if partial:
+            tree = getattr(saved, "tree", saved)
+            missing = sorted(set(abstract) - set(tree or {}))
+            if missing:
+                raise CheckpointError(f"checkpoint {path} does not match this model: it holds no {missing}")
+            _check_compatible({key: tree[key] for key in abstract}, abstract, path)
+            # The entries not asked for are read onto this process's first device and dropped (StandardRestore in
+            # orbax 0.12.8 takes no placeholder for an entry it should skip).
+            here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            rest = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), value,
+                                      is_leaf=lambda m: hasattr(m, "shape"))
+                    for key, value in tree.items() if key not in abstract}
+            wanted, abstract = set(abstract), {**rest, **abstract}
+        else:
+            _check_compatible(saved, template, path)
         try:
-            return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+            restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {path} is corrupt or incompatible with this model: {exc}") from exc
+        return {key: restored[key] for key in wanted} if partial else restored
 
     def close(self) -> None:
         self.manager.close()

@@ -12,6 +12,7 @@ import math
 import os
 import pathlib
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -20,10 +21,11 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxnn import data as data_lib
-from jaxnn import losses, parallel, runtime
+from jaxnn import losses, parallel, runfolders, runtime
 from jaxnn.validation import merge_options
 from jaxnn.train.callbacks import Callback, FitContext
-from jaxnn.train.checkpoint import Checkpointer
+from jaxnn.train import record
+from jaxnn.train.checkpoint import CheckpointError, Checkpointer
 from jaxnn.train.state import TrainState
 from jaxnn.train.step import make_eval_step, make_resident_train_steps, make_train_step
 
@@ -260,7 +262,10 @@ class LogOptions:
     """What the loop records and when: a metrics record every ``log_every`` steps, an evaluation on the validation
     split every ``eval_every`` steps (None: every epoch) in batches of ``eval_batch_size``, a checkpoint every
     ``checkpoint_every`` steps (None: at every evaluation), ``metrics.jsonl`` in ``run_dir``, the NaN/Inf guard
-    (``nan_guard``) and a ``progress`` bar."""
+    (``nan_guard``) and a ``progress`` bar. A ``run_dir`` given to ``fit`` without a ``checkpointer`` also gets the
+    final state as a checkpoint (``save_final``; a non-finite state is not saved, with a warning), and
+    ``config.yaml``/``fit.json`` (:mod:`jaxnn.train.record`), so that ``jaxnn curvature RUN_DIR`` and ``load_run``
+    read it; it must not hold checkpoints already."""
 
     log_every: int = 10
     eval_every: int | None = None
@@ -269,6 +274,7 @@ class LogOptions:
     run_dir: str | pathlib.Path | None = None
     nan_guard: bool = True
     progress: bool = True
+    save_final: bool = True
 
 
 def _use_resident(dataset: data_lib.Dataset, o: StepOptions) -> bool:
@@ -419,8 +425,16 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, num_steps: int, loss: s
     batch_sharding = parallel.batch_sharding(mesh)
     run_dir = pathlib.Path(lo.run_dir) if lo.run_dir is not None else None
     primary = parallel.is_primary()  # with several processes, process 0 alone writes metrics and shows progress
+    saves_final = run_dir is not None and checkpointer is None and lo.save_final
+    if saves_final and runfolders.has_checkpoints(run_dir):
+        raise runfolders.RunFolderError(
+            f"run folder {run_dir} already holds checkpoints of an earlier run: give fit another run_dir (it saves "
+            "the final state there), or pass checkpointer= and start_step= to continue that run")
     if run_dir is not None and primary:
         run_dir.mkdir(parents=True, exist_ok=True)
+    if saves_final and primary:
+        record.write_fit_record(run_dir, state.apply_fn, dataset, loss, batch_size=batch_size,
+                                num_steps=num_steps, seed=seed)
     writer = MetricsWriter(run_dir / "metrics.jsonl" if run_dir and primary else None,
                            resume_from_step=start_step if start_step else None)
     analysis_x, analysis_y = data_lib.host_stacked_batches(dataset.train, min(batch_size, len(dataset.train)), 1,
@@ -503,6 +517,15 @@ def fit(state: TrainState, dataset: data_lib.Dataset, *, num_steps: int, loss: s
                 break
     finally:
         bar.close()
+    if saves_final and ctx.step > start_step:
+        # The final state, so that load_run and the CLI's analyses read a script's run folder (record.py).
+        final = Checkpointer(run_dir / "checkpoints", keep_last=1, keep_best=False)
+        try:
+            final.save(ctx.step, state.checkpoint_tree())
+        except CheckpointError as error:  # a diverged state (nan_guard off): the result is returned, not saved
+            warnings.warn(f"fit: the final state was not saved in {run_dir}: {error}", stacklevel=2)
+        finally:
+            final.close()
     notify("on_train_end")
     return FitResult(state=state, history=recorder.history, stop_reason=stop_reason, steps_done=ctx.step,
                      wall_time_s=time.perf_counter() - recorder.started, best_step=best_step)

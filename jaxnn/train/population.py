@@ -76,6 +76,17 @@ def _tunable(optimizer: Callable[..., optax.GradientTransformation]) -> list[str
             and not isinstance(p.default, bool)]
 
 
+def rate_name(name: str, accepted: Sequence[str], given: Mapping[str, Any]) -> str:
+    """``lr`` and ``learning_rate`` are one name (configs say ``optimizer.lr``, optax ``learning_rate``): the one
+    ``accepted`` holds; ValueError when ``given`` holds both."""
+    other = {"lr": "learning_rate", "learning_rate": "lr"}.get(name)
+    if other is None or name in accepted or other not in accepted:
+        return name
+    if other in given:
+        raise ValueError(f"{name} and {other} name the same rate; give one")
+    return other
+
+
 def check_members(members: Mapping[str, Sequence[Any]], optimizer: Callable) -> tuple[int, dict[str, np.ndarray]]:
     """(N, columns): every column a float/int array of length N; names checked against the optimizer's arguments."""
     if not isinstance(members, Mapping) or not members:
@@ -85,6 +96,7 @@ def check_members(members: Mapping[str, Sequence[Any]], optimizer: Callable) -> 
     name_of = getattr(optimizer, "__name__", repr(optimizer))
     columns: dict[str, np.ndarray] = {}
     for name, values in members.items():
+        name = rate_name(name, tunable, members)
         if name not in MEMBER_FIELDS and name not in tunable:
             raise ValueError(f"members: {name!r} cannot be varied across a population: it is neither a member field "
                              f"({', '.join(MEMBER_FIELDS)}) nor a numeric argument of the optimizer {name_of} "
@@ -129,7 +141,9 @@ class PopulationResult:
         return jax.tree.map(lambda leaf: leaf[index], self.state)
 
     def table(self, sort_by: str | None = "val_accuracy") -> str:
-        """The members as a text table, best first by ``sort_by`` when every member has it."""
+        """The members as a text table, best first by ``sort_by`` when every member has it (``None``: member
+        order); the ``member`` column is each one's index in ``state``, ``losses`` and the per-member functions
+        (``population_sharpness``, ``ensemble_metrics``, ``member_state``)."""
         return format_table(self.members, sort_by)
 
 
@@ -433,7 +447,9 @@ class PopulationOptions:
     ``eval_batch_size``, a ``progress`` bar; early stopping member by member (``early_stop_patience`` evaluations
     of ``early_stop_metric``, val_loss or val_accuracy, every ``eval_every`` steps, default once per epoch);
     ``devices`` (shard the members over that many devices, -1: all), ``strategy`` ("vmap", "python" or "auto") and
-    ``needs_batch`` (the optimizer's update takes the batch and the eval-mode model)."""
+    ``needs_batch`` (the optimizer's update takes the batch and the eval-mode model). ``curvature``: after training,
+    every member's λmax, Hessian trace and gᵀHg/gᵀg on ``curvature_batches`` training batches
+    (:func:`member_curvature`), columns of ``members`` and of the table."""
 
     chunk: int | None = None
     steps_per_call: int = 50
@@ -445,6 +461,27 @@ class PopulationOptions:
     devices: int | None = None
     strategy: str = "auto"
     needs_batch: bool = False
+    curvature: bool = False
+    curvature_batches: int = 4
+
+
+def member_curvature(rows: list[dict], state: TrainState, batches: list, loss: str | Callable) -> None:
+    """Add ``lambda_max`` (population Lanczos, 40 steps), ``hessian_trace`` (Hutchinson, 20 probes) and
+    ``gradient_curvature`` (gᵀHg/gᵀg) of every member on ``batches`` to its row; NaN for a member that diverged."""
+    from jaxnn.curvature.population import (population_gradient_curvature, population_hessian_trace,
+                                            population_sharpness)
+
+    alive = np.asarray([not row["status"].startswith("diverged") for row in rows])
+    lambdas, traces, along = (np.full(len(rows), np.nan) for _ in range(3))
+    if alive.any():
+        kept = jax.tree.map(lambda leaf: leaf[alive], state)
+        lambdas[alive] = population_sharpness(kept, batches, loss=loss)[:, 0]
+        traces[alive] = population_hessian_trace(kept, batches, loss=loss)
+        loss_fns = losses.make_loss_fn(kept.apply_fn, loss, kept.model_state)
+        along[alive] = population_gradient_curvature(loss_fns, kept.params, batches)[1]
+    for row, value, trace, directional in zip(rows, lambdas, traces, along):
+        row["lambda_max"], row["hessian_trace"] = float(value), float(trace)
+        row["gradient_curvature"] = float(directional)
 
 
 def train_population(model, optimizer: Callable[..., optax.GradientTransformation], dataset: data_lib.Dataset, *,
@@ -488,6 +525,10 @@ def train_population(model, optimizer: Callable[..., optax.GradientTransformatio
                                    state))
     bar.close()
     state = states[0] if len(states) == 1 else jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *states)
+    if o.curvature:
+        size = min(batch_size, len(dataset.train))
+        x, y = data_lib.host_stacked_batches(dataset.train, size, o.curvature_batches, seed=data_seed, shuffle=True)
+        member_curvature(member_rows, state, list(zip(x, y)), loss)
     return PopulationResult(state=state, members=member_rows, losses=np.concatenate(histories, axis=1),
                             accuracies=np.concatenate(accuracy_histories, axis=1) if run.classification else None,
                             compile_s=run.compile_s, run_s=run.run_s)
@@ -561,6 +602,8 @@ class _PopulationRun:
     @staticmethod
     def _optimizer(optimizer, columns: dict[str, np.ndarray], fixed: dict[str, Any]):
         """The optimizer with its swept hyper-parameters in its state (first member's values), and their names."""
+        accepted = list(inspect.signature(optimizer).parameters)
+        fixed = {rate_name(name, accepted, fixed): value for name, value in fixed.items()}
         hyper_names = [name for name in columns if name not in MEMBER_FIELDS]
         clash = sorted(set(hyper_names) & set(fixed))
         if clash:
@@ -660,8 +703,9 @@ class _PopulationRun:
         rows = []
         for position in range(chunk_losses.shape[1]):
             member = begin + position
-            row = {name: (int(self.columns[name][member]) if name == "seed" else float(self.columns[name][member]))
-                   for name in self.columns}
+            row = {"member": member}  # its index in the result's state, losses and every per-member function
+            row.update({name: (int(self.columns[name][member]) if name == "seed" else float(self.columns[name][member]))
+                        for name in self.columns})
             trained = stopped.get(position, self.num_steps)
             finite = np.isfinite(chunk_losses[:trained, position])
             diverged_at = None if finite.all() else int(np.argmin(finite))  # the first step whose loss was not finite

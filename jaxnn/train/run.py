@@ -18,17 +18,15 @@ import numpy as np
 
 from jaxnn import config as config_lib
 from jaxnn import data as data_lib
-from jaxnn import losses, models, optim, parallel
+from jaxnn import losses, models, optim, parallel, runfolders
+from jaxnn.runfolders import RunFolderError  # noqa: F401  (jaxnn.train's name for it)
+from jaxnn.train import record
 from jaxnn.train.callbacks import Callback, EarlyStopping
 from jaxnn.train.checkpoint import Checkpointer, CheckpointError
 from jaxnn.train.fit import (FitResult, LogOptions, NonFiniteLossError, StepOptions, create_train_state,
                              eval_batch_size_for, evaluate, fit)
 from jaxnn.train.state import TrainState
 from jaxnn.train.step import make_eval_step
-
-
-class RunFolderError(RuntimeError):
-    """A run folder that cannot be used as asked (exists already, nothing to resume, config differs)."""
 
 
 def total_steps(cfg: config_lib.Config, num_train: int) -> int:
@@ -86,42 +84,6 @@ def abstract_state(cfg: config_lib.Config, dataset: data_lib.Dataset, mesh=None)
     return state, model
 
 
-def prepare_run_dir(cfg: config_lib.Config, run_dir: pathlib.Path, resume: bool) -> None:
-    """Create the folder, or check it can be resumed; never touches existing checkpoints."""
-    ckpt_dir = run_dir / "checkpoints"
-    has_checkpoints = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-    if resume:
-        if not has_checkpoints:
-            raise RunFolderError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
-        saved_path = run_dir / "config.yaml"
-        if saved_path.exists():
-            saved = config_lib.load_config(saved_path)
-            differences = config_differences(saved.to_dict(), cfg.to_dict())
-            # How many steps, and on how many devices in which layout, may change: the same run continues.
-            differences = [d for d in differences
-                           if not d.startswith(("train.progress", "train.epochs", "train.steps", "parallel."))]
-            if differences:
-                raise RunFolderError(f"cannot resume {run_dir}: the config differs from the saved one in "
-                                     f"{', '.join(differences)} (only train.steps/train.epochs/train.steps_per_call "
-                                     "and the parallel section may change)")
-    elif has_checkpoints:
-        raise RunFolderError(f"run folder {run_dir} already has checkpoints; pass --resume to continue it, or "
-                             "choose another name/output dir (existing checkpoints are never overwritten)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        dotted = f"{prefix}.{key}" if prefix else key
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict) and key != "kwargs":
-            out += config_differences(va, vb, dotted)
-        elif json.dumps(va, default=list, sort_keys=True) != json.dumps(vb, default=list, sort_keys=True):
-            out.append(dotted)
-    return out
-
-
 def make_checkpointer(cfg: config_lib.Config, run_dir: pathlib.Path, read_only: bool = False) -> Checkpointer:
     c = cfg.checkpoint
     return Checkpointer(run_dir / "checkpoints", keep_last=c.keep_last, keep_best=c.keep_best,
@@ -147,21 +109,29 @@ def _json_default(value):
 
 def train_from_config(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = None, resume: bool = False,
                       callbacks: list[Callback] | None = None, mesh=None) -> dict:
-    """Train as ``cfg`` says and write the run folder; returns the summary dict (also in summary.json)."""
+    """Train as ``cfg`` says and write the run folder (default: a fresh ``OUTPUT_DIR/NAME/version_N``; with
+    ``resume`` the latest version with checkpoints; see :mod:`jaxnn.runfolders`); returns the summary dict (also in
+    summary.json, with the folder as ``run_dir``)."""
     return train_run(cfg, run_dir=run_dir, resume=resume, callbacks=callbacks, mesh=mesh)[0]
 
 
 def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = None, resume: bool = False,
-              callbacks: list[Callback] | None = None, mesh=None, draw: Callable | None = None
-              ) -> tuple[dict, "LoadedRun"]:
+              callbacks: list[Callback] | None = None, mesh=None, draw: Callable | None = None,
+              echo: Callable[[str], None] | None = None) -> tuple[dict, "LoadedRun"]:
     """:func:`train_from_config`, also returning the trained run as :func:`load_run` would read it back (its final
     state, which the last checkpoint holds), so analysis can follow without reading the folder again.
-    ``draw(function, *args)`` draws curves.png (default: now)."""
+    ``draw(function, *args)`` draws curves.png (default: now); ``echo(line)`` is told the run folder and the data
+    split before training starts (the CLI passes ``print``)."""
     check_config(cfg)  # before the run folder is made
-    run_dir = pathlib.Path(run_dir or pathlib.Path(cfg.output_dir) / cfg.name)
-    primary = parallel.is_primary()
+    if run_dir is None and jax.process_count() > 1:
+        raise RunFolderError("with several processes, name the run folder with --run-dir (run_dir=): every process "
+                             "must write the same one (`jaxnn launch` names it for you)")
+    primary, pinned = parallel.is_primary(), run_dir is not None
+    if resume and not cfg.checkpoint.enabled:
+        raise RunFolderError("nothing to resume: the config turns checkpoints off (checkpoint.enabled: false)")
+    run_dir = runfolders.resolve(cfg, run_dir, resume)
     if primary:
-        prepare_run_dir(cfg, run_dir, resume)
+        runfolders.check(cfg, run_dir, resume, pinned=pinned)
     mesh = mesh or parallel.make_mesh(cfg.parallel.devices)
     parallel.check_mode(cfg.parallel.mode, cfg.parallel.params)
     parallel.check_batch_divisible(cfg.train.batch_size // cfg.train.grad_accum_steps, mesh,
@@ -169,6 +139,10 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
     dataset = load_dataset(cfg)
     state, schedule, model = build_state(cfg, dataset, mesh)
     state = parallel.place_state(state, mesh, cfg.parallel.params)
+    if primary:  # only now: a config, data or model that fails to load leaves no folder behind
+        run_dir = runfolders.claim(run_dir, fresh=not (pinned or resume))
+        if echo is not None:
+            echo(f"{'resuming' if resume else 'training'} {cfg.name} in {run_dir}; data: {dataset.describe()}")
     checkpointer = make_checkpointer(cfg, run_dir) if cfg.checkpoint.enabled else None
     start_step = 0
     if resume:
@@ -196,7 +170,7 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
     try:
         log_options = LogOptions(log_every=t.log_every, eval_every=t.eval_every,
                                  checkpoint_every=cfg.checkpoint.every_steps, run_dir=run_dir, nan_guard=t.nan_guard,
-                                 progress=t.progress)
+                                 progress=t.progress, save_final=False)  # the config says what is checkpointed
         result = fit(state, dataset, loss=t.loss, batch_size=t.batch_size, num_steps=steps, schedule=schedule,
                      seed=_data_seed(cfg), start_step=start_step, callbacks=callbacks, checkpointer=checkpointer,
                      step_options=step_options(cfg, steps_per_call=t.steps_per_call, mode=cfg.parallel.mode, mesh=mesh),
@@ -209,6 +183,7 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
         report = hunt_nonfinite(cfg, dataset, run_dir, error.step, error.last_checkpoint)
         raise NonFiniteLossError(error.step, error.value, error.last_checkpoint, detail=str(report)) from None
     summary = summarize(cfg, dataset, model, result, time.perf_counter() - started, resumed_from=start_step or None)
+    summary["run_dir"] = str(run_dir)
     if checkpointer is not None:
         checkpointer.close()
     if primary:  # with several processes, process 0 alone writes the run folder's files
@@ -345,7 +320,7 @@ class LoadedRun:
     def params_at(self, step: int) -> Any:
         ckpt = make_checkpointer(self.config, self.run_dir, read_only=True)
         try:
-            return ckpt.restore(self.state.checkpoint_tree(), step=step)["params"]
+            return ckpt.restore({"params": self.state.params}, step=step, partial=True)["params"]
         finally:
             ckpt.close()
 
@@ -357,27 +332,71 @@ class LoadedRun:
             ckpt.close()
 
 
-def load_run(run_dir: str | pathlib.Path, step: int | str = "latest", devices: int | None = None) -> LoadedRun:
+def load_run(run_dir: str | pathlib.Path, step: int | str = "latest", devices: int | None = None,
+             optimizer_state: bool = False) -> LoadedRun:
     """Read a run folder: its config, data, model and the checkpoint ``step`` ("latest", "best" or a number),
-    restored onto ``devices`` devices (default: all; replicated), whatever device count it was saved from."""
-    run_dir = pathlib.Path(run_dir)
+    restored onto ``devices`` devices (default: all; replicated), whatever device count it was saved from. Only the
+    parameters, model state, step and key are restored, not the optimizer's state (``state.opt_state`` is None), so
+    a folder whose optimizer is not recorded (one ``fit(run_dir=...)`` wrote) reads too; ``optimizer_state``: also
+    the optimizer's state where the config records the optimizer. ``run_dir`` may be the
+    parent of ``version_N`` folders (``runs/NAME``): its latest run is read."""
+    run_dir = runfolders.latest_run(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
     if not (run_dir / "config.yaml").exists():
+        fit_record = record.read_fit_record(run_dir)
+        if fit_record is not None and not fit_record["config"]:
+            raise FileNotFoundError(
+                f"{run_dir} was written by fit() without a config.yaml, which jaxnn needs to rebuild the run: "
+                f"{'; '.join(fit_record['why_no_config'])}. Read its weights in your script with "
+                f"jaxnn.train.restore_state(run_dir, state)")
         raise FileNotFoundError(f"{run_dir} is not a jaxnn run folder: config.yaml is missing")
     cfg = config_lib.load_config(run_dir / "config.yaml")
     dataset = load_dataset(cfg)
+    fit_record = record.read_fit_record(run_dir)
+    if fit_record is not None and fit_record["train_data_sha256"] != record.data_fingerprint(dataset.train):
+        raise CheckpointError(f"{run_dir}: the training data config.yaml loads differ from those fit() trained on "
+                              "(changed after load_dataset, e.g. noisy labels, or the files changed); analyse it "
+                              "from your script with jaxnn.train.restore_state(run_dir, state)")
     state, model = abstract_state(cfg, dataset, parallel.make_mesh(devices))
     ckpt = make_checkpointer(cfg, run_dir, read_only=True)
     try:
-        if step == "best":
-            step = ckpt.best_step() or ckpt.latest_step()
-        elif step == "latest":
-            step = ckpt.latest_step()
-        if step is None:
-            raise CheckpointError(f"no checkpoint found in {run_dir / 'checkpoints'}")
-        tree = ckpt.restore(state.checkpoint_tree(), step=int(step))
+        step = _step_number(ckpt, step, run_dir)
+        with_optimizer = optimizer_state and fit_record is None  # fit() records no optimizer
+        tree = ckpt.restore(state.checkpoint_tree() if with_optimizer else _analysis_tree(state), step=int(step),
+                            partial=True)
     finally:
         ckpt.close()
-    state = state.replace_from_checkpoint(tree)
+    state = state.replace(**{"opt_state": None, **tree})
     return LoadedRun(run_dir=run_dir, config=cfg, dataset=dataset, model=model, state=state, step=int(step))
+
+
+def _step_number(ckpt: Checkpointer, step: int | str, run_dir: pathlib.Path) -> int:
+    """The checkpoint ``step`` names: "best" (the latest when none is marked best), "latest" or a number."""
+    if step == "best":
+        best = ckpt.best_step()
+        step = ckpt.latest_step() if best is None else best
+    elif step == "latest":
+        step = ckpt.latest_step()
+    if step is None:
+        raise CheckpointError(f"no checkpoint found in {run_dir / 'checkpoints'}")
+    return int(step)
+
+
+def _analysis_tree(state: TrainState) -> dict:
+    """The checkpoint entries analysis reads: no optimizer state."""
+    return {key: value for key, value in state.checkpoint_tree().items() if key != "opt_state"}
+
+
+def restore_state(run_dir: str | pathlib.Path, state: TrainState, step: int | str = "latest") -> TrainState:
+    """``state`` (any TrainState of the same model, e.g. a fresh ``create_train_state``) with the parameters, model
+    state, step and key of ``run_dir``'s checkpoint ``step`` ("latest", "best" or a number); its optimizer state is
+    kept as it is (the checkpoint's may come from another optimizer). For a script's run that ``load_run`` cannot
+    rebuild (a model or data set of the script's own)."""
+    run_dir = runfolders.latest_run(run_dir, is_run=runfolders.has_checkpoints)
+    ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
+    try:
+        return state.replace(**ckpt.restore(_analysis_tree(state), step=_step_number(ckpt, step, run_dir),
+                                            partial=True))
+    finally:
+        ckpt.close()

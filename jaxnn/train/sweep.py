@@ -14,7 +14,8 @@ sweepable (:data:`SWEEPABLE`); every member's config is validated like a single 
 
 Member ``i`` is the run ``jaxnn train`` would do with its config (its values set, ``train.data_seed`` fixed to the
 batch order it trained on), for ``train.steps`` steps. :func:`run_sweep` trains the members ``population.chunk`` at
-a time, writes each finished chunk to ``chunks/`` (``--resume`` skips those), then ``sweep.csv`` (one row per member:
+a time into the sweep folder (default a fresh ``OUTPUT_DIR/NAME-sweep/version_N``; ``--out`` pins one; with
+``--resume`` the latest one), writes each finished chunk to ``chunks/`` (``--resume`` skips those), then ``sweep.csv`` (one row per member:
 its values, status, final train/val/test metrics [, λmax, Hessian trace and gᵀHg/gᵀg]), ``sweep.json`` (the same plus the
 ensemble metrics), figures, and the best member (by validation accuracy, else validation loss) as an ordinary run
 folder ``best/`` that ``jaxnn curvature`` and ``jaxnn landscape`` accept.
@@ -68,8 +69,8 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
 
     from jaxnn import config as config_lib, plotting
     from jaxnn.train.population import ensemble_metrics, format_table
-    from jaxnn.train.run import (RunFolderError, build_model, check_config, config_differences, load_dataset,
-                                 total_steps, write_json)
+    from jaxnn import runfolders
+    from jaxnn.train.run import build_model, check_config, load_dataset, total_steps, write_json
 
     if not cfg.sweep:
         raise ConfigError("sweep", "the config has no sweep section; add one, or e.g. "
@@ -78,21 +79,7 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
     check_config(cfg)  # the swept fields are numbers: the names are the same for every member
     progress = cfg.train.progress if progress is None else progress
     draw = draw or plotting.draw_now
-    out = pathlib.Path(out_dir or pathlib.Path(cfg.output_dir) / f"{cfg.name}-sweep")
-    chunks_dir = out / "chunks"
-    if resume:
-        if not (out / "config.yaml").exists():
-            raise RunFolderError(f"nothing to resume: {out / 'config.yaml'} does not exist")
-        differences = [d for d in config_differences(config_lib.load_config(out / "config.yaml").to_dict(),
-                                                      cfg.to_dict()) if not d.startswith("train.progress")]
-        if differences:
-            raise RunFolderError(f"cannot resume {out}: the config differs from the saved one in "
-                                 f"{', '.join(differences)}")
-    elif (out / "config.yaml").exists() or chunks_dir.exists():
-        raise RunFolderError(f"sweep folder {out} exists already; pass --resume to continue it, or choose --out")
-    out.mkdir(parents=True, exist_ok=True)
-    config_lib.save_config(cfg, out / "config.yaml")
-
+    out = runfolders.prepare(cfg, out_dir, resume, sweep=True)
     dataset = load_dataset(cfg)
     if "model.kwargs.dropout" in plan.fields:  # dropout layers in the program; each member runs at its own rate
         try:
@@ -119,6 +106,11 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
            if t.early_stop_patience else ""))
 
     template = _chunk_template(model, factory, dataset, columns)
+    # Only now: a config, data or model that fails to load leaves nothing behind (nothing --resume would pick).
+    out = runfolders.claim(out, fresh=out_dir is None and not resume)
+    chunks_dir = out / "chunks"
+    if not resume:
+        config_lib.save_config(cfg, out / "config.yaml")
     rows, histories, states, compile_s, run_s = [], [], [], 0.0, 0.0
     started = time.perf_counter()
     for begin in range(0, plan.count, chunk):
@@ -144,7 +136,7 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
             _write_chunk(folder, chunk_rows, losses, state)
         for offset, row in enumerate(chunk_rows):
             rows.append({"member": begin + offset, **plan.member(begin + offset),
-                         **{k: v for k, v in row.items() if k not in columns}})
+                         **{k: v for k, v in row.items() if k not in columns and k != "member"}})  # chunk's own
         histories.append(losses)
         states.append(jax.tree.leaves(state))  # every chunk's optimizer is its own object: keep the arrays only
     state = jax.tree.unflatten(jax.tree.structure(template),
@@ -203,32 +195,19 @@ def _trained(row: dict) -> bool:
 
 
 def _add_curvature(rows: list[dict], state: Any, cfg: Config, dataset, log) -> None:
-    """λmax (population Lanczos) and the Hessian trace (Hutchinson) of every member on the analysis batches."""
-    from jaxnn import data as data_lib, losses
-    from jaxnn.curvature.population import (population_gradient_curvature, population_hessian_trace,
-                                            population_sharpness)
+    """λmax (population Lanczos), the Hessian trace (Hutchinson) and gᵀHg/gᵀg of every member on the analysis
+    batches."""
+    from jaxnn import data as data_lib
+    from jaxnn.train.population import member_curvature
 
     a = cfg.analysis
     batch_size = min(cfg.train.batch_size, len(dataset.train))
     x, y = data_lib.host_stacked_batches(dataset.train, batch_size, a.curvature_batches, seed=cfg.train.seed,
                                          shuffle=True)
-    batches = list(zip(x, y))
     started = time.perf_counter()
-    alive = np.asarray([_trained(r) for r in rows])
-    lambdas, traces, along = (np.full(len(rows), np.nan) for _ in range(3))
-    if alive.any():
-        import jax
-
-        kept = jax.tree.map(lambda leaf: leaf[alive], state)
-        lambdas[alive] = population_sharpness(kept, batches, loss=cfg.train.loss)[:, 0]
-        traces[alive] = population_hessian_trace(kept, batches, loss=cfg.train.loss)
-        loss_fns = losses.make_loss_fn(kept.apply_fn, cfg.train.loss, kept.model_state)
-        along[alive] = population_gradient_curvature(loss_fns, kept.params, batches)[1]
-    for row, value, trace, directional in zip(rows, lambdas, traces, along):
-        row["lambda_max"], row["hessian_trace"] = float(value), float(trace)
-        row["gradient_curvature"] = float(directional)
-    log(f"curvature of {int(alive.sum())} members (lambda_max: Lanczos, 40 steps; trace: Hutchinson, 20 probes; "
-        f"gradient_curvature: gᵀHg/gᵀg) on {len(batches)} batches of {batch_size} in "
+    member_curvature(rows, state, list(zip(x, y)), cfg.train.loss)
+    log(f"curvature of {sum(_trained(r) for r in rows)} members (lambda_max: Lanczos, 40 steps; trace: Hutchinson, "
+        f"20 probes; gradient_curvature: gᵀHg/gᵀg) on {len(x)} batches of {batch_size} in "
         f"{time.perf_counter() - started:.1f}s")
 
 

@@ -199,6 +199,7 @@ def test_a_config_run_with_hessian_every_logs_the_ratio_for_its_own_update_rule(
     """analysis.hessian_every and hessian_examples reach the callback; a momentum run's ratio uses heavy-ball's
     stable curvature 2(1+β)/η with the config's β and rate; an Adam run logs no ratio."""
     import json
+    import pathlib
 
     from jaxnn import config as config_lib
     from jaxnn.train import train_from_config
@@ -210,8 +211,8 @@ def test_a_config_run_with_hessian_every_logs_the_ratio_for_its_own_update_rule(
                                           "optimizer.momentum": 0.8}),
                             ("adam", {"optimizer.name": "adam"})):
         cfg = config_lib.load_config(None, overrides={**common, **overrides, "name": name})
-        train_from_config(cfg)
-        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        run_dir = pathlib.Path(train_from_config(cfg)["run_dir"])
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         measured = [r for r in records if "lambda_max" in r]
         assert [r["step"] for r in measured] == [0, 2, 4] and {r["hessian_examples"] for r in measured} == {100.0}
         for r in measured:

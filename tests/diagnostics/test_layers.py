@@ -117,3 +117,17 @@ def test_layers_come_in_call_order_past_ten(digits):
     stats = layer_statistics(state, (digits.train.x[:8], digits.train.y[:8]))
     assert [row["name"] for row in stats.activations] == [f"dense_{i}" for i in range(12)] + ["head"]
     assert [row["name"] for row in stats.gradients][::2] == [f"dense_{i}/bias" for i in range(12)] + ["head/bias"]
+
+
+def test_small_updates_are_flagged_during_training_only():
+    """A finished run's last updates are small by design (a decayed schedule): `jaxnn diagnose` flags only updates
+    far above ~1e-3 of the weights; during training both sides are flagged."""
+    from jaxnn.diagnostics.layers import _flags
+
+    rows = [{"name": f"dense_{i}/kernel", "grad_norm": 1.0, "param_norm": 1.0, "update_ratio": ratio}
+            for i, ratio in enumerate((1e-6, 1e-3, 1e-1))]
+    during = _flags([], rows, None)
+    after = _flags([], rows, None, flag_small_updates=False)
+    assert [f.split(":")[0] for f in during] == ["dense_0/kernel", "dense_2/kernel"]
+    assert "too low" in during[0] and "too high" in during[1]
+    assert [f.split(":")[0] for f in after] == ["dense_2/kernel"]

@@ -5,6 +5,7 @@ import os
 import re
 
 import jax
+import jax.flatten_util
 import numpy as np
 import optax
 import pytest
@@ -373,3 +374,47 @@ def test_options_object_and_keywords_train_alike(digits):
         run(chunks=2)
     with pytest.raises(TypeError, match="options must be a PopulationOptions, got dict"):
         run(options={"chunk": 2})
+
+
+def test_member_index_curvature_columns_and_one_name_for_the_rate(digits, x64):
+    """The table's `member` column is the index into the state; curvature=True adds each member's λmax and gᵀHg/gᵀg,
+    checked against jax.hessian + eigh of that member on the same batches; `lr` and `learning_rate` name one rate."""
+    from jaxnn import losses
+    model = models.get_model("mlp", num_classes=10, width=4, depth=1)
+    given = dict(seed=[0, 1, 2], lr=[0.02, 0.2, 0.05])
+    result = train_population(model, optax.sgd, digits, members=given, num_steps=12, batch_size=BATCH,
+                              curvature=True, curvature_batches=2, progress=False)
+    same = train_population(model, optax.sgd, digits, members={"seed": [0, 1, 2], "learning_rate": given["lr"]},
+                            num_steps=12, batch_size=BATCH, progress=False)
+    np.testing.assert_array_equal(result.losses, same.losses)
+    assert [row["member"] for row in result.members] == [0, 1, 2]
+    assert [row["learning_rate"] for row in result.members] == given["lr"]
+    lines = result.table(sort_by=None).splitlines()
+    assert lines[0].split()[:3] == ["member", "seed", "learning_rate"] and "lambda_max" in lines[0]
+    ranked = result.table().splitlines()[1:]  # best first: each line still starts with its member index
+    order = sorted(range(3), key=lambda i: -result.members[i]["val_accuracy"])
+    assert [int(line.split()[0]) for line in ranked] == order
+    x, y = data_lib.host_stacked_batches(digits.train, BATCH, 2, seed=0, shuffle=True)
+    for i, row in enumerate(result.members):
+        member = result.member_state(i)
+        flat, unflatten = jax.flatten_util.ravel_pytree(member.params)
+        loss_fn = losses.make_loss_fn(member.apply_fn, "softmax_cross_entropy", member.model_state)
+        total = lambda v: sum(loss_fn(unflatten(v), (x[b], y[b])) for b in range(2)) / 2  # noqa: E731
+        hessian, gradient = np.asarray(jax.hessian(total)(flat)), np.asarray(jax.grad(total)(flat))
+        np.testing.assert_allclose(row["lambda_max"], np.linalg.eigvalsh(hessian)[-1], rtol=1e-6)
+        np.testing.assert_allclose(row["gradient_curvature"], gradient @ hessian @ gradient / (gradient @ gradient),
+                                   rtol=1e-6)
+        assert abs(row["hessian_trace"] - np.trace(hessian)) < 0.5 * abs(np.trace(hessian))  # 20 Hutchinson probes
+    with pytest.raises(ValueError, match="lr and learning_rate name the same rate"):
+        train_population(model, optax.sgd, digits, members={"lr": [0.1], "learning_rate": [0.1]}, num_steps=2,
+                         progress=False)
+
+
+def test_config_accepts_learning_rate_for_lr(tmp_path):
+    from jaxnn import config as config_lib
+    assert config_lib.load_config("digits_mlp", overrides=["optimizer.learning_rate=0.05"]).optimizer.lr == 0.05
+    (tmp_path / "a.yaml").write_text("optimizer: {learning_rate: 0.3}\n")
+    assert config_lib.load_config(tmp_path / "a.yaml").optimizer.lr == 0.3
+    (tmp_path / "b.yaml").write_text("optimizer: {learning_rate: 0.3, lr: 0.1}\n")
+    with pytest.raises(config_lib.ConfigError, match="optimizer.learning_rate and optimizer.lr name the same field"):
+        config_lib.load_config(tmp_path / "b.yaml")

@@ -80,7 +80,7 @@ def test_resume_refusals(tmp_path):
     with pytest.raises(RunFolderError, match="nothing to resume"):
         train_from_config(cfg, run_dir=tmp_path / "r", resume=True)
     train_from_config(cfg, run_dir=tmp_path / "r")
-    with pytest.raises(RunFolderError, match="already has checkpoints"):
+    with pytest.raises(RunFolderError, match="already holds a run with checkpoints: add --resume"):
         train_from_config(cfg, run_dir=tmp_path / "r")
     with pytest.raises(RunFolderError, match="optimizer.lr"):
         train_from_config(cfg.replace(**{"optimizer.lr": 0.5}), run_dir=tmp_path / "r", resume=True)

@@ -13,7 +13,7 @@ from jaxnn import config as config_lib
 from jaxnn.config import ConfigError
 from jaxnn.train import load_run, train_from_config
 from jaxnn.train.checkpoint import CheckpointError
-from jaxnn.train.run import RunFolderError
+from jaxnn.runfolders import RunFolderError
 from jaxnn.train.sweep import member_config, run_sweep, sweep_members
 
 SMALL = {"model.kwargs": {"width": 16, "depth": 1, "activation": "relu"}, "train.steps": 24, "train.batch_size": 32,
@@ -93,9 +93,9 @@ def test_members_equal_single_runs_and_the_best_is_an_ordinary_run_folder(tmp_pa
         for split in ("train", "val", "test"):
             np.testing.assert_allclose(rows[index][f"{split}_loss"], alone["final"][f"{split}_loss"], rtol=1e-12)
         assert rows[index]["optimizer.lr"] == plan_rows[index]["optimizer.lr"]
-    exported = load_run(out / "best")
-    again = load_run(tmp_path / f"alone{best}")
-    assert exported.step == again.step == 24
+    exported = load_run(out / "best", optimizer_state=True)
+    again = load_run(tmp_path / f"alone{best}", optimizer_state=True)
+    assert exported.step == again.step == 24 and exported.state.opt_state is not None
     for a, b in zip(jax.tree.leaves(exported.state.checkpoint_tree()), jax.tree.leaves(again.state.checkpoint_tree())):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
     assert json.loads((out / "best" / "summary.json").read_text())["optimizer_state"] == "from the sweep"
@@ -126,7 +126,7 @@ def test_killed_sweep_resumes_without_retraining_finished_chunks(tmp_path):
     cfg = small_config(tmp_path, {"optimizer.lr": [0.02, 0.05, 0.1, 0.2]}, **{"population.chunk": 2})
     out = tmp_path / "sweep"
     full = run_sweep(cfg, out, log=lambda line: None)
-    with pytest.raises(RunFolderError, match="pass --resume"):
+    with pytest.raises(RunFolderError, match="already holds a sweep: add --resume"):
         run_sweep(cfg, out, log=lambda line: None)
     # As if killed during the second chunk: its folder (written whole or not at all) and the outputs are missing.
     chunks = sorted((out / "chunks").iterdir())
