@@ -12,7 +12,7 @@ Works on any pure ``loss_fn(params, batch) -> scalar`` (no Flax dependency)::
     curvature.top_eigenvalues(curvature.restrict(H, "Dense_0"), k=3)   # one layer's block
     curvature.solve(H, b, damping=1e-3, method="minres")    # (H + δI)⁻¹ b, with its residual and converged flag
     curvature.influence(loss_fn, params, train, test)       # each training example's effect on a test loss
-    curvature.self_influence(loss_fn, params, train)         # ∇ℓ_iᵀH⁻¹∇ℓ_i: ranks mislabeled examples first
+    curvature.self_influence(loss_fn, params, train, damping=0.01)  # ∇ℓ_iᵀ(H+δI)⁻¹∇ℓ_i: mislabeled ones first
     K = curvature.kfac(predict_fn, output_loss, params, data, ekfac=True)   # Kronecker factors, no layer tagging
 """
 
