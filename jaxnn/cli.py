@@ -228,8 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         from jaxnn.runfolders import RunFolderError
 
         try:
-            return launch.launch(args.processes, _pin_job_folder(args.job), devices_per_process=args.devices_per_process,
-                                 timeout=args.timeout, grace=args.grace)
+            job = _pin_job_folder(args.job)
+            status = launch.launch(args.processes, job, devices_per_process=args.devices_per_process,
+                                   timeout=args.timeout, grace=args.grace)
+            if status and job != list(args.job) and job[-2] in ("--run-dir", "--out"):
+                with contextlib.suppress(OSError):  # the folder claimed for the job, if the job left it empty
+                    os.rmdir(job[-1])
+            return status
         except (ValueError, ConfigError, RunFolderError, FileNotFoundError) as exc:
             print(f"jaxnn: error: {exc}", file=sys.stderr)
             return 2
@@ -290,21 +295,25 @@ def _config_overrides(args, progress: bool) -> list[str]:
 
 
 def _continue_config_folder(args) -> None:
-    """``jaxnn train X/config.yaml --resume`` continues the run folder X (its config lies in it)."""
+    """``jaxnn train X/config.yaml --resume`` continues the run folder X (its config lies in it); ``jaxnn sweep
+    S/config.yaml --resume`` the sweep folder S."""
     from jaxnn import runfolders
 
-    if args.resume and args.run_dir is None:
-        folder = runfolders.run_folder_of_config(args.config)
+    sweep = args.command == "sweep"
+    if args.resume and (args.out if sweep else args.run_dir) is None:
+        folder = runfolders.run_folder_of_config(args.config, sweep=sweep)
         if folder is not None:
-            args.run_dir = str(folder)
+            setattr(args, "out" if sweep else "run_dir", str(folder))
 
 
 def _latest_run(run_dir: str) -> str:
     """An analysis command given ``runs/NAME`` reads its latest ``version_N`` (and says so)."""
+    import pathlib
+
     from jaxnn import runfolders
 
     latest = runfolders.latest_run(run_dir)
-    if str(latest) != str(run_dir):
+    if latest != pathlib.Path(run_dir):
         print(f"reading {latest} (the latest run in {run_dir})")
     return str(latest)
 
@@ -325,11 +334,13 @@ def _pin_job_folder(job: list[str]) -> list[str]:
         return job
     sweep = args.command == "sweep"
     pinned = args.out if sweep else args.run_dir
-    if not sweep and pinned is None and args.resume:
-        pinned = runfolders.run_folder_of_config(args.config)
+    if pinned is None and args.resume:
+        pinned = runfolders.run_folder_of_config(args.config, sweep=sweep)
     cfg = config_lib.load_config(args.config, overrides=_config_overrides(args, progress=False))
     folder = runfolders.prepare(cfg, pinned, args.resume, sweep=sweep)
     if (args.out if sweep else args.run_dir) is None:
+        # Claimed here (an exclusive mkdir), so a launch and a run started beside it never share a version_N.
+        folder = runfolders.claim(folder, fresh=pinned is None and not args.resume)
         job += ["--out" if sweep else "--run-dir", str(folder)]
     return job
 
@@ -387,6 +398,7 @@ def _dispatch(args) -> int:
             from jaxnn.train.sweep import run_sweep
 
             cfg = config_lib.load_config(args.config, overrides=config_overrides())
+            _continue_config_folder(args)
             run_sweep(cfg, args.out, curvature=args.curvature, resume=args.resume, draw=draw)
             figures.wait()
             return 0

@@ -83,6 +83,10 @@ def check(cfg: config_lib.Config, run_dir: pathlib.Path, resume: bool, pinned: b
     what = "sweep folder" if sweep else "run folder"
     holds = has_sweep(run_dir) if sweep else has_checkpoints(run_dir)
     fresh = f"leave out {flag} for a fresh {default_parent(cfg, sweep)}/{VERSION}N"
+    if resume and (run_dir / "fit.json").exists():
+        raise RunFolderError(f"cannot resume {run_dir}: fit() wrote it, and its optimizer is not recorded; continue "
+                             "it from your script (fit(..., checkpointer=Checkpointer(RUN_DIR/'checkpoints'), "
+                             "start_step=...)), or leave out --resume for a fresh run of this config")
     if resume:
         if not holds:
             raise RunFolderError(f"nothing to resume: {what} {run_dir} holds no "
@@ -125,17 +129,19 @@ def claim(folder: pathlib.Path, fresh: bool) -> pathlib.Path:
         try:
             folder.mkdir()
             return folder
-        except FileExistsError:
-            folder = next_version(folder.parent)
+        except FileExistsError:  # taken (or a file of that name): the next number above both
+            taken = int(folder.name[len(VERSION):]) if folder.name[len(VERSION):].isdigit() else 0
+            following = next_version(folder.parent)
+            folder = folder.parent / f"{VERSION}{max(taken + 1, int(following.name[len(VERSION):]))}"
 
 
-def run_folder_of_config(path: str | pathlib.Path) -> pathlib.Path | None:
+def run_folder_of_config(path: str | pathlib.Path, sweep: bool = False) -> pathlib.Path | None:
     """The run folder a config path lies in (``X/config.yaml`` beside what a run writes: checkpoints/,
-    metrics.jsonl or summary.json), else None: so ``jaxnn train X/config.yaml --resume`` continues X (or says
-    that X has nothing to resume), never another run."""
+    metrics.jsonl or summary.json; ``sweep``: chunks/ or sweep.json), else None: so ``jaxnn train X/config.yaml
+    --resume`` continues X (or says that X has nothing to resume), never another run."""
     path = pathlib.Path(path)
-    if path.name == "config.yaml" and path.is_file() and any(
-            (path.parent / name).exists() for name in ("checkpoints", "metrics.jsonl", "summary.json")):
+    marks = ("chunks", "sweep.json") if sweep else ("checkpoints", "metrics.jsonl", "summary.json")
+    if path.name == "config.yaml" and path.is_file() and any((path.parent / name).exists() for name in marks):
         return path.parent
     return None
 

@@ -426,8 +426,10 @@ def test_run_folders_from_the_command_line(tmp_path, capsys):
     assert main(["launch", "--processes", "2", "--", "train", "digits_mlp", *tiny, "--run-dir", str(first)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxnn: error: run folder") and "add --resume" in err and "process" not in err
+    third, fourth = (tmp_path / "digits_mlp" / f"version_{n}" for n in (3, 4))
     assert cli._pin_job_folder(["--", "train", "digits_mlp", *tiny]) == ["train", "digits_mlp", *tiny, "--run-dir",
-                                                                         str(tmp_path / "digits_mlp" / "version_3")]
+                                                                         str(third)]
+    assert third.is_dir() and not any(third.iterdir())  # claimed for the job: a run started beside it takes 4
+    assert cli._pin_job_folder(["--debug", "train", "digits_mlp", *tiny])[-1] == str(fourth)
     assert cli._pin_job_folder(["train", "digits_mlp", *tiny, "--resume"])[-2:] == ["--run-dir", str(second)]
     assert cli._pin_job_folder(["curvature", str(first)]) == ["curvature", str(first)]
-    assert not (tmp_path / "digits_mlp" / "version_3").exists()

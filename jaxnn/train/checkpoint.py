@@ -92,9 +92,9 @@ class Checkpointer:
             if missing:
                 raise CheckpointError(f"checkpoint {path} does not match this model: it holds no {missing}")
             _check_compatible({key: tree[key] for key in abstract}, abstract, path)
-            # The entries not asked for are read onto this process's first device and dropped (StandardRestore in
-            # orbax 0.12.8 takes no placeholder for an entry it should skip).
-            here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            # The entries not asked for are read into host memory (this process's CPU device) and dropped
+            # (StandardRestore in orbax 0.12.8 takes no placeholder for an entry it should skip).
+            here = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
             rest = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), value,
                                       is_leaf=lambda m: hasattr(m, "shape"))
                     for key, value in tree.items() if key not in abstract}

@@ -53,7 +53,7 @@ def fit_config(apply_fn: Callable, dataset: data_lib.Dataset, loss: Any, *, batc
     if reasons:
         return None, reasons
     values = {
-        "name": run_dir.name, "output_dir": str(run_dir.parent),
+        "name": run_dir.name,  # `jaxnn train` of this config writes a fresh runs/NAME/version_N, not into here
         "data": {"name": dataset.name, "data_dir": str(pathlib.Path(info["directory"]).absolute())
                  if info.get("directory") else None, "seed": info["seed"],
                  "val_fraction": split["val_fraction"],
@@ -73,10 +73,8 @@ def fit_config(apply_fn: Callable, dataset: data_lib.Dataset, loss: Any, *, batc
 
 def write_fit_record(run_dir: pathlib.Path, apply_fn: Callable, dataset: data_lib.Dataset, loss: Any, *,
                      batch_size: int, num_steps: int, seed: int) -> None:
-    """config.yaml and fit.json (see the module docstring); a config's own run folder (config.yaml without
-    fit.json) is left as it is, an earlier fit's files are replaced."""
-    if (run_dir / "config.yaml").exists() and not (run_dir / RECORD).exists():
-        return
+    """config.yaml and fit.json (see the module docstring), replacing any earlier ones: fit saves its state into
+    a folder that holds no checkpoint, so what was there described no saved state."""
     (run_dir / "config.yaml").unlink(missing_ok=True)
     cfg, reasons = fit_config(apply_fn, dataset, loss, batch_size=batch_size, num_steps=num_steps, seed=seed,
                               run_dir=run_dir)

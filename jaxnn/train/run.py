@@ -151,6 +151,7 @@ def train_run(cfg: config_lib.Config, *, run_dir: str | pathlib.Path | None = No
         start_step = int(tree["step"])
     elif primary:
         config_lib.save_config(cfg, run_dir / "config.yaml")
+        (run_dir / record.RECORD).unlink(missing_ok=True)  # an earlier fit()'s record no longer describes it
     callbacks = list(callbacks or [])
     t = cfg.train
     if t.early_stop_patience:
@@ -394,7 +395,10 @@ def restore_state(run_dir: str | pathlib.Path, state: TrainState, step: int | st
     kept as it is (the checkpoint's may come from another optimizer). For a script's run that ``load_run`` cannot
     rebuild (a model or data set of the script's own)."""
     run_dir = runfolders.latest_run(run_dir, is_run=runfolders.has_checkpoints)
-    ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
+    if (run_dir / "config.yaml").exists():  # its checkpoint settings say which metric ranks "best"
+        ckpt = make_checkpointer(config_lib.load_config(run_dir / "config.yaml"), run_dir, read_only=True)
+    else:  # fit() saved only the final state: "best" is the latest
+        ckpt = Checkpointer(run_dir / "checkpoints", read_only=True, keep_best=False)
     try:
         return state.replace(**ckpt.restore(_analysis_tree(state), step=_step_number(ckpt, step, run_dir),
                                             partial=True))

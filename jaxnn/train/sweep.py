@@ -79,6 +79,9 @@ def run_sweep(cfg: Config, out_dir: str | pathlib.Path | None = None, *, curvatu
     check_config(cfg)  # the swept fields are numbers: the names are the same for every member
     progress = cfg.train.progress if progress is None else progress
     draw = draw or plotting.draw_now
+    if out_dir is None and jax.process_count() > 1:
+        raise runfolders.RunFolderError("with several processes, name the sweep folder with --out (out_dir=): every "
+                                        "process must write the same one (`jaxnn launch` names it for you)")
     out = runfolders.prepare(cfg, out_dir, resume, sweep=True)
     dataset = load_dataset(cfg)
     if "model.kwargs.dropout" in plan.fields:  # dropout layers in the program; each member runs at its own rate

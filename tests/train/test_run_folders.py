@@ -3,6 +3,7 @@ made before anything is created; a folder written by fit(run_dir=...) read by lo
 optimizer; a failed data load leaves nothing behind."""
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -99,6 +100,10 @@ def test_fit_run_folder_reads_back_without_its_optimizer(tmp_path):
     assert cli.main(["diagnose", str(tmp_path / "script"), "--batch-size", "32"]) == 0
     diagnostics = json.loads((tmp_path / "script" / "diagnostics.json").read_text())
     assert all(g["update_ratio"] is None for g in diagnostics["gradients"])  # its optimizer is not recorded
+    # Its config.yaml is not a resumable run (the optimizer is not in it); without --resume it trains a fresh run.
+    with pytest.raises(RunFolderError, match="fit\\(\\) wrote it, and its optimizer is not recorded"):
+        runfolders.prepare(cfg, tmp_path / "script", resume=True)
+    assert runfolders.default_parent(cfg) == pathlib.Path("runs", "script")  # not a folder inside the script's
     # fit does not write over an earlier run's checkpoints.
     with pytest.raises(RunFolderError, match="already holds checkpoints of an earlier run: give fit another run_dir"):
         fit(state, digits, num_steps=2, progress=False, run_dir=tmp_path / "script")
@@ -157,6 +162,8 @@ def test_concurrent_starts_stale_versions_and_unresumable_folders(tmp_path):
     assert runfolders.claim(first, fresh=True) == first  # the first start takes version_1 ...
     assert runfolders.claim(first, fresh=True) == tmp_path / "n" / "version_2"  # ... the one racing it version_2
     assert runfolders.claim(tmp_path / "pinned", fresh=False) == tmp_path / "pinned"
+    (tmp_path / "n" / "version_3").write_text("a file where the next folder would go")
+    assert runfolders.claim(tmp_path / "n" / "version_3", fresh=True) == tmp_path / "n" / "version_4"
     for name in ("version_1", "version_2"):
         (tmp_path / "n" / name / "config.yaml").write_text("name: n\n")
     (tmp_path / "n" / "version_1" / "checkpoints" / "4").mkdir(parents=True)
