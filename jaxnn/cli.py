@@ -273,7 +273,11 @@ def _experiment_command(args, progress: bool) -> int:
             print(f"{name}: {experiment.load_experiment(name).CLAIM}")
         return 0
     if args.table:
-        print(experiment.write_table(args.results, args.readme))
+        import pathlib
+
+        readme = pathlib.Path(args.readme or pathlib.Path(args.results) / "README.md")
+        rows = experiment.write_table(args.results, readme).count("\n") - 1  # less the header's two lines
+        print(f"table of {rows} results from {args.results}/*/result.json written to {readme}")
         return 0
     if not args.name:
         raise ValueError(f"name an experiment (or --list): {', '.join(experiment.experiment_names())}")

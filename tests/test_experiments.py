@@ -904,3 +904,19 @@ def test_laplace_calibration_smoke_against_an_explicit_last_layer_posterior(tmp_
         under_shift = [c for claim, c in checks.items() if claim.startswith(f"digits, {label}: calibration under")][0]
         assert under_shift == all(la[n]["nll"] < mp[n]["nll"] and la[n]["ece"] < mp[n]["ece"] for n in mp if n != "test")
     assert _verdict_follows_checks(record)
+
+
+def test_table_command_says_where_it_wrote(tmp_path, capsys, monkeypatch):
+    """`jaxnn experiment --table` writes README.md beside the results and prints one line (not the whole table)."""
+    from jaxnn.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        (tmp_path / "results" / name).mkdir(parents=True)
+        (tmp_path / "results" / name / "result.json").write_text(json.dumps({
+            "name": name, "size": "smoke", "claim": "x", "verdict": "agrees", "figures": [],
+            "checks": [{"check": "c", "measured": "1", "agrees": True}]}))
+    assert main(["experiment", "--table"]) == 0
+    out = capsys.readouterr().out
+    assert out == "table of 2 results from results/*/result.json written to results/README.md\n"
+    assert "| a (smoke) |" in (tmp_path / "results" / "README.md").read_text()
